@@ -1,0 +1,257 @@
+"""The ``pathmil`` command: one sub-command per stage.
+
+Each sub-command parses its arguments, then imports its stage lazily and calls it, so ``pathmil tile``
+never imports torch and ``pathmil --help`` answers at once. Errors a user can fix
+(:class:`~pathmil.errors.PathmilError`) print as one line ``pathmil: error: ...`` and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pathmil import __version__
+from pathmil.errors import PathmilError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of settings (see config/README.md)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, dotted keys allowed (repeatable)",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="write the synthetic demo cohort (pyramidal TIFFs + cohort.csv)",
+        description="Write a synthetic H&E-like cohort whose labels are visible in the tissue.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (slides/ and cohort.csv)")
+    p.add_argument("--n-slides", type=int, default=40, help="number of slides (default 40)")
+    p.add_argument("--n-patients", type=int, help="number of patients (default: 3/4 of the slides)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(3072, 3584),
+        metavar=("HEIGHT", "WIDTH"),
+        help="slide size in pixels at 0.5 um/px (default 3072 3584)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from pathmil.demo import make_demo_cohort
+
+    if args.n_slides < 2:
+        raise PathmilError("--n-slides must be at least 2")
+    table = make_demo_cohort(
+        args.out, n_slides=args.n_slides, n_patients=args.n_patients, size_px=tuple(args.size), seed=args.seed
+    )
+    print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
+
+
+# ---------------------------------------------------------------------------------------------- cohort
+
+
+def add_cohort_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cohort",
+        help="check a cohort table (or list a slide folder) and write it normalised",
+        description="Validate a cohort table, or make one from a slide directory, and write it "
+        "with absolute slide paths.",
+    )
+    p.add_argument("--cohort", type=Path, help="cohort table (CSV or TSV)")
+    p.add_argument("--slide-dir", type=Path, help="folder of slides (ids from file names)")
+    p.add_argument("--out", type=Path, required=True, help="normalised cohort CSV")
+    p.set_defaults(handler=run_cohort)
+
+
+def run_cohort(args: argparse.Namespace) -> None:
+    from pathmil.cohort import load_slides
+    from pathmil.fileio import atomic_output
+
+    table = load_slides(args.cohort, args.slide_dir)
+    with atomic_output(args.out) as tmp:
+        table.to_csv(tmp, index=False)
+    print(f"{len(table)} slides -> {args.out}")
+
+
+# ------------------------------------------------------------------------------------------------ tile
+
+
+def add_tile_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tile",
+        help="segment tissue and lay the tile grid of one slide or a cohort",
+        description="One slide: pathmil tile SLIDE --out TILES.h5. A cohort: pathmil tile --cohort "
+        "COHORT.csv (or --slide-dir DIR) --out-dir DIR [--skip-errors].",
+    )
+    p.add_argument("slide", nargs="?", type=Path, help="slide file (omit with --cohort/--slide-dir)")
+    p.add_argument("--out", type=Path, help="tiles HDF5 of the one slide")
+    p.add_argument("--qc", type=Path, help="QC picture (PNG) of the one slide")
+    p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
+    p.add_argument("--slide-id", help="slide id (default: the file name without extension)")
+    p.add_argument("--cohort", type=Path, help="cohort table with slide_id and path (batch mode)")
+    p.add_argument("--slide-dir", type=Path, help="folder of slides (batch mode, ids from file names)")
+    p.add_argument("--out-dir", type=Path, help="batch mode: tiles files go here")
+    p.add_argument("--qc-dir", type=Path, help="batch mode: QC pictures go here")
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="record a failing slide (failures table in batch mode, facts JSON with status 'failed' "
+        "for one slide) and exit 0",
+    )
+    p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
+    p.add_argument("--target-mpp", type=float, help="tile resolution in um/px (default 0.5)")
+    p.add_argument("--tile-px", type=int, help="tile side in pixels (default 256)")
+    p.add_argument("--overlap", type=float, help="fraction of a tile shared with the next (default 0)")
+    p.add_argument("--min-tissue", type=float, help="minimum tissue fraction of a kept tile (default 0.25)")
+    p.add_argument("--preset", help="segmentation preset: tcga (default), bwh_biopsy, bwh_resection")
+    p.add_argument(
+        "--remove-artifacts",
+        action="store_true",
+        default=None,
+        help="drop pen marks and black borders from the tissue",
+    )
+    p.add_argument(
+        "--mpp", type=float, help="um/px of slides whose metadata has none (the table's mpp column wins)"
+    )
+    _add_config_args(p)
+    p.set_defaults(handler=run_tile)
+
+
+def run_tile(args: argparse.Namespace) -> None:
+    from pathmil.config import TileConfig, load_config
+
+    tissue = {"remove_artifacts": True} if args.remove_artifacts else None
+    config = load_config(
+        TileConfig,
+        args.config,
+        args.overrides,
+        section="tile",
+        target_mpp=args.target_mpp,
+        tile_px=args.tile_px,
+        overlap=args.overlap,
+        min_tissue=args.min_tissue,
+        preset=args.preset,
+        tissue=tissue,
+        default_mpp=args.mpp,
+    )
+    config.validate()
+    batch = args.cohort is not None or args.slide_dir is not None
+    if batch:
+        if args.slide is not None or args.out_dir is None:
+            raise PathmilError("batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE")
+        from pathmil.cohort import load_slides
+        from pathmil.slide.tile import tile_cohort
+
+        slides = load_slides(args.cohort, args.slide_dir)
+        facts = tile_cohort(
+            slides,
+            args.out_dir,
+            config,
+            qc_dir=args.qc_dir,
+            skip_errors=args.skip_errors,
+            failures=args.failures,
+            default_mpp=config.default_mpp,
+        )
+        print(
+            f"tiled {len(facts)} of {len(slides)} slides into {args.out_dir}"
+            + (f" ({int(facts['n_tiles'].sum())} tiles)" if len(facts) else "")
+        )
+        if len(facts) < len(slides):
+            print(
+                f"{len(slides) - len(facts)} slide(s) failed: see {args.failures or args.out_dir / 'failures.csv'}"
+            )
+        return
+    if args.slide is None or args.out is None:
+        raise PathmilError("give SLIDE and --out (one slide), or --cohort/--slide-dir with --out-dir (batch)")
+    from pathmil.slide.reader import slide_id_from_path
+    from pathmil.slide.tile import record_failure, tile_slide
+
+    try:
+        facts = tile_slide(
+            args.slide,
+            args.out,
+            config,
+            qc=args.qc,
+            facts=args.facts,
+            slide_id=args.slide_id,
+            mpp=config.default_mpp,
+        )
+    except PathmilError as err:
+        if not args.skip_errors:
+            raise
+        record_failure(
+            args.facts or args.out.with_suffix(".json"),
+            args.slide_id or slide_id_from_path(args.slide),
+            args.slide,
+            "tile",
+            err,
+        )
+        print(f"pathmil: skipped: {err}", file=sys.stderr)
+        return
+    print(
+        f"{facts['slide_id']}: {facts['n_tiles']} tiles at {config.target_mpp} um/px "
+        f"(level {facts['read_level']}, {facts['read_px']} px read) in {facts['seconds']['total']:.2f} s"
+    )
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+PARSERS = [add_demo_parser, add_cohort_parser, add_tile_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathmil", description="Whole-slide images to multiple-instance-learning models."
+    )
+    parser.add_argument("--version", action="version", version=f"pathmil {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except PathmilError as err:
+        print(f"pathmil: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pathmil: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

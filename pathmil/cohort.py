@@ -1,0 +1,127 @@
+"""The cohort table: which slides exist, where their files are, whose they are, and their labels.
+
+Columns: ``slide_id`` (unique), ``patient_id``, ``path`` (absolute, or relative to the table's folder),
+optional ``mpp`` (um/px for slides whose metadata lacks it) and label columns. Tiling and extraction need
+``slide_id`` and ``path``; training needs ``slide_id``, ``patient_id`` and the labels. A slide directory
+without a table also works for tiling and extraction: :func:`cohort_from_dir` names slides by file name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pathmil.errors import PathmilError
+from pathmil.slide.reader import SLIDE_EXTENSIONS, slide_id_from_path
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",)) -> pd.DataFrame:
+    """Read a cohort table (CSV, or TSV by extension), check required columns and unique slide ids.
+
+    ``slide_id`` and ``patient_id`` are read as text so ids such as ``007`` keep their zeros. A relative
+    ``path`` is resolved against the table's folder, so a cohort folder can be moved as a whole.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PathmilError(f"cohort table {path} does not exist")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        table = pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PathmilError(
+            f"cohort table {path} is not a readable {'TSV' if sep == chr(9) else 'CSV'}: {err}"
+        ) from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise PathmilError(
+            f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(table.columns)}"
+        )
+    if "slide_id" in table.columns:
+        table["slide_id"] = table["slide_id"].astype(str).str.strip()
+        duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
+        if len(duplicated):
+            raise PathmilError(
+                f"cohort table {path}: duplicate slide_id {', '.join(duplicated[:5])}; "
+                "every slide needs a unique id"
+            )
+    if "patient_id" in table.columns:
+        table["patient_id"] = table["patient_id"].str.strip()
+    if "path" in table.columns:
+        table["path"] = [_resolve(path.parent, p) for p in table["path"]]
+    return table
+
+
+def _resolve(base: Path, value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    p = Path(value.strip()).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def cohort_from_dir(directory: str | os.PathLike) -> pd.DataFrame:
+    """A table of the slides in ``directory`` (not recursive), ids from file names.
+
+    DICOM slides are folders of ``.dcm`` files: a sub-folder holding ``.dcm`` files is one slide named after
+    the folder; loose ``.dcm`` files in ``directory`` count as one slide per DICOM series.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PathmilError(f"slide directory {directory} does not exist")
+    rows = []
+    loose_dicom = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name.lower()
+        if entry.is_dir():
+            dcm = sorted(entry.glob("*.dcm"))
+            if dcm:
+                rows.append({"slide_id": entry.name, "path": str(dcm[0].resolve())})
+        elif name.endswith(".dcm"):
+            loose_dicom.append(entry)
+        elif name.endswith(SLIDE_EXTENSIONS) and not name.startswith("."):
+            rows.append({"slide_id": slide_id_from_path(entry), "path": str(entry.resolve())})
+    rows += _dicom_series(loose_dicom)
+    if not rows:
+        raise PathmilError(
+            f"slide directory {directory} holds no slide files ({', '.join(SLIDE_EXTENSIONS)})"
+        )
+    table = pd.DataFrame(rows)
+    duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
+    if len(duplicated):
+        raise PathmilError(
+            f"slide directory {directory}: two files give slide id {duplicated[0]}; rename one"
+        )
+    return table
+
+
+def _dicom_series(files: list[Path]) -> list[dict[str, str]]:
+    """Group loose DICOM files by series (OpenSlide opens a series from any of its files)."""
+    import openslide
+
+    series: dict[str, Path] = {}
+    for f in files:
+        try:
+            uid = openslide.OpenSlide(str(f)).properties.get("dicom.SeriesInstanceUID", f.stem)
+        except openslide.OpenSlideError:
+            uid = f.stem  # unreadable: keep it so tiling reports the error for this file
+        series.setdefault(uid, f)
+    return [{"slide_id": slide_id_from_path(f), "path": str(f.resolve())} for f in series.values()]
+
+
+def load_slides(
+    cohort: str | os.PathLike | None = None, slide_dir: str | os.PathLike | None = None
+) -> pd.DataFrame:
+    """The slides to tile or extract: from a cohort table (with ``path``) or from a slide directory."""
+    if cohort is not None:
+        table = read_table(cohort, required=("slide_id", "path"))
+        missing = table["path"].isna()
+        if missing.any():
+            raise PathmilError(
+                f"cohort table {cohort}: slide {table['slide_id'][missing].iloc[0]} has no path"
+            )
+        return table
+    if slide_dir is not None:
+        return cohort_from_dir(slide_dir)
+    raise PathmilError("give a cohort table (--cohort) or a slide directory (--slide-dir)")

@@ -1,0 +1,1 @@
+"""Bags of tile features as datasets, and patient-level cross-validation splits."""

@@ -1,0 +1,1 @@
+"""Evaluation across folds: metrics with bootstrap confidence intervals, plots and heatmaps."""

@@ -1,0 +1,1 @@
+"""Stage 2: frozen encoders, the extraction loop, and the bag file format (ours and other tools')."""

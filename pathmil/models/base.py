@@ -1,0 +1,57 @@
+"""The contract every MIL aggregator keeps (../DESIGN.md).
+
+``forward(x: (B, N, D), mask: (B, N) bool or None) -> MILOutput`` with ``logits (B, C)`` (C is the task's
+``n_outputs``: models know nothing of tasks), ``embedding (B, E)`` (the bag representation before the
+head) and ``instance_scores (B, N)`` (attention weights, pooling weights or per-tile predictions: what
+heatmaps paint and what MHIM-MIL's teacher ranks). ``mask`` is True on real instances; padded positions
+get no weight and never change the output.
+
+Training-time behaviour beyond a plain forward (MHIM-MIL's teacher, masking and consistency loss) goes
+through :meth:`MILModel.training_forward`, which may add an auxiliary loss, and :meth:`MILModel.after_step`,
+called after each optimiser step (for EMA updates). Inference always uses :meth:`forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MILOutput:
+    logits: torch.Tensor  # (B, C)
+    embedding: torch.Tensor  # (B, E)
+    instance_scores: torch.Tensor  # (B, N)
+    instance_embeddings: torch.Tensor | None = None  # (B, N, E): per-instance features before pooling
+    aux_loss: torch.Tensor | None = None  # training only: added to the task loss (MHIM consistency)
+
+
+class MILModel(nn.Module):
+    """Base class of the aggregators: stores sizes and gives the default training hooks."""
+
+    def __init__(self, in_dim: int, n_outputs: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.n_outputs = n_outputs
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        raise NotImplementedError
+
+    def training_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """The forward pass used for training steps; the default is the plain forward."""
+        return self(x, mask)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step (``step`` counts from 1); the default does nothing."""
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` that gives masked-out (False) positions exactly zero weight."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=dim)
+    if mask is not None:
+        weights = weights * mask
+    return weights

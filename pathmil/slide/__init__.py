@@ -1,0 +1,1 @@
+"""Stage 1: slides, their resolution, tissue segmentation, the tile grid and QC pictures."""

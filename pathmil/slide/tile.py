@@ -1,0 +1,208 @@
+"""Stage 1: from a slide file to its tiles file, QC picture and facts.
+
+:func:`tile_slide` does one slide and writes nothing unless everything succeeded; :func:`tile_cohort` runs
+many slides, records each failure (slide, path, error) in a failures table and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pathmil import __version__
+from pathmil.config import TileConfig
+from pathmil.errors import PathmilError, SlideError
+from pathmil.fileio import atomic_output, write_json
+from pathmil.slide.qc import draw_qc, write_png
+from pathmil.slide.reader import Slide
+from pathmil.slide.tilefile import TileSet, write_tiles
+from pathmil.slide.tiling import tile_grid
+from pathmil.slide.tissue import segment_tissue
+
+
+@dataclass
+class TileResult:
+    """What tiling one slide produced, and the facts worth keeping about it."""
+
+    tiles: TileSet
+    qc_image: np.ndarray
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def compute_tiles(slide: Slide, config: TileConfig) -> TileResult:
+    """Segment tissue and lay the tile grid; pure computation, nothing written."""
+    config.validate()
+    params = config.tissue_params()
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    seg_level = slide.level_for_downsample(params.seg_downsample)
+    thumbnail = slide.read_level(seg_level)
+    timings["read_segmentation_level"] = time.perf_counter() - start
+    seg_downsample = slide.dimensions[0] / slide.level_dimensions[seg_level][0]
+    tissue = segment_tissue(thumbnail, seg_downsample, params)
+
+    geometry = slide.tile_geometry(config.target_mpp, config.tile_px)
+    if slide.mpp > config.target_mpp * 1.01:
+        warnings.append(
+            f"slide resolution {slide.mpp:.3g} um/px is coarser than target {config.target_mpp} "
+            "um/px: tiles are upsampled"
+        )
+    step0 = geometry.size_level0 * (1 - config.overlap)
+    coords, fractions = tile_grid(
+        tissue, slide.dimensions, geometry.size_level0, config.overlap, config.min_tissue
+    )
+    timings["segment_and_grid"] = time.perf_counter() - start - timings["read_segmentation_level"]
+    if len(coords) == 0:
+        raise SlideError(
+            slide.slide_id,
+            f"no {config.tile_px} px tile at {config.target_mpp} um/px has at least "
+            f"{config.min_tissue:.0%} tissue (kept tissue covers {tissue.tissue_fraction:.1%} of the "
+            f"slide after dropping pieces under a_t={params.a_t:g} reference patches of 512x512 "
+            "level-0 px); lower --min-tissue or try another --preset",
+        )
+    if slide.mpp_source != "metadata":
+        warnings.append(f"no mpp in the slide's metadata: used {slide.mpp} um/px from the {slide.mpp_source}")
+
+    coords_attrs = {
+        "patch_size": geometry.read_px,
+        "patch_level": geometry.level,
+        "patch_size_level0": geometry.patch_size_level0,
+        "level0_width": slide.dimensions[0],
+        "level0_height": slide.dimensions[1],
+        "level0_magnification": slide.magnification,
+        "downsample": slide.level_downsamples[geometry.level],
+        "target_mpp": config.target_mpp,
+        "tile_px": config.tile_px,
+        "overlap": config.overlap,
+        "slide_mpp": slide.mpp,
+        "name": slide.slide_id,
+    }
+    attrs = {
+        "pathmil_version": __version__,
+        "slide_id": slide.slide_id,
+        "slide_path": str(slide.path),
+        "tile_px": config.tile_px,
+        "target_mpp": config.target_mpp,
+        "slide_mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "min_tissue": config.min_tissue,
+        "preset": config.preset,
+    }
+    tiles = TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fractions)
+    qc_image = draw_qc(thumbnail, tissue, coords, geometry.size_level0, step0, config.qc_max_px)
+    timings["total"] = time.perf_counter() - start
+    facts = {
+        "slide_id": slide.slide_id,
+        "path": str(slide.path),
+        "status": "ok",
+        "n_tiles": len(coords),
+        "mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "target_mpp": config.target_mpp,
+        "tile_px": config.tile_px,
+        "read_level": geometry.level,
+        "read_px": geometry.read_px,
+        "tile_size_level0": geometry.size_level0,
+        "segmentation_level": seg_level,
+        "segmentation_downsample": seg_downsample,
+        "tissue_fraction": tissue.tissue_fraction,
+        "n_tissue_regions": len(tissue.contours),
+        "level0_size": list(slide.dimensions),
+        "seconds": {k: round(v, 4) for k, v in timings.items()},
+        "warnings": warnings,
+    }
+    return TileResult(tiles=tiles, qc_image=qc_image, facts=facts)
+
+
+def tile_slide(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TileConfig,
+    qc: str | os.PathLike | None = None,
+    facts: str | os.PathLike | None = None,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    mpp_source: str = "argument",
+) -> dict[str, Any]:
+    """Tile one slide and write its tiles file, QC picture and facts JSON (default: ``out`` with .json).
+
+    Nothing is written when any step fails, so a rerun never finds half an output.
+    """
+    with Slide(path, slide_id=slide_id, mpp=mpp, mpp_source=mpp_source) as slide:
+        result = compute_tiles(slide, config)
+    facts_path = Path(facts) if facts is not None else Path(out).with_suffix(".json")
+    write_start = time.perf_counter()
+    if qc is not None:
+        with atomic_output(qc) as tmp:
+            write_png(str(tmp), result.qc_image)
+    write_tiles(out, result.tiles)
+    result.facts["seconds"]["write"] = round(time.perf_counter() - write_start, 4)
+    write_json(facts_path, result.facts)
+    return result.facts
+
+
+def tile_cohort(
+    slides: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    config: TileConfig,
+    qc_dir: str | os.PathLike | None = None,
+    skip_errors: bool = False,
+    failures: str | os.PathLike | None = None,
+    default_mpp: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Tile every slide of a table (``slide_id``, ``path``, optional ``mpp``) into ``out_dir``.
+
+    With ``skip_errors`` a failing slide is recorded and the rest go on; the failures table (default
+    ``out_dir/failures.csv``) is always written, empty when all succeeded. Returns the facts of each slide.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    failures_path = Path(failures) if failures else out_dir / "failures.csv"
+    records, failed = [], []
+    for row in tqdm(list(slides.itertuples(index=False)), desc="tile", unit="slide", disable=not progress):
+        table_mpp = getattr(row, "mpp", None)
+        use_table = table_mpp is not None and not pd.isna(table_mpp)
+        try:
+            facts = tile_slide(
+                row.path,
+                out_dir / f"{row.slide_id}.h5",
+                config,
+                qc=Path(qc_dir) / f"{row.slide_id}.png" if qc_dir else None,
+                slide_id=row.slide_id,
+                mpp=float(table_mpp) if use_table else default_mpp,
+                mpp_source="table" if use_table else "argument",
+            )
+            records.append(facts)
+        except PathmilError as err:
+            if not skip_errors:
+                raise
+            failed.append({"slide_id": row.slide_id, "path": row.path, "stage": "tile", "error": str(err)})
+    write_failures(failures_path, failed)
+    return pd.DataFrame(records)
+
+
+def record_failure(
+    facts_path: str | os.PathLike, slide_id: str, path: str | os.PathLike, stage: str, error: Exception
+) -> None:
+    """Write a facts JSON with status 'failed', so a workflow can go on and collect the failure later."""
+    write_json(
+        facts_path,
+        {"slide_id": slide_id, "path": str(path), "status": "failed", "stage": stage, "error": str(error)},
+    )
+
+
+def write_failures(path: str | os.PathLike, failed: list[dict[str, str]]) -> None:
+    """Write the failures table (slide_id, path, stage, error), atomically."""
+    table = pd.DataFrame(failed, columns=["slide_id", "path", "stage", "error"])
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)

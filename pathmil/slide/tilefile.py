@@ -1,0 +1,89 @@
+"""The tiles file: one HDF5 per slide with the tile coordinates and how to read them.
+
+``coords`` (N x 2, int64, level-0 top-left x, y) carries the attributes that CLAM's and TRIDENT's readers
+use, so their feature extractors run on our tiles too: CLAM reads ``patch_size`` pixels at ``patch_level``;
+TRIDENT reads ``patch_size_level0``, ``level0_width``/``height`` and ``level0_magnification``. pathmil adds
+``target_mpp``, ``tile_px`` and the slide's ``slide_mpp``. ``tissue_fraction`` (N, float32) says how much of
+each tile is tissue.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pathmil import __version__
+from pathmil.errors import PathmilError
+from pathmil.fileio import atomic_output
+
+
+@dataclass
+class TileSet:
+    """The content of a tiles file."""
+
+    coords: np.ndarray
+    coords_attrs: dict[str, Any]
+    attrs: dict[str, Any]
+    tissue_fraction: np.ndarray | None = None
+
+    @property
+    def level(self) -> int:
+        return int(self.coords_attrs["patch_level"])
+
+    @property
+    def read_px(self) -> int:
+        return int(self.coords_attrs["patch_size"])
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.coords_attrs["tile_px"])
+
+
+def write_tiles(path: str | os.PathLike, tiles: TileSet) -> None:
+    """Write a tiles file atomically."""
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("coords", data=tiles.coords.astype(np.int64))
+        for key, value in tiles.coords_attrs.items():
+            if value is not None:
+                dset.attrs[key] = value
+        if tiles.tissue_fraction is not None:
+            f.create_dataset("tissue_fraction", data=tiles.tissue_fraction.astype(np.float32))
+        f.attrs["pathmil_version"] = __version__
+        for key, value in tiles.attrs.items():
+            if value is not None:
+                f.attrs[key] = value
+
+
+def read_tiles(path: str | os.PathLike) -> TileSet:
+    """Read a tiles file written by pathmil (or by CLAM/TRIDENT patching: ``coords`` with its attributes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PathmilError(f"tiles file {path} does not exist; run `pathmil tile` for this slide first")
+    try:
+        with h5py.File(path, "r") as f:
+            coords = f["coords"][:]
+            coords_attrs = {k: plain_attr(v) for k, v in f["coords"].attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+            fraction = f["tissue_fraction"][:] if "tissue_fraction" in f else None
+    except (OSError, KeyError) as err:
+        raise PathmilError(
+            f"tiles file {path} is not a readable tiles HDF5 ({err}); tile the slide again"
+        ) from None
+    if "patch_size" not in coords_attrs or "patch_level" not in coords_attrs:
+        raise PathmilError(f"tiles file {path}: 'coords' lacks the patch_size/patch_level attributes")
+    coords_attrs.setdefault("tile_px", coords_attrs["patch_size"])
+    return TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fraction)
+
+
+def plain_attr(value: Any) -> Any:
+    """HDF5 attribute values as plain Python (numpy scalars and bytes become int/float/str)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

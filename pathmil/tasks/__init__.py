@@ -1,0 +1,1 @@
+"""Tasks: classification, survival and regression (targets, losses, scores and metrics)."""

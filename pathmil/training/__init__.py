@@ -1,0 +1,1 @@
+"""The training loop: optimiser, schedule, early stopping, checkpoints, seeding, resume."""
