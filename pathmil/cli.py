@@ -215,9 +215,161 @@ def run_tile(args: argparse.Namespace) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------ training
+
+TASKS = ("classification", "survival", "regression")
+
+
+def add_split_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "split",
+        help="patient-level cross-validation folds of a cohort",
+        description="Stratified patient-level folds; each fold's training part keeps a "
+        "validation share for early stopping.",
+    )
+    p.add_argument(
+        "--cohort", type=Path, required=True, help="cohort table with slide_id, patient_id, labels"
+    )
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
+    p.add_argument("--folds", type=int, help="number of folds (default 5)")
+    p.add_argument(
+        "--val-frac", type=float, help="share of each fold's training patients for validation (0.15)"
+    )
+    p.add_argument("--test-frac", type=float, help="hold out this share of patients as a fixed test set")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", type=Path, required=True, help="splits CSV (slide_id, patient_id, fold, split)")
+    _add_config_args(p)
+    p.set_defaults(handler=run_split)
+
+
+def run_split(args: argparse.Namespace) -> None:
+    from pathmil.cohort import read_labelled_table
+    from pathmil.config import SplitConfig, load_config
+    from pathmil.data.splits import make_splits
+    from pathmil.fileio import atomic_output
+    from pathmil.tasks import create_task
+
+    config = load_config(
+        SplitConfig,
+        args.config,
+        args.overrides,
+        section="split",
+        folds=args.folds,
+        val_frac=args.val_frac,
+        test_frac=args.test_frac,
+        seed=args.seed,
+    )
+    task = create_task(args.task, target=args.target)
+    table = read_labelled_table(args.cohort, task.label_columns)
+    task.check_labels(table)
+    patients = table.groupby("patient_id", sort=True).first().reset_index()
+    strata = task.stratify_labels(patients)
+    splits = make_splits(
+        patients, table, strata, config.folds, config.val_frac, config.test_frac, config.seed
+    )
+    with atomic_output(args.out) as tmp:
+        splits.to_csv(tmp, index=False)
+    counts = splits.groupby(["fold", "split"])["patient_id"].nunique().unstack(fill_value=0)
+    print(f"{config.folds} folds of {len(patients)} patients ({len(table)} slides) -> {args.out}")
+    print(counts.to_string())
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a MIL aggregator on one fold",
+        description="Train on the fold's training bags, stop early on validation, and write "
+        "best.pt, history.csv, predictions.csv and metrics.json to --out.",
+    )
+    p.add_argument(
+        "--features", type=Path, required=True, help="folder of bag files (pathmil, CLAM, TRIDENT, STAMP)"
+    )
+    p.add_argument(
+        "--cohort", type=Path, required=True, help="cohort table with slide_id, patient_id, labels"
+    )
+    p.add_argument("--splits", type=Path, required=True, help="splits CSV from `pathmil split`")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--task", choices=TASKS)
+    p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
+    p.add_argument("--aggregator", help="aggregator name (default abmil; see `pathmil models`)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_config_args(p)
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from pathmil.config import TrainConfig, load_config
+    from pathmil.training.fit import train
+
+    config = load_config(
+        TrainConfig,
+        args.config,
+        args.overrides,
+        section="train",
+        task=args.task,
+        target=args.target,
+        aggregator=args.aggregator,
+    )
+    summary = train(
+        config, args.features, args.cohort, args.splits, args.fold, args.out, progress=not args.no_progress
+    )
+    test = summary["metrics"].get("test", {})
+    main_metric = summary["main_metric"]
+    print(
+        f"{summary['task']}/{summary['aggregator']} fold {summary['fold']}: best epoch {summary['best_epoch']}, "
+        f"test {main_metric} {test.get(main_metric, float('nan')):.4f} -> {args.out}"
+    )
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="per-fold and pooled metrics of runs, with bootstrap CIs",
+        description="Summarise the fold runs of one task and aggregator.",
+    )
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (one per fold)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap resamples (default 1000; 0 turns CIs off)")
+    _add_config_args(p)
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from pathmil.config import EvaluateConfig, load_config
+    from pathmil.evaluation.summary import evaluate_runs
+
+    config = load_config(
+        EvaluateConfig, args.config, args.overrides, section="evaluate", n_bootstrap=args.n_bootstrap
+    )
+    result = evaluate_runs(args.runs, args.out, config)
+    print(
+        f"{result['task']}/{result['aggregator']}: {len(args.runs)} runs, {result['n_test_bags']} test bags"
+    )
+    for row in result["summary"]:
+        print(
+            f"  {row['metric']:>16}: pooled {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            f"  folds {row['fold_mean']:.4f} +- {row['fold_std']:.4f}"
+        )
+
+
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the MIL aggregators")
+    p.set_defaults(handler=lambda args: print("\n".join(__import__("pathmil.models").models.list_models())))
+
+
 # ------------------------------------------------------------------------------------------------ main
 
-PARSERS = [add_demo_parser, add_cohort_parser, add_tile_parser]
+PARSERS = [
+    add_demo_parser,
+    add_cohort_parser,
+    add_tile_parser,
+    add_split_parser,
+    add_train_parser,
+    add_evaluate_parser,
+    add_models_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

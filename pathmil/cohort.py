@@ -125,3 +125,33 @@ def load_slides(
     if slide_dir is not None:
         return cohort_from_dir(slide_dir)
     raise PathmilError("give a cohort table (--cohort) or a slide directory (--slide-dir)")
+
+
+def read_labelled_table(path: str | os.PathLike, label_columns: list[str]) -> pd.DataFrame:
+    """A cohort table for training: ``slide_id``, ``patient_id`` and the task's label columns.
+
+    Checks what the task cannot: every slide has a patient, and the slides of one patient agree on their
+    labels (labels are the patient's, e.g. survival). The task checks the label values themselves.
+    """
+    table = read_table(path, required=("slide_id", "patient_id", *label_columns))
+    absent = table["patient_id"].isna()
+    if absent.any():
+        raise PathmilError(
+            f"cohort table {path}: slide {table['slide_id'][absent].iloc[0]} has no patient_id"
+        )
+    for column in label_columns:
+        missing = table[column].isna()
+        if missing.any():
+            raise PathmilError(
+                f"cohort table {path}: slide {table['slide_id'][missing].iloc[0]} has no value in column "
+                f"'{column}' ({int(missing.sum())} slide(s) in all); fill it in or drop those slides"
+            )
+    conflicting = table.groupby("patient_id")[label_columns].nunique(dropna=False).max(axis=1) > 1
+    if conflicting.any():
+        patient = conflicting[conflicting].index[0]
+        slides = table.loc[table["patient_id"] == patient, ["slide_id", *label_columns]]
+        raise PathmilError(
+            f"cohort table {path}: patient {patient} has conflicting labels across its slides "
+            f"({slides.to_dict('records')}); give all slides of a patient the same labels"
+        )
+    return table

@@ -202,3 +202,64 @@ def load_config(
 def to_dict(config: Any) -> dict[str, Any]:
     """A dataclass config as plain data, for checkpoints and provenance."""
     return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    """Patient-level cross-validation: K folds, each with a validation part for early stopping."""
+
+    folds: int = 5
+    val_frac: float = 0.15  # of each fold's training patients, held out for early stopping
+    test_frac: float | None = None  # a fixed test set held out of every fold (None: test = the fold held out)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run: task, aggregator and the explicit loop's settings (saved in every checkpoint)."""
+
+    task: str = "classification"  # classification, survival or regression
+    target: list[str] | None = None  # label column(s); default label | time, event | stil
+    task_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # loss, n_bins, class_weights...
+    aggregator: str = "abmil"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # the aggregator's settings
+    mhim: dict[str, Any] = dataclasses.field(default_factory=dict)  # MHIM-MIL settings (mhim_* aggregators)
+    bag_level: str = "patient"  # patient: a patient's slides joined into one bag; slide: one bag per slide
+    max_instances: int | None = None  # sample at most this many instances per bag in training
+    optimizer: str = "adamw"  # adam or adamw
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    epochs: int = 50
+    min_epochs: int = 10  # no early stop before this many epochs
+    patience: int = 10  # epochs without improvement of the task's main metric on validation
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to zero
+    accumulation: int = 1  # bags per optimiser step (and per Cox loss)
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"  # auto, cpu or cuda
+    amp: bool = True  # bf16 autocast on CUDA (CPU always float32)
+    memory_budget_gb: float = 8.0  # keep all bags in memory when they fit in this much
+
+    def validate(self) -> None:
+        if self.task not in ("classification", "survival", "regression"):
+            raise PathmilError(f"unknown task '{self.task}'; choose classification, survival or regression")
+        if self.bag_level not in ("patient", "slide"):
+            raise PathmilError(f"bag_level must be 'patient' or 'slide', got '{self.bag_level}'")
+        if self.optimizer not in ("adam", "adamw"):
+            raise PathmilError(f"optimizer must be 'adam' or 'adamw', got '{self.optimizer}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise PathmilError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.epochs < 1 or self.accumulation < 1 or self.patience < 1:
+            raise PathmilError("epochs, accumulation and patience must be at least 1")
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """How runs are summarised: bootstrap confidence intervals over the pooled test predictions."""
+
+    n_bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0

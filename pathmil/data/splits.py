@@ -1,0 +1,107 @@
+"""Patient-level cross-validation splits.
+
+No patient may sit in two folds: slides of one patient share tissue, scanner and label, and splitting them
+leaks. Folds are stratified by what the task says matters (class; event and time quantile; value bins) so
+small cohorts still get every kind of case in every fold. Each fold's training patients lose a further
+``val_frac`` to a validation part for early stopping. With ``test_frac`` a fixed test set is held out of
+every fold instead, and the folds rotate the validation part over the rest.
+
+The splits table has one row per slide and fold: ``slide_id, patient_id, fold, split`` with ``split`` in
+train, val, test.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pathmil.errors import PathmilError
+
+
+def _group_folds(patients: np.ndarray, strata: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
+    """Indices of ``patients`` per fold, stratified by ``strata`` (one entry per patient)."""
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # A stratum smaller than n_splits cannot reach every fold; that is expected in small cohorts.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [held for _, held in splitter.split(patients, strata, groups=patients)]
+
+
+def _holdout(patients: np.ndarray, strata: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """A stratified subset of about ``frac`` of ``patients`` (at least one, never all)."""
+    if frac <= 0 or len(patients) < 2:
+        return np.zeros(0, dtype=int)
+    n_splits = min(len(patients), max(2, round(1 / frac)))
+    return _group_folds(patients, strata, n_splits, seed)[0]
+
+
+def make_splits(
+    patients: pd.DataFrame,
+    slides: pd.DataFrame,
+    strata: np.ndarray,
+    folds: int = 5,
+    val_frac: float = 0.15,
+    test_frac: float | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Patient-level folds.
+
+    ``patients`` has one row per patient (``patient_id``) aligned with ``strata``; ``slides`` maps
+    ``slide_id`` to ``patient_id``.
+    """
+    ids = patients["patient_id"].to_numpy()
+    strata = np.asarray(strata)
+    if folds < 2:
+        raise PathmilError(f"need at least 2 folds, got {folds}")
+    if not 0 <= val_frac < 1:
+        raise PathmilError(f"val_frac must be in [0, 1), got {val_frac}")
+    fixed_test = np.zeros(0, dtype=int)
+    if test_frac:
+        if not 0 < test_frac < 1:
+            raise PathmilError(f"test_frac must be in (0, 1), got {test_frac}")
+        fixed_test = _holdout(ids, strata, test_frac, seed)
+    rest = np.setdiff1d(np.arange(len(ids)), fixed_test)
+    if len(rest) < folds:
+        raise PathmilError(f"{len(rest)} patients cannot make {folds} folds; use fewer folds")
+    rows = []
+    for fold, held in enumerate(_group_folds(ids[rest], strata[rest], folds, seed)):
+        held = rest[held]
+        if len(fixed_test):
+            test, val = fixed_test, held
+            train = np.setdiff1d(rest, held)
+        else:
+            test = held
+            remaining = np.setdiff1d(rest, held)
+            val = remaining[_holdout(ids[remaining], strata[remaining], val_frac, seed + fold)]
+            train = np.setdiff1d(remaining, val)
+        for split, members in (("train", train), ("val", val), ("test", test)):
+            rows.extend({"patient_id": ids[i], "fold": fold, "split": split} for i in members)
+    assignment = pd.DataFrame(rows)
+    table = slides[["slide_id", "patient_id"]].merge(assignment, on="patient_id", how="inner")
+    return table.sort_values(["fold", "split", "patient_id", "slide_id"]).reset_index(drop=True)[
+        ["slide_id", "patient_id", "fold", "split"]
+    ]
+
+
+def read_splits(path, fold: int) -> pd.DataFrame:
+    """The rows of one fold of a splits table, with clear errors for a wrong file or fold."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise PathmilError(f"splits table {path} does not exist; make it with `pathmil split`")
+    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    missing = {"slide_id", "patient_id", "fold", "split"} - set(table.columns)
+    if missing:
+        raise PathmilError(f"splits table {path} lacks column(s) {', '.join(sorted(missing))}")
+    folds = sorted(table["fold"].unique())
+    if fold not in folds:
+        raise PathmilError(f"splits table {path} has no fold {fold}; its folds are {folds}")
+    part = table[table["fold"] == fold]
+    bad = set(part["split"]) - {"train", "val", "test"}
+    if bad:
+        raise PathmilError(f"splits table {path}: unknown split name(s) {sorted(bad)}; use train, val, test")
+    return part.reset_index(drop=True)

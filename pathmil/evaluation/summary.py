@@ -1,0 +1,165 @@
+"""Summarise the runs of a cross-validation: per-fold and pooled metrics with confidence intervals.
+
+A handful of folds gives noisy numbers, so besides the mean and standard deviation across folds pathmil
+reports the interquartile mean (Agarwal et al., "Deep reinforcement learning at the edge of the
+statistical precipice", NeurIPS 2021) and a stratified bootstrap 95 % confidence interval of every metric
+on the pooled test predictions (each bag scored by the model of the fold that held it out; where folds share
+a fixed test set, the mean of the folds' scores).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from pathmil.config import EvaluateConfig
+from pathmil.errors import PathmilError
+from pathmil.fileio import atomic_output, write_json
+from pathmil.tasks import Task, create_task
+from pathmil.training.checkpoint import load_checkpoint
+
+ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
+
+
+def load_task(run_dir: str | os.PathLike) -> tuple[Task, dict[str, Any]]:
+    """The fitted task of a run, rebuilt from its best checkpoint, and the run's config."""
+    checkpoint = load_checkpoint(Path(run_dir) / "best.pt")
+    config = checkpoint["config"]
+    task = create_task(config["task"], target=config.get("target"), **config.get("task_options", {}))
+    task.load_state_dict(checkpoint["task"])
+    return task, config
+
+
+def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
+    path = Path(run_dir) / "predictions.csv"
+    if not path.is_file():
+        raise PathmilError(f"run {run_dir} has no predictions.csv; is training finished?")
+    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+
+
+def pool_test(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per test bag; bags tested in several folds (a fixed test set) get their mean score."""
+    test = predictions[predictions["split"] == "test"]
+    if not test.duplicated("slide_id").any():
+        return test.reset_index(drop=True)
+    scores = [c for c in test.columns if c == "score" or c.startswith(("score_", "surv_"))]
+    first = test.groupby("slide_id", sort=False).first().drop(columns=scores)
+    mean = test.groupby("slide_id", sort=False)[scores].mean()
+    pooled = first.join(mean).reset_index()
+    pooled["fold"] = -1  # an ensemble of folds
+    return pooled
+
+
+def label_frame(task: Task, table: pd.DataFrame) -> pd.DataFrame:
+    """The task's label columns rebuilt from a predictions table (target, or time and event)."""
+    if "target" in table.columns:
+        return pd.DataFrame({task.label_columns[0]: table["target"].to_numpy()})
+    return pd.DataFrame(
+        {task.label_columns[0]: table["time"].to_numpy(), task.label_columns[1]: table["event"].to_numpy()}
+    )
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50 % (robust with few folds)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    return float(stats.trim_mean(values, 0.25)) if len(values) else math.nan
+
+
+def bootstrap_ci(
+    task: Task, test: pd.DataFrame, train: pd.DataFrame | None, config: EvaluateConfig
+) -> dict[str, list[float]]:
+    """Percentile confidence intervals of every metric, resampling test bags within strata."""
+    strata = np.asarray(task.stratify_labels(label_frame(task, test)))
+    rng = np.random.default_rng(config.seed)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    draws: list[dict[str, float]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resamples without both classes or events yield NaN, not noise
+        for _ in range(config.n_bootstrap):
+            index = np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
+            draws.append(task.metrics(test.iloc[index].reset_index(drop=True), train))
+    table = pd.DataFrame(draws)
+    alpha = (1 - config.confidence) / 2
+    return {
+        m: [float(np.nanquantile(table[m], alpha)), float(np.nanquantile(table[m], 1 - alpha))]
+        if table[m].notna().any()
+        else [math.nan, math.nan]
+        for m in table.columns
+    }
+
+
+def evaluate_runs(
+    run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, config: EvaluateConfig | None = None
+) -> dict[str, Any]:
+    """Per-fold and pooled metrics of the given runs (one per fold), with CIs; written to ``out_dir``."""
+    config = config or EvaluateConfig()
+    if not run_dirs:
+        raise PathmilError("no runs given to evaluate")
+    task, run_config = load_task(run_dirs[0])
+    predictions = []
+    for run in run_dirs:
+        _, other_config = load_task(run)
+        if (other_config["task"], other_config.get("aggregator")) != (
+            run_config["task"],
+            run_config.get("aggregator"),
+        ):
+            raise PathmilError(
+                f"run {run} is a {other_config['task']}/{other_config.get('aggregator')} run; "
+                f"evaluate runs of one task and aggregator together"
+            )
+        predictions.append(read_run(run))
+    predictions = pd.concat(predictions, ignore_index=True)
+    per_fold = []
+    for fold, rows in predictions.groupby("fold"):
+        test, train = rows[rows["split"] == "test"], rows[rows["split"] == "train"]
+        per_fold.append({"fold": int(fold), "n_test": len(test), **task.metrics(test, train)})
+    per_fold = pd.DataFrame(per_fold)
+    pooled_test = pool_test(predictions)
+    train_rows = predictions[predictions["split"] == "train"].drop_duplicates("slide_id")
+    pooled = task.metrics(pooled_test, train_rows)
+    ci = bootstrap_ci(task, pooled_test, train_rows, config) if config.n_bootstrap > 0 else {}
+    metric_names = [c for c in per_fold.columns if c not in ("fold", "n_test")]
+    summary_rows = [
+        {
+            "metric": m,
+            "pooled": pooled.get(m, math.nan),
+            "ci_low": ci.get(m, [math.nan] * 2)[0],
+            "ci_high": ci.get(m, [math.nan] * 2)[1],
+            "fold_mean": float(np.nanmean(per_fold[m])) if per_fold[m].notna().any() else math.nan,
+            "fold_std": float(np.nanstd(per_fold[m], ddof=1)) if per_fold[m].notna().sum() > 1 else math.nan,
+            "fold_iqm": iqm(per_fold[m].to_numpy()),
+        }
+        for m in metric_names
+    ]
+    summary = pd.DataFrame(summary_rows)
+    result = {
+        "task": task.name,
+        "aggregator": run_config.get("aggregator"),
+        "main_metric": task.main_metric,
+        "runs": [str(r) for r in run_dirs],
+        "n_test_bags": len(pooled_test),
+        "evaluate": asdict(config),
+        "pooled": pooled,
+        "ci": ci,
+        "per_fold": per_fold.to_dict("records"),
+        "summary": summary.to_dict("records"),
+    }
+    out_dir = Path(out_dir)
+    for name, table in (
+        ("metrics_per_fold.csv", per_fold),
+        ("metrics_summary.csv", summary),
+        ("predictions_test.csv", pooled_test),
+    ):
+        with atomic_output(out_dir / name) as tmp:
+            table.to_csv(tmp, index=False)
+    write_json(out_dir / "metrics.json", result)
+    return result

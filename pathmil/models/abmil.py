@@ -1,0 +1,70 @@
+"""Attention-based MIL (Ilse, Tomczak and Welling, "Attention-based Deep Multiple Instance Learning",
+ICML 2018), plain and gated.
+
+Instances are embedded, h_k = ReLU(W x_k); attention a_k = softmax_k(w^T tanh(V h_k)) or, gated,
+softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k))); the bag is z = sum_k a_k h_k and the head is linear. The
+attention weights are the instance scores: they say which tiles the bag prediction rests on, they are
+painted in heatmaps, and MHIM-MIL's teacher ranks instances by them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pathmil.models.base import MILModel, MILOutput, masked_softmax
+from pathmil.models.registry import register_model
+
+
+class AttentionPool(nn.Module):
+    """Ilse et al.'s attention scoring, plain or gated; returns unnormalised scores (B x N)."""
+
+    def __init__(self, dim: int, hidden: int = 128, gated: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.tanh_branch = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.gate_branch = (
+            nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout)) if gated else None
+        )
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a = self.tanh_branch(h)
+        if self.gate_branch is not None:
+            a = a * self.gate_branch(h)
+        return self.score(a).squeeze(-1)
+
+
+class ABMIL(MILModel):
+    """Attention MIL: instance MLP, (gated) attention pooling, linear head."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        hidden: int = 512,
+        attention_hidden: int = 128,
+        gated: bool = False,
+        dropout: float = 0.25,
+    ):
+        super().__init__(in_dim, n_outputs)
+        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attention = AttentionPool(hidden, attention_hidden, gated=gated, dropout=dropout)
+        self.classifier = nn.Linear(hidden, n_outputs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        h = self.encoder(x)  # B x N x H
+        weights = masked_softmax(self.attention(h), mask)  # B x N
+        z = torch.einsum("bn,bnh->bh", weights, h)
+        return MILOutput(
+            logits=self.classifier(z), embedding=z, instance_scores=weights, instance_embeddings=h
+        )
+
+
+@register_model("abmil")
+def abmil(in_dim: int, n_outputs: int, **settings) -> ABMIL:
+    return ABMIL(in_dim, n_outputs, **settings)
+
+
+@register_model("abmil_gated")
+def abmil_gated(in_dim: int, n_outputs: int, **settings) -> ABMIL:
+    return ABMIL(in_dim, n_outputs, **{"gated": True, **settings})

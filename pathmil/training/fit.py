@@ -1,0 +1,405 @@
+"""Train one MIL model on one fold: the explicit loop, in the spirit of nanoGPT's ``train.py``.
+
+Per epoch: shuffle the training bags with a generator seeded by (seed, epoch); forward ``accumulation``
+bags, one at a time (bags differ in size, and MIL models are small next to their inputs), compute the
+task loss over the group (a Cox loss needs several bags), step Adam/AdamW under a warm-up + cosine schedule;
+then score the validation bags and keep the checkpoint with the best value of the task's main metric.
+Stop early after ``patience`` epochs without improvement (never before ``min_epochs``). Every epoch ends
+with ``last.pt``, so a killed run started again resumes where it stopped and ends with the same result.
+
+Outputs in the run folder: ``best.pt``, ``last.pt``, ``history.csv``, ``predictions.csv`` (one row per bag
+and split, columns of the task), ``metrics.json`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from pathmil.cohort import read_labelled_table
+from pathmil.config import TrainConfig
+from pathmil.data.bags import BagDataset, BagTable, make_bag_table
+from pathmil.data.splits import read_splits
+from pathmil.errors import PathmilError
+from pathmil.features.bagfile import read_bag_attrs
+from pathmil.fileio import atomic_output, write_json
+from pathmil.models import MILModel, create_model
+from pathmil.tasks import Task, create_task
+from pathmil.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from epoch to epoch (saved in ``last.pt``)."""
+
+    epoch: int = 0
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    monitor: str = ""  # the validation quantity early stopping follows
+    stopped: bool = False  # early stopping ended the run (a restart must not train further)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PathmilError("device 'cuda' asked for, but torch sees no CUDA GPU; use --set device=auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, in_dim: int, task: Task) -> MILModel:
+    """The aggregator named in the config, sized for the features and the task."""
+    return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **config.model)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ----------------------------------------------------------------------------------------- the data
+
+
+@dataclass
+class FoldData:
+    """The bags of one fold, per split, with their task targets."""
+
+    tables: dict[str, BagTable]
+    datasets: dict[str, BagDataset]
+    targets: dict[str, torch.Tensor]
+    fingerprint: str
+    feature_info: dict[str, Any]
+
+
+def load_fold(
+    config: TrainConfig,
+    task: Task,
+    features_dir: str | os.PathLike,
+    cohort_path: str | os.PathLike,
+    splits_path: str | os.PathLike,
+    fold: int,
+) -> FoldData:
+    """Read and check the cohort and splits, build bags per split and fit the task on the training bags."""
+    cohort = read_labelled_table(cohort_path, task.label_columns)
+    task.check_labels(cohort)
+    rows = read_splits(splits_path, fold)
+    unknown = sorted(set(rows["slide_id"]) - set(cohort["slide_id"]))
+    if unknown:
+        raise PathmilError(
+            f"splits table {splits_path} names {len(unknown)} slide(s) not in the cohort table "
+            f"{cohort_path} (first: {unknown[0]}); make the splits from this cohort table"
+        )
+    rows = rows.drop(columns="patient_id").merge(
+        cohort[["slide_id", "patient_id", *task.label_columns]], on="slide_id"
+    )
+    tables = {
+        s: make_bag_table(rows[rows["split"] == s], features_dir, task.label_columns, config.bag_level)
+        for s in SPLITS
+    }
+    if tables["train"].bags.empty:
+        raise PathmilError(f"fold {fold} of {splits_path} has no training slides")
+    task.fit(tables["train"].bags)
+    datasets = {
+        s: BagDataset(t, config.max_instances if s == "train" else None, config.memory_budget_gb, config.seed)
+        for s, t in tables.items()
+        if not t.bags.empty
+    }
+    targets = {s: task.targets(t.bags) for s, t in tables.items() if not t.bags.empty}
+    files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    blob = json.dumps([asdict(config), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
+    first = files[0]
+    attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
+    feature_info = {
+        "dim": datasets["train"].dim,
+        "encoder": attrs.get("encoder"),
+        "random_init": bool(attrs.get("random_init", False)),
+    }
+    return FoldData(tables, datasets, targets, hashlib.sha256(blob.encode()).hexdigest(), feature_info)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+class Trainer:
+    """Owns model, optimiser and schedule for one run; :meth:`fit` runs the loop."""
+
+    def __init__(self, config: TrainConfig, task: Task, data: FoldData, out_dir: Path, progress: bool = True):
+        self.config, self.task, self.data, self.out_dir, self.progress = config, task, data, out_dir, progress
+        self.device = pick_device(config.device)
+        self.model = build_model(config, data.feature_info["dim"], task).to(self.device)
+        optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimiser(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(data.datasets["train"]) / config.accumulation)
+        self.total_steps = steps_per_epoch * config.epochs
+        warmup = round(config.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(self.total_steps, warmup)
+        )
+        self.state = LoopState()
+
+    def autocast(self):
+        enabled = self.device.type == "cuda" and self.config.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # -------------------------------------------------------------------------------- steps
+
+    def train_epoch(self, epoch: int) -> float:
+        dataset, targets = self.data.datasets["train"], self.data.targets["train"]
+        dataset.set_epoch(epoch)
+        self.model.train()
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(dataset))
+        losses = []
+        for start in range(0, len(order), self.config.accumulation):
+            group = order[start : start + self.config.accumulation]
+            with self.autocast():
+                outputs = [
+                    self.model.training_forward(dataset.features(int(i), sample=True)[None].to(self.device))
+                    for i in group
+                ]
+            logits = torch.cat([o.logits for o in outputs]).float()
+            loss = self.task.loss(logits, targets[torch.from_numpy(group)].to(self.device))
+            aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+            if aux:
+                loss = loss + torch.stack(aux).float().mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.state.step += 1
+            self.model.after_step(self.state.step, self.total_steps)
+            losses.append(float(loss.detach()))
+        return float(np.mean(losses))
+
+    @torch.inference_mode()
+    def logits(self, split: str) -> torch.Tensor:
+        """Logits of every bag of ``split`` (eval mode, all instances)."""
+        self.model.eval()
+        dataset = self.data.datasets[split]
+        out = []
+        for i in range(len(dataset)):
+            with self.autocast():
+                out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.task.n_outputs)
+
+    def predictions(self, split: str, logits: torch.Tensor, fold: int) -> pd.DataFrame:
+        """The predictions table of ``split``: ids, fold, split, targets and the task's score columns."""
+        bags = self.data.tables[split].bags
+        table = pd.DataFrame(
+            {"slide_id": bags["slide_id"], "patient_id": bags["patient_id"], "fold": fold, "split": split}
+        )
+        for name, values in self.task.target_columns(bags).items():
+            table[name] = values
+        for name, values in self.task.predict(logits).items():
+            table[name] = values
+        return table
+
+    def validate(self, fold: int) -> dict[str, float]:
+        """Validation loss and main metric of the current model (empty without a validation split)."""
+        if "val" not in self.data.datasets:
+            return {}
+        logits = self.logits("val")
+        loss = float(self.task.loss(logits, self.data.targets["val"]))
+        metrics = self.task.metrics(self.predictions("val", logits, fold))
+        return {
+            "val_loss": loss,
+            f"val_{self.task.main_metric}": metrics.get(self.task.main_metric, math.nan),
+        }
+
+    # -------------------------------------------------------------------------- checkpoints
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "task": self.task.state_dict(),
+            "model": self.model.state_dict(),
+            "aggregator": self.config.aggregator,
+            "in_dim": self.data.feature_info["dim"],
+            "n_outputs": self.task.n_outputs,
+            "features": self.data.feature_info,
+        }
+
+    def save_last(self) -> None:
+        save_checkpoint(
+            self.out_dir / "last.pt",
+            {
+                **self.payload(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": asdict(self.state),
+                "rng": rng_state(),
+                "fingerprint": self.data.fingerprint,
+            },
+        )
+
+    def try_resume(self) -> bool:
+        """Continue from ``last.pt`` if it belongs to this very run (same settings, splits and features)."""
+        path = self.out_dir / "last.pt"
+        if not path.is_file():
+            return False
+        checkpoint = load_checkpoint(path)
+        if checkpoint.get("fingerprint") != self.data.fingerprint:
+            log.warning("%s belongs to a run with other settings or inputs: starting afresh", path)
+            return False
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.state = LoopState(**checkpoint["state"])
+        set_rng_state(checkpoint["rng"])
+        log.info("resuming from %s after epoch %d", path, self.state.epoch)
+        return True
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def fit(self, fold: int) -> None:
+        from tqdm import tqdm
+
+        self.try_resume()
+        if self.state.stopped:
+            return
+        bar = tqdm(
+            range(self.state.epoch, self.config.epochs),
+            desc=f"fold {fold}",
+            unit="epoch",
+            disable=not self.progress,
+            initial=self.state.epoch,
+            total=self.config.epochs,
+        )
+        for epoch in bar:
+            start = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                **self.validate(fold),
+                "lr": self.scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - start,
+            }
+            self.state.history.append(row)
+            self._track(row, epoch)
+            self.state.epoch = epoch + 1
+            stop = epoch + 1 >= self.config.min_epochs and self.state.bad_epochs >= self.config.patience
+            self.state.stopped = stop
+            self.save_last()
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss")}
+                | {self.state.monitor: f"{row.get(self.state.monitor, math.nan):.4g}"}
+            )
+            if stop:
+                log.info(
+                    "early stop after epoch %d (best %s %.4g at epoch %d)",
+                    epoch + 1,
+                    self.state.monitor,
+                    self.state.best_metric,
+                    self.state.best_epoch,
+                )
+                break
+
+    def _track(self, row: dict[str, Any], epoch: int) -> None:
+        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined)."""
+        if not self.state.monitor:
+            metric = f"val_{self.task.main_metric}"
+            self.state.monitor = (
+                metric
+                if math.isfinite(row.get(metric, math.nan))
+                else ("val_loss" if "val_loss" in row else "train_loss")
+            )
+        value = row.get(self.state.monitor, math.nan)
+        value = -value if self.state.monitor.endswith("loss") else value
+        if not math.isfinite(value):
+            value = -math.inf
+        if value > self.state.best_metric or self.state.best_epoch < 0:
+            self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
+            save_checkpoint(self.out_dir / "best.pt", {**self.payload(), "epoch": epoch + 1})
+        else:
+            self.state.bad_epochs += 1
+
+
+# ------------------------------------------------------------------------------------------- a run
+
+
+def train(
+    config: TrainConfig,
+    features_dir: str | os.PathLike,
+    cohort: str | os.PathLike,
+    splits: str | os.PathLike,
+    fold: int,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics."""
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    start = time.perf_counter()
+    task = create_task(config.task, target=config.target, **config.task_options)
+    data = load_fold(config, task, features_dir, cohort, splits, fold)
+    trainer = Trainer(config, task, data, out_dir, progress)
+    with atomic_output(out_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    trainer.fit(fold)
+
+    best = load_checkpoint(out_dir / "best.pt")
+    trainer.model.load_state_dict(best["model"])
+    tables = [trainer.predictions(s, trainer.logits(s), fold) for s in SPLITS if s in data.datasets]
+    predictions = pd.concat(tables, ignore_index=True)
+    train_rows = predictions[predictions["split"] == "train"]
+    metrics = {
+        s: task.metrics(predictions[predictions["split"] == s], train_rows)
+        for s in SPLITS
+        if s in data.datasets
+    }
+    summary = {
+        "task": task.name,
+        "aggregator": config.aggregator,
+        "fold": fold,
+        "main_metric": task.main_metric,
+        "best_epoch": best["epoch"],
+        "epochs_run": trainer.state.epoch,
+        "monitor": trainer.state.monitor,
+        "n_bags": {s: len(t.bags) for s, t in data.tables.items()},
+        "device": str(trainer.device),
+        "features": data.feature_info,
+        "seconds": round(time.perf_counter() - start, 2),
+        "metrics": metrics,
+    }
+    with atomic_output(out_dir / "history.csv") as tmp:
+        pd.DataFrame(trainer.state.history).to_csv(tmp, index=False)
+    with atomic_output(out_dir / "predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False)
+    write_json(out_dir / "metrics.json", summary)
+    return summary

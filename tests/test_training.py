@@ -1,0 +1,189 @@
+"""Splits, the training loop, resume, reproducibility, bad tables, and a real survival dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from synthetic import make_synthetic_cohort
+
+from pathmil.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--set", "epochs=12", "--set", "min_epochs=4", "--set", "patience=4", "--set", "lr=1e-3",
+         "--set", "model.hidden=64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    features, table = make_synthetic_cohort(root)
+    return root, features, table
+
+
+def split(table: Path, task: str, out: Path, *extra: str) -> pd.DataFrame:
+    assert main(["split", "--cohort", str(table), "--task", task, "--folds", "3", "--out", str(out), *extra]) == 0
+    return pd.read_csv(out, dtype={"slide_id": str, "patient_id": str})
+
+
+@pytest.mark.parametrize("task", ["classification", "survival", "regression"])
+def test_splits_are_patient_level_and_partition_the_patients(cohort, tmp_path, task):
+    root, _, table = cohort
+    splits = split(table, task, tmp_path / "splits.csv")
+    labels = pd.read_csv(table, dtype={"slide_id": str, "patient_id": str})
+    n_patients = labels["patient_id"].nunique()
+    assert splits.groupby("fold")["slide_id"].nunique().eq(len(labels)).all()  # every slide, every fold
+    # a patient's slides never straddle two parts of a fold
+    assert splits.groupby(["fold", "patient_id"])["split"].nunique().eq(1).all()
+    tests = splits[splits["split"] == "test"].groupby("fold")["patient_id"].apply(set)
+    assert sum(len(t) for t in tests) == n_patients and set.union(*tests) == set(labels["patient_id"])
+    assert (splits[splits["split"] == "val"].groupby("fold").size() > 0).all()
+    if task == "classification":  # stratified: both classes in every test fold
+        merged = splits.merge(labels[["slide_id", "label"]], on="slide_id")
+        assert merged[merged["split"] == "test"].groupby("fold")["label"].nunique().eq(2).all()
+
+
+def test_fixed_test_set(cohort, tmp_path):
+    _, _, table = cohort
+    splits = split(table, "classification", tmp_path / "s.csv", "--test-frac", "0.25")
+    tests = splits[splits["split"] == "test"].groupby("fold")["patient_id"].apply(frozenset)
+    assert tests.nunique() == 1  # the same test patients in every fold
+    vals = splits[splits["split"] == "val"].groupby("fold")["patient_id"].apply(set)
+    assert not set.intersection(*vals)  # validation rotates over the rest
+
+
+def bad_table(tmp_path: Path, table: Path, edit) -> Path:
+    frame = pd.read_csv(table, dtype={"slide_id": str, "patient_id": str})
+    path = tmp_path / "bad.csv"
+    edit(frame).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.assign(label=f["label"].where(f.index != 3)), "has no value in column 'label'"),
+        (lambda f: f.assign(slide_id=f["slide_id"].where(f.index != 4, f["slide_id"][0])), "duplicate slide_id S000"),
+        (lambda f: f.drop(columns="patient_id"), "lacks column(s) patient_id"),
+        (lambda f: f.assign(label=np.where(f.index == len(f) - 1, 1 - f["label"], f["label"])),
+         "has conflicting labels across its slides"),
+    ],
+)
+def test_bad_tables_fail_clearly(cohort, tmp_path, capsys, edit, message):
+    _, _, table = cohort
+    path = bad_table(tmp_path, table, edit)
+    code = main(["split", "--cohort", str(path), "--task", "classification", "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_unknown_slides_in_splits_fail_clearly(cohort, tmp_path, capsys):
+    root, features, table = cohort
+    splits = split(table, "classification", tmp_path / "s.csv")
+    smaller = bad_table(tmp_path, table, lambda f: f.iloc[2:])
+    code = main(["train", "--features", str(features), "--cohort", str(smaller), "--splits", str(tmp_path / "s.csv"),
+                 "--fold", "0", "--task", "classification", "--out", str(tmp_path / "run"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 1 and "not in the cohort table" in err and splits is not None
+
+
+def train_run(features, table, splits, out, task, *extra) -> dict:
+    assert main(["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+                 "--fold", "0", "--task", task, "--out", str(out), *QUICK, *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(("task", "metric", "floor"), [("classification", "auc", 0.8), ("survival", "c_index", 0.7),
+                                                       ("regression", "r2", 0.4)])
+def test_training_learns_and_writes_its_outputs(cohort, tmp_path, task, metric, floor):
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, task, splits)
+    extra = ("--set", "task_options.n_bins=4") if task == "survival" else ()
+    summary = train_run(features, table, splits, tmp_path / "run", task, *extra)
+    run = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "history.csv", "predictions.csv", "metrics.json", "config.yaml"):
+        assert (run / name).is_file(), name
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"slide_id": str, "patient_id": str})
+    assert set(predictions["split"]) == {"train", "val", "test"}
+    target_cols = ["time", "event"] if task == "survival" else ["target"]
+    assert list(predictions.columns[:4]) == ["slide_id", "patient_id", "fold", "split"]
+    assert set(target_cols) <= set(predictions.columns) and "score" in predictions.columns
+    assert predictions["patient_id"].is_unique  # patient-level bags: one row per patient
+    joined = predictions[predictions["slide_id"].str.contains(";")]
+    assert len(joined) > 0  # patients with two slides are one bag listing both
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+    # train fit + learnable: the main metric is well above chance on the train and validation bags
+    assert summary["metrics"]["train"][metric] > floor, summary["metrics"]
+    assert summary["main_metric"] == metric
+
+
+def test_same_seed_repeats_exactly(cohort, tmp_path):
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    a = train_run(features, table, splits, tmp_path / "a", "classification")
+    b = train_run(features, table, splits, tmp_path / "b", "classification")
+    assert a["metrics"] == b["metrics"] and a["best_epoch"] == b["best_epoch"]
+    pa, pb = (pd.read_csv(tmp_path / r / "predictions.csv") for r in ("a", "b"))
+    assert np.array_equal(pa["score"].to_numpy(), pb["score"].to_numpy())
+
+
+def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path):
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "regression", splits)
+    args = [sys.executable, "-m", "pathmil", "train", "--features", str(features), "--cohort", str(table),
+            "--splits", str(splits), "--fold", "0", "--task", "regression", *QUICK,
+            "--set", "epochs=10", "--set", "min_epochs=10"]
+    reference = tmp_path / "reference"
+    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=os.environ)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["state"]["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = torch.load(killed / "last.pt", weights_only=False)["state"]["epoch"]
+    assert 3 <= interrupted_at < 10 and not (killed / "metrics.json").exists()
+    subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True)
+    a = json.loads((reference / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["best_epoch"] == b["best_epoch"]
+    history = pd.read_csv(killed / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, 11))
+
+
+def test_evaluate_pools_folds_with_confidence_intervals(cohort, tmp_path):
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    runs = []
+    for fold in range(3):
+        out = tmp_path / f"fold{fold}"
+        assert main(["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+                     "--fold", str(fold), "--task", "classification", "--out", str(out), *QUICK]) == 0
+        runs.append(str(out))
+    assert main(["evaluate", "--runs", *runs, "--out", str(tmp_path / "eval"), "--n-bootstrap", "200"]) == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    patients = pd.read_csv(table)["patient_id"].nunique()
+    assert result["n_test_bags"] == patients  # every patient tested once
+    summary = pd.read_csv(tmp_path / "eval" / "metrics_summary.csv").set_index("metric")
+    auc = summary.loc["auc"]
+    assert auc["ci_low"] <= auc["pooled"] <= auc["ci_high"] and auc["ci_high"] - auc["ci_low"] > 0
+    assert len(pd.read_csv(tmp_path / "eval" / "metrics_per_fold.csv")) == 3
+    assert {"fold_mean", "fold_std", "fold_iqm"} <= set(summary.columns)
