@@ -233,6 +233,8 @@ def test_multiclass_string_labels_metrics_equal_sklearn():
     no_meso = table[table["target"] != "MESO"]
     assert got["auc"] != task.metrics(no_meso)["auc"] and np.isfinite(task.metrics(no_meso)["auc"])
     assert math.isnan(task.metrics(table[table["target"] == "LUAD"])["auc"])
+    diverged = predictions(task, labels, torch.full((90, 3), float("nan")))
+    assert all(math.isnan(v) for v in task.metrics(diverged).values())
 
 
 def test_expected_calibration_error_by_hand():

@@ -89,7 +89,7 @@ def multiclass_auc(y_idx: np.ndarray, proba: np.ndarray) -> float:
         return NAN
     if proba.shape[1] == 2:
         return _safe(lambda: skm.roc_auc_score(y_idx, proba[:, 1]))
-    return float(np.mean([skm.roc_auc_score(y_idx == c, proba[:, c]) for c in present]))
+    return _safe(lambda: np.mean([skm.roc_auc_score(y_idx == c, proba[:, c]) for c in present]))
 
 
 def classification_metrics(
@@ -105,7 +105,7 @@ def classification_metrics(
     proba = np.asarray(proba, dtype=float)
     n_classes = len(classes)
     y_idx = class_indices(y_true, classes)
-    if len(y_idx) == 0:
+    if len(y_idx) == 0 or not np.isfinite(proba).all():  # no rows, or a diverged model
         return dict.fromkeys(("auc", "balanced_accuracy", "f1", "accuracy", "brier", "ece"), NAN)
     pred = proba.argmax(axis=1)
     labels = list(range(n_classes))
