@@ -1,0 +1,183 @@
+"""The contract every learning task keeps (../DESIGN.md): labels in, targets, loss, scores and metrics out.
+
+A task turns the label columns of a cohort table (one row per bag: a slide, or a patient whose slides are
+joined) into what a loss needs, and a model's ``logits (B, n_outputs)`` back into prediction columns
+(``score`` and friends) and metrics. Models know nothing of tasks: they output ``task.n_outputs`` numbers
+per bag. Whatever a task learns from labels (the class list, survival bins, target scaling) it learns in
+:meth:`Task.fit` from the training bags of one fold only, so validation and test labels never leak into
+training; :meth:`Task.state_dict` carries that state into checkpoints.
+
+Life cycle: ``task = create_task("survival", loss="nll")``; ``task.fit(train_labels)``; build the model
+with ``task.n_outputs``; ``task.loss(logits, task.targets(batch_labels))`` while training;
+``task.predict(logits)`` and ``task.target_columns(labels)`` make the predictions table;
+``task.metrics(test_rows, train_rows)`` scores it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pathmil.errors import PathmilError
+
+
+class Task(abc.ABC):
+    """Base class of the three tasks: label-column naming, label checks and the checkpoint state."""
+
+    name: ClassVar[str]  # "classification" | "survival" | "regression"
+    main_metric: ClassVar[str]  # higher is better; early stopping and model selection use it
+    default_columns: ClassVar[tuple[str, ...]]  # the demo cohort's label columns
+
+    def __init__(self, target: str | list[str] | None = None):
+        self.label_columns: list[str] = self._columns(target)
+        self.fitted = False
+
+    # ------------------------------------------------------------------------------- to implement
+
+    @property
+    @abc.abstractmethod
+    def n_outputs(self) -> int:
+        """Numbers the model outputs per bag (valid after :meth:`fit`)."""
+
+    @abc.abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """The constructor's keyword arguments (without ``target``), as plain data."""
+
+    @abc.abstractmethod
+    def fit(self, labels: pd.DataFrame) -> None:
+        """Learn the task's state from the training bags of one fold (one row per bag)."""
+
+    @abc.abstractmethod
+    def targets(self, labels: pd.DataFrame) -> torch.Tensor:
+        """(n_bags, k) float tensor with the encoding :meth:`loss` needs."""
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of ``logits (B, n_outputs)``, averaged over the bags."""
+
+    @abc.abstractmethod
+    def predict(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        """Prediction columns (always ``score``) for ``logits (B, n_outputs)``, one value per bag."""
+
+    @abc.abstractmethod
+    def target_columns(self, labels: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The label columns of the predictions table (``target``, or ``time`` and ``event``)."""
+
+    @abc.abstractmethod
+    def metrics(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> dict[str, float]:
+        """Metrics over a predictions table (rows = bags, the columns of predict and target_columns)."""
+
+    @abc.abstractmethod
+    def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
+        """Discrete strata (int per bag) for stratified splits and bootstrap; needs no :meth:`fit`."""
+
+    @abc.abstractmethod
+    def instance_saliency(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., n_outputs) per-instance logits -> (...) saliency in [0, 1] (MHIM-MIL v2 instance score)."""
+
+    @abc.abstractmethod
+    def check_labels(self, labels: pd.DataFrame) -> None:
+        """Raise a :class:`PathmilError` naming the bag and column of any missing or invalid label."""
+
+    @abc.abstractmethod
+    def _fitted_state(self) -> dict[str, Any]:
+        """What :meth:`fit` learned, as plain data."""
+
+    @abc.abstractmethod
+    def _load_fitted_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_fitted_state` returned."""
+
+    # ------------------------------------------------------------------------------------- shared
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this fitted task (see :func:`pathmil.tasks.task_from_state`)."""
+        self._require_fitted()
+        return {
+            "name": self.name,
+            "label_columns": list(self.label_columns),
+            "settings": self.settings(),
+            "fitted": self._fitted_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a fitted state saved by :meth:`state_dict` of a task of the same kind."""
+        if state.get("name") != self.name:
+            raise PathmilError(f"checkpoint holds a {state.get('name')} task, not {self.name}")
+        if state["settings"] != self.settings():
+            raise PathmilError(
+                f"checkpoint's {self.name} task settings {state['settings']} differ from the configured "
+                f"{self.settings()}; use the checkpoint's settings (task_from_state)"
+            )
+        self.label_columns = list(state["label_columns"])
+        self._load_fitted_state(state["fitted"])
+        self.fitted = True
+
+    def _columns(self, target: str | list[str] | None) -> list[str]:
+        """The label columns: the defaults, or those ``target`` names (a list, or text split at commas)."""
+        if target is None:
+            return list(self.default_columns)
+        names = target.split(",") if isinstance(target, str) else list(target)
+        names = [str(n).strip() for n in names]
+        if len(names) != len(self.default_columns) or not all(names):
+            raise PathmilError(
+                f"the {self.name} task needs {len(self.default_columns)} label column name(s) like "
+                f"{','.join(self.default_columns)}; got target {target!r}"
+            )
+        return names
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"the {self.name} task is not fitted: call fit(train_labels) first")
+
+    def _require_columns(self, labels: pd.DataFrame) -> None:
+        missing = [c for c in self.label_columns if c not in labels.columns]
+        if missing:
+            raise PathmilError(
+                f"labels lack column '{missing[0]}' for the {self.name} task; add it to the cohort table "
+                f"or name the right column with --target (columns: {', '.join(map(str, labels.columns))})"
+            )
+        if len(labels) == 0:
+            raise PathmilError(f"no bags with labels for the {self.name} task")
+
+
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in at least float32: losses take logs of small probabilities, which half precision
+    (mixed-precision training on GPU) rounds to zero; float64 stays float64."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def bag_ids(labels: pd.DataFrame) -> np.ndarray:
+    """How error messages name each row: ``slide_id`` if present, else the table's index."""
+    if "slide_id" in labels.columns:
+        return labels["slide_id"].astype(str).to_numpy()
+    return labels.index.astype(str).to_numpy()
+
+
+def numeric_column(labels: pd.DataFrame, column: str, what: str) -> np.ndarray:
+    """Column ``column`` as float64; an empty or non-numeric cell is an error naming the bag."""
+    raw = labels[column]
+    ids = bag_ids(labels)
+    missing = raw.isna().to_numpy()
+    if missing.any():
+        raise PathmilError(
+            f"slide {ids[missing.argmax()]} has no {what} in column '{column}'; fill it in or drop the slide"
+        )
+    values = raw.astype(float) if raw.dtype == bool else pd.to_numeric(raw, errors="coerce")
+    bad = values.isna().to_numpy()
+    if bad.any():
+        raise PathmilError(
+            f"slide {ids[bad.argmax()]}: {what} in column '{column}' is {raw.iloc[bad.argmax()]!r}, "
+            "not a number; fix the cohort table"
+        )
+    return values.to_numpy(dtype=np.float64)
+
+
+def quantile_strata(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bins of (at most) ``n_bins`` equal counts by rank: always defined, even for tied or few values."""
+    ranks = pd.Series(values).rank(method="first")
+    q = max(1, min(n_bins, len(values)))
+    return pd.qcut(ranks, q=q, labels=False).to_numpy(dtype=np.int64)

@@ -1,0 +1,162 @@
+"""Regression of a slide-level value, sTIL % by default (WeakSTIL, Schirris et al., SPIE MI 2022).
+
+The model predicts the standardised target, (y - mean) / std with mean and std of the training bags: a
+scale-free target keeps the loss, the learning rate and Huber's delta meaningful whatever the units, and the
+last layer starts near the mean. Predictions are mapped back to the original units (%).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from pathmil.errors import PathmilError
+from pathmil.tasks.base import Task, bag_ids, full_precision, numeric_column, quantile_strata
+from pathmil.tasks.metrics import regression_metrics
+
+LOSSES = ("mse", "huber")
+
+
+class RegressionTask(Task):
+    """One output per bag, the standardised value; ``score`` is the prediction in original units.
+
+    Settings: ``loss`` "mse" or "huber" (``huber_delta`` on the standardised scale, 1.0); ``threshold``
+    (30 %) separates sTIL-high from sTIL-low for the ``auc_high`` metric; ``value_range`` ([0, 100]) is
+    the range labels must lie in (null: any value).
+    """
+
+    name = "regression"
+    main_metric = "r2"
+    default_columns = ("stil",)
+
+    def __init__(
+        self,
+        target: str | list[str] | None = None,
+        loss: str = "mse",
+        huber_delta: float = 1.0,
+        threshold: float = 30.0,
+        value_range: list[float] | tuple[float, float] | None = (0.0, 100.0),
+    ):
+        super().__init__(target)
+        if loss not in LOSSES:
+            raise PathmilError(f"task.loss for regression must be one of {', '.join(LOSSES)}, got '{loss}'")
+        if not huber_delta > 0:
+            raise PathmilError(f"task.huber_delta must be positive, got {huber_delta}")
+        if value_range is not None and (len(value_range) != 2 or value_range[0] >= value_range[1]):
+            raise PathmilError(f"task.value_range must be [low, high] with low < high, got {value_range}")
+        self.loss_name, self.huber_delta, self.threshold = loss, float(huber_delta), float(threshold)
+        self.value_range = None if value_range is None else [float(v) for v in value_range]
+        self.mean, self.std = 0.0, 1.0
+
+    @property
+    def column(self) -> str:
+        return self.label_columns[0]
+
+    @property
+    def n_outputs(self) -> int:
+        return 1
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss_name,
+            "huber_delta": self.huber_delta,
+            "threshold": self.threshold,
+            "value_range": self.value_range,
+        }
+
+    # ------------------------------------------------------------------------------------- labels
+
+    def _values(self, labels: pd.DataFrame, column: str | None = None) -> np.ndarray:
+        """The target of every bag; empty, non-numeric or out-of-range values name the bag."""
+        if column is None:
+            self._require_columns(labels)
+        column = column or self.column
+        values = numeric_column(labels, column, "value")
+        if self.value_range is not None:
+            low, high = self.value_range
+            bad = (values < low) | (values > high)
+            if bad.any():
+                raise PathmilError(
+                    f"slide {bag_ids(labels)[bad.argmax()]}: value {values[bad.argmax()]:g} in column "
+                    f"'{column}' is outside [{low:g}, {high:g}]; fix it (sTIL is a percentage) or set "
+                    "task.value_range"
+                )
+        return values
+
+    def check_labels(self, labels: pd.DataFrame) -> None:
+        """Valid values, and at least two distinct ones (a constant cannot be standardised or ranked)."""
+        values = self._values(labels)
+        if len(np.unique(values)) < 2:
+            raise PathmilError(
+                f"column '{self.column}' has the same value {values[0]:g} in all {len(values)} bag(s); "
+                "regression needs varying targets"
+            )
+
+    # ---------------------------------------------------------------------------------- training
+
+    def fit(self, labels: pd.DataFrame) -> None:
+        """Mean and (population) standard deviation of the training targets."""
+        self.check_labels(labels)
+        values = self._values(labels)
+        self.mean, self.std = float(values.mean()), float(values.std())
+        self.fitted = True
+
+    def scale(self, values: np.ndarray) -> np.ndarray:
+        """Original units -> the standardised scale the model predicts."""
+        return (np.asarray(values, dtype=np.float64) - self.mean) / self.std
+
+    def unscale(self, values: np.ndarray) -> np.ndarray:
+        """The standardised scale -> original units."""
+        return np.asarray(values, dtype=np.float64) * self.std + self.mean
+
+    def targets(self, labels: pd.DataFrame) -> torch.Tensor:
+        """(n_bags, 1): the standardised target."""
+        self._require_fitted()
+        return torch.as_tensor(self.scale(self._values(labels)), dtype=torch.float32)[:, None]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        prediction = full_precision(logits)[:, 0]
+        target = targets[:, 0].to(prediction)
+        if self.loss_name == "huber":
+            return F.huber_loss(prediction, target, delta=self.huber_delta)
+        return F.mse_loss(prediction, target)
+
+    # -------------------------------------------------------------------------------- prediction
+
+    def predict(self, logits: torch.Tensor) -> dict[str, np.ndarray]:
+        """``score``: the predicted value in original units (not clipped to ``value_range``)."""
+        self._require_fitted()
+        return {"score": self.unscale(logits.detach().double().cpu()[:, 0].numpy())}
+
+    def target_columns(self, labels: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {"target": self._values(labels)}
+
+    def metrics(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> dict[str, float]:
+        """R^2, Pearson, Spearman, MAE, RMSE and the AUC of target >= threshold (sTIL-high)."""
+        target = self._values(test, column="target")
+        return regression_metrics(target, test["score"].to_numpy(dtype=float), self.threshold)
+
+    def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
+        """Quantile bins of the value (quartiles by default)."""
+        return quantile_strata(self._values(labels), n_bins)
+
+    def instance_saliency(self, logits: torch.Tensor) -> torch.Tensor:
+        """sigmoid of the standardised predicted value: in [0, 1], monotone in the instance's value.
+
+        For sTIL the salient tiles are the lymphocyte-rich ones that raise the slide score (WeakSTIL's
+        heatmaps show the high per-tile values); the standardisation centres the sigmoid on the training
+        mean, so an average tile scores 0.5.
+        """
+        return torch.sigmoid(logits[..., 0])
+
+    # ---------------------------------------------------------------------------------- checkpoint
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {"mean": self.mean, "std": self.std}
+
+    def _load_fitted_state(self, state: dict[str, Any]) -> None:
+        self.mean, self.std = float(state["mean"]), float(state["std"])
