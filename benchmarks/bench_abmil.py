@@ -66,8 +66,13 @@ def case_epoch(data_dir: str, bags: int, instances: int) -> dict:
     trainer = Trainer(config, task, data, root / "run", progress=False)
     start = time.perf_counter()
     trainer.train_epoch(0)
-    return {"bags": bags, "instances": instances, "seconds_per_epoch": time.perf_counter() - start,
-            "peak_rss_mb": peak_rss_mb(), "bags_in_memory": data.datasets["train"].cache is not None}
+    return {
+        "bags": bags,
+        "instances": instances,
+        "seconds_per_epoch": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "bags_in_memory": data.datasets["train"].cache is not None,
+    }
 
 
 def make_bags(root: Path, bags: int, instances: int) -> None:
@@ -87,13 +92,21 @@ def make_bags(root: Path, bags: int, instances: int) -> None:
         write_bag(root / "features" / f"B{i:03d}.h5", x, coords, {"patch_size": 256, "patch_level": 0}, {})
         rows.append({"slide_id": f"B{i:03d}", "patient_id": f"B{i:03d}", "label": i % 2})
     pd.DataFrame(rows).to_csv(root / "cohort.csv", index=False)
-    splits = pd.DataFrame({"slide_id": [r["slide_id"] for r in rows], "patient_id": [r["patient_id"] for r in rows],
-                           "fold": 0, "split": "train"})
+    splits = pd.DataFrame(
+        {
+            "slide_id": [r["slide_id"] for r in rows],
+            "patient_id": [r["patient_id"] for r in rows],
+            "fold": 0,
+            "split": "train",
+        }
+    )
     splits.to_csv(root / "splits.csv", index=False)
 
 
 def run_case(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", *args], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--case", *args], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -108,8 +121,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         name, *rest = args.case
-        result = {"baseline": case_baseline, "bag": lambda: case_single_bag(int(rest[0])),
-                  "epoch": lambda: case_epoch(rest[0], int(rest[1]), int(rest[2]))}[name]()
+        result = {
+            "baseline": case_baseline,
+            "bag": lambda: case_single_bag(int(rest[0])),
+            "epoch": lambda: case_epoch(rest[0], int(rest[1]), int(rest[2])),
+        }[name]()
         print(json.dumps(result))
         return
     make_bags(args.data, args.bags, args.instances)
@@ -128,8 +144,10 @@ def main() -> None:
         f"({'in memory' if epoch['bags_in_memory'] else 'from disk'}) | {epoch['seconds_per_epoch']:.1f} | "
         f"{epoch['peak_rss_mb']:.0f} |",
     ]
-    lines += [f"| ABMIL, forward + backward, one bag of {s['n']:,} x 1024 | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} |"
-              for s in singles]
+    lines += [
+        f"| ABMIL, forward + backward, one bag of {s['n']:,} x 1024 | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} |"
+        for s in singles
+    ]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

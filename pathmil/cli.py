@@ -372,12 +372,31 @@ PARSERS = [
 ]
 
 
+def limit_threads(n: int) -> None:
+    """Cap the compute threads of this process (before torch is imported, so its pools start small)."""
+    import os
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(n)
+    import cv2
+
+    cv2.setNumThreads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathmil", description="Whole-slide images to multiple-instance-learning models."
     )
     parser.add_argument("--version", action="version", version=f"pathmil {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch and OpenCV (default: all cores); "
+        "set it when several jobs share a machine, or they slow each other down",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in PARSERS:
         add(sub)
@@ -392,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("numexpr").setLevel(logging.WARNING)
+    if args.threads:
+        limit_threads(args.threads)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -134,6 +134,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as text
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise PathmilError(f"setting {where} must be true or false, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):

@@ -15,8 +15,9 @@ import pandas as pd
 from pathmil.features.bagfile import write_bag
 
 
-def make_synthetic_cohort(root: Path, n_patients: int = 24, extra_slides: int = 6, dim: int = 32,
-                          seed: int = 0) -> tuple[Path, Path]:
+def make_synthetic_cohort(
+    root: Path, n_patients: int = 24, extra_slides: int = 6, dim: int = 32, seed: int = 0
+) -> tuple[Path, Path]:
     """Write ``root/features/<slide>.h5`` and ``root/cohort.csv``; return (features dir, cohort path)."""
     rng = np.random.default_rng(seed)
     key = rng.normal(size=dim)
@@ -31,14 +32,26 @@ def make_synthetic_cohort(root: Path, n_patients: int = 24, extra_slides: int = 
         slide_id = f"S{index:03d}"
         n = int(rng.integers(40, 80))
         x = rng.normal(size=(n, dim))
-        k = int(rng.integers(1, 4))
-        x[:k] += 4 * strength[owner] * key
+        k = int(rng.integers(3, 7))
+        x[:k] += 6 * strength[owner] * key
         coords = np.stack(np.divmod(np.arange(n), 10), 1)[:, ::-1] * 256
-        write_bag(features_dir / f"{slide_id}.h5", x.astype(np.float16), coords,
-                  {"patch_size": 256, "patch_level": 0, "patch_size_level0": 256}, {"slide_id": slide_id, "encoder": "synthetic"})
-        rows.append({"slide_id": slide_id, "patient_id": f"P{owner:03d}", "label": int(strength[owner] > 0.5),
-                     "time": round(float(time[owner]), 2), "event": int(event[owner]),
-                     "stil": round(100 * float(strength[owner]), 1)})
+        write_bag(
+            features_dir / f"{slide_id}.h5",
+            x.astype(np.float16),
+            coords,
+            {"patch_size": 256, "patch_level": 0, "patch_size_level0": 256},
+            {"slide_id": slide_id, "encoder": "synthetic"},
+        )
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "patient_id": f"P{owner:03d}",
+                "label": int(strength[owner] > 0.5),
+                "time": round(float(time[owner]), 2),
+                "event": int(event[owner]),
+                "stil": round(100 * float(strength[owner]), 1),
+            }
+        )
     cohort = root / "cohort.csv"
     pd.DataFrame(rows).to_csv(cohort, index=False)
     return features_dir, cohort

@@ -91,7 +91,7 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            total.append(float(loss))
+            total.append(float(loss.detach()))
         return sum(total) / len(total)
 
     logits = torch.cat([model(b[None]).logits for b in bags[:8]])

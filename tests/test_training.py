@@ -19,25 +19,54 @@ from synthetic import make_synthetic_cohort
 from pathmil.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--set", "epochs=12", "--set", "min_epochs=4", "--set", "patience=4", "--set", "lr=1e-3",
-         "--set", "model.hidden=64", "--no-progress"]
+QUICK = [
+    "--set",
+    "epochs=12",
+    "--set",
+    "min_epochs=4",
+    "--set",
+    "patience=4",
+    "--set",
+    "lr=1e-3",
+    "--set",
+    "model.hidden=64",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("synthetic")
-    features, table = make_synthetic_cohort(root)
+    features, table = make_synthetic_cohort(root, n_patients=36, extra_slides=8)
     return root, features, table
 
 
 def split(table: Path, task: str, out: Path, *extra: str) -> pd.DataFrame:
-    assert main(["split", "--cohort", str(table), "--task", task, "--folds", "3", "--out", str(out), *extra]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--cohort",
+                str(table),
+                "--task",
+                task,
+                "--folds",
+                "3",
+                "--val-frac",
+                "0.25",
+                "--out",
+                str(out),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return pd.read_csv(out, dtype={"slide_id": str, "patient_id": str})
 
 
 @pytest.mark.parametrize("task", ["classification", "survival", "regression"])
 def test_splits_are_patient_level_and_partition_the_patients(cohort, tmp_path, task):
-    root, _, table = cohort
+    _root, _, table = cohort
     splits = split(table, task, tmp_path / "splits.csv")
     labels = pd.read_csv(table, dtype={"slide_id": str, "patient_id": str})
     n_patients = labels["patient_id"].nunique()
@@ -72,39 +101,84 @@ def bad_table(tmp_path: Path, table: Path, edit) -> Path:
     ("edit", "message"),
     [
         (lambda f: f.assign(label=f["label"].where(f.index != 3)), "has no value in column 'label'"),
-        (lambda f: f.assign(slide_id=f["slide_id"].where(f.index != 4, f["slide_id"][0])), "duplicate slide_id S000"),
+        (
+            lambda f: f.assign(slide_id=f["slide_id"].where(f.index != 4, f["slide_id"][0])),
+            "duplicate slide_id S000",
+        ),
         (lambda f: f.drop(columns="patient_id"), "lacks column(s) patient_id"),
-        (lambda f: f.assign(label=np.where(f.index == len(f) - 1, 1 - f["label"], f["label"])),
-         "has conflicting labels across its slides"),
+        (
+            lambda f: f.assign(label=np.where(f.index == len(f) - 1, 1 - f["label"], f["label"])),
+            "has conflicting labels across its slides",
+        ),
     ],
 )
 def test_bad_tables_fail_clearly(cohort, tmp_path, capsys, edit, message):
     _, _, table = cohort
     path = bad_table(tmp_path, table, edit)
-    code = main(["split", "--cohort", str(path), "--task", "classification", "--out", str(tmp_path / "s.csv")])
+    code = main(
+        ["split", "--cohort", str(path), "--task", "classification", "--out", str(tmp_path / "s.csv")]
+    )
     err = capsys.readouterr().err
     assert code == 1 and message in err and err.count("\n") == 1
     assert not (tmp_path / "s.csv").exists()
 
 
 def test_unknown_slides_in_splits_fail_clearly(cohort, tmp_path, capsys):
-    root, features, table = cohort
+    _root, features, table = cohort
     splits = split(table, "classification", tmp_path / "s.csv")
     smaller = bad_table(tmp_path, table, lambda f: f.iloc[2:])
-    code = main(["train", "--features", str(features), "--cohort", str(smaller), "--splits", str(tmp_path / "s.csv"),
-                 "--fold", "0", "--task", "classification", "--out", str(tmp_path / "run"), *QUICK])
+    code = main(
+        [
+            "train",
+            "--features",
+            str(features),
+            "--cohort",
+            str(smaller),
+            "--splits",
+            str(tmp_path / "s.csv"),
+            "--fold",
+            "0",
+            "--task",
+            "classification",
+            "--out",
+            str(tmp_path / "run"),
+            *QUICK,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "not in the cohort table" in err and splits is not None
 
 
 def train_run(features, table, splits, out, task, *extra) -> dict:
-    assert main(["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
-                 "--fold", "0", "--task", task, "--out", str(out), *QUICK, *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--features",
+                str(features),
+                "--cohort",
+                str(table),
+                "--splits",
+                str(splits),
+                "--fold",
+                "0",
+                "--task",
+                task,
+                "--out",
+                str(out),
+                *QUICK,
+                *extra,
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize(("task", "metric", "floor"), [("classification", "auc", 0.8), ("survival", "c_index", 0.7),
-                                                       ("regression", "r2", 0.4)])
+@pytest.mark.parametrize(
+    ("task", "metric", "floor"),
+    [("classification", "auc", 0.8), ("survival", "c_index", 0.7), ("regression", "r2", 0.4)],
+)
 def test_training_learns_and_writes_its_outputs(cohort, tmp_path, task, metric, floor):
     _, features, table = cohort
     splits = tmp_path / "s.csv"
@@ -144,16 +218,38 @@ def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path):
     _, features, table = cohort
     splits = tmp_path / "s.csv"
     split(table, "regression", splits)
-    args = [sys.executable, "-m", "pathmil", "train", "--features", str(features), "--cohort", str(table),
-            "--splits", str(splits), "--fold", "0", "--task", "regression", *QUICK,
-            "--set", "epochs=10", "--set", "min_epochs=10"]
+    args = [
+        sys.executable,
+        "-m",
+        "pathmil",
+        "train",
+        "--features",
+        str(features),
+        "--cohort",
+        str(table),
+        "--splits",
+        str(splits),
+        "--fold",
+        "0",
+        "--task",
+        "regression",
+        *QUICK,
+        "--set",
+        "epochs=10",
+        "--set",
+        "min_epochs=10",
+    ]
     reference = tmp_path / "reference"
     subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=os.environ)
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["state"]["epoch"] >= 3:
+        if (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["state"][
+            "epoch"
+        ] >= 3:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -175,8 +271,27 @@ def test_evaluate_pools_folds_with_confidence_intervals(cohort, tmp_path):
     runs = []
     for fold in range(3):
         out = tmp_path / f"fold{fold}"
-        assert main(["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
-                     "--fold", str(fold), "--task", "classification", "--out", str(out), *QUICK]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--features",
+                    str(features),
+                    "--cohort",
+                    str(table),
+                    "--splits",
+                    str(splits),
+                    "--fold",
+                    str(fold),
+                    "--task",
+                    "classification",
+                    "--out",
+                    str(out),
+                    *QUICK,
+                ]
+            )
+            == 0
+        )
         runs.append(str(out))
     assert main(["evaluate", "--runs", *runs, "--out", str(tmp_path / "eval"), "--n-bootstrap", "200"]) == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())

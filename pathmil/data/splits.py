@@ -21,8 +21,23 @@ from sklearn.model_selection import StratifiedGroupKFold
 from pathmil.errors import PathmilError
 
 
+def _usable_strata(strata: np.ndarray, n_splits: int) -> np.ndarray:
+    """Strata that can be spread over ``n_splits`` folds: rare strata are merged, and if even the merged
+    strata are too small the split is unstratified (all one stratum)."""
+    strata = np.asarray(strata).astype(str)
+    values, counts = np.unique(strata, return_counts=True)
+    rare = set(values[counts < n_splits])
+    if rare:
+        strata = np.where(np.isin(strata, list(rare)), "__rare__", strata)
+        values, counts = np.unique(strata, return_counts=True)
+    if counts.max() < n_splits:
+        return np.zeros(len(strata), dtype=int)
+    return strata
+
+
 def _group_folds(patients: np.ndarray, strata: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
     """Indices of ``patients`` per fold, stratified by ``strata`` (one entry per patient)."""
+    strata = _usable_strata(strata, n_splits)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # A stratum smaller than n_splits cannot reach every fold; that is expected in small cohorts.

@@ -62,8 +62,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """One seed for python, numpy and torch (CPU and CUDA); deterministic kernels where torch has them."""
+    """One seed for python, numpy and torch (CPU and CUDA).
+
+    CPU kernels are deterministic as they are; ``torch.use_deterministic_algorithms`` is not called because
+    it imports the compiler stack (seconds per process) and only matters for some CUDA kernels.
+    """
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seed the legacy global RNG for libraries that use it)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -57,6 +57,7 @@ class LoopState:
     step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    best_loss: float = math.inf  # validation loss at the best epoch (breaks ties of the metric)
     bad_epochs: int = 0
     monitor: str = ""  # the validation quantity early stopping follows
     stopped: bool = False  # early stopping ended the run (a restart must not train further)
@@ -329,7 +330,11 @@ class Trainer:
                 break
 
     def _track(self, row: dict[str, Any], epoch: int) -> None:
-        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined)."""
+        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined).
+
+        Small validation sets often saturate the metric (an AUC of 1.0 on a few patients); a tie is then
+        broken by the validation loss, so the checkpoint still follows real progress.
+        """
         if not self.state.monitor:
             metric = f"val_{self.task.main_metric}"
             self.state.monitor = (
@@ -341,8 +346,11 @@ class Trainer:
         value = -value if self.state.monitor.endswith("loss") else value
         if not math.isfinite(value):
             value = -math.inf
-        if value > self.state.best_metric or self.state.best_epoch < 0:
+        loss = row.get("val_loss", row["train_loss"])
+        tie_better = value == self.state.best_metric and loss < self.state.best_loss
+        if value > self.state.best_metric or tie_better or self.state.best_epoch < 0:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
+            self.state.best_loss = loss
             save_checkpoint(self.out_dir / "best.pt", {**self.payload(), "epoch": epoch + 1})
         else:
             self.state.bad_epochs += 1
