@@ -1,7 +1,9 @@
 # pathmil workflow: slides in, tiles, features, trained MIL models and a report out.
 # Settings: config/config.yaml (the demo); a real cohort: --configfile config/cohorts/NAME.yaml.
 # Every rule calls the `pathmil` command, so the logic lives in the package; see workflow/rules/.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from pathmil.schema import validate_config, validate_table_columns
 
 min_version("9.0")
 
@@ -9,13 +11,21 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/tile.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -155,3 +155,25 @@ def read_labelled_table(path: str | os.PathLike, label_columns: list[str]) -> pd
             f"({slides.to_dict('records')}); give all slides of a patient the same labels"
         )
     return table
+
+
+def split_by_facts(table: pd.DataFrame, facts_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slides whose facts file in ``facts_dir`` says ``ok``, and a failures table for the others.
+
+    Per-slide stages (tile, extract) record a failed slide in its facts JSON instead of stopping the
+    workflow; this is where later stages learn which slides to go on with, and why the others are missing.
+    """
+    import json
+
+    ok, failures = [], []
+    for row in table.itertuples(index=False):
+        path = Path(facts_dir) / f"{row.slide_id}.json"
+        facts = json.loads(path.read_text()) if path.is_file() else {"status": "failed", "stage": "unknown",
+                                                                       "error": f"no facts file {path}"}
+        if facts.get("status") == "ok":
+            ok.append(True)
+        else:
+            ok.append(False)
+            failures.append({"slide_id": row.slide_id, "path": getattr(row, "path", None),
+                             "stage": facts.get("stage", "unknown"), "error": facts.get("error", "")})
+    return table[ok].reset_index(drop=True), pd.DataFrame(failures, columns=["slide_id", "path", "stage", "error"])

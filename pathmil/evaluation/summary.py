@@ -163,3 +163,19 @@ def evaluate_runs(
             table.to_csv(tmp, index=False)
     write_json(out_dir / "metrics.json", result)
     return result
+
+
+def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
+    """One table of every evaluated task x aggregator: metric, pooled value, CI and fold statistics."""
+    rows = []
+    for directory in eval_dirs:
+        path = Path(directory) / "metrics.json"
+        if not path.is_file():
+            raise PathmilError(f"{directory} holds no metrics.json from `pathmil evaluate`")
+        import json
+
+        result = json.loads(path.read_text())
+        for row in result["summary"]:
+            rows.append({"task": result["task"], "aggregator": result["aggregator"],
+                         "main": row["metric"] == result["main_metric"], **row})
+    return pd.DataFrame(rows)

@@ -7,6 +7,29 @@ import pandas as pd
 
 OUT = f"results/{config['cohort']}"
 ENV = "../../envs/pathmil.yaml"
+ENCODER = config.get("extract", {}).get("encoder", "resnet50_trunc").replace(":", "-")
+FEATURES = f"{OUT}/features/{ENCODER}"
+TASKS = list((config.get("tasks") or {}).keys()) if config["slides"].get("dir") is None else []
+AGGREGATORS = list(config.get("aggregators", ["abmil"]))
+FOLDS = list(range(config.get("split", {}).get("folds", 5)))
+# MHIM-MIL trains a student whose teacher starts from the plain model of the same fold.
+MHIM_BASELINE = {"mhim_abmil": "abmil", "mhim_abmil_gated": "abmil_gated", "mhim_transmil": "transmil"}
+
+
+wildcard_constraints:
+    slide="[^/]+",
+    task="|".join(TASKS) or "none",
+    aggregator="[A-Za-z0-9_]+",
+    fold=r"\d+",
+
+
+DEFAULT_TARGETS = {"classification": ["label"], "survival": ["time", "event"], "regression": ["stil"]}
+if config["slides"].get("table"):
+    validate_table_columns(
+        config["slides"]["table"],
+        f"{workflow.basedir}/workflow/schemas/cohort.schema.yaml",
+        [c for t in TASKS for c in ((config["tasks"][t] or {}).get("target") or DEFAULT_TARGETS[t])],
+    )
 
 
 def cohort_table():
@@ -37,5 +60,9 @@ def set_args(settings, prefix=""):
 
 
 def all_targets(wildcards):
-    """Everything the workflow makes: one tiles facts file per slide, for now."""
-    return [f"{OUT}/tiles/{slide}.json" for slide in slide_ids()]
+    """Features of every slide; with tasks, the evaluation of every task x aggregator and the report."""
+    targets = [f"{OUT}/cohort_ok.csv"]
+    if TASKS:
+        targets += [f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS]
+        targets += [f"{OUT}/report/summary.csv"]
+    return targets
