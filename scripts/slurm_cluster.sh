@@ -306,7 +306,7 @@ cmd_start() {
     install_packages
     local t1=$SECONDS
     if write_configs; then
-        say "configs in $CONF changed: restarting the SLURM daemons"
+        say "wrote the configs in $CONF; SLURM daemons that run restart to read them"
         stop_pidfile slurmd "$STATE/run/slurmd.pid"
         stop_pidfile slurmctld "$STATE/run/slurmctld.pid"
         stop_pidfile slurmdbd "$STATE/run/slurmdbd.pid"
