@@ -9,11 +9,19 @@ OUT = f"results/{config['cohort']}"
 ENV = "../../envs/pathmil.yaml"
 ENCODER = config.get("extract", {}).get("encoder", "resnet50_trunc").replace(":", "-")
 FEATURES = f"{OUT}/features/{ENCODER}"
-TASKS = list((config.get("tasks") or {}).keys()) if config["slides"].get("dir") is None else []
+TASKS = (
+    list((config.get("tasks") or {}).keys())
+    if config["slides"].get("dir") is None
+    else []
+)
 AGGREGATORS = list(config.get("aggregators", ["abmil"]))
 FOLDS = list(range(config.get("split", {}).get("folds", 5)))
 # MHIM-MIL trains a student whose teacher starts from the plain model of the same fold.
-MHIM_BASELINE = {"mhim_abmil": "abmil", "mhim_abmil_gated": "abmil_gated", "mhim_transmil": "transmil"}
+MHIM_BASELINE = {
+    "mhim_abmil": "abmil",
+    "mhim_abmil_gated": "abmil_gated",
+    "mhim_transmil": "transmil",
+}
 
 
 wildcard_constraints:
@@ -23,12 +31,20 @@ wildcard_constraints:
     fold=r"\d+",
 
 
-DEFAULT_TARGETS = {"classification": ["label"], "survival": ["time", "event"], "regression": ["stil"]}
+DEFAULT_TARGETS = {
+    "classification": ["label"],
+    "survival": ["time", "event"],
+    "regression": ["stil"],
+}
 if config["slides"].get("table"):
     validate_table_columns(
         config["slides"]["table"],
         f"{workflow.basedir}/workflow/schemas/cohort.schema.yaml",
-        [c for t in TASKS for c in ((config["tasks"][t] or {}).get("target") or DEFAULT_TARGETS[t])],
+        [
+            c
+            for t in TASKS
+            for c in ((config["tasks"][t] or {}).get("target") or DEFAULT_TARGETS[t])
+        ],
     )
 
 
@@ -63,6 +79,66 @@ def all_targets(wildcards):
     """Features of every slide; with tasks, the evaluation of every task x aggregator and the report."""
     targets = [f"{OUT}/cohort_ok.csv"]
     if TASKS:
-        targets += [f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS]
+        targets += [
+            f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
+        ]
         targets += [f"{OUT}/report/summary.csv"]
     return targets
+
+
+def cohort_source():
+    slides = config["slides"]
+    if slides.get("demo") is not None:
+        return {"table": f"{OUT}/demo/cohort.csv"}
+    if slides.get("table"):
+        return {"table": slides["table"]}
+    return {}
+
+
+def cohort_source_arg(wildcards, input):
+    if "table" in input.keys():
+        return f"--cohort {shlex.quote(input.table)}"
+    return f"--slide-dir {shlex.quote(config['slides']['dir'])}"
+
+
+def slide_input(wildcards):
+    path = slide_row(wildcards.slide)["path"]
+    return (
+        [path] if os.path.exists(path) else []
+    )  # a missing file becomes a recorded failure
+
+
+def slide_mpp_arg(wildcards):
+    mpp = slide_row(wildcards.slide).get("mpp")
+    return f"--mpp {float(mpp)}" if pd.notna(mpp) else ""
+
+
+def train_settings(task, aggregator):
+    """`train` settings, then the task's own, then the aggregator's (later ones win)."""
+    settings = {k: v for k, v in (config.get("train") or {}).items() if k != "gpus"}
+    task_config = config["tasks"][task] or {}
+    settings.update(task_config.get("train") or {})
+    if task_config.get("task_options"):
+        settings["task_options"] = task_config["task_options"]
+    for key, value in ((config.get("models") or {}).get(aggregator) or {}).items():
+        settings[key] = dict(value) if isinstance(value, dict) else value
+    return settings
+
+
+def baseline_checkpoint(wildcards):
+    base = MHIM_BASELINE.get(wildcards.aggregator)
+    if base is None:
+        return []
+    return [f"{OUT}/models/{wildcards.task}/{base}/fold{wildcards.fold}/best.pt"]
+
+
+def train_args(wildcards, input):
+    """`--set` arguments of a run, the MHIM teacher's baseline checkpoint, and the label columns."""
+    settings = train_settings(wildcards.task, wildcards.aggregator)
+    if input.baseline:
+        settings.setdefault("mhim", {})["teacher_init"] = input.baseline[0]
+    target = config["tasks"][wildcards.task].get("target") or []
+    target_arg = (
+        f"--target {' '.join(shlex.quote(t) for t in target)}" if target else ""
+    )
+    return f"{set_args(settings)} {target_arg}"

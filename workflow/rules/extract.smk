@@ -7,6 +7,17 @@ rule extract:
         tiles=f"{OUT}/tiles/{{slide}}.json",
     output:
         facts=f"{FEATURES}/{{slide}}.json",
+    log:
+        f"{OUT}/logs/extract/{{slide}}.log",
+    group:
+        "slides"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        mem_mb=lambda wildcards, attempt: 8000 * attempt,
+        runtime=lambda wildcards, attempt: 120 * attempt,
+        gpu=config["extract"].get("gpus", 0),
     params:
         slide=lambda wildcards: shlex.quote(slide_row(wildcards.slide)["path"]),
         tiles=f"{OUT}/tiles/{{slide}}.h5",
@@ -23,17 +34,6 @@ rule extract:
             if k in ("batch_size", "workers", "precision", "dtype", "device")
         )
         + (" --random-init" if config["extract"].get("random_init") else ""),
-    log:
-        f"{OUT}/logs/extract/{{slide}}.log",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=config["extract"].get("gpus", 0),
-    group:
-        "slides"
-    conda:
-        ENV
     shell:
         "pathmil --threads {threads} extract {params.slide} --tiles {params.tiles} "
         "--encoder {params.encoder} {params.weights} --out {params.features} --facts {output.facts} "
@@ -47,16 +47,16 @@ rule collect:
     output:
         table=f"{OUT}/cohort_ok.csv",
         failures=f"{OUT}/failures.csv",
-    params:
-        facts_dir=FEATURES,
     log:
         f"{OUT}/logs/collect.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 10 * attempt,
+    params:
+        facts_dir=FEATURES,
     shell:
         "pathmil cohort --cohort {input.table} --facts-dir {params.facts_dir} --out {output.table} "
         "--failures {output.failures} > {log} 2>&1"

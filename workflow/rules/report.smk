@@ -16,16 +16,16 @@ rule summary:
             caption="../report/failures.rst",
             category="Summary",
         ),
-    params:
-        evals=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.evals),
     log:
         f"{OUT}/logs/summary.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     conda:
         ENV
+    threads: 1
+    resources:
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
+        runtime=lambda wildcards, attempt: 10 * attempt,
+    params:
+        evals=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.evals),
     shell:
         "(pathmil summary --evals {params.evals} --out {output.summary} "
         "&& cp {input.failures} {output.failures}) > {log} 2>&1"
