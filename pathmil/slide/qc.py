@@ -75,7 +75,8 @@ def _paint_tiles(
     edges = covered & (edge_y[:, None] | edge_x[None, :])
     # Masked copies with OpenCV: numpy's boolean indexing costs 30x more here.
     cv2.copyTo(cv2.LUT(image, TINT_LUT), covered.view(np.uint8), image)
-    cv2.copyTo(np.full(image.shape, TILE_RGB, np.uint8), edges.view(np.uint8), image)
+    solid = cv2.merge([np.full((height, width), value, np.uint8) for value in TILE_RGB])  # 20x np.full's
+    cv2.copyTo(solid, edges.view(np.uint8), image)
 
 
 # Paeth filtering with run-length deflate at level 1: half the time of OpenCV's default (adaptive filter,
