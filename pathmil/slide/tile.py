@@ -10,10 +10,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from pathmil import __version__
 from pathmil.config import TileConfig
@@ -25,18 +24,24 @@ from pathmil.slide.tilefile import TileSet, write_tiles
 from pathmil.slide.tiling import tile_grid
 from pathmil.slide.tissue import segment_tissue
 
+if TYPE_CHECKING:  # pandas is imported where a table is used: it would double `pathmil tile SLIDE`'s start-up
+    import pandas as pd
+
 
 @dataclass
 class TileResult:
     """What tiling one slide produced, and the facts worth keeping about it."""
 
     tiles: TileSet
-    qc_image: np.ndarray
+    qc_image: np.ndarray | None
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def compute_tiles(slide: Slide, config: TileConfig) -> TileResult:
-    """Segment tissue and lay the tile grid; pure computation, nothing written."""
+def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResult:
+    """Segment tissue and lay the tile grid; pure computation, nothing written.
+
+    The QC picture is drawn only with ``qc``: without a picture to write, drawing it is wasted time.
+    """
     config.validate()
     params = config.tissue_params()
     warnings: list[str] = []
@@ -97,7 +102,9 @@ def compute_tiles(slide: Slide, config: TileConfig) -> TileResult:
         "preset": config.preset,
     }
     tiles = TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fractions)
-    qc_image = draw_qc(thumbnail, tissue, coords, geometry.size_level0, step0, config.qc_max_px)
+    qc_image = (
+        draw_qc(thumbnail, tissue, coords, geometry.size_level0, step0, config.qc_max_px) if qc else None
+    )
     timings["total"] = time.perf_counter() - start
     facts = {
         "slide_id": slide.slide_id,
@@ -137,10 +144,10 @@ def tile_slide(
     Nothing is written when any step fails, so a rerun never finds half an output.
     """
     with Slide(path, slide_id=slide_id, mpp=mpp, mpp_source=mpp_source) as slide:
-        result = compute_tiles(slide, config)
+        result = compute_tiles(slide, config, qc=qc is not None)
     facts_path = Path(facts) if facts is not None else Path(out).with_suffix(".json")
     write_start = time.perf_counter()
-    if qc is not None:
+    if qc is not None and result.qc_image is not None:
         with atomic_output(qc) as tmp:
             write_png(str(tmp), result.qc_image)
     write_tiles(out, result.tiles)
@@ -164,6 +171,7 @@ def tile_cohort(
     With ``skip_errors`` a failing slide is recorded and the rest go on; the failures table (default
     ``out_dir/failures.csv``) is always written, empty when all succeeded. Returns the facts of each slide.
     """
+    import pandas as pd
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -203,6 +211,8 @@ def record_failure(
 
 def write_failures(path: str | os.PathLike, failed: list[dict[str, str]]) -> None:
     """Write the failures table (slide_id, path, stage, error), atomically."""
+    import pandas as pd
+
     table = pd.DataFrame(failed, columns=["slide_id", "path", "stage", "error"])
     with atomic_output(path) as tmp:
         table.to_csv(tmp, index=False)

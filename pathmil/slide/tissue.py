@@ -54,15 +54,29 @@ def artifact_mask(rgb: np.ndarray) -> np.ndarray:
     return cv2.dilate(mask, np.ones((3, 3), np.uint8)).astype(bool)
 
 
+def median_threshold(image: np.ndarray, ksize: int, thresh: float, maxval: int) -> np.ndarray:
+    """``maxval`` where the ``ksize`` x ``ksize`` median of ``image`` exceeds ``thresh``, else 0.
+
+    The same mask as ``cv2.threshold(cv2.medianBlur(image, ksize), thresh, maxval, THRESH_BINARY)``, found
+    as a majority vote: a window's median exceeds ``thresh`` exactly when more than half of its values do,
+    so a box count of ``image > thresh`` suffices. OpenCV's median for kernels above 5 is a per-pixel
+    histogram walk, 10-30x slower than this box filter, and it dominated segmentation time. Borders
+    replicate, as ``cv2.medianBlur`` does.
+    """
+    above = (image > thresh).astype(np.uint8)
+    votes = cv2.boxFilter(above, cv2.CV_16U, (ksize, ksize), normalize=False, borderType=cv2.BORDER_REPLICATE)
+    return np.where(votes > ksize * ksize // 2, maxval, 0).astype(np.uint8)
+
+
 def segment_tissue(rgb: np.ndarray, downsample: float, params: TissueConfig) -> TissueMask:
     """Segment tissue in an RGB image taken at ``downsample`` relative to level 0."""
     sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
     ksize = max(1, int(params.mthresh) | 1)  # median blur needs an odd kernel
-    sat = cv2.medianBlur(sat, ksize)
     if params.use_otsu:
+        sat = cv2.medianBlur(sat, ksize)
         _, binary = cv2.threshold(sat, 0, params.sthresh_up, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     else:
-        _, binary = cv2.threshold(sat, params.sthresh, params.sthresh_up, cv2.THRESH_BINARY)
+        binary = median_threshold(sat, ksize, params.sthresh, params.sthresh_up)
     if params.remove_artifacts:
         binary[artifact_mask(rgb)] = 0
     if params.close > 0:
