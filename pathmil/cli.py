@@ -79,8 +79,11 @@ def add_cohort_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", type=Path, help="cohort table (CSV or TSV)")
     p.add_argument("--slide-dir", type=Path, help="folder of slides (ids from file names)")
     p.add_argument("--out", type=Path, required=True, help="normalised cohort CSV")
-    p.add_argument("--facts-dir", type=Path,
-                   help="keep only the slides whose facts JSON in this folder says ok (after tile/extract)")
+    p.add_argument(
+        "--facts-dir",
+        type=Path,
+        help="keep only the slides whose facts JSON in this folder says ok (after tile/extract)",
+    )
     p.add_argument("--failures", type=Path, help="with --facts-dir: CSV of the dropped slides and why")
     p.set_defaults(handler=run_cohort)
 
@@ -96,9 +99,13 @@ def run_cohort(args: argparse.Namespace) -> None:
             with atomic_output(args.failures) as tmp:
                 failed.to_csv(tmp, index=False)
         for row in failed.itertuples():
-            print(f"warning: slide {row.slide_id} left out ({row.stage} failed): {row.error}", file=sys.stderr)
+            print(
+                f"warning: slide {row.slide_id} left out ({row.stage} failed): {row.error}", file=sys.stderr
+            )
         if table.empty:
-            raise PathmilError(f"every slide failed (see {args.failures or 'the facts files'}); nothing to go on with")
+            raise PathmilError(
+                f"every slide failed (see {args.failures or 'the facts files'}); nothing to go on with"
+            )
     with atomic_output(args.out) as tmp:
         table.to_csv(tmp, index=False)
     print(f"{len(table)} slides -> {args.out}")
@@ -367,9 +374,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def add_summary_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("summary", help="one table of several `pathmil evaluate` outputs",
-                       description="Gather the metrics of several evaluations (task x aggregator) into one CSV.")
-    p.add_argument("--evals", type=Path, nargs="+", required=True, help="folders written by `pathmil evaluate`")
+    p = sub.add_parser(
+        "summary",
+        help="one table of several `pathmil evaluate` outputs",
+        description="Gather the metrics of several evaluations (task x aggregator) into one CSV.",
+    )
+    p.add_argument(
+        "--evals", type=Path, nargs="+", required=True, help="folders written by `pathmil evaluate`"
+    )
     p.add_argument("--out", type=Path, required=True, help="summary CSV")
     p.set_defaults(handler=run_summary)
 
@@ -383,7 +395,9 @@ def run_summary(args: argparse.Namespace) -> None:
         table.to_csv(tmp, index=False)
     main_rows = table[table["main"]]
     for row in main_rows.itertuples():
-        print(f"{row.task:>15} {row.aggregator:>15} {row.metric}: {row.pooled:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]")
+        print(
+            f"{row.task:>15} {row.aggregator:>15} {row.metric}: {row.pooled:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
+        )
 
 
 def add_models_parser(sub: argparse._SubParsersAction) -> None:

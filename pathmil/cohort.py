@@ -168,12 +168,23 @@ def split_by_facts(table: pd.DataFrame, facts_dir: str | os.PathLike) -> tuple[p
     ok, failures = [], []
     for row in table.itertuples(index=False):
         path = Path(facts_dir) / f"{row.slide_id}.json"
-        facts = json.loads(path.read_text()) if path.is_file() else {"status": "failed", "stage": "unknown",
-                                                                       "error": f"no facts file {path}"}
+        facts = (
+            json.loads(path.read_text())
+            if path.is_file()
+            else {"status": "failed", "stage": "unknown", "error": f"no facts file {path}"}
+        )
         if facts.get("status") == "ok":
             ok.append(True)
         else:
             ok.append(False)
-            failures.append({"slide_id": row.slide_id, "path": getattr(row, "path", None),
-                             "stage": facts.get("stage", "unknown"), "error": facts.get("error", "")})
-    return table[ok].reset_index(drop=True), pd.DataFrame(failures, columns=["slide_id", "path", "stage", "error"])
+            failures.append(
+                {
+                    "slide_id": row.slide_id,
+                    "path": getattr(row, "path", None),
+                    "stage": facts.get("stage", "unknown"),
+                    "error": facts.get("error", ""),
+                }
+            )
+    return table[ok].reset_index(drop=True), pd.DataFrame(
+        failures, columns=["slide_id", "path", "stage", "error"]
+    )

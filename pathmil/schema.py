@@ -68,8 +68,9 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> N
     _fill_defaults(config, schema)
 
 
-def validate_table_columns(table_path: str | os.PathLike, schema_path: str | os.PathLike,
-                           extra_required: list[str] = ()) -> None:
+def validate_table_columns(
+    table_path: str | os.PathLike, schema_path: str | os.PathLike, extra_required: list[str] = ()
+) -> None:
     """Check that a cohort table has the columns the schema and the configured tasks need."""
     import pandas as pd
 
@@ -81,4 +82,6 @@ def validate_table_columns(table_path: str | os.PathLike, schema_path: str | os.
     required = list(_load(schema_path).get("required", [])) + list(extra_required)
     missing = [c for c in dict.fromkeys(required) if c not in columns]
     if missing:
-        raise PathmilError(f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}")
+        raise PathmilError(
+            f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}"
+        )

@@ -295,3 +295,17 @@ def test_slide_directory_groups_dicom_series(slides_dir, tmp_path):
     (tmp_path / "notes.txt").write_text("not a slide")
     table = cohort_from_dir(tmp_path)
     assert sorted(table["slide_id"]) == ["boxes_0", "small"]  # one DICOM series, one SVS
+
+
+def test_single_level_slide_thumbnail_read_in_strips(slides_dir):
+    """A slide without a pyramid is shrunk strip by strip; the result equals shrinking it whole."""
+    with Slide(slides_dir / "cmu_small_region.svs") as slide:
+        whole = slide.read_level(0)
+        strips, downsample = slide.read_thumbnail(8, max_direct_px=1000)
+        direct, direct_ds = slide.read_thumbnail(8)  # small enough to be read whole
+    assert direct_ds == 1.0 and direct.shape == whole.shape
+    height, width = whole.shape[0] // 8, whole.shape[1] // 8
+    assert strips.shape == (height, width, 3)
+    assert downsample == pytest.approx(slide.dimensions[0] / width)
+    expected = cv2.resize(whole[: height * 8, : width * 8], (width, height), interpolation=cv2.INTER_AREA)
+    assert np.abs(strips.astype(int) - expected.astype(int)).max() <= 1

@@ -176,6 +176,12 @@ def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
 
         result = json.loads(path.read_text())
         for row in result["summary"]:
-            rows.append({"task": result["task"], "aggregator": result["aggregator"],
-                         "main": row["metric"] == result["main_metric"], **row})
+            rows.append(
+                {
+                    "task": result["task"],
+                    "aggregator": result["aggregator"],
+                    "main": row["metric"] == result["main_metric"],
+                    **row,
+                }
+            )
     return pd.DataFrame(rows)

@@ -15,6 +15,7 @@ from pathmil.slide.tissue import TissueMask
 CONTOUR_RGB = (0, 160, 0)
 HOLE_RGB = (0, 0, 255)
 TILE_RGB = (0, 90, 255)
+MIN_GRID_PX = 6  # draw the grid between tiles only when a tile is at least this wide in the picture
 # Kept tiles are tinted as 0.75 * pixel + 0.25 * TILE_RGB (truncated), one table row per channel value.
 TINT_LUT = (
     (0.75 * np.arange(256)[:, None, None] + 0.25 * np.array(TILE_RGB)).astype(np.uint8).reshape(256, 1, 3)
@@ -70,9 +71,13 @@ def _paint_tiles(
     inside_y = (px_y - cell_y * step0) < size0
     # Two 1-D takes and an outer product, not a 2-D fancy index: 5x faster on a 640 x 640 picture.
     covered = kept[cell_y][:, cell_x] & inside_y[:, None] & inside_x[None, :]
-    edge_x = np.r_[True, np.diff(cell_x) != 0]
-    edge_y = np.r_[True, np.diff(cell_y) != 0]
-    edges = covered & (edge_y[:, None] | edge_x[None, :])
+    if step0 / downsample >= MIN_GRID_PX:
+        edge_x = np.r_[True, np.diff(cell_x) != 0]
+        edge_y = np.r_[True, np.diff(cell_y) != 0]
+        edges = covered & (edge_y[:, None] | edge_x[None, :])
+    else:  # tiles a few pixels wide: grid lines would cover the tissue; outline the tiled area instead
+        mask = covered.view(np.uint8)
+        edges = covered & ~cv2.erode(mask, np.ones((3, 3), np.uint8)).view(bool)
     # Masked copies with OpenCV: numpy's boolean indexing costs 30x more here.
     cv2.copyTo(cv2.LUT(image, TINT_LUT), covered.view(np.uint8), image)
     solid = cv2.merge([np.full((height, width), value, np.uint8) for value in TILE_RGB])  # 20x np.full's

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pathmil.errors import SlideError
@@ -180,6 +181,28 @@ class Slide:
         """A whole pyramid level as RGB."""
         width, height = self.level_dimensions[level]
         return self.read_region(0, 0, level, width, height)
+
+    def read_thumbnail(self, downsample: float, max_direct_px: int = 8192) -> tuple[np.ndarray, float]:
+        """The slide at about ``downsample`` (relative to level 0), and the downsample actually obtained.
+
+        The closest pyramid level is read whole when it is small enough. A slide without a level near the
+        wanted downsample (a single-level 40,000 px TIFF) is read in strips, each shrunk by area averaging
+        as it comes, so memory stays at a strip and the picture matches what a pyramid would give.
+        """
+        level = self.level_for_downsample(downsample)
+        width, height = self.level_dimensions[level]
+        factor = int(downsample / self.level_downsamples[level])
+        if factor < 2 or max(width, height) <= max_direct_px:
+            return self.read_level(level), self.dimensions[0] / width
+        out_w, out_h = width // factor, height // factor
+        rows_per_strip = max(1, 4096 // factor) * factor  # level pixels, a multiple of the factor
+        level_ds = self.level_downsamples[level]
+        strips = []
+        for top in range(0, out_h * factor, rows_per_strip):
+            rows = min(rows_per_strip, out_h * factor - top)
+            strip = self.read_region(0, round(top * level_ds), level, out_w * factor, rows)
+            strips.append(cv2.resize(strip, (out_w, rows // factor), interpolation=cv2.INTER_AREA))
+        return np.concatenate(strips), self.dimensions[0] / out_w
 
     def close(self) -> None:
         self.handle.close()

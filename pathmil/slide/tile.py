@@ -49,9 +49,8 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
     start = time.perf_counter()
 
     seg_level = slide.level_for_downsample(params.seg_downsample)
-    thumbnail = slide.read_level(seg_level)
+    thumbnail, seg_downsample = slide.read_thumbnail(params.seg_downsample)
     timings["read_segmentation_level"] = time.perf_counter() - start
-    seg_downsample = slide.dimensions[0] / slide.level_dimensions[seg_level][0]
     tissue = segment_tissue(thumbnail, seg_downsample, params)
 
     geometry = slide.tile_geometry(config.target_mpp, config.tile_px)
