@@ -175,6 +175,39 @@ def write_pyramidal_tiff(
             downsample *= 2
 
 
+@dataclass
+class DemoSlide:
+    """One planned demo slide: whose it is and how it is scanned."""
+
+    index: int
+    slide_id: str
+    patient: Patient
+    mpp: float | None  # written into the TIFF's resolution tags (None: no tags)
+    table_mpp: float | None  # given in the table's mpp column instead
+
+
+def plan_demo(n_slides: int = 40, n_patients: int | None = None, seed: int = 0) -> list[DemoSlide]:
+    """The demo's slides and patients without painting anything (cheap: the workflow calls it to know the
+    slide ids before the slides exist). Some patients have two slides (``n_slides - n_patients``)."""
+    if n_patients is None:
+        n_patients = max(2, math.ceil(n_slides * 0.75))
+    if not 2 <= n_patients <= n_slides:
+        raise ValueError(f"need 2 <= n_patients <= n_slides, got {n_patients} patients for {n_slides} slides")
+    rng = np.random.default_rng(seed)
+    patients = make_patients(rng, n_patients)
+    owners = list(range(n_patients)) + sorted(rng.choice(n_patients, n_slides - n_patients, replace=False).tolist())
+    plan = []
+    for index, owner in enumerate(owners):
+        patient = patients[owner]
+        slide_id = f"{patient.patient_id}-S{owners[:index].count(owner) + 1}"
+        mpp: float | None = 0.25 if index % 4 == 3 else 0.5  # every fourth slide a "40x" scan
+        table_mpp = None
+        if index == 1:  # no resolution tags: the table supplies the um/px
+            table_mpp, mpp = mpp, None
+        plan.append(DemoSlide(index, slide_id, patient, mpp, table_mpp))
+    return plan
+
+
 def make_demo_cohort(
     out_dir: str | os.PathLike,
     n_slides: int = 40,
@@ -186,42 +219,25 @@ def make_demo_cohort(
     """Write the demo slides and ``cohort.csv`` into ``out_dir``; return the table.
 
     ``size_px`` is (height, width) at 0.5 um/px; 40x slides are twice that in each direction.
-    Some patients have two slides (``n_slides - n_patients`` of them), painted from the same properties.
     """
     from tqdm import tqdm
 
-    if n_patients is None:
-        n_patients = max(2, math.ceil(n_slides * 0.75))
-    if not 2 <= n_patients <= n_slides:
-        raise ValueError(f"need 2 <= n_patients <= n_slides, got {n_patients} patients for {n_slides} slides")
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    patients = make_patients(rng, n_patients)
-    owners = list(range(n_patients)) + sorted(
-        rng.choice(n_patients, n_slides - n_patients, replace=False).tolist()
-    )
     rows = []
-    for index, owner in enumerate(tqdm(owners, desc="demo", unit="slide", disable=not progress)):
-        patient = patients[owner]
-        slide_rng = np.random.default_rng([seed, index])
-        slide_id = f"{patient.patient_id}-S{sum(o == owner for o in owners[:index]) + 1}"
-        rgb = render_slide(slide_rng, patient, size_px)
-        mpp: float | None = 0.5
-        if index % 4 == 3:  # a "40x" scan: the same tissue at twice the pixel density
+    for spec in tqdm(plan_demo(n_slides, n_patients, seed), desc="demo", unit="slide", disable=not progress):
+        rgb = render_slide(np.random.default_rng([seed, spec.index]), spec.patient, size_px)
+        if (spec.mpp or spec.table_mpp) == 0.25:  # the same tissue at twice the pixel density
             rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
-            mpp = 0.25
-        table_mpp = None
-        if index == 1:  # no resolution tags: the table supplies the um/px
-            table_mpp, mpp = mpp, None
-        path = out_dir / "slides" / f"{slide_id}.tiff"
-        write_pyramidal_tiff(path, rgb, mpp)
+        path = out_dir / "slides" / f"{spec.slide_id}.tiff"
+        write_pyramidal_tiff(path, rgb, spec.mpp)
+        patient = spec.patient
         rows.append(
             {
-                "slide_id": slide_id,
+                "slide_id": spec.slide_id,
                 "patient_id": patient.patient_id,
                 "path": f"slides/{path.name}",
-                "mpp": table_mpp,
+                "mpp": spec.table_mpp,
                 "label": patient.grade,
                 "time": patient.time,
                 "event": patient.event,

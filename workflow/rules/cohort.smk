@@ -1,7 +1,7 @@
 # The cohort table every later rule reads: the demo's, a user's table, or the slides of a folder.
 
 
-checkpoint cohort:
+rule cohort:
     input:
         unpack(lambda wildcards: cohort_source()),
     output:

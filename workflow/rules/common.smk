@@ -5,6 +5,9 @@ import shlex
 
 import pandas as pd
 
+from pathmil.cohort import cohort_from_dir, read_table
+from pathmil.demo import plan_demo
+
 OUT = f"results/{config['cohort']}"
 ENV = "../../envs/pathmil.yaml"
 ENCODER = config.get("extract", {}).get("encoder", "resnet50_trunc").replace(":", "-")
@@ -48,19 +51,35 @@ if config["slides"].get("table"):
     )
 
 
-def cohort_table():
-    """The validated cohort table (known once the `cohort` checkpoint has run)."""
-    table = checkpoints.cohort.get().output.table
-    return pd.read_csv(table, dtype={"slide_id": str, "patient_id": str})
+def parse_slides():
+    """slide_id, path and mpp of every slide, known when the workflow is parsed (so a dry run lists every
+    job): the demo's plan, the user's table, or the files of a slide folder."""
+    slides = config["slides"]
+    if "demo" in slides:
+        demo = slides["demo"]
+        plan = plan_demo(demo["n_slides"], None, demo["seed"])
+        return pd.DataFrame(
+            {
+                "slide_id": [s.slide_id for s in plan],
+                "path": [f"{OUT}/demo/slides/{s.slide_id}.tiff" for s in plan],
+                "mpp": [s.table_mpp for s in plan],
+            }
+        )
+    if "table" in slides:
+        table = read_table(slides["table"], required=("slide_id", "path"))
+        return table if "mpp" in table.columns else table.assign(mpp=None)
+    return cohort_from_dir(slides["dir"]).assign(mpp=None)
+
+
+SLIDES = parse_slides().set_index("slide_id", drop=False)
 
 
 def slide_ids():
-    return cohort_table()["slide_id"].tolist()
+    return SLIDES["slide_id"].tolist()
 
 
 def slide_row(slide):
-    table = cohort_table()
-    return table[table["slide_id"] == slide].iloc[0]
+    return SLIDES.loc[slide]
 
 
 def set_args(settings, prefix=""):
@@ -102,10 +121,12 @@ def cohort_source_arg(wildcards, input):
 
 
 def slide_input(wildcards):
+    """The slide file (a demo slide: the demo's table, written with all slides); a missing file is no input
+    but a recorded failure of that slide."""
+    if "demo" in config["slides"]:
+        return [f"{OUT}/demo/cohort.csv"]
     path = slide_row(wildcards.slide)["path"]
-    return (
-        [path] if os.path.exists(path) else []
-    )  # a missing file becomes a recorded failure
+    return [path] if os.path.exists(path) else []
 
 
 def slide_mpp_arg(wildcards):
