@@ -8,7 +8,12 @@ from pathmil.schema import validate_config, validate_table_columns
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo's settings apply only when no --configfile is given: a cohort file replaces them instead of
+# being merged into them (a merge would keep the demo's slides and tasks). --config key=value still
+# overrides single settings of either.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")

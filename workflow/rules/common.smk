@@ -121,12 +121,9 @@ def cohort_source_arg(wildcards, input):
 
 
 def slide_input(wildcards):
-    """The slide file (a demo slide: the demo's table, written with all slides); a missing file is no input
-    but a recorded failure of that slide."""
-    if "demo" in config["slides"]:
-        return [f"{OUT}/demo/cohort.csv"]
+    """The slide file; a missing one is no input but a recorded failure of that slide."""
     path = slide_row(wildcards.slide)["path"]
-    return [path] if os.path.exists(path) else []
+    return [path] if "demo" in config["slides"] or os.path.exists(path) else []
 
 
 def slide_mpp_arg(wildcards):

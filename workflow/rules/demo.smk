@@ -4,6 +4,11 @@
 rule demo:
     output:
         table=f"{OUT}/demo/cohort.csv",
+        slides=(
+            [f"{OUT}/demo/slides/{slide}.tiff" for slide in slide_ids()]
+            if "demo" in config["slides"]
+            else []
+        ),
     log:
         f"{OUT}/logs/demo.log",
     conda:
