@@ -17,13 +17,12 @@ from pathmil.cli import main
 from pathmil.config import HeatmapConfig, TrainConfig
 from pathmil.demo import write_pyramidal_tiff
 from pathmil.evaluation.heatmap import (
+    PictureLayout,
     TileLayout,
     blend,
     instance_scores,
     montage_tiles,
-    overlay_origin,
     paint,
-    picture_size,
     rank_normalise,
 )
 from pathmil.evaluation.predict import load_model
@@ -145,8 +144,9 @@ def test_the_hot_region_lights_up_in_the_heatmap(slide, bag, flag_model, tmp_pat
 
     # the PNG holds the thumbnail and the overlay unscaled at known places
     picture = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
-    assert picture.shape[:2] == picture_size(heatmap.thumbnail.shape[:2])
-    row, col = overlay_origin(heatmap.thumbnail.shape[1])
+    layout = PictureLayout(*heatmap.thumbnail.shape[:2])
+    assert picture.shape[:2] == layout.size
+    row, col = layout.overlay_origin
     panel = picture[row : row + 384, col : col + 512]
     assert np.array_equal(panel, heatmap.overlay)
     assert np.array_equal(picture[row : row + 384, :512], heatmap.thumbnail)
@@ -162,6 +162,37 @@ def test_the_hot_region_lights_up_in_the_heatmap(slide, bag, flag_model, tmp_pat
     )
     montage_picture = cv2.imread(str(montage))
     assert montage_picture is not None and montage_picture.std() > 10
+
+
+def test_real_slide_tiles_light_up_where_they_are_dark(slides_dir, flag_model, tmp_path):
+    """Real H&E: tiles from `pathmil tile` (0.499 um/px: a 256.5 level-0 px stride, 257 px tiles, so
+    neighbours overlap), scored by their darkness (haematoxylin-dense tissue); each tile's colour sits at
+    its own position on the thumbnail."""
+    from pathmil.config import TileConfig
+    from pathmil.evaluation.heatmap import make_heatmap
+    from pathmil.slide.tile import tile_slide
+    from pathmil.slide.tilefile import read_tiles
+
+    slide_path = slides_dir / "cmu_small_region.svs"
+    tile_slide(
+        slide_path, tmp_path / "tiles.h5", TileConfig(preset="bwh_biopsy", target_mpp=1.0, tile_px=128)
+    )
+    tiles = read_tiles(tmp_path / "tiles.h5")
+    with Slide(slide_path) as s:
+        geometry = s.tile_geometry(1.0, 128)
+        darkness = np.array([1 - s.read_tile(x, y, geometry).mean() / 255 for x, y in tiles.coords])
+    features = np.column_stack([darkness, np.zeros((len(darkness), 2))]).astype(np.float16)
+    bag = tmp_path / "cmu.h5"
+    write_bag(bag, features, tiles.coords, tiles.coords_attrs, {"slide_id": "cmu", "encoder": "synthetic"})
+    facts = make_heatmap(flag_model, bag, slide_path, tmp_path / "cmu.png", config=HeatmapConfig(max_px=512))
+    heatmap = facts["heatmap"]
+    assert len(darkness) > 20 and facts["tile_size_level0"] == tiles.coords_attrs["patch_size_level0"] == 257
+    centres = (tiles.coords + facts["tile_size_level0"] / 2) / facts["downsample"]
+    painted = heatmap.values[centres[:, 1].astype(int), centres[:, 0].astype(int)]
+    assert np.allclose(painted, rank_normalise(darkness.astype(np.float16).astype(float)), atol=1e-6)
+    grey = heatmap.thumbnail.mean(axis=2)
+    hot, cold = heatmap.values >= 0.9, heatmap.values <= 0.1
+    assert grey[hot].mean() < grey[cold].mean() - 20  # the hottest pixels lie on the darkest tissue
 
 
 def test_montage_shows_the_top_and_bottom_tiles_from_the_slide(slide, bag, flag_model):

@@ -47,11 +47,12 @@ from pathmil.slide.reader import Slide, resize
 
 log = logging.getLogger(__name__)
 
-TITLE_PX = 40  # height of the title band of the heatmap picture
+TITLE_PX = 40  # height of the title band of the heatmap picture (at a scale of 1, see PictureLayout)
 GAP_PX = 8  # white space between the panels
-BAR_PX = 100  # width of the colour bar panel
+BAR_PX = 100  # width of the colour bar panel (at a scale of 1)
 MIN_HEIGHT_PX = 240  # the panels are padded to at least this height, so the colour bar stays readable
 MAX_READ_PX = 64 * 2**20  # largest pyramid level (in pixels) read whole for the thumbnail
+SMOOTH_SIGMA_PX = 4.0  # wider Gaussian kernels run on a shrunk copy of the map (see smooth)
 
 
 # --------------------------------------------------------------------------------------- tile geometry
@@ -153,34 +154,42 @@ def paint(
     height, width = shape
     r0, r1, c0, c1 = tile_rectangles(layout, level0_size, shape)
     stride = width + 1
-    corners = np.concatenate([r0 * stride + c0, r0 * stride + c1, r1 * stride + c0, r1 * stride + c1])
-    signs = np.repeat(np.array([1.0, -1.0, -1.0, 1.0]), len(r0))
+    plus = np.concatenate([r0 * stride + c0, r1 * stride + c1])  # corners that add the tile's value
+    minus = np.concatenate([r0 * stride + c1, r1 * stride + c0])  # corners that subtract it
     values = np.asarray(values, dtype=np.float64)
     size = (height + 1) * stride
 
-    def spread(weights: np.ndarray) -> np.ndarray:
-        table = np.bincount(corners, weights=weights, minlength=size).reshape(height + 1, stride)
-        return table.cumsum(axis=0).cumsum(axis=1)[:height, :width]
+    def spread(table: np.ndarray) -> np.ndarray:
+        return table.reshape(height + 1, stride).cumsum(axis=0).cumsum(axis=1)[:height, :width]
 
-    total = spread(signs * np.tile(values, 4))
-    count = np.rint(spread(signs))
+    both = np.concatenate([values, values])
+    total = spread(np.bincount(plus, both, size) - np.bincount(minus, both, size))
+    count = spread(np.bincount(plus, minlength=size) - np.bincount(minus, minlength=size))  # exact integers
     out = np.full(shape, np.nan, dtype=np.float32)
-    covered = count > 0
-    out[covered] = total[covered] / count[covered]
+    np.divide(total, count, out=out, where=count > 0, casting="unsafe")
     return out
 
 
 def smooth(values: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian smoothing of a painted map inside the tissue: a normalised convolution, so the empty
-    surroundings (NaN) neither darken the tissue's edge nor get painted."""
+    surroundings (NaN) neither darken the tissue's edge nor get painted.
+
+    A wide kernel is applied to a copy shrunk until sigma is :data:`SMOOTH_SIGMA_PX` pixels, then enlarged
+    back (bilinear): the same blur up to interpolation, at a cost that does not grow with sigma.
+    """
     if sigma_px <= 0:
         return values
     covered = np.isfinite(values)
-    filled = np.where(covered, values, 0).astype(np.float32)
-    numerator = cv2.GaussianBlur(filled, (0, 0), sigma_px)
-    weight = cv2.GaussianBlur(covered.astype(np.float32), (0, 0), sigma_px)
-    out = np.full_like(values, np.nan)
-    out[covered] = numerator[covered] / np.maximum(weight[covered], 1e-6)
+    planes = np.dstack([np.where(covered, values, 0), covered]).astype(np.float32)
+    scale = min(1.0, SMOOTH_SIGMA_PX / sigma_px)
+    if scale < 1.0:
+        small = (max(1, round(values.shape[1] * scale)), max(1, round(values.shape[0] * scale)))
+        planes = cv2.resize(planes, small, interpolation=cv2.INTER_AREA)
+    planes = cv2.GaussianBlur(planes, (0, 0), sigma_px * scale)
+    if scale < 1.0:
+        planes = cv2.resize(planes, values.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    np.divide(planes[..., 0], np.maximum(planes[..., 1], 1e-6), out=out, where=covered)
     return out
 
 
@@ -194,11 +203,9 @@ def colour_table(cmap: str) -> np.ndarray:
 def blend(thumbnail: np.ndarray, values: np.ndarray, cmap: str, alpha: float) -> np.ndarray:
     """The thumbnail with the colours of ``values`` (in [0, 1], NaN: none) blended over it."""
     covered = np.isfinite(values)
-    index = np.rint(np.clip(values[covered], 0, 1) * 255).astype(np.uint8)
-    colours = colour_table(cmap)[index].astype(np.float32)
-    overlay = thumbnail.copy()
-    overlay[covered] = np.rint(alpha * colours + (1 - alpha) * thumbnail[covered]).astype(np.uint8)
-    return overlay
+    index = np.rint(np.clip(np.nan_to_num(values), 0, 1) * 255).astype(np.uint8)
+    mixed = cv2.addWeighted(colour_table(cmap)[index], alpha, thumbnail, 1 - alpha, 0)
+    return np.where(covered[..., None], mixed, thumbnail)
 
 
 def render(
@@ -292,46 +299,81 @@ def _figure_rgb(fig: Any, height: int, width: int) -> np.ndarray:
     return out
 
 
-def colour_bar(height: int, cmap: str) -> np.ndarray:
-    """A ``BAR_PX`` x ``height`` picture of the colour bar, labelled in percentiles."""
+@dataclass(frozen=True)
+class PictureLayout:
+    """Where the parts of the heatmap picture lie, in pixels, for a thumbnail of ``height`` x ``width``.
+
+    Text and colour bar grow with the picture (a 2,048 px thumbnail would dwarf 11 pt labels): they are
+    drawn at ``scale`` x 100 dpi, ``scale`` being the panel height over 512 px (at least 1).
+    """
+
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> int:
+        return max(self.height, MIN_HEIGHT_PX)
+
+    @property
+    def scale(self) -> float:
+        return max(1.0, self.rows / 512)
+
+    @property
+    def title_px(self) -> int:
+        return round(TITLE_PX * self.scale)
+
+    @property
+    def bar_px(self) -> int:
+        return round(BAR_PX * self.scale)
+
+    @property
+    def overlay_origin(self) -> tuple[int, int]:
+        """(row, col) of the overlay panel's top-left pixel (the thumbnail panel starts at (row, 0))."""
+        return self.title_px, self.width + GAP_PX
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the whole picture."""
+        return self.title_px + self.rows, 2 * self.width + 2 * GAP_PX + self.bar_px
+
+
+def colour_bar(layout: PictureLayout, cmap: str) -> np.ndarray:
+    """The colour bar panel, labelled in percentiles."""
     import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(BAR_PX / 100, height / 100), dpi=100)
+    dpi = 100 * layout.scale
+    fig = Figure(figsize=(layout.bar_px / dpi, layout.rows / dpi), dpi=dpi)
     axes = fig.add_axes((0.12, 0.04, 0.2, 0.92))
     mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 100), matplotlib.colormaps[cmap])
     fig.colorbar(mappable, cax=axes, label="instance score percentile")
-    return _figure_rgb(fig, height, BAR_PX)
+    return _figure_rgb(fig, layout.rows, layout.bar_px)
 
 
-def title_band(width: int, text: str) -> np.ndarray:
+def title_band(layout: PictureLayout, text: str) -> np.ndarray:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width / 100, TITLE_PX / 100), dpi=100)
+    dpi = 100 * layout.scale
+    width = layout.size[1]
+    fig = Figure(figsize=(width / dpi, layout.title_px / dpi), dpi=dpi)
     fig.text(0.005, 0.5, text, va="center", ha="left", fontsize=11)
-    return _figure_rgb(fig, TITLE_PX, width)
+    return _figure_rgb(fig, layout.title_px, width)
 
 
 def compose(thumbnail: np.ndarray, overlay: np.ndarray, cmap: str, title: str) -> np.ndarray:
     """The heatmap picture: a title band over [thumbnail | overlay | colour bar].
 
     Panels are placed unscaled, so a pixel (col, row) of the overlay panel maps to level-0 pixel
-    (col, row) x the thumbnail's downsample: the panel starts at :func:`overlay_origin`.
+    (col, row) x the thumbnail's downsample; :class:`PictureLayout` says where the panel starts.
     """
-    height, width = thumbnail.shape[:2]
-    rows = max(height, MIN_HEIGHT_PX)
-    canvas = np.full((TITLE_PX + rows, 2 * width + 2 * GAP_PX + BAR_PX, 3), 255, np.uint8)
-    canvas[TITLE_PX : TITLE_PX + height, :width] = thumbnail
-    x0 = width + GAP_PX
-    canvas[TITLE_PX : TITLE_PX + height, x0 : x0 + width] = overlay
-    canvas[TITLE_PX:, -BAR_PX:] = colour_bar(rows, cmap)
-    canvas[:TITLE_PX] = title_band(canvas.shape[1], title)
+    layout = PictureLayout(*thumbnail.shape[:2])
+    top, left = layout.overlay_origin
+    canvas = np.full((*layout.size, 3), 255, np.uint8)
+    canvas[top : top + layout.height, : layout.width] = thumbnail
+    canvas[top : top + layout.height, left : left + layout.width] = overlay
+    canvas[top:, -layout.bar_px :] = colour_bar(layout, cmap)
+    canvas[:top] = title_band(layout, title)
     return canvas
-
-
-def overlay_origin(thumbnail_width: int) -> tuple[int, int]:
-    """(row, col) of the overlay panel's top-left pixel in the picture :func:`compose` makes."""
-    return TITLE_PX, thumbnail_width + GAP_PX
 
 
 def save_montage(
@@ -442,9 +484,9 @@ def make_heatmap(
         heatmap = Heatmap(slide.slide_id, scores, layout, thumbnail, values, overlay, score, slide.dimensions)
         lap("paint")
         title = (
-            f"{slide.slide_id}: {loaded.aggregator} {loaded.task.name} score {score:.3g}; "
-            f"{len(scores)} tiles, instance scores as percentiles"
-            + (f", smoothed (sigma {config.smooth:g} tiles)" if config.smooth > 0 else "")
+            f"{slide.slide_id}: {loaded.aggregator} {loaded.task.name} model, slide score {score:.3g}; "
+            f"{len(scores)} tiles coloured by instance-score percentile"
+            + (f", smoothed (sigma {config.smooth:g} tile)" if config.smooth > 0 else "")
         )
         picture = compose(thumbnail, overlay, config.cmap, title)
         with atomic_output(out) as tmp:
@@ -475,9 +517,3 @@ def make_heatmap(
         "steps": seconds,
         "heatmap": heatmap,
     }
-
-
-def picture_size(thumbnail_shape: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the heatmap picture for a thumbnail of ``thumbnail_shape`` (h, w)."""
-    height, width = thumbnail_shape
-    return TITLE_PX + max(height, MIN_HEIGHT_PX), 2 * width + 2 * GAP_PX + BAR_PX
