@@ -103,6 +103,26 @@ def test_bag_files_score_like_the_cohort_table(runs, tmp_path):
     assert ours["score"].tolist() == single["score"].tolist()
 
 
+def test_an_unlabelled_cohort_is_scored_without_targets(runs, tmp_path):
+    """New slides: a table of ids alone; patient bags are joined as in training, no label columns."""
+    table = read_csv(runs["cohort"])[["slide_id", "patient_id"]]
+    table.to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "p.csv"
+    args = [
+        "predict",
+        "--model",
+        str(runs["classification0"] / "best.pt"),
+        "--cohort",
+        str(tmp_path / "new.csv"),
+    ]
+    assert main([*args, "--features-dir", str(runs["features"]), "--out", str(out)]) == 0
+    ours = read_csv(out)
+    assert ours.columns.tolist() == ["slide_id", "patient_id", "score", "prediction"]
+    assert len(ours) == table["patient_id"].nunique()
+    reference = read_csv(runs["classification0"] / "predictions.csv").set_index("slide_id")
+    assert ours.set_index("slide_id")["score"].tolist() == reference.loc[ours["slide_id"], "score"].tolist()
+
+
 def test_ensemble_is_the_mean_of_the_fold_models(runs, tmp_path):
     models = [str(runs[f"classification{k}"] / "best.pt") for k in (0, 1)]
     common = ["--cohort", str(runs["cohort"]), "--features-dir", str(runs["features"])]

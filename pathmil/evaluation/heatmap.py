@@ -512,6 +512,7 @@ def make_heatmap(
         "n_tiles": len(scores),
         "score": score,
         "tile_size_level0": layout.size0,
+        "tile_size_inferred": layout.size_inferred,
         "downsample": heatmap.level0_size[0] / thumbnail.shape[1],
         "seconds": round(time.perf_counter() - start, 3),
         "steps": seconds,

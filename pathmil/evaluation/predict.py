@@ -76,13 +76,10 @@ class LoadedModel:
             return
         random_init = bool((attrs or {}).get("random_init", False))
         if (str(encoder), random_init) != (self.encoder, self.random_init):
-
-            def name(enc: str, rand: bool) -> str:
-                return f"{enc}{' (random init)' if rand else ''}"
-
             raise PathmilError(
-                f"{source} holds features of encoder {name(str(encoder), random_init)} but model {self.path} "
-                f"was trained on {name(self.encoder, self.random_init)}; extract the slides with that encoder"
+                f"{source} holds features of encoder {encoder_name(str(encoder), random_init)} but model "
+                f"{self.path} was trained on {encoder_name(self.encoder, self.random_init)}; extract the "
+                "slides with that encoder"
             )
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -95,6 +92,11 @@ class LoadedModel:
         """The model's output for one bag (N x D float32), on the model's device."""
         with self.autocast():
             return self.model(features[None].to(self.device))
+
+
+def encoder_name(encoder: str, random_init: bool) -> str:
+    """An encoder as messages name it (a randomly initialised one is a different feature space)."""
+    return f"{encoder} (random init)" if random_init else encoder
 
 
 def load_model(path: str | os.PathLike, expected_task: str | None = None, device: str = "cpu") -> LoadedModel:
