@@ -405,6 +405,99 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=lambda args: print("\n".join(__import__("pathmil.models").models.list_models())))
 
 
+# ------------------------------------------------------------------------------- predict and explain
+
+
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="score slides with trained models (one checkpoint, or several as an ensemble)",
+        description="Score bag files (one bag each) or a cohort table's bags (joined per patient as the "
+        "model was trained) and write slide_id, score (and the task's other columns) as training does. "
+        "Several checkpoints: the mean of their scores.",
+    )
+    p.add_argument("--model", type=Path, nargs="+", required=True, help="checkpoint(s): a run's best.pt")
+    p.add_argument("--features", type=Path, nargs="+", help="bag files to score, one bag each")
+    p.add_argument("--cohort", type=Path, help="cohort table (slide_id, patient_id) instead of --features")
+    p.add_argument("--features-dir", type=Path, help="folder of the cohort's bag files (with --cohort)")
+    p.add_argument("--task", choices=TASKS, help="refuse models of another task")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--out", type=Path, required=True, help="predictions CSV")
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.predict import predict, write_predictions
+
+    if args.cohort is not None and args.features_dir is None:
+        raise PathmilError("--cohort needs --features-dir, the folder of its bag files")
+    table = predict(
+        args.model,
+        features=args.features,
+        cohort=args.cohort,
+        features_dir=args.features_dir,
+        expected_task=args.task,
+        device=args.device,
+        progress=sys.stderr.isatty(),
+    )
+    write_predictions(args.out, table)
+    print(f"{len(table)} bags scored by {len(args.model)} model(s) -> {args.out}")
+
+
+def add_heatmap_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heatmap",
+        help="paint a model's instance scores over a slide, with a montage of its top and bottom tiles",
+        description="Instance scores (attention, per-tile predictions, pooling weights) of one slide's bag, "
+        "rank-normalised to percentiles and painted at the tiles' positions over a thumbnail.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="checkpoint: a run's best.pt")
+    p.add_argument("--features", type=Path, required=True, help="the slide's bag file (with coords)")
+    p.add_argument("--slide", type=Path, required=True, help="the slide file")
+    p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
+    p.add_argument("--montage", type=Path, help="PNG of the top-k and bottom-k tiles")
+    p.add_argument("--scores", type=Path, help="CSV of every tile's x, y, score and percentile")
+    p.add_argument("--top-k", type=int, help="tiles per row of the montage (default 8)")
+    p.add_argument("--smooth", type=float, help="Gaussian smoothing, sigma in tiles (default 0: none)")
+    p.add_argument("--max-px", type=int, help="longest side of the thumbnail (default 2048)")
+    p.add_argument(
+        "--mpp", type=float, help="um/px of a slide whose metadata has none (STAMP coords need it)"
+    )
+    p.add_argument("--task", choices=TASKS, help="refuse a model of another task")
+    _add_config_args(p)
+    p.set_defaults(handler=run_heatmap)
+
+
+def run_heatmap(args: argparse.Namespace) -> None:
+    from pathmil.config import HeatmapConfig, load_config
+    from pathmil.evaluation.heatmap import make_heatmap
+
+    config = load_config(
+        HeatmapConfig,
+        args.config,
+        args.overrides,
+        section="heatmap",
+        top_k=args.top_k,
+        smooth=args.smooth,
+        max_px=args.max_px,
+    )
+    facts = make_heatmap(
+        args.model,
+        args.features,
+        args.slide,
+        args.out,
+        montage=args.montage,
+        scores_csv=args.scores,
+        config=config,
+        mpp=args.mpp,
+        expected_task=args.task,
+    )
+    print(
+        f"{facts['slide_id']}: {facts['n_tiles']} tiles, slide score {facts['score']:.4g} -> {args.out} "
+        f"in {facts['seconds']:.2f} s"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 PARSERS = [
@@ -416,6 +509,8 @@ PARSERS = [
     add_evaluate_parser,
     add_summary_parser,
     add_models_parser,
+    add_predict_parser,
+    add_heatmap_parser,
 ]
 
 

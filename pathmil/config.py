@@ -268,3 +268,42 @@ class EvaluateConfig:
     n_bootstrap: int = 1000
     confidence: float = 0.95
     seed: int = 0
+
+
+# ---------------------------------------------------------------------------------- predict and explain
+
+
+@dataclasses.dataclass
+class HeatmapConfig:
+    """How ``pathmil heatmap`` paints instance scores over a slide and picks tiles for the montage."""
+
+    max_px: int = 2048  # longest side of the thumbnail (and of the overlay) in pixels
+    smooth: float = 0.0  # Gaussian smoothing of the painted scores, sigma in tiles; 0 turns it off
+    alpha: float = 0.5  # opacity of the colours over the tissue
+    cmap: str = "turbo"  # matplotlib colour map of the percentiles (low -> high)
+    top_k: int = 8  # tiles with the highest and with the lowest scores in the montage
+    montage_px: int = 192  # side of each montage tile in pixels
+    device: str = "cpu"  # where the model runs: cpu, cuda or auto
+
+    def validate(self) -> None:
+        if self.max_px < 64:
+            raise PathmilError(f"heatmap.max_px must be at least 64, got {self.max_px}")
+        if self.smooth < 0:
+            raise PathmilError(f"heatmap.smooth must be >= 0 (sigma in tiles), got {self.smooth}")
+        if not 0 <= self.alpha <= 1:
+            raise PathmilError(f"heatmap.alpha must be in [0, 1], got {self.alpha}")
+        if self.top_k < 1 or self.montage_px < 16:
+            raise PathmilError("heatmap.top_k must be at least 1 and heatmap.montage_px at least 16")
+        import matplotlib
+
+        if self.cmap not in matplotlib.colormaps:
+            raise PathmilError(f"unknown colour map heatmap.cmap '{self.cmap}'; try turbo, viridis or jet")
+
+
+@dataclasses.dataclass
+class PlotConfig:
+    """The evaluation plots written by ``pathmil evaluate``."""
+
+    time_unit: str = "months"  # unit of the survival times in the cohort table (axis labels only)
+    dpi: int = 120  # pixels per inch of the PNGs (a 6 x 5 inch plot is 720 x 600 px)
+    calibration_bins: int = 10  # equal-width probability bins of the reliability diagram

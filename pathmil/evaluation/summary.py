@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pathmil.config import EvaluateConfig
+from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task, create_task
@@ -98,9 +98,13 @@ def bootstrap_ci(
 
 
 def evaluate_runs(
-    run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, config: EvaluateConfig | None = None
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: EvaluateConfig | None = None,
+    plots: PlotConfig | None = None,
 ) -> dict[str, Any]:
-    """Per-fold and pooled metrics of the given runs (one per fold), with CIs; written to ``out_dir``."""
+    """Per-fold and pooled metrics of the given runs (one per fold), with CIs, and the task's plots (PNG,
+    listed under "plots" in metrics.json); written to ``out_dir``."""
     config = config or EvaluateConfig()
     if not run_dirs:
         raise PathmilError("no runs given to evaluate")
@@ -161,6 +165,11 @@ def evaluate_runs(
     ):
         with atomic_output(out_dir / name) as tmp:
             table.to_csv(tmp, index=False)
+    from pathmil.evaluation.plots import write_plots  # lazy: matplotlib
+
+    result["plots"] = write_plots(
+        task, predictions, pooled_test, train_rows, pooled, ci, out_dir, config, plots or PlotConfig()
+    )
     write_json(out_dir / "metrics.json", result)
     return result
 

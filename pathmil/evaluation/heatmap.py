@@ -1,0 +1,520 @@
+"""Heatmaps: where on the slide a model's prediction rests, and the tiles it rests on.
+
+A model's instance scores (``MILOutput.instance_scores``: attention for ABMIL, the per-tile predictions of
+the WeakSTIL instance regressor, the student's attention for MHIM-MIL, the pooling weights for MambaMIL)
+are rank-normalised to percentiles, painted at their tiles' level-0 positions over a slide thumbnail,
+optionally smoothed, and blended over the tissue, beside the plain thumbnail and a colour bar. Percentiles,
+not raw scores, are painted because attention weights of a 20,000-tile bag are all tiny and skewed: their
+ranks are what a reader compares (CLAM's heatmaps do the same, Lu et al., Nat. Biomed. Eng. 2021). A
+montage shows the top-k and bottom-k tiles read from the slide at full resolution.
+
+The painting is array arithmetic, not a drawing call per tile: each tile adds its value to the corners of
+a 2-D difference array (a summed-area table in reverse, Crow, SIGGRAPH 1984) and two cumulative sums spread
+it over the tile's rectangle, together with a count, so overlapping tiles are averaged, tiles may lie off
+any grid, and the cost is O(pixels + tiles) (tens of milliseconds for 20,000 tiles). The tiling QC
+picture's grid painter (:mod:`pathmil.slide.qc`) assumes tiles on one stride-aligned grid, which bags of
+other tools (or overlapping tiles) need not keep.
+
+A model trained on patient bags (a patient's slides joined) scores one slide's bag alone here: the
+heatmap shows where, within this slide, the model looks.
+
+Coordinates: level-0 pixels of the tiles' top-left corners, with the tile size from the bag's
+``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and ``patch_level`` (CLAM), or from the
+coordinate spacing. STAMP's coordinates and ``tile_size_um`` are micrometres, converted with the slide's
+um/px (``--mpp`` when its metadata has none).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from pathmil.config import HeatmapConfig
+from pathmil.errors import PathmilError
+from pathmil.features.bagfile import Bag, read_bag
+from pathmil.fileio import atomic_output
+from pathmil.slide.qc import write_png
+from pathmil.slide.reader import Slide, resize
+
+log = logging.getLogger(__name__)
+
+TITLE_PX = 40  # height of the title band of the heatmap picture (at a scale of 1, see PictureLayout)
+GAP_PX = 8  # white space between the panels
+BAR_PX = 100  # width of the colour bar panel (at a scale of 1)
+MIN_HEIGHT_PX = 240  # the panels are padded to at least this height, so the colour bar stays readable
+MAX_READ_PX = 64 * 2**20  # largest pyramid level (in pixels) read whole for the thumbnail
+SMOOTH_SIGMA_PX = 4.0  # wider Gaussian kernels run on a shrunk copy of the map (see smooth)
+
+
+# --------------------------------------------------------------------------------------- tile geometry
+
+
+@dataclass
+class TileLayout:
+    """Where the tiles of a bag lie: level-0 top-left corners (N x 2, x, y) and the tile side."""
+
+    coords: np.ndarray
+    size0: float
+    size_inferred: bool = False
+
+
+def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> TileLayout:
+    """The level-0 tile positions and size of ``bag`` on ``slide``; refuse a bag that does not fit it."""
+    if bag.coords is None:
+        raise PathmilError(
+            f"{source} has no tile coordinates (a CLAM .pt file?); heatmaps need the .h5 bag with coords"
+        )
+    if len(bag.coords) != bag.n_instances:
+        raise PathmilError(
+            f"{source} has {bag.n_instances} feature rows but {len(bag.coords)} coordinates; "
+            "the file is inconsistent, extract the slide again"
+        )
+    coords = np.asarray(bag.coords, dtype=np.float64).reshape(-1, 2)
+    attrs = {**bag.attrs, **bag.coords_attrs}
+    size0, inferred = None, False
+    if bag.coords_unit == "um":
+        coords = coords / slide.mpp
+        if attrs.get("tile_size_um"):
+            size0 = float(attrs["tile_size_um"]) / slide.mpp
+    elif attrs.get("patch_size_level0"):
+        size0 = float(attrs["patch_size_level0"])
+    elif attrs.get("patch_size") and attrs.get("patch_level") is not None:
+        level = int(attrs["patch_level"])
+        if level < len(slide.level_downsamples):
+            size0 = float(attrs["patch_size"]) * slide.level_downsamples[level]
+    if size0 is None:
+        size0, inferred = grid_step(coords, source), True
+        log.warning("%s names no tile size: using the coordinate spacing, %.1f level-0 px", source, size0)
+    width, height = slide.dimensions
+    outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
+    if outside.any():
+        x, y = coords[outside.argmax()]
+        raise PathmilError(
+            f"{outside.sum()} tile(s) of {source} lie outside slide {slide.slide_id} ({width} x {height} px, "
+            f"first at {x:.0f}, {y:.0f}); is it this slide's bag"
+            + (", and is its um/px right (--mpp)?" if bag.coords_unit == "um" else "?")
+        )
+    return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred)
+
+
+def grid_step(coords: np.ndarray, source: str | os.PathLike = "bag") -> float:
+    """The smallest spacing between distinct tile positions along x or y: the tile size of a grid."""
+    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
+    steps = np.concatenate([s[s > 0] for s in steps])
+    if len(steps) == 0:
+        raise PathmilError(
+            f"{source} names no tile size (patch_size_level0) and has a single tile position; "
+            "add the attribute to its coords"
+        )
+    return float(steps.min())
+
+
+# ------------------------------------------------------------------------------------------- painting
+
+
+def rank_normalise(scores: np.ndarray) -> np.ndarray:
+    """Percentiles in [0, 1]: 0 for the lowest score, 1 for the highest, ties share their mean rank."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < 2:
+        return np.full(len(scores), 0.5)
+    return (stats.rankdata(scores, method="average") - 1) / (len(scores) - 1)
+
+
+def tile_rectangles(
+    layout: TileLayout, level0_size: tuple[int, int], shape: tuple[int, int]
+) -> tuple[np.ndarray, ...]:
+    """Pixel rectangles [r0, r1) x [c0, c1) of the tiles in a picture of ``shape`` (h, w) of the slide.
+
+    Edges are rounded, so neighbouring tiles meet without gaps or overlap; every tile keeps at least one
+    pixel, and tiles crossing the slide's edge are clipped to it.
+    """
+    height, width = shape
+    sx, sy = width / level0_size[0], height / level0_size[1]
+    x, y = layout.coords[:, 0], layout.coords[:, 1]
+    c0 = np.clip(np.rint(x * sx), 0, width - 1).astype(np.int64)
+    r0 = np.clip(np.rint(y * sy), 0, height - 1).astype(np.int64)
+    c1 = np.clip(np.maximum(np.rint((x + layout.size0) * sx), c0 + 1), 0, width).astype(np.int64)
+    r1 = np.clip(np.maximum(np.rint((y + layout.size0) * sy), r0 + 1), 0, height).astype(np.int64)
+    return r0, r1, c0, c1
+
+
+def paint(
+    values: np.ndarray, layout: TileLayout, level0_size: tuple[int, int], shape: tuple[int, int]
+) -> np.ndarray:
+    """A (h, w) float32 map of the tiles' ``values``, averaged where tiles overlap, NaN off the tiles."""
+    height, width = shape
+    r0, r1, c0, c1 = tile_rectangles(layout, level0_size, shape)
+    stride = width + 1
+    plus = np.concatenate([r0 * stride + c0, r1 * stride + c1])  # corners that add the tile's value
+    minus = np.concatenate([r0 * stride + c1, r1 * stride + c0])  # corners that subtract it
+    values = np.asarray(values, dtype=np.float64)
+    size = (height + 1) * stride
+
+    def spread(table: np.ndarray) -> np.ndarray:
+        return table.reshape(height + 1, stride).cumsum(axis=0).cumsum(axis=1)[:height, :width]
+
+    both = np.concatenate([values, values])
+    total = spread(np.bincount(plus, both, size) - np.bincount(minus, both, size))
+    count = spread(np.bincount(plus, minlength=size) - np.bincount(minus, minlength=size))  # exact integers
+    out = np.full(shape, np.nan, dtype=np.float32)
+    np.divide(total, count, out=out, where=count > 0, casting="unsafe")
+    return out
+
+
+def smooth(values: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian smoothing of a painted map inside the tissue: a normalised convolution, so the empty
+    surroundings (NaN) neither darken the tissue's edge nor get painted.
+
+    A wide kernel is applied to a copy shrunk until sigma is :data:`SMOOTH_SIGMA_PX` pixels, then enlarged
+    back (bilinear): the same blur up to interpolation, at a cost that does not grow with sigma.
+    """
+    if sigma_px <= 0:
+        return values
+    covered = np.isfinite(values)
+    planes = np.dstack([np.where(covered, values, 0), covered]).astype(np.float32)
+    scale = min(1.0, SMOOTH_SIGMA_PX / sigma_px)
+    if scale < 1.0:
+        small = (max(1, round(values.shape[1] * scale)), max(1, round(values.shape[0] * scale)))
+        planes = cv2.resize(planes, small, interpolation=cv2.INTER_AREA)
+    planes = cv2.GaussianBlur(planes, (0, 0), sigma_px * scale)
+    if scale < 1.0:
+        planes = cv2.resize(planes, values.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    out = np.full(values.shape, np.nan, dtype=np.float32)
+    np.divide(planes[..., 0], np.maximum(planes[..., 1], 1e-6), out=out, where=covered)
+    return out
+
+
+def colour_table(cmap: str) -> np.ndarray:
+    """256 RGB colours (uint8) of a matplotlib colour map, indexed by round(255 * value)."""
+    import matplotlib
+
+    return (matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+
+
+def blend(thumbnail: np.ndarray, values: np.ndarray, cmap: str, alpha: float) -> np.ndarray:
+    """The thumbnail with the colours of ``values`` (in [0, 1], NaN: none) blended over it."""
+    covered = np.isfinite(values)
+    index = np.rint(np.clip(np.nan_to_num(values), 0, 1) * 255).astype(np.uint8)
+    mixed = cv2.addWeighted(colour_table(cmap)[index], alpha, thumbnail, 1 - alpha, 0)
+    return np.where(covered[..., None], mixed, thumbnail)
+
+
+def render(
+    scores: np.ndarray,
+    layout: TileLayout,
+    thumbnail: np.ndarray,
+    level0_size: tuple[int, int],
+    config: HeatmapConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(percentile map, blended overlay) of instance ``scores`` over ``thumbnail`` of the slide."""
+    shape = thumbnail.shape[:2]
+    values = paint(rank_normalise(scores), layout, level0_size, shape)
+    sigma_px = config.smooth * layout.size0 * shape[1] / level0_size[0]
+    values = smooth(values, sigma_px)
+    return values, blend(thumbnail, values, config.cmap, config.alpha)
+
+
+# ------------------------------------------------------------------------------------------ the slide
+
+
+def thumbnail_level(slide: Slide, downsample: float) -> int:
+    """The coarsest level at least as fine as ``downsample``, unless it is too big to read whole; then
+    the finest level that is not (the thumbnail is then enlarged from it)."""
+    sizes = [w * h for w, h in slide.level_dimensions]
+    fine = [i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.01]
+    level = max(fine, key=lambda i: slide.level_downsamples[i]) if fine else 0
+    if sizes[level] > MAX_READ_PX:
+        small = [i for i, s in enumerate(sizes) if s <= MAX_READ_PX]
+        level = min(small, key=lambda i: slide.level_downsamples[i]) if small else len(sizes) - 1
+    return level
+
+
+def read_thumbnail(slide: Slide, max_px: int) -> np.ndarray:
+    """The whole slide as RGB, its longer side ``max_px`` (or the slide's size if smaller)."""
+    width, height = slide.dimensions
+    scale = min(1.0, max_px / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = slide.read_level(thumbnail_level(slide, 1 / scale))
+    if image.shape[1] == size[0] and image.shape[0] == size[1]:
+        return image
+    shrinking = image.shape[1] > size[0]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+@dataclass
+class MontageTile:
+    index: int  # row of the bag
+    score: float
+    percentile: float
+    x: int
+    y: int
+    image: np.ndarray  # px x px x 3
+
+
+def montage_tiles(
+    slide: Slide, layout: TileLayout, scores: np.ndarray, k: int, px: int
+) -> tuple[list[MontageTile], list[MontageTile]]:
+    """The ``k`` tiles with the highest and the ``k`` with the lowest scores, read at ``px`` pixels from
+    the coarsest pyramid level still as fine as that (ties keep bag order)."""
+    k = min(k, len(scores))
+    percentiles = rank_normalise(scores)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    downsample = layout.size0 / px
+    fine = [i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.01]
+    level = max(fine, key=lambda i: slide.level_downsamples[i]) if fine else 0
+    read_px = max(1, round(layout.size0 / slide.level_downsamples[level]))
+
+    def tile(i: int) -> MontageTile:
+        x, y = (round(float(v)) for v in layout.coords[i])
+        image = resize(slide.read_region(x, y, level, read_px, read_px), px)
+        return MontageTile(int(i), float(scores[i]), float(percentiles[i]), x, y, image)
+
+    top = [tile(i) for i in order[:k]]
+    bottom = [tile(i) for i in np.argsort(np.asarray(scores), kind="stable")[:k]]
+    return top, bottom
+
+
+# ---------------------------------------------------------------------------------------- the pictures
+
+
+def _figure_rgb(fig: Any, height: int, width: int) -> np.ndarray:
+    """The pixels of a matplotlib figure drawn by Agg, as RGB of exactly ``height`` x ``width`` (the
+    figure's own size can differ by a pixel from float rounding of inches x dpi)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[:height, :width, :3]
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[: rgb.shape[0], : rgb.shape[1]] = rgb
+    return out
+
+
+@dataclass(frozen=True)
+class PictureLayout:
+    """Where the parts of the heatmap picture lie, in pixels, for a thumbnail of ``height`` x ``width``.
+
+    Text and colour bar grow with the picture (a 2,048 px thumbnail would dwarf 11 pt labels): they are
+    drawn at ``scale`` x 100 dpi, ``scale`` being the panel height over 512 px (at least 1).
+    """
+
+    height: int
+    width: int
+
+    @property
+    def rows(self) -> int:
+        return max(self.height, MIN_HEIGHT_PX)
+
+    @property
+    def scale(self) -> float:
+        return max(1.0, self.rows / 512)
+
+    @property
+    def title_px(self) -> int:
+        return round(TITLE_PX * self.scale)
+
+    @property
+    def bar_px(self) -> int:
+        return round(BAR_PX * self.scale)
+
+    @property
+    def overlay_origin(self) -> tuple[int, int]:
+        """(row, col) of the overlay panel's top-left pixel (the thumbnail panel starts at (row, 0))."""
+        return self.title_px, self.width + GAP_PX
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the whole picture."""
+        return self.title_px + self.rows, 2 * self.width + 2 * GAP_PX + self.bar_px
+
+
+def colour_bar(layout: PictureLayout, cmap: str) -> np.ndarray:
+    """The colour bar panel, labelled in percentiles."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    dpi = 100 * layout.scale
+    fig = Figure(figsize=(layout.bar_px / dpi, layout.rows / dpi), dpi=dpi)
+    axes = fig.add_axes((0.12, 0.04, 0.2, 0.92))
+    mappable = matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 100), matplotlib.colormaps[cmap])
+    fig.colorbar(mappable, cax=axes, label="instance score percentile")
+    return _figure_rgb(fig, layout.rows, layout.bar_px)
+
+
+def title_band(layout: PictureLayout, text: str) -> np.ndarray:
+    from matplotlib.figure import Figure
+
+    dpi = 100 * layout.scale
+    width = layout.size[1]
+    fig = Figure(figsize=(width / dpi, layout.title_px / dpi), dpi=dpi)
+    fig.text(0.005, 0.5, text, va="center", ha="left", fontsize=11)
+    return _figure_rgb(fig, layout.title_px, width)
+
+
+def compose(thumbnail: np.ndarray, overlay: np.ndarray, cmap: str, title: str) -> np.ndarray:
+    """The heatmap picture: a title band over [thumbnail | overlay | colour bar].
+
+    Panels are placed unscaled, so a pixel (col, row) of the overlay panel maps to level-0 pixel
+    (col, row) x the thumbnail's downsample; :class:`PictureLayout` says where the panel starts.
+    """
+    layout = PictureLayout(*thumbnail.shape[:2])
+    top, left = layout.overlay_origin
+    canvas = np.full((*layout.size, 3), 255, np.uint8)
+    canvas[top : top + layout.height, : layout.width] = thumbnail
+    canvas[top : top + layout.height, left : left + layout.width] = overlay
+    canvas[top:, -layout.bar_px :] = colour_bar(layout, cmap)
+    canvas[:top] = title_band(layout, title)
+    return canvas
+
+
+def save_montage(
+    path: str | os.PathLike, top: list[MontageTile], bottom: list[MontageTile], title: str
+) -> None:
+    """Two rows of tiles, highest scores above, lowest below, each titled with its score and percentile."""
+    from matplotlib.figure import Figure
+
+    k = max(len(top), 1)
+    fig = Figure(figsize=(1.7 * k + 0.6, 4.3), dpi=100)
+    axes = fig.subplots(2, k, squeeze=False)
+    for row, tiles, label in ((0, top, "highest scores"), (1, bottom, "lowest scores")):
+        axes[row, 0].set_ylabel(label)
+        for col in range(k):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col < len(tiles):
+                tile = tiles[col]
+                ax.imshow(tile.image)
+                ax.set_title(
+                    f"{tile.score:.3g} (p{100 * tile.percentile:.0f})\n({tile.x}, {tile.y})", fontsize=7
+                )
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.02, top=0.82, wspace=0.08, hspace=0.45)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass
+class Heatmap:
+    """Everything a heatmap is made of, for callers that want more than the PNG."""
+
+    slide_id: str
+    scores: np.ndarray  # instance scores, in bag order
+    layout: TileLayout
+    thumbnail: np.ndarray
+    values: np.ndarray  # the painted (and smoothed) percentiles, NaN off the tiles
+    overlay: np.ndarray
+    score: float  # the model's score of this slide's bag alone
+    level0_size: tuple[int, int]
+
+
+def instance_scores(loaded: Any, bag: Bag, source: str | os.PathLike = "bag") -> tuple[np.ndarray, float]:
+    """(instance scores, slide score) of one bag under a :class:`~pathmil.evaluation.predict.LoadedModel`.
+
+    The features are rounded to float16 as for training and prediction, so the slide score is the one
+    ``pathmil predict`` gives this bag.
+    """
+    features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).half().float()
+    output = loaded.forward(features)
+    scores = output.instance_scores.float().cpu().numpy().reshape(-1)
+    if len(scores) != bag.n_instances:
+        raise PathmilError(
+            f"aggregator {loaded.aggregator} gave {len(scores)} instance scores for the {bag.n_instances} "
+            f"tiles of {source}; its instance_scores must have one value per tile"
+        )
+    if not np.isfinite(scores).all():
+        raise PathmilError(
+            f"model {loaded.path} gives non-finite instance scores on {source}; is it diverged?"
+        )
+    score = float(loaded.task.predict(output.logits.float().cpu())["score"][0])
+    return scores, score
+
+
+def make_heatmap(
+    checkpoint: str | os.PathLike,
+    features: str | os.PathLike,
+    slide_path: str | os.PathLike,
+    out: str | os.PathLike,
+    montage: str | os.PathLike | None = None,
+    scores_csv: str | os.PathLike | None = None,
+    config: HeatmapConfig | None = None,
+    mpp: float | None = None,
+    expected_task: str | None = None,
+) -> dict[str, Any]:
+    """Score one slide's bag, write the heatmap PNG (and the montage and per-tile scores if asked).
+
+    Returns facts: slide id, tiles, the slide score, seconds per step.
+    """
+    from pathmil.evaluation.predict import load_model
+
+    config = config or HeatmapConfig()
+    config.validate()
+    seconds: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
+    loaded = load_model(checkpoint, expected_task, config.device)
+    bag = read_bag(features)
+    loaded.check_bag(features, bag.dim, bag.attrs)
+    lap("load")
+    with Slide(slide_path, mpp=mpp) as slide:
+        layout = tile_layout(bag, slide, features)
+        scores, score = instance_scores(loaded, bag, features)
+        lap("model")
+        thumbnail = read_thumbnail(slide, config.max_px)
+        lap("thumbnail")
+        values, overlay = render(scores, layout, thumbnail, slide.dimensions, config)
+        heatmap = Heatmap(slide.slide_id, scores, layout, thumbnail, values, overlay, score, slide.dimensions)
+        lap("paint")
+        title = (
+            f"{slide.slide_id}: {loaded.aggregator} {loaded.task.name} model, slide score {score:.3g}; "
+            f"{len(scores)} tiles coloured by instance-score percentile"
+            + (f", smoothed (sigma {config.smooth:g} tile)" if config.smooth > 0 else "")
+        )
+        picture = compose(thumbnail, overlay, config.cmap, title)
+        with atomic_output(out) as tmp:
+            write_png(str(tmp), picture)
+        lap("write")
+        if montage is not None:
+            top, bottom = montage_tiles(slide, layout, scores, config.top_k, config.montage_px)
+            save_montage(montage, top, bottom, f"{slide.slide_id}: {loaded.aggregator} instance scores")
+            lap("montage")
+    if scores_csv is not None:
+        table = pd.DataFrame(
+            {
+                "x": layout.coords[:, 0].round().astype(np.int64),
+                "y": layout.coords[:, 1].round().astype(np.int64),
+                "score": scores,
+                "percentile": rank_normalise(scores),
+            }
+        )
+        with atomic_output(scores_csv) as tmp:
+            table.to_csv(tmp, index=False)
+    return {
+        "slide_id": heatmap.slide_id,
+        "n_tiles": len(scores),
+        "score": score,
+        "tile_size_level0": layout.size0,
+        "tile_size_inferred": layout.size_inferred,
+        "downsample": heatmap.level0_size[0] / thumbnail.shape[1],
+        "seconds": round(time.perf_counter() - start, 3),
+        "steps": seconds,
+        "heatmap": heatmap,
+    }

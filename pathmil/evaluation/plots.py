@@ -1,0 +1,407 @@
+"""The plots people read results from, written by ``pathmil evaluate`` beside its metrics.
+
+- classification: ROC and precision-recall curves of every fold's test bags and of the pooled test bags
+  (one panel per class, one-vs-rest, when there are more than two classes) and a reliability diagram
+  (calibration; Guo et al., "On calibration of modern neural networks", ICML 2017);
+- survival: Kaplan-Meier curves of the predicted low- and high-risk halves of the pooled test bags (split
+  at the median risk) with the log-rank p-value (scikit-survival's ``compare_survival``), and the
+  time-dependent AUC over follow-up time (Uno et al. 2007; Hung and Chiang 2010);
+- regression: predicted against true values with the identity line, and the ROC of sTIL-high against
+  sTIL-low at the task's threshold (WeakSTIL, Schirris et al., SPIE MI 2022).
+
+Every title states the pooled metric with its bootstrap confidence interval from the evaluation; the
+average precision, which is not among the task's metrics, gets its own stratified bootstrap here. Figures
+use matplotlib's object interface with the Agg canvas (no pyplot state, no display) at a fixed size:
+:data:`FIGSIZE` inches per panel at ``PlotConfig.dpi``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+from pathmil.config import EvaluateConfig, PlotConfig
+from pathmil.fileio import atomic_output
+from pathmil.tasks import Task
+from pathmil.tasks.classification import class_key
+from pathmil.tasks.metrics import class_indices
+
+FIGSIZE = (6.0, 5.0)  # inches of one panel
+POOLED = {"color": "black", "linewidth": 2.0}
+FOLD = {"linewidth": 1.0, "alpha": 0.7}
+CHANCE = {"color": "grey", "linestyle": "--", "linewidth": 0.8}
+
+
+@dataclass
+class PlotData:
+    """What the plots draw on: test rows per fold and pooled, training rows, the pooled metrics."""
+
+    task: Task
+    folds: dict[int, pd.DataFrame]  # test rows of each fold
+    fold_train: dict[int, pd.DataFrame]  # training rows of each fold
+    pooled: pd.DataFrame  # one row per test bag (the mean score where folds share a test set)
+    train: pd.DataFrame  # the training rows of all folds, one per bag
+    metrics: dict[str, float]
+    ci: dict[str, list[float]]
+    evaluate: EvaluateConfig
+    config: PlotConfig
+
+    def with_ci(self, name: str, metric: str) -> str:
+        """``AUC 0.912 (95 % CI 0.851-0.960)`` from the pooled metrics and their bootstrap CI."""
+        return format_ci(name, self.metrics.get(metric, math.nan), self.ci.get(metric), self.evaluate)
+
+    def figure(self, panels: int = 1) -> Figure:
+        return Figure(figsize=(FIGSIZE[0] * panels, FIGSIZE[1]), dpi=self.config.dpi, layout="constrained")
+
+
+def title(fig: Figure, *lines: str) -> None:
+    """The figure's title, one statement per line (long titles would be cut at the figure's edge)."""
+    fig.suptitle("\n".join(lines), fontsize="medium")
+
+
+def format_ci(name: str, value: float, ci: list[float] | None, evaluate: EvaluateConfig) -> str:
+    if value is None or not math.isfinite(value):
+        return f"{name} undefined"
+    text = f"{name} {value:.3f}"
+    if ci and all(v is not None and math.isfinite(v) for v in ci):
+        text += f" ({100 * evaluate.confidence:g} % CI {ci[0]:.3f}-{ci[1]:.3f})"
+    return text
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float], strata: np.ndarray, evaluate: EvaluateConfig
+) -> list[float] | None:
+    """Percentile interval of ``statistic(rows)`` over stratified resamples of the rows (as evaluate's)."""
+    if evaluate.n_bootstrap <= 0:
+        return None
+    rng = np.random.default_rng(evaluate.seed)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    values = np.array(
+        [
+            statistic(np.concatenate([rng.choice(g, len(g), replace=True) for g in groups]))
+            for _ in range(evaluate.n_bootstrap)
+        ]
+    )
+    if not np.isfinite(values).any():
+        return None
+    alpha = (1 - evaluate.confidence) / 2
+    return [float(np.nanquantile(values, alpha)), float(np.nanquantile(values, 1 - alpha))]
+
+
+def fold_colour(index: int) -> str:
+    return f"C{index % 10}"
+
+
+def finish(ax, xlabel: str, ylabel: str, unit_square: bool = True) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if unit_square:
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+
+
+def no_data(ax, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, wrap=True)
+
+
+# ------------------------------------------------------------------------------------- classification
+
+
+def class_problems(
+    data: PlotData,
+) -> list[tuple[str, Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]]]:
+    """(name, rows -> (is the class, its probability)) per panel: the positive class of a binary task,
+    every class against the rest otherwise."""
+    task = data.task
+    classes = task.classes
+
+    def index(rows: pd.DataFrame) -> np.ndarray:
+        return class_indices([class_key(v) for v in rows["target"]], classes)
+
+    def problem(c: int) -> Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]:
+        return lambda rows: (index(rows) == c, task.probabilities(rows)[:, c])
+
+    if len(classes) == 2:
+        return [(f"positive class {classes[1]}", problem(1))]
+    return [(f"class {c} vs rest", problem(i)) for i, c in enumerate(classes)]
+
+
+def both_classes(y: np.ndarray) -> bool:
+    return 0 < int(np.sum(y)) < len(y)
+
+
+def curve_plot(data: PlotData, kind: str) -> Figure:
+    """ROC (``kind`` "roc") or precision-recall ("pr") curves: each fold thin, the pooled bags thick."""
+    problems = class_problems(data)
+    fig = data.figure(len(problems))
+    axes = fig.subplots(1, len(problems), squeeze=False)[0]
+    for ax, (name, split) in zip(axes, problems):
+        series = [(f"fold {k}", rows, {**FOLD, "color": fold_colour(k)}) for k, rows in data.folds.items()]
+        for label, rows, style in [*series, ("pooled", data.pooled, POOLED)]:
+            y, p = split(rows)
+            if not both_classes(y):
+                continue
+            if kind == "roc":
+                fpr, tpr, _ = skm.roc_curve(y, p)
+                ax.plot(fpr, tpr, label=f"{label} (AUC {skm.roc_auc_score(y, p):.2f})", **style)
+            else:
+                precision, recall, _ = skm.precision_recall_curve(y, p)
+                ap = skm.average_precision_score(y, p)
+                ax.plot(recall, precision, drawstyle="steps-post", label=f"{label} (AP {ap:.2f})", **style)
+        y, _ = split(data.pooled)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], **CHANCE)
+            finish(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
+        else:
+            ax.axhline(float(np.mean(y)) if len(y) else 0.0, **CHANCE, label="prevalence")
+            finish(ax, "recall (sensitivity)", "precision (positive predictive value)")
+        ax.set_title(name, fontsize="medium")
+    if kind == "roc":
+        metric = data.with_ci("AUC" if len(problems) == 1 else "macro AUC", "auc")
+        title(fig, f"ROC, test bags of {len(data.folds)} fold(s)", metric)
+    else:
+        title(fig, f"Precision-recall, test bags of {len(data.folds)} fold(s)", average_precision(data))
+    return fig
+
+
+def average_precision(data: PlotData) -> str:
+    """The pooled (macro) average precision with its stratified bootstrap interval, as title text."""
+    problems = class_problems(data)
+    pairs = [split(data.pooled) for _, split in problems]
+
+    def statistic(index: np.ndarray) -> float:
+        values = [skm.average_precision_score(y[index], p[index]) for y, p in pairs if both_classes(y[index])]
+        return float(np.mean(values)) if values else math.nan
+
+    strata = np.argmax(np.column_stack([y for y, _ in pairs]), axis=1) if len(pairs) > 1 else pairs[0][0]
+    value = statistic(np.arange(len(data.pooled)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interval = bootstrap_interval(statistic, np.asarray(strata), data.evaluate)
+    return format_ci("AP" if len(problems) == 1 else "macro AP", value, interval, data.evaluate)
+
+
+def reliability_plot(data: PlotData) -> Figure:
+    """Observed frequency against predicted probability per bin (binary: of the positive class; else of
+    the top class being right), with the counts of predictions below."""
+    task, bins = data.task, data.config.calibration_bins
+    binary = len(task.classes) == 2
+
+    def calibration_pairs(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        proba = task.probabilities(rows)
+        y = class_indices([class_key(v) for v in rows["target"]], task.classes)
+        if binary:
+            return y == 1, proba[:, 1]
+        return proba.argmax(axis=1) == y, proba.max(axis=1)
+
+    fig = data.figure()
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    top.plot([0, 1], [0, 1], **CHANCE, label="perfect calibration")
+    series = [
+        (f"fold {k}", rows, {**FOLD, "color": fold_colour(k), "marker": "."})
+        for k, rows in data.folds.items()
+    ]
+    for label, rows, style in [*series, ("pooled", data.pooled, {**POOLED, "marker": "o"})]:
+        y, p = calibration_pairs(rows)
+        if len(y) == 0:
+            continue
+        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+        top.plot(predicted, observed, label=label, **style)
+    _, p = calibration_pairs(data.pooled)
+    bottom.hist(p, bins=np.linspace(0, 1, bins + 1), color="grey", edgecolor="white")
+    bottom.set_ylabel("test bags")
+    what = f"class {task.classes[1]}" if binary else "the predicted class"
+    finish(top, "", f"observed frequency of {what}")
+    bottom.set_xlabel(f"predicted probability of {what}")
+    bottom.grid(alpha=0.3)
+    title(fig, f"Reliability: {data.with_ci('ECE', 'ece')}", data.with_ci("Brier score", "brier"))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- survival
+
+
+def _outcome(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return rows["time"].to_numpy(dtype=float), rows["event"].to_numpy(dtype=float).astype(bool)
+
+
+def kaplan_meier_plot(data: PlotData) -> Figure:
+    """Kaplan-Meier curves (95 % log-log bands, + at censoring) of the pooled test bags split at the
+    median predicted risk, with the log-rank test of the two groups."""
+    from sksurv.compare import compare_survival
+    from sksurv.nonparametric import kaplan_meier_estimator
+    from sksurv.util import Surv
+
+    time, event = _outcome(data.pooled)
+    risk = data.pooled["score"].to_numpy(dtype=float)
+    high = risk > np.median(risk)
+    fig = data.figure()
+    ax = fig.subplots()
+    for group, name, colour in ((~high, "low risk", "C0"), (high, "high risk", "C3")):
+        if not group.any():
+            continue
+        t, s, (low, up) = kaplan_meier_estimator(event[group], time[group], conf_type="log-log")
+        t, s, low, up = (np.r_[0.0, t], np.r_[1.0, s], np.r_[1.0, low], np.r_[1.0, up])
+        ax.step(
+            t, s, where="post", color=colour, label=f"{name} (n={group.sum()}, {event[group].sum()} events)"
+        )
+        ax.fill_between(t, low, up, step="post", color=colour, alpha=0.15)
+        censored = time[group][~event[group]]
+        at = s[np.searchsorted(t, censored, side="right") - 1]
+        ax.plot(censored, at, "+", color=colour, markersize=7)
+    p_value = math.nan
+    if high.any() and (~high).any():
+        _, p_value = compare_survival(Surv.from_arrays(event, time), np.where(high, "high", "low"))
+    ax.set_ylim(0, 1.02)
+    finish(ax, f"time ({data.config.time_unit})", "survival probability", unit_square=False)
+    p_text = "log-rank p undefined" if not math.isfinite(p_value) else f"log-rank p = {p_value:.2g}"
+    title(fig, f"Predicted risk groups (median split): {p_text}", data.with_ci("c-index", "c_index"))
+    return fig
+
+
+def time_auc_plot(data: PlotData) -> Figure:
+    """Cumulative/dynamic AUC at the evaluation times: each fold against its own training censoring
+    distribution, the pooled bags against all training bags (as the pooled metrics are computed)."""
+    fig = data.figure()
+    ax = fig.subplots()
+    series = [
+        (f"fold {k}", rows, data.fold_train.get(k), {**FOLD, "color": fold_colour(k)})
+        for k, rows in data.folds.items()
+    ]
+    drawn = False
+    for label, rows, train, style in [*series, ("pooled", data.pooled, data.train, POOLED)]:
+        curve = data.task.auc_curve(rows, train if train is not None and len(train) else None)
+        if len(curve):
+            ax.plot(curve["time"], curve["auc"], marker=".", label=label, **style)
+            drawn = True
+    if not drawn:
+        no_data(ax, "not defined: too few test bags or events")
+    ax.axhline(0.5, **CHANCE)
+    ax.set_ylim(0, 1.02)
+    finish(
+        ax, f"time ({data.config.time_unit})", "time-dependent AUC (cumulative/dynamic)", unit_square=False
+    )
+    title(fig, "Time-dependent AUC of the predicted risk", data.with_ci("mean AUC", "td_auc"))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ regression
+
+
+def unit(data: PlotData) -> str:
+    """The unit suffix: " %" for a percentage target (value range 0-100, as sTIL), else none (unknown)."""
+    return " %" if data.task.value_range == [0.0, 100.0] else ""
+
+
+def _value_label(data: PlotData, prefix: str) -> str:
+    return f"{prefix} {data.task.column}" + (" (%)" if unit(data) else "")
+
+
+def scatter_plot(data: PlotData) -> Figure:
+    """Predicted against true values of every test bag, coloured by fold, with the identity line and
+    the sTIL-high threshold on both axes."""
+    fig = data.figure()
+    ax = fig.subplots()
+    for k, rows in data.folds.items():
+        ax.scatter(rows["target"], rows["score"], s=18, color=fold_colour(k), alpha=0.8, label=f"fold {k}")
+    values = np.r_[data.pooled["target"].to_numpy(float), data.pooled["score"].to_numpy(float)]
+    values = values[np.isfinite(values)]
+    low, high = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    ax.plot([low, high], [low, high], **CHANCE, label="identity")
+    threshold = data.task.threshold
+    ax.axvline(threshold, color="grey", linestyle=":", linewidth=0.8)
+    ax.axhline(
+        threshold, color="grey", linestyle=":", linewidth=0.8, label=f"threshold {threshold:g}{unit(data)}"
+    )
+    ax.set_aspect("equal", adjustable="datalim")
+    finish(ax, _value_label(data, "true"), _value_label(data, "predicted"), unit_square=False)
+    title(fig, data.with_ci("R²", "r2"), data.with_ci("Pearson r", "pearson"))
+    return fig
+
+
+def high_low_roc_plot(data: PlotData) -> Figure:
+    """ROC of the predicted value separating bags at or above the threshold (sTIL-high) from the rest."""
+    threshold = data.task.threshold
+    fig = data.figure()
+    ax = fig.subplots()
+    series = [(f"fold {k}", rows, {**FOLD, "color": fold_colour(k)}) for k, rows in data.folds.items()]
+    drawn = False
+    for label, rows, style in [*series, ("pooled", data.pooled, POOLED)]:
+        y = rows["target"].to_numpy(float) >= threshold
+        if not both_classes(y):
+            continue
+        fpr, tpr, _ = skm.roc_curve(y, rows["score"].to_numpy(float))
+        ax.plot(fpr, tpr, label=f"{label} (AUC {skm.roc_auc_score(y, rows['score']):.2f})", **style)
+        drawn = True
+    if not drawn:
+        no_data(ax, f"not defined: all test bags on one side of {threshold:g}")
+    ax.plot([0, 1], [0, 1], **CHANCE)
+    finish(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
+    title(
+        fig,
+        f"ROC of {data.task.column}-high (>= {threshold:g}{unit(data)}) vs low",
+        data.with_ci("AUC", "auc_high"),
+    )
+    return fig
+
+
+PLOTS: dict[str, dict[str, Callable[[PlotData], Figure]]] = {
+    "classification": {
+        "roc.png": lambda d: curve_plot(d, "roc"),
+        "pr.png": lambda d: curve_plot(d, "pr"),
+        "reliability.png": reliability_plot,
+    },
+    "survival": {"kaplan_meier.png": kaplan_meier_plot, "time_auc.png": time_auc_plot},
+    "regression": {"scatter.png": scatter_plot, "roc_high.png": high_low_roc_plot},
+}
+
+
+def write_plots(
+    task: Task,
+    predictions: pd.DataFrame,
+    pooled_test: pd.DataFrame,
+    train_rows: pd.DataFrame,
+    metrics: dict[str, float],
+    ci: dict[str, list[float]],
+    out_dir: str | os.PathLike,
+    evaluate: EvaluateConfig | None = None,
+    config: PlotConfig | None = None,
+) -> list[str]:
+    """Write the task's plots as PNG into ``out_dir``; return their file names.
+
+    ``predictions`` holds every run's rows (all splits); ``pooled_test``, ``train_rows``, ``metrics`` and
+    ``ci`` are what :func:`pathmil.evaluation.summary.evaluate_runs` computed from them.
+    """
+    test = predictions[predictions["split"] == "test"]
+    train = predictions[predictions["split"] == "train"]
+    data = PlotData(
+        task=task,
+        folds={int(k): rows for k, rows in test.groupby("fold")},
+        fold_train={int(k): rows for k, rows in train.groupby("fold")},
+        pooled=pooled_test,
+        train=train_rows,
+        metrics=metrics,
+        ci=ci,
+        evaluate=evaluate or EvaluateConfig(),
+        config=config or PlotConfig(),
+    )
+    names = []
+    for name, plot in PLOTS[task.name].items():
+        figure = plot(data)
+        with atomic_output(Path(out_dir) / name) as tmp:
+            figure.savefig(tmp, dpi=data.config.dpi)
+        names.append(name)
+    return names

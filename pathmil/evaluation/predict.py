@@ -1,0 +1,296 @@
+"""Score new slides with trained models: one checkpoint, or the fold models of a run as an ensemble.
+
+A checkpoint (``best.pt``) carries the run's config, the fitted task and the weights, so it alone rebuilds
+the model (:func:`load_model`). Scores are made exactly as training made its ``predictions.csv``: the
+same bag joining (a patient's slides concatenated in slide-id order when the model was trained on patient
+bags, as :func:`pathmil.data.bags.make_bag_table` does), the same float16 rounding of the features (the
+training loop keeps bags in memory as float16), the same forward pass and ``task.predict``; so a fold's
+own test bags get back the very numbers training wrote.
+
+Several checkpoints (the K fold models) make an ensemble: the mean of their scores, as a fixed test set
+is pooled by ``pathmil evaluate``. Derived columns follow from the mean probabilities with training's
+rules (the predicted class is the most probable one).
+
+Inputs are refused with one line when they cannot fit: bags whose feature dimension differs from the
+model's, bags from another encoder (when both name theirs), or a model of another task than expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pathmil.cohort import read_table
+from pathmil.config import TrainConfig, from_dict
+from pathmil.data.bags import BagDataset, BagTable, make_bag_table
+from pathmil.errors import PathmilError
+from pathmil.features.bagfile import read_bag_attrs
+from pathmil.fileio import atomic_output
+from pathmil.models import MILModel
+from pathmil.models.base import MILOutput
+from pathmil.slide.reader import slide_id_from_path
+from pathmil.tasks import Task, task_from_state
+from pathmil.tasks.classification import ClassificationTask
+from pathmil.training.checkpoint import load_checkpoint
+from pathmil.training.fit import build_model, pick_device
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class LoadedModel:
+    """A trained model rebuilt from its checkpoint, with its task and what it expects as input."""
+
+    path: Path
+    model: MILModel
+    task: Task
+    config: TrainConfig
+    in_dim: int
+    encoder: str | None
+    random_init: bool
+    device: torch.device
+
+    @property
+    def aggregator(self) -> str:
+        return self.config.aggregator
+
+    def check_bag(self, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
+        """Refuse features the model was not trained on: another dimension, or another named encoder."""
+        if dim != self.in_dim:
+            raise PathmilError(
+                f"{source} holds {dim}-dimensional features but model {self.path} expects {self.in_dim} "
+                f"(encoder {self.encoder or 'unknown'}); extract the slides with the model's encoder"
+            )
+        encoder = (attrs or {}).get("encoder")
+        if encoder is None or self.encoder is None:
+            return
+        random_init = bool((attrs or {}).get("random_init", False))
+        if (str(encoder), random_init) != (self.encoder, self.random_init):
+            raise PathmilError(
+                f"{source} holds features of encoder {encoder_name(str(encoder), random_init)} but model "
+                f"{self.path} was trained on {encoder_name(self.encoder, self.random_init)}; extract the "
+                "slides with that encoder"
+            )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on a GPU when the run used it (as training scored its bags), else nothing."""
+        enabled = self.device.type == "cuda" and self.config.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.inference_mode()
+    def forward(self, features: torch.Tensor) -> MILOutput:
+        """The model's output for one bag (N x D float32), on the model's device."""
+        with self.autocast():
+            return self.model(features[None].to(self.device))
+
+
+def encoder_name(encoder: str, random_init: bool) -> str:
+    """An encoder as messages name it (a randomly initialised one is a different feature space)."""
+    return f"{encoder} (random init)" if random_init else encoder
+
+
+def load_model(path: str | os.PathLike, expected_task: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Rebuild the model and the fitted task of a checkpoint; refuse one of another task than expected.
+
+    Any aggregator the registry knows is rebuilt through :func:`pathmil.training.fit.build_model`, so new
+    ones (MHIM-MIL, MambaMIL) need nothing here; inference uses the plain ``forward``.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path)
+    task = task_from_state(checkpoint["task"])
+    if expected_task is not None and task.name != expected_task:
+        raise PathmilError(
+            f"model {path} is a {task.name} model, not {expected_task}; give a checkpoint of a "
+            f"{expected_task} run"
+        )
+    config = from_dict(TrainConfig, checkpoint["config"], where="train")
+    model = build_model(config, int(checkpoint["in_dim"]), task)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise PathmilError(
+            f"model {path}: weights do not fit aggregator {config.aggregator} ({first})"
+        ) from None
+    target = pick_device(device)
+    model.to(target).eval()
+    features = checkpoint.get("features") or {}
+    encoder = features.get("encoder")
+    return LoadedModel(
+        path=path,
+        model=model,
+        task=task,
+        config=config,
+        in_dim=int(checkpoint["in_dim"]),
+        encoder=None if encoder is None else str(encoder),
+        random_init=bool(features.get("random_init", False)),
+        device=target,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the bags
+
+
+def bags_from_files(paths: list[str | os.PathLike]) -> BagTable:
+    """One bag per feature file, named by the file's ``slide_id`` attribute or else by its file name."""
+    records, files = [], []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise PathmilError(f"feature file {path} does not exist")
+        attrs = read_bag_attrs(path) if path.suffix == ".h5" else {}
+        slide_id = str(attrs.get("slide_id") or slide_id_from_path(path))
+        records.append({"bag_id": slide_id, "patient_id": None, "slide_id": slide_id})
+        files.append([path])
+    bags = pd.DataFrame(records, columns=["bag_id", "patient_id", "slide_id"])
+    duplicated = bags["slide_id"][bags["slide_id"].duplicated()]
+    if len(duplicated):
+        raise PathmilError(f"two feature files are slide {duplicated.iloc[0]}; give each slide once")
+    return BagTable(bags=bags, files=files)
+
+
+def bags_from_cohort(
+    cohort: str | os.PathLike, features_dir: str | os.PathLike, bag_level: str, label_columns: list[str]
+) -> tuple[BagTable, list[str]]:
+    """The bags of a cohort table, joined per patient or not as the model was trained.
+
+    Returns the table and the label columns it carries: those of the task when every slide has them (an
+    external test cohort with labels), none otherwise (new slides to score).
+    """
+    required = ("slide_id", "patient_id") if bag_level == "patient" else ("slide_id",)
+    table = read_table(cohort, required=required)
+    if "patient_id" not in table.columns:
+        table["patient_id"] = table["slide_id"]
+    absent = table["patient_id"].isna()
+    if absent.any():
+        raise PathmilError(
+            f"cohort table {cohort}: slide {table['slide_id'][absent].iloc[0]} has no patient_id"
+        )
+    labelled = all(c in table.columns and table[c].notna().all() for c in label_columns)
+    columns = list(label_columns) if labelled else []
+    return make_bag_table(
+        table[["slide_id", "patient_id", *columns]], features_dir, columns, bag_level
+    ), columns
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def bag_features(dataset: BagDataset, index: int) -> torch.Tensor:
+    """Bag ``index`` as training's in-memory cache holds it: float16, handed to the model as float32."""
+    return dataset.features(index).half().float()
+
+
+def score_bags(
+    loaded: LoadedModel, table: BagTable, label_columns: list[str] = (), progress: bool = False
+) -> pd.DataFrame:
+    """``slide_id`` (``;``-joined for patient bags), ``patient_id``, targets if labelled, and the task's
+    prediction columns of every bag."""
+    from tqdm import tqdm
+
+    dataset = BagDataset(table, memory_budget_gb=0.0)  # read each bag when it is scored
+    for paths in table.files:
+        for path in paths:
+            loaded.check_bag(path, dataset.dim, read_bag_attrs(path) if path.suffix == ".h5" else None)
+    logits = [
+        loaded.forward(bag_features(dataset, i)).logits.float().cpu()
+        for i in tqdm(range(len(dataset)), desc=loaded.path.parent.name, unit="bag", disable=not progress)
+    ]
+    bags = table.bags
+    out = pd.DataFrame({"slide_id": bags["slide_id"].to_numpy()})
+    if bags["patient_id"].notna().all():
+        out["patient_id"] = bags["patient_id"].to_numpy()
+    if label_columns:
+        for name, values in loaded.task.target_columns(bags).items():
+            out[name] = values
+    logits = torch.cat(logits) if logits else torch.zeros(0, loaded.task.n_outputs)
+    for name, values in loaded.task.predict(logits).items():
+        out[name] = values
+    return out
+
+
+def check_ensemble(models: list[LoadedModel]) -> None:
+    """Models whose scores can be averaged: one task with one setting (and one class list)."""
+    first = models[0]
+    for other in models[1:]:
+        if (other.task.name, other.task.settings()) != (first.task.name, first.task.settings()):
+            raise PathmilError(
+                f"models {first.path} and {other.path} differ in task or task settings "
+                f"({first.task.name} {first.task.settings()} vs {other.task.name} {other.task.settings()}); "
+                "average the fold models of one run"
+            )
+        if isinstance(first.task, ClassificationTask) and other.task.classes != first.task.classes:
+            raise PathmilError(
+                f"models {first.path} and {other.path} were trained on different classes "
+                f"({first.task.classes} vs {other.task.classes}); average models of one cohort"
+            )
+
+
+def ensemble_mean(tables: list[pd.DataFrame], models: list[LoadedModel]) -> pd.DataFrame:
+    """The mean of the models' score columns; the predicted class follows from the mean probabilities.
+
+    Survival curves (``surv_<j>``) are averaged only when every model has the same time bins; fold models
+    fit their own bins, so their curves are dropped and the mean risk (``score``) stays.
+    """
+    out = tables[0].copy()
+    columns = [c for c in out.columns if c == "score" or c.startswith("score_")]
+    surv = [c for c in out.columns if c.startswith("surv_")]
+    if surv:
+        states = [m.task.state_dict()["fitted"] for m in models]
+        if all(s == states[0] for s in states):
+            columns += surv
+        else:
+            log.info("the models' survival bins differ: the ensemble keeps the mean risk, not the curves")
+            out = out.drop(columns=surv)
+    out[columns] = np.mean([t[columns].to_numpy(dtype=float) for t in tables], axis=0)
+    task = models[0].task
+    if isinstance(task, ClassificationTask):
+        predicted = task.probabilities(out).argmax(axis=1)
+        if len(task.classes) > 2:
+            out["score"] = predicted.astype(np.float64)
+        out["prediction"] = np.asarray(task.classes, dtype=object)[predicted]
+    return out
+
+
+def predict(
+    checkpoints: list[str | os.PathLike],
+    features: list[str | os.PathLike] | None = None,
+    cohort: str | os.PathLike | None = None,
+    features_dir: str | os.PathLike | None = None,
+    expected_task: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Scores of bag files (one bag each) or of a cohort table's bags, by one model or an ensemble."""
+    if not checkpoints:
+        raise PathmilError("no model given; pass one checkpoint (best.pt) or several for an ensemble")
+    if (features is None) == (cohort is None) or (cohort is not None and features_dir is None):
+        raise PathmilError("give bag files (--features), or a cohort table with its features folder")
+    models = [load_model(p, expected_task, device) for p in checkpoints]
+    check_ensemble(models)
+    labels: list[str] = []
+    if cohort is not None:
+        levels = {m.config.bag_level for m in models}
+        if len(levels) > 1:
+            raise PathmilError(
+                "the models were trained on patient and on slide bags; average models trained alike"
+            )
+        table, labels = bags_from_cohort(cohort, features_dir, levels.pop(), models[0].task.label_columns)
+    else:
+        table = bags_from_files(features)
+    tables = [score_bags(m, table, labels, progress) for m in models]
+    return tables[0] if len(tables) == 1 else ensemble_mean(tables, models)
+
+
+def write_predictions(path: str | os.PathLike, predictions: pd.DataFrame) -> None:
+    with atomic_output(path) as tmp:
+        predictions.to_csv(tmp, index=False)

@@ -1,0 +1,175 @@
+"""`pathmil predict`: a checkpoint scores bags exactly as training did; ensembles; refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic import make_synthetic_cohort
+
+from pathmil.cli import main
+from pathmil.features.bagfile import read_bag, write_bag
+
+TINY = ["--set", "epochs=3", "--set", "min_epochs=1", "--set", "model.hidden=16", "--no-progress"]
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A synthetic cohort, 2-fold splits per task, and tiny runs: classification folds 0 and 1 (patient
+    bags, ABMIL) and survival fold 0 (slide bags, instance regressor, NLL with survival curves)."""
+    root = tmp_path_factory.mktemp("predict")
+    features, cohort = make_synthetic_cohort(root, n_patients=16, extra_slides=6, dim=16)
+    out = {"root": root, "features": features, "cohort": cohort}
+    for task in ("classification", "survival"):
+        splits = root / f"splits_{task}.csv"
+        args = ["split", "--cohort", str(cohort), "--task", task, "--folds", "2", "--out", str(splits)]
+        assert main(args) == 0
+        folds = (0, 1) if task == "classification" else (0,)
+        extra = (
+            [
+                "--aggregator",
+                "instance_regressor",
+                "--set",
+                "bag_level=slide",
+                "--set",
+                "task_options.n_bins=3",
+            ]
+            if task == "survival"
+            else []
+        )
+        for fold in folds:
+            run = root / f"{task}{fold}"
+            args = [
+                "train",
+                "--features",
+                str(features),
+                "--cohort",
+                str(cohort),
+                "--splits",
+                str(splits),
+                "--fold",
+                str(fold),
+                "--task",
+                task,
+                "--out",
+                str(run),
+                *TINY,
+                *extra,
+            ]
+            assert main(args) == 0
+            out[f"{task}{fold}"] = run
+    return out
+
+
+@pytest.mark.parametrize("run_name", ["classification0", "survival0"])
+def test_predict_reproduces_the_runs_own_predictions_exactly(runs, tmp_path, run_name):
+    run = runs[run_name]
+    out = tmp_path / "predictions.csv"
+    args = ["predict", "--model", str(run / "best.pt"), "--cohort", str(runs["cohort"])]
+    assert main([*args, "--features-dir", str(runs["features"]), "--out", str(out)]) == 0
+    ours = read_csv(out).set_index("slide_id")
+    theirs = read_csv(run / "predictions.csv").set_index("slide_id")
+    assert set(ours.index) == set(theirs.index)  # the same bags, joined per patient or not
+    if run_name.startswith("classification"):
+        assert ours.index.str.contains(";").any()  # patients with two slides are one bag, as in training
+    else:
+        assert not ours.index.str.contains(";").any()  # a slide-level run: one bag per slide
+    ours = ours.loc[theirs.index]
+    scores = [c for c in theirs.columns if c == "score" or c.startswith(("score_", "surv_"))]
+    assert len(scores) == (1 if run_name.startswith("classification") else 4)  # score + 3 survival bins
+    for column in [*scores, "patient_id"] + (["target"] if "target" in theirs else ["time", "event"]):
+        assert ours[column].tolist() == theirs[column].tolist(), column  # exactly, not approximately
+    test = theirs[theirs["split"] == "test"]
+    assert len(test) > 0 and ours.loc[test.index, "score"].tolist() == test["score"].tolist()
+
+
+def test_bag_files_score_like_the_cohort_table(runs, tmp_path):
+    """Loose bag files are one bag each: for single-slide patients the same numbers as the cohort path."""
+    run = runs["classification0"]
+    reference = read_csv(run / "predictions.csv")
+    single = reference[~reference["slide_id"].str.contains(";")].head(3)
+    files = [str(runs["features"] / f"{s}.h5") for s in single["slide_id"]]
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(run / "best.pt"), "--features", *files, "--out", str(out)]) == 0
+    ours = read_csv(out)
+    assert ours.columns.tolist() == ["slide_id", "score", "prediction"]
+    assert ours["slide_id"].tolist() == single["slide_id"].tolist()
+    assert ours["score"].tolist() == single["score"].tolist()
+
+
+def test_an_unlabelled_cohort_is_scored_without_targets(runs, tmp_path):
+    """New slides: a table of ids alone; patient bags are joined as in training, no label columns."""
+    table = read_csv(runs["cohort"])[["slide_id", "patient_id"]]
+    table.to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "p.csv"
+    args = [
+        "predict",
+        "--model",
+        str(runs["classification0"] / "best.pt"),
+        "--cohort",
+        str(tmp_path / "new.csv"),
+    ]
+    assert main([*args, "--features-dir", str(runs["features"]), "--out", str(out)]) == 0
+    ours = read_csv(out)
+    assert ours.columns.tolist() == ["slide_id", "patient_id", "score", "prediction"]
+    assert len(ours) == table["patient_id"].nunique()
+    reference = read_csv(runs["classification0"] / "predictions.csv").set_index("slide_id")
+    assert ours.set_index("slide_id")["score"].tolist() == reference.loc[ours["slide_id"], "score"].tolist()
+
+
+def test_ensemble_is_the_mean_of_the_fold_models(runs, tmp_path):
+    models = [str(runs[f"classification{k}"] / "best.pt") for k in (0, 1)]
+    common = ["--cohort", str(runs["cohort"]), "--features-dir", str(runs["features"])]
+    singles = []
+    for k, model in enumerate(models):
+        assert main(["predict", "--model", model, *common, "--out", str(tmp_path / f"{k}.csv")]) == 0
+        singles.append(read_csv(tmp_path / f"{k}.csv"))
+    assert main(["predict", "--model", *models, *common, "--out", str(tmp_path / "ens.csv")]) == 0
+    ensemble = read_csv(tmp_path / "ens.csv")
+    assert not np.allclose(singles[0]["score"], singles[1]["score"])  # two different models
+    np.testing.assert_allclose(
+        ensemble["score"], (singles[0]["score"] + singles[1]["score"]) / 2, rtol=1e-6
+    )  # scores are float32
+    assert (ensemble["prediction"] == (ensemble["score"] > 0.5).astype(int)).all()
+
+
+@pytest.fixture()
+def odd_bags(runs, tmp_path) -> dict[str, Path]:
+    """A bag of another feature dimension and one of another encoder, made from a real bag."""
+    bag = read_bag(runs["features"] / "S000.h5")
+    wide = tmp_path / "wide.h5"
+    write_bag(wide, np.hstack([bag.features, bag.features]), bag.coords, bag.coords_attrs, bag.attrs)
+    other = tmp_path / "other.h5"
+    write_bag(other, bag.features, bag.coords, bag.coords_attrs, {**bag.attrs, "encoder": "uni"})
+    return {"wide": wide, "other": other}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("task", "is a classification model, not survival; give a checkpoint of a survival run"),
+        ("wide", "holds 32-dimensional features but model"),
+        ("other", "holds features of encoder uni but model"),
+        ("mixed", "differ in task or task settings"),
+    ],
+)
+def test_models_that_do_not_fit_are_refused_in_one_line(runs, odd_bags, tmp_path, capsys, case, message):
+    model = str(runs["classification0"] / "best.pt")
+    bag = str(runs["features"] / "S000.h5")
+    args = {
+        "task": ["--model", model, "--features", bag, "--task", "survival"],
+        "wide": ["--model", model, "--features", str(odd_bags["wide"])],
+        "other": ["--model", model, "--features", str(odd_bags["other"])],
+        "mixed": ["--model", model, str(runs["survival0"] / "best.pt"), "--features", bag],
+    }[case]
+    out = tmp_path / "p.csv"
+    assert main(["predict", *args, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
