@@ -351,18 +351,20 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (one per fold)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--n-bootstrap", type=int, help="bootstrap resamples (default 1000; 0 turns CIs off)")
+    p.add_argument("--time-unit", help="unit of survival times, for plot axes (default months)")
     _add_config_args(p)
     p.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from pathmil.config import EvaluateConfig, load_config
+    from pathmil.config import EvaluateConfig, PlotConfig, load_config
     from pathmil.evaluation.summary import evaluate_runs
 
     config = load_config(
         EvaluateConfig, args.config, args.overrides, section="evaluate", n_bootstrap=args.n_bootstrap
     )
-    result = evaluate_runs(args.runs, args.out, config)
+    plots = load_config(PlotConfig, args.config, None, section="plots", time_unit=args.time_unit)
+    result = evaluate_runs(args.runs, args.out, config, plots)
     print(
         f"{result['task']}/{result['aggregator']}: {len(args.runs)} runs, {result['n_test_bags']} test bags"
     )

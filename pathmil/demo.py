@@ -195,7 +195,9 @@ def plan_demo(n_slides: int = 40, n_patients: int | None = None, seed: int = 0) 
         raise ValueError(f"need 2 <= n_patients <= n_slides, got {n_patients} patients for {n_slides} slides")
     rng = np.random.default_rng(seed)
     patients = make_patients(rng, n_patients)
-    owners = list(range(n_patients)) + sorted(rng.choice(n_patients, n_slides - n_patients, replace=False).tolist())
+    owners = list(range(n_patients)) + sorted(
+        rng.choice(n_patients, n_slides - n_patients, replace=False).tolist()
+    )
     plan = []
     for index, owner in enumerate(owners):
         patient = patients[owner]

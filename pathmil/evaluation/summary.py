@@ -46,16 +46,34 @@ def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def pool_test(predictions: pd.DataFrame) -> pd.DataFrame:
-    """One row per test bag; bags tested in several folds (a fixed test set) get their mean score."""
+    """One row per test bag; bags tested in several folds (a fixed test set) get the mean of the folds'
+    probabilities, risks or values (a multi-class prediction is then the class of highest mean probability)."""
     test = predictions[predictions["split"] == "test"]
     if not test.duplicated("slide_id").any():
         return test.reset_index(drop=True)
-    scores = [c for c in test.columns if c == "score" or c.startswith(("score_", "surv_"))]
-    first = test.groupby("slide_id", sort=False).first().drop(columns=scores)
-    mean = test.groupby("slide_id", sort=False)[scores].mean()
-    pooled = first.join(mean).reset_index()
+    class_columns = [c for c in test.columns if c.startswith("score_")]
+    averaged = class_columns + [c for c in test.columns if c.startswith("surv_")]
+    if not class_columns:
+        averaged.append("score")
+    first = test.groupby("slide_id", sort=False).first().drop(columns=averaged)
+    pooled = first.join(test.groupby("slide_id", sort=False)[averaged].mean()).reset_index()
+    if class_columns:
+        best = pooled[class_columns].to_numpy().argmax(axis=1)
+        pooled["score"] = best
+        if "prediction" in pooled.columns:
+            pooled["prediction"] = [class_columns[i].removeprefix("score_") for i in best]
     pooled["fold"] = -1  # an ensemble of folds
     return pooled
+
+
+def drop_incomparable_curves(predictions: pd.DataFrame, states: list[dict[str, Any]]) -> pd.DataFrame:
+    """Survival curves (``surv_<j>``) of folds with different time bins cannot be pooled: a column j means
+    a different time in each fold. Drop them then (pooled integrated Brier score becomes NaN; the per-fold
+    values stay)."""
+    edges = {tuple(state.get("edges", ())) for state in states}
+    if len(edges) <= 1:
+        return predictions
+    return predictions.drop(columns=[c for c in predictions.columns if c.startswith("surv_")])
 
 
 def label_frame(task: Task, table: pd.DataFrame) -> pd.DataFrame:
@@ -109,9 +127,9 @@ def evaluate_runs(
     if not run_dirs:
         raise PathmilError("no runs given to evaluate")
     task, run_config = load_task(run_dirs[0])
-    predictions = []
+    predictions, fold_tasks = [], {}
     for run in run_dirs:
-        _, other_config = load_task(run)
+        run_task, other_config = load_task(run)
         if (other_config["task"], other_config.get("aggregator")) != (
             run_config["task"],
             run_config.get("aggregator"),
@@ -120,14 +138,20 @@ def evaluate_runs(
                 f"run {run} is a {other_config['task']}/{other_config.get('aggregator')} run; "
                 f"evaluate runs of one task and aggregator together"
             )
-        predictions.append(read_run(run))
+        rows = read_run(run)
+        predictions.append(rows)
+        for fold in rows["fold"].unique():
+            fold_tasks[int(fold)] = run_task  # each fold's metrics with its own fitted task (survival bins)
     predictions = pd.concat(predictions, ignore_index=True)
+    states = [t.state_dict() for t in fold_tasks.values()]
     per_fold = []
     for fold, rows in predictions.groupby("fold"):
         test, train = rows[rows["split"] == "test"], rows[rows["split"] == "train"]
-        per_fold.append({"fold": int(fold), "n_test": len(test), **task.metrics(test, train)})
+        per_fold.append(
+            {"fold": int(fold), "n_test": len(test), **fold_tasks[int(fold)].metrics(test, train)}
+        )
     per_fold = pd.DataFrame(per_fold)
-    pooled_test = pool_test(predictions)
+    pooled_test = pool_test(drop_incomparable_curves(predictions, states))
     train_rows = predictions[predictions["split"] == "train"].drop_duplicates("slide_id")
     pooled = task.metrics(pooled_test, train_rows)
     ci = bootstrap_ci(task, pooled_test, train_rows, config) if config.n_bootstrap > 0 else {}

@@ -16,13 +16,6 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
-from sksurv.metrics import (
-    concordance_index_censored,
-    concordance_index_ipcw,
-    cumulative_dynamic_auc,
-    integrated_brier_score,
-)
-from sksurv.util import Surv
 
 NAN = float("nan")
 
@@ -144,6 +137,8 @@ def _censor_at(time: np.ndarray, event: np.ndarray, horizon: float) -> np.ndarra
     after the last training time. At evaluation times below ``horizon`` such a subject is a control (still
     event-free) whether it is censored at ``horizon`` or not, so the metrics are unchanged.
     """
+    from sksurv.util import Surv  # scikit-survival is imported only where survival is evaluated
+
     late = time >= horizon
     return Surv.from_arrays(event & ~late, np.minimum(time, horizon))
 
@@ -163,6 +158,9 @@ def time_dependent_auc(
     mean is scikit-survival's, weighted by the Kaplan-Meier estimate over the time range. Returns empty
     arrays and NaN when the data cannot define it.
     """
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
     time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
     if train_time is None or train_event is None:
         train_time, train_event = time, event
@@ -201,6 +199,9 @@ def survival_metrics(
     truncated at the end of the training follow-up. ``survival(times) -> (n, len(times))`` gives each test
     row's survival probabilities for the integrated Brier score; without it, ``ibs`` is NaN.
     """
+    from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, integrated_brier_score
+    from sksurv.util import Surv
+
     time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
     out = {"c_index": NAN, "c_index_ipcw": NAN, "td_auc": NAN, "ibs": NAN}
     if len(time) < 2 or not event.any():

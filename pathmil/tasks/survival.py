@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sksurv.linear_model.coxph import BreslowEstimator
 
 from pathmil.errors import PathmilError
 from pathmil.tasks.base import Task, bag_ids, full_precision, numeric_column, quantile_strata
@@ -215,12 +214,17 @@ class SurvivalTask(Task):
         (scikit-survival's ``BreslowEstimator``); None without training rows.
         """
         if self.loss_name == "nll":
-            surv = test[[f"surv_{j}" for j in range(self.n_outputs)]].to_numpy(dtype=float)
+            columns = [f"surv_{j}" for j in range(self.n_outputs)]
+            if not set(columns) <= set(test.columns):
+                return None  # pooled folds with different bins carry no comparable curves
+            surv = test[columns].to_numpy(dtype=float)
             s_pad = np.column_stack([np.ones(len(surv)), surv])
             return lambda times: s_pad[:, self._bins(np.asarray(times))]
         if train is None:
             return None
         train_time, train_event = self._time_event(train, ("time", "event"))
+        from sksurv.linear_model.coxph import BreslowEstimator
+
         baseline = BreslowEstimator().fit(train["score"].to_numpy(dtype=float), train_event, train_time)
         functions = baseline.get_survival_function(test["score"].to_numpy(dtype=float))
         return lambda times: np.vstack([fn(np.asarray(times)) for fn in functions])
