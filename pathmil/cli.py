@@ -12,9 +12,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
+
+if TYPE_CHECKING:
+    from pathmil.config import ExtractConfig
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -500,12 +504,165 @@ def run_heatmap(args: argparse.Namespace) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------- extract
+
+
+def add_extract_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="encode the tiles of one slide or a cohort with a frozen encoder into bag files",
+        description="One slide: pathmil extract SLIDE --tiles TILES.h5 --encoder NAME --out FEATURES.h5. "
+        "A cohort: pathmil extract --cohort COHORT.csv (or --slide-dir DIR) --tiles-dir DIR --out-dir DIR "
+        "(the model is loaded once). A slide whose bag already matches encoder, weights and tiles is "
+        "skipped unless --overwrite.",
+    )
+    p.add_argument("slide", nargs="?", type=Path, help="slide file (omit with --cohort/--slide-dir)")
+    p.add_argument("--tiles", type=Path, help="tiles HDF5 of the one slide (from pathmil tile)")
+    p.add_argument("--out", type=Path, help="bag HDF5 of the one slide")
+    p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
+    p.add_argument("--slide-id", help="slide id (default: the tiles file's, else the slide file name)")
+    p.add_argument("--cohort", type=Path, help="cohort table with slide_id and path (batch mode)")
+    p.add_argument("--slide-dir", type=Path, help="folder of slides (batch mode, ids from file names)")
+    p.add_argument("--tiles-dir", type=Path, help="batch mode: tiles files {slide_id}.h5 are here")
+    p.add_argument("--out-dir", type=Path, help="batch mode: bag files go here")
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="record a failing slide (failures table in batch mode, facts JSON with status 'failed' "
+        "for one slide) and exit 0",
+    )
+    p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
+    p.add_argument("--encoder", help="encoder name (default resnet50_trunc); see --list-encoders")
+    p.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
+    p.add_argument("--weights", help="weights file (default: the Hugging Face or torch hub cache)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        default=None,
+        help="random weights (tests and baselines only; recorded in the bag)",
+    )
+    p.add_argument("--batch-size", type=int, help="tiles per batch (default 64)")
+    p.add_argument("--workers", type=int, help="tile-reading processes (default: CPU cores - 1, 1 to 8)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--dtype", choices=["float16", "float32"], help="features on disk (default float16)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="default auto: bf16 on CUDA and on CPUs with AMX/AVX-512 BF16, else fp32",
+    )
+    p.add_argument(
+        "--optimize",
+        choices=["auto", "none", "jit", "compile"],
+        help="default auto: fused TorchScript for CNNs in fp32 on CPU, else none",
+    )
+    p.add_argument("--overwrite", action="store_true", default=None, help="redo slides already extracted")
+    _add_config_args(p)
+    p.set_defaults(handler=run_extract)
+
+
+def run_extract(args: argparse.Namespace) -> None:
+    from pathmil.config import ExtractConfig, load_config
+
+    if args.list_encoders:
+        from pathmil.features.encoders import list_encoders
+
+        print("\n".join([*list_encoders(), "timm:<model_name>"]))
+        return
+    config = load_config(
+        ExtractConfig,
+        args.config,
+        args.overrides,
+        section="extract",
+        encoder=args.encoder,
+        weights=args.weights,
+        random_init=args.random_init,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        dtype=args.dtype,
+        precision=args.precision,
+        optimize=args.optimize,
+        overwrite=args.overwrite,
+    )
+    config.validate()
+    if args.cohort is not None or args.slide_dir is not None:
+        _extract_batch(args, config)
+    else:
+        _extract_one(args, config)
+
+
+def _extract_batch(args: argparse.Namespace, config: ExtractConfig) -> None:
+    if args.slide is not None or args.tiles_dir is None or args.out_dir is None:
+        raise PathmilError(
+            "batch mode takes --cohort or --slide-dir with --tiles-dir and --out-dir, and no SLIDE"
+        )
+    from pathmil.cohort import load_slides
+    from pathmil.features.extract import extract_cohort
+
+    slides = load_slides(args.cohort, args.slide_dir)
+    facts = extract_cohort(
+        slides, args.tiles_dir, args.out_dir, config, skip_errors=args.skip_errors, failures=args.failures
+    )
+    done = int(facts["skipped"].sum()) if len(facts) else 0
+    print(
+        f"extracted {len(facts) - done} and kept {done} up-to-date of {len(slides)} slides into {args.out_dir}"
+    )
+    if len(facts) < len(slides):
+        print(
+            f"{len(slides) - len(facts)} slide(s) failed: see {args.failures or args.out_dir / 'failures.csv'}"
+        )
+
+
+def _extract_one(args: argparse.Namespace, config: ExtractConfig) -> None:
+    if args.slide is None or args.tiles is None or args.out is None:
+        raise PathmilError(
+            "give SLIDE, --tiles and --out (one slide), or --cohort/--slide-dir with --tiles-dir and "
+            "--out-dir (batch)"
+        )
+    from pathmil.features.extract import FeatureExtractor, extract_slide
+    from pathmil.slide.reader import slide_id_from_path
+    from pathmil.slide.tile import record_failure
+
+    try:
+        facts = extract_slide(
+            args.slide,
+            args.tiles,
+            args.out,
+            FeatureExtractor(config),
+            slide_id=args.slide_id,
+            facts=args.facts,
+            progress=sys.stderr.isatty(),
+        )
+    except PathmilError as err:
+        if not args.skip_errors:
+            raise
+        record_failure(
+            args.facts or args.out.with_suffix(".json"),
+            args.slide_id or slide_id_from_path(args.slide),
+            args.slide,
+            getattr(err, "stage", "extract"),
+            err,
+        )
+        print(f"pathmil: skipped: {err}", file=sys.stderr)
+        return
+    if facts["skipped"]:
+        print(f"{facts['slide_id']}: {args.out} is up to date (--overwrite to redo it)")
+        return
+    print(
+        f"{facts['slide_id']}: {facts['n_tiles']} x {facts['dim']} features ({facts['encoder']}, "
+        f"{facts['precision']} on {facts['device']}) at {facts['tiles_per_second']:.1f} tiles/s -> {args.out}"
+    )
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 PARSERS = [
     add_demo_parser,
     add_cohort_parser,
     add_tile_parser,
+    add_extract_parser,
     add_split_parser,
     add_train_parser,
     add_evaluate_parser,

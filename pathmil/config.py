@@ -84,6 +84,57 @@ class TileConfig:
         self.tissue_params()
 
 
+# ---------------------------------------------------------------------------------- feature extraction
+
+EXTRACT_DEVICES = ("auto", "cpu", "cuda")
+EXTRACT_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EXTRACT_DTYPES = ("float16", "float32")
+EXTRACT_OPTIMIZE = ("auto", "none", "jit", "compile")
+
+
+@dataclasses.dataclass
+class ExtractConfig:
+    """How tiles become features: which frozen encoder, on what device, at what precision, into what file.
+
+    ``precision="auto"`` picks the fastest setting that keeps features faithful (per-tile cosine similarity
+    to fp32 of at least 0.999, benchmarks/RESULTS.md): bf16 autocast on CUDA and on CPUs with AMX or
+    AVX-512 BF16, fp32 elsewhere (bf16 is emulated there and several times slower). ``optimize="auto"``
+    fuses a CNN's layers for inference on CPU in fp32 (TorchScript freezing; oneDNN conv + batch-norm +
+    ReLU fusion), which is exact up to float rounding.
+    """
+
+    encoder: str = "resnet50_trunc"  # registry name or timm:<model_name>
+    weights: str | None = None  # weights file; None: the Hugging Face or torch hub cache
+    random_init: bool = False  # random weights, for tests and baselines only (recorded in the bag)
+    batch_size: int = 64
+    workers: int | None = None  # tile-reading processes; None: one per CPU core but one, 1 to 8
+    prefetch: int = 4  # batches each reading process prepares ahead
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    precision: str = "auto"  # auto, fp32, bf16 or fp16 (autocast)
+    optimize: str = "auto"  # auto, none, jit (TorchScript freeze) or compile (torch.compile, slow start)
+    dtype: str = "float16"  # features on disk: float16 or float32
+    overwrite: bool = False  # redo slides whose bag already matches encoder, weights and tiles
+
+    def validate(self) -> None:
+        """Refuse settings the extraction loop cannot honour."""
+        for name, allowed in (
+            ("device", EXTRACT_DEVICES),
+            ("precision", EXTRACT_PRECISIONS),
+            ("dtype", EXTRACT_DTYPES),
+            ("optimize", EXTRACT_OPTIMIZE),
+        ):
+            if getattr(self, name) not in allowed:
+                raise PathmilError(f"{name} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        if self.batch_size < 1:
+            raise PathmilError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise PathmilError(f"workers must be 0 (read in the main process) or more, got {self.workers}")
+        if self.prefetch < 1:
+            raise PathmilError(f"prefetch must be at least 1, got {self.prefetch}")
+        if self.random_init and self.weights:
+            raise PathmilError("give either weights (--weights) or random_init (--random-init), not both")
+
+
 # ------------------------------------------------------------------------------------------ machinery
 
 

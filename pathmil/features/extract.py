@@ -1,0 +1,603 @@
+"""Stage 2: from a slide and its tiles file to a bag file of frozen-encoder features.
+
+The loop keeps the encoder busy: DataLoader worker processes each open their own OpenSlide handle, read
+tiles at the level and size the tiles file names, resize and crop them with OpenCV, and hand whole uint8
+batches (B x H x W x 3) to the main process. There the batch is viewed as B x 3 x H x W (which *is* the
+channels_last layout, so CNNs get it without a copy), normalised in one vectorised multiply-add, and encoded
+under ``torch.inference_mode`` at the chosen precision. A tile whose compressed data is damaged is dropped,
+counted and named; the slide goes on.
+
+:func:`extract_slide` does one slide (skipping it when its bag already matches encoder, weights and tiles);
+:func:`extract_cohort` loads the model once and runs many, recording failures in a table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+
+from pathmil.config import ExtractConfig
+from pathmil.errors import PathmilError, SlideError
+from pathmil.features.bagfile import read_bag_attrs, write_bag
+from pathmil.features.encoders import (
+    Encoder,
+    Preprocess,
+    create_encoder,
+    encoder_spec,
+    file_sha256,
+    resolve_weights,
+)
+from pathmil.fileio import write_json
+from pathmil.slide.reader import Slide, resize, slide_id_from_path
+from pathmil.slide.tilefile import TileSet, read_tiles
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UpstreamFailure(PathmilError):
+    """An earlier stage failed for this slide; ``stage`` keeps its name for the failures table."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+# ------------------------------------------------------------------------------ device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when a GPU is visible, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PathmilError("--device cuda, but no CUDA GPU is visible; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bf16 matrix units (AMX or AVX-512 BF16); elsewhere bf16 is emulated."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto``: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16, else fp32.
+
+    On a CPU without AMX/AVX-512 BF16 (e.g. AMD Zen 3, AVX2 only) bf16 autocast runs several times slower
+    than fp32 (benchmarks/RESULTS.md), so fp32 is the fastest faithful setting there.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def resolve_optimize(requested: str, device: torch.device, precision: str, encoder: Encoder) -> str:
+    """``auto``: TorchScript freezing for CNNs in fp32 on CPU (oneDNN fuses conv, batch norm and ReLU and
+    keeps weights pre-packed), nothing elsewhere; ``compile`` is offered but never chosen by default
+    because its start-up (tens of seconds per process) costs more than it saves on a typical slide."""
+    if requested != "auto":
+        return requested
+    return "jit" if device.type == "cpu" and precision == "fp32" and encoder.convolutional else "none"
+
+
+def default_workers() -> int:
+    """One tile reader per CPU core but one (the main process runs the encoder), between 1 and 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores - 1))
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+class EncoderRunner:
+    """An encoder placed on a device, at a precision, optionally fused: uint8 tiles in, float32 features out."""
+
+    def __init__(self, encoder: Encoder, device: torch.device, precision: str, optimize: str = "none"):
+        self.encoder = encoder
+        self.device = device
+        self.precision = precision
+        self.optimize = optimize
+        self.channels_last = encoder.convolutional
+        model = encoder.model.to(device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        mean = torch.tensor(encoder.preprocess.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(encoder.preprocess.std, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)  # (x / 255 - mean) / std as one multiply-add
+        self.shift = mean / std
+        self.model = self._optimised(model, optimize)
+
+    def _optimised(self, model: torch.nn.Module, optimize: str) -> torch.nn.Module:
+        if optimize == "none":
+            return model
+        if self.precision != "fp32":
+            raise PathmilError(f"--optimize {optimize} works with --precision fp32 only")
+        side = self.encoder.preprocess.input_px
+        example = self.normalise(torch.zeros(2, side, side, 3, dtype=torch.uint8))
+        if optimize == "jit":
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile
+                return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
+        return torch.compile(model, dynamic=False, options={"freezing": True})
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """B x H x W x 3 uint8 -> B x 3 x H x W float, normalised; NHWC memory is channels_last already."""
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = x.mul_(self.scale).sub_(self.shift)
+        return x if self.channels_last else x.contiguous()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.model(x)
+        return out.float().cpu()
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _init_worker(_: int) -> None:
+    """Readers use one thread each, so they never compete with the encoder's threads."""
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _fork_safe_opencv() -> Iterator[None]:
+    """Shrink OpenCV's thread pool to one thread while reader processes are forked, then restore it.
+
+    A forked child inherits OpenCV's pool bookkeeping but not its threads, and hangs on its first parallel
+    call or pool change; with one thread in the parent at fork time the children never touch a pool.
+    """
+    import cv2
+
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+class TileBatches(Dataset):
+    """Batches of tiles from one slide: ``dataset[[i, j, ...]]`` -> (images, kept indices, failures).
+
+    Each process opens its own OpenSlide handle (handles are not shareable across processes). A read that
+    fails (damaged JPEG data) drops that tile; the handle is reopened because OpenSlide refuses every
+    later call on a handle once it has reported an error.
+    """
+
+    def __init__(
+        self,
+        slide_path: str | os.PathLike,
+        slide_id: str,
+        slide_mpp: float | None,
+        tiles: TileSet,
+        preprocess: Preprocess,
+    ):
+        self.slide_path = Path(slide_path)
+        self.slide_id = slide_id
+        self.slide_mpp = slide_mpp
+        self.coords = tiles.coords
+        self.level = tiles.level
+        self.read_px = tiles.read_px
+        self.preprocess = preprocess
+        self._slide: Slide | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def _handle(self) -> Slide:
+        if self._slide is None or self._pid != os.getpid():
+            self._slide = Slide(self.slide_path, self.slide_id, mpp=self.slide_mpp, mpp_source="tiles")
+            self._pid = os.getpid()
+        return self._slide
+
+    def _reopen(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+        self._slide = None
+
+    def read(self, index: int) -> np.ndarray:
+        """One tile as the encoder sees it: read, resized to ``resize_px``, centre-cropped to ``input_px``."""
+        x, y = self.coords[index]
+        tile = self._handle().read_region(x, y, self.level, self.read_px, self.read_px)
+        tile = resize(tile, self.preprocess.resize_px)
+        start = (self.preprocess.resize_px - self.preprocess.input_px) // 2
+        stop = start + self.preprocess.input_px
+        return tile[start:stop, start:stop]
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+        side = self.preprocess.input_px
+        images = np.empty((len(indices), side, side, 3), np.uint8)
+        kept: list[int] = []
+        failed: list[tuple[int, str]] = []
+        for index in indices:
+            try:
+                images[len(kept)] = self.read(index)
+                kept.append(index)
+            except SlideError as err:
+                failed.append((int(index), err.cause))
+                self._reopen()
+        return torch.from_numpy(images[: len(kept)]), torch.tensor(kept, dtype=torch.int64), failed
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TileFeatures:
+    """The features of the tiles that could be read, and the tiles that could not."""
+
+    features: np.ndarray  # K x D float32
+    kept: np.ndarray  # K indices into the tiles file
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (index, error)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def encode_tiles(
+    runner: EncoderRunner,
+    dataset: TileBatches,
+    batch_size: int,
+    workers: int,
+    prefetch: int = 4,
+    progress: bool = False,
+) -> TileFeatures:
+    """Run every tile of ``dataset`` through ``runner``; reading overlaps encoding when ``workers`` > 0."""
+    from tqdm import tqdm
+
+    n = len(dataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=BatchSampler(SequentialSampler(range(n)), batch_size, drop_last=False),
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        pin_memory=runner.device.type == "cuda",
+        worker_init_fn=_init_worker if workers else None,
+    )
+    dim = runner.encoder.dim
+    features = np.zeros((n, dim), np.float32)
+    kept = np.zeros(n, bool)
+    failed: list[tuple[int, str]] = []
+    waited = encoding = 0.0
+    start = time.perf_counter()
+    with (
+        _fork_safe_opencv() if workers else contextlib.nullcontext(),
+        tqdm(total=n, desc=dataset.slide_id, unit="tile", disable=not progress, leave=False) as bar,
+    ):
+        batches = iter(loader)
+        while True:
+            tick = time.perf_counter()
+            try:
+                images, index, bad = next(batches)
+            except StopIteration:
+                break
+            waited += time.perf_counter() - tick
+            tick = time.perf_counter()
+            if len(index):
+                out = _padded_call(runner, images, batch_size)
+                if out.shape != (len(index), dim):
+                    raise RuntimeError(
+                        f"encoder {runner.encoder.name} gave {tuple(out.shape)}, not N x {dim}"
+                    )
+                features[index.numpy()] = out.numpy()
+                kept[index.numpy()] = True
+            encoding += time.perf_counter() - tick
+            failed += [(int(i), str(msg)) for i, msg in bad]
+            bar.update(len(index) + len(bad))
+    seconds = {"total": time.perf_counter() - start, "wait_for_tiles": waited, "encode": encoding}
+    order = np.flatnonzero(kept)
+    return TileFeatures(features[order], order, sorted(failed), {k: round(v, 4) for k, v in seconds.items()})
+
+
+def _padded_call(runner: EncoderRunner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A compiled model is specialised to one batch shape: pad the last, short batch rather than recompile."""
+    if runner.optimize != "compile" or len(images) == batch_size:
+        return runner(images)
+    pad = images.new_zeros((batch_size - len(images), *images.shape[1:]))
+    return runner(torch.cat([images, pad]))[: len(images)]
+
+
+# -------------------------------------------------------------------------------------- extractor
+
+
+class FeatureExtractor:
+    """An encoder configured once and reused for many slides; the network is built on first use, so a run
+    whose slides are all done already never loads it."""
+
+    def __init__(self, config: ExtractConfig):
+        config.validate()
+        self.config = config
+        self.device = resolve_device(config.device)
+        spec = encoder_spec(config.encoder)
+        self.dim = spec.dim
+        self.preprocess = spec.preprocess
+        if config.random_init:
+            self.weights_path, self.weights_sha256 = None, ""
+        else:
+            self.weights_path = resolve_weights(config.encoder, spec, config.weights)
+            self.weights_sha256 = file_sha256(self.weights_path)
+        self._runner: EncoderRunner | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a bag must match to be reused: encoder, weights and the random-init flag."""
+        return {
+            "encoder": self.config.encoder,
+            "encoder_weights_sha256": self.weights_sha256,
+            "random_init": self.config.random_init,
+        }
+
+    @property
+    def runner(self) -> EncoderRunner:
+        if self._runner is None:
+            encoder = create_encoder(
+                self.config.encoder,
+                weights=self.weights_path,
+                random_init=self.config.random_init,
+                sha256=self.weights_sha256 or None,
+            )
+            precision = resolve_precision(self.config.precision, self.device)
+            optimize = resolve_optimize(self.config.optimize, self.device, precision, encoder)
+            self._runner = EncoderRunner(encoder, self.device, precision, optimize)
+            log.info(
+                "encoder %s (%d-d) on %s, precision %s, optimize %s",
+                encoder.name,
+                encoder.dim,
+                self.device,
+                precision,
+                optimize,
+            )
+        return self._runner
+
+    @property
+    def workers(self) -> int:
+        return default_workers() if self.config.workers is None else self.config.workers
+
+
+def tiles_sha256(tiles: TileSet) -> str:
+    """A fingerprint of what will be read: the coordinates and the read geometry (not the file's bytes)."""
+    geometry = {k: tiles.coords_attrs.get(k) for k in ("patch_size", "patch_level", "tile_px", "target_mpp")}
+    digest = hashlib.sha256(np.ascontiguousarray(tiles.coords, dtype=np.int64).tobytes())
+    digest.update(json.dumps(geometry, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def load_tiles_for(tiles_path: str | os.PathLike, slide_id: str | None = None) -> TileSet:
+    """Read a tiles file; if tiling failed for this slide (its facts JSON says so), re-raise that failure."""
+    tiles_path = Path(tiles_path)
+    facts_path = tiles_path.with_suffix(".json")
+    if not tiles_path.is_file() and facts_path.is_file():
+        try:
+            facts = json.loads(facts_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            facts = {}
+        if facts.get("status") == "failed":
+            raise UpstreamFailure(str(facts.get("error", "failed")), str(facts.get("stage", "tile")))
+    return read_tiles(tiles_path)
+
+
+def bag_is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
+    """True when ``out`` is a finished bag made with the same encoder, weights and tiles."""
+    out = Path(out)
+    if not out.is_file():
+        return False
+    try:
+        attrs = read_bag_attrs(out)
+    except OSError:  # unreadable: extract again
+        return False
+    return all(attrs.get(key) == value for key, value in identity.items())
+
+
+def extract_slide(
+    slide_path: str | os.PathLike,
+    tiles_path: str | os.PathLike,
+    out: str | os.PathLike,
+    extractor: FeatureExtractor,
+    slide_id: str | None = None,
+    facts: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Extract one slide into bag ``out`` and its facts JSON (default: ``out`` with .json).
+
+    Skips the work (``skipped: True``) when ``out`` already matches encoder, weights and tiles, unless the
+    config says ``overwrite``. Nothing is written when the slide fails.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    facts_path = Path(facts) if facts is not None else out.with_suffix(".json")
+    tiles = load_tiles_for(tiles_path)
+    slide_id = slide_id or str(tiles.attrs.get("slide_id") or slide_id_from_path(slide_path))
+    identity = {**extractor.identity, "tiles_sha256": tiles_sha256(tiles)}
+    if not extractor.config.overwrite and bag_is_current(out, identity):
+        return _skipped_facts(out, facts_path, slide_id)
+    if len(tiles.coords) == 0:
+        raise SlideError(slide_id, f"tiles file {tiles_path} holds no tiles; tile the slide again")
+    slide_mpp = tiles.coords_attrs.get("slide_mpp")
+    with Slide(slide_path, slide_id, mpp=slide_mpp, mpp_source="tiles") as slide:
+        _check_tiles_match(slide, tiles, tiles_path)
+        dimensions, slide_mpp = slide.dimensions, slide.mpp
+    runner = extractor.runner
+    dataset = TileBatches(slide_path, slide_id, slide_mpp, tiles, extractor.preprocess)
+    result = encode_tiles(
+        runner, dataset, extractor.config.batch_size, extractor.workers, extractor.config.prefetch, progress
+    )
+    if len(result.kept) == 0:
+        raise SlideError(
+            slide_id,
+            f"none of its {len(tiles.coords)} tiles could be read (first error: {result.failed[0][1]}); "
+            "the file is damaged: copy or scan it again",
+        )
+    failed_coords = tiles.coords[[i for i, _ in result.failed]].reshape(-1, 2).astype(np.int64)
+    warnings_list = []
+    if len(failed_coords):
+        shown = ", ".join(f"({x}, {y})" for x, y in failed_coords[:10])
+        more = f" and {len(failed_coords) - 10} more" if len(failed_coords) > 10 else ""
+        warnings_list.append(
+            f"dropped {len(failed_coords)} of {len(tiles.coords)} tiles that could not be read "
+            f"(level-0 x, y: {shown}{more}); first error: {result.failed[0][1]}"
+        )
+        log.warning("%s: %s", slide_id, warnings_list[-1])
+    attrs = {
+        **identity,
+        "slide_id": slide_id,
+        "slide_path": str(slide_path),
+        "tiles_path": str(tiles_path),
+        "encoder_dim": runner.encoder.dim,
+        "encoder_weights": str(extractor.weights_path) if extractor.weights_path else "",
+        "input_px": extractor.preprocess.input_px,
+        "resize_px": extractor.preprocess.resize_px,
+        "tile_px": tiles.tile_px,
+        "target_mpp": tiles.coords_attrs.get("target_mpp"),
+        "slide_mpp": slide_mpp,
+        "level0_size": np.asarray(dimensions, np.int64),
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "optimize": runner.optimize,
+        "dtype": extractor.config.dtype,
+        "n_tiles": len(tiles.coords),
+        "n_failed_tiles": len(failed_coords),
+        "failed_tile_coords": failed_coords,
+    }
+    extra = {}
+    if tiles.tissue_fraction is not None:
+        extra["tissue_fraction"] = tiles.tissue_fraction[result.kept].astype(np.float32)
+    write_start = time.perf_counter()
+    write_bag(
+        out,
+        result.features.astype(extractor.config.dtype),
+        tiles.coords[result.kept],
+        tiles.coords_attrs,
+        attrs,
+        extra=extra,
+    )
+    seconds = {**result.seconds, "write": round(time.perf_counter() - write_start, 4)}
+    seconds["all"] = round(time.perf_counter() - start, 4)
+    facts_data = {
+        "slide_id": slide_id,
+        "path": str(slide_path),
+        "status": "ok",
+        "skipped": False,
+        "out": str(out),
+        "encoder": extractor.config.encoder,
+        "dim": runner.encoder.dim,
+        "random_init": extractor.config.random_init,
+        "n_tiles": len(result.kept),
+        "n_failed": len(failed_coords),
+        "failed_tile_coords": failed_coords.tolist(),
+        "seconds": seconds,
+        "tiles_per_second": round(len(tiles.coords) / max(result.seconds["total"], 1e-9), 2),
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "optimize": runner.optimize,
+        "workers": extractor.workers,
+        "batch_size": extractor.config.batch_size,
+        "warnings": warnings_list,
+    }
+    write_json(facts_path, facts_data)
+    return facts_data
+
+
+def _check_tiles_match(slide: Slide, tiles: TileSet, tiles_path: str | os.PathLike) -> None:
+    """A tiles file made for another slide would read the wrong pixels: refuse it."""
+    width, height = tiles.coords_attrs.get("level0_width"), tiles.coords_attrs.get("level0_height")
+    if width is not None and height is not None and (int(width), int(height)) != tuple(slide.dimensions):
+        raise SlideError(
+            slide.slide_id,
+            f"tiles file {tiles_path} was made for a {width}x{height} slide, but {slide.path.name} is "
+            f"{slide.dimensions[0]}x{slide.dimensions[1]}; tile this slide again",
+        )
+    if tiles.level >= len(slide.level_dimensions):
+        raise SlideError(slide.slide_id, f"tiles file {tiles_path} reads level {tiles.level}, which it lacks")
+
+
+def _skipped_facts(out: Path, facts_path: Path, slide_id: str) -> dict[str, Any]:
+    """The facts of a slide whose bag is already current; the facts file is kept when it exists."""
+    if facts_path.is_file():
+        try:
+            return {**json.loads(facts_path.read_text()), "skipped": True}
+        except (OSError, json.JSONDecodeError):
+            pass
+    attrs = read_bag_attrs(out)
+    facts = {
+        "slide_id": slide_id,
+        "path": attrs.get("slide_path"),
+        "status": "ok",
+        "skipped": True,
+        "out": str(out),
+        "encoder": attrs.get("encoder"),
+        "n_tiles": int(attrs.get("n_tiles", 0)) - int(attrs.get("n_failed_tiles", 0)),
+        "n_failed": int(attrs.get("n_failed_tiles", 0)),
+        "precision": attrs.get("precision"),
+        "device": attrs.get("device"),
+    }
+    write_json(facts_path, facts)
+    return facts
+
+
+def extract_cohort(
+    slides: pd.DataFrame,
+    tiles_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: ExtractConfig,
+    skip_errors: bool = False,
+    failures: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Extract every slide of a table (``slide_id``, ``path``) with one encoder loaded once.
+
+    Tiles come from ``tiles_dir/{slide_id}.h5``, bags go to ``out_dir/{slide_id}.h5`` (facts beside them).
+    With ``skip_errors`` a failing slide is recorded (slide, path, stage, error) in the failures table
+    (default ``out_dir/failures.csv``, always written) and the rest go on. Returns the facts of each slide.
+    """
+    from tqdm import tqdm
+
+    from pathmil.slide.tile import write_failures
+
+    out_dir = Path(out_dir)
+    failures_path = Path(failures) if failures else out_dir / "failures.csv"
+    extractor = FeatureExtractor(config)
+    records, failed = [], []
+    rows = list(slides.itertuples(index=False))
+    for row in tqdm(rows, desc="extract", unit="slide", disable=not progress):
+        try:
+            records.append(
+                extract_slide(
+                    row.path,
+                    Path(tiles_dir) / f"{row.slide_id}.h5",
+                    out_dir / f"{row.slide_id}.h5",
+                    extractor,
+                    slide_id=row.slide_id,
+                )
+            )
+        except PathmilError as err:
+            if not skip_errors:
+                raise
+            stage = getattr(err, "stage", "extract")
+            failed.append({"slide_id": row.slide_id, "path": row.path, "stage": stage, "error": str(err)})
+    write_failures(failures_path, failed)
+    return pd.DataFrame(records)
