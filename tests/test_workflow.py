@@ -39,7 +39,8 @@ def mini_config(weights, **changes) -> dict:
 
 def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     work = workflow_copy(tmp_path / "w")
-    counts = job_counts(snakemake(work, "-n").stdout)
+    dry = snakemake(work, "-n")
+    counts = job_counts(dry.stdout + dry.stderr)
     assert set(RULES) <= set(counts), counts
     assert counts["tile"] == counts["extract"] == 40  # the demo's 40 slides, known before they exist
     assert counts["train"] == 3 * 3 * 5  # tasks x aggregators x folds of config/config.yaml
@@ -82,7 +83,8 @@ def test_reduced_demo_runs_end_to_end_and_a_second_run_does_nothing(tmp_path, mo
         assert result["n_test_bags"] == pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
-    assert "Nothing to be done" in snakemake(work, "--cores", "2", "--configfile", configfile).stdout
+    again = snakemake(work, "--cores", "2", "--configfile", configfile)
+    assert "Nothing to be done" in again.stdout + again.stderr
     report = work / "report.html"
     snakemake(work, "--configfile", configfile, "--report", str(report))
     html = report.read_text(errors="ignore")
@@ -114,7 +116,8 @@ def test_slide_folder_failures_are_recorded_and_touching_a_slide_reruns_its_chai
         assert (results / "features" / "mobilenet_v2" / f"{slide}.h5").is_file()
     time.sleep(1)
     os.utime(folder / f"{ok['slide_id'][0]}.tiff")
-    counts = job_counts(snakemake(work, "-n", "--configfile", configfile).stdout)
+    dry = snakemake(work, "-n", "--configfile", configfile)
+    counts = job_counts(dry.stdout + dry.stderr)
     assert counts == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
 
 
