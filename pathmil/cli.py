@@ -56,6 +56,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="slide size in pixels at 0.5 um/px (default 3072 3584)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes painting slides (default 1)")
     p.set_defaults(handler=run_demo)
 
 
@@ -65,7 +66,12 @@ def run_demo(args: argparse.Namespace) -> None:
     if args.n_slides < 2:
         raise PathmilError("--n-slides must be at least 2")
     table = make_demo_cohort(
-        args.out, n_slides=args.n_slides, n_patients=args.n_patients, size_px=tuple(args.size), seed=args.seed
+        args.out,
+        n_slides=args.n_slides,
+        n_patients=args.n_patients,
+        size_px=tuple(args.size),
+        seed=args.seed,
+        workers=args.workers,
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 

@@ -19,6 +19,7 @@ is exercised; one slide has no resolution tags and gets its um/px from the table
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -210,6 +211,26 @@ def plan_demo(n_slides: int = 40, n_patients: int | None = None, seed: int = 0) 
     return plan
 
 
+def write_demo_slide(spec: DemoSlide, out_dir: Path, size_px: tuple[int, int], seed: int) -> dict:
+    """Paint and write one planned slide; return its row of the cohort table."""
+    rgb = render_slide(np.random.default_rng([seed, spec.index]), spec.patient, size_px)
+    if (spec.mpp or spec.table_mpp) == 0.25:  # the same tissue at twice the pixel density
+        rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
+    path = out_dir / "slides" / f"{spec.slide_id}.tiff"
+    write_pyramidal_tiff(path, rgb, spec.mpp)
+    patient = spec.patient
+    return {
+        "slide_id": spec.slide_id,
+        "patient_id": patient.patient_id,
+        "path": f"slides/{path.name}",
+        "mpp": spec.table_mpp,
+        "label": patient.grade,
+        "time": patient.time,
+        "event": patient.event,
+        "stil": patient.stil,
+    }
+
+
 def make_demo_cohort(
     out_dir: str | os.PathLike,
     n_slides: int = 40,
@@ -217,35 +238,25 @@ def make_demo_cohort(
     size_px: tuple[int, int] = (3072, 3584),
     seed: int = 0,
     progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Write the demo slides and ``cohort.csv`` into ``out_dir``; return the table.
 
-    ``size_px`` is (height, width) at 0.5 um/px; 40x slides are twice that in each direction.
+    ``size_px`` is (height, width) at 0.5 um/px; 40x slides are twice that in each direction. Slides are
+    painted by ``workers`` processes; each slide has its own seed, so the result does not depend on them.
     """
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for spec in tqdm(plan_demo(n_slides, n_patients, seed), desc="demo", unit="slide", disable=not progress):
-        rgb = render_slide(np.random.default_rng([seed, spec.index]), spec.patient, size_px)
-        if (spec.mpp or spec.table_mpp) == 0.25:  # the same tissue at twice the pixel density
-            rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
-        path = out_dir / "slides" / f"{spec.slide_id}.tiff"
-        write_pyramidal_tiff(path, rgb, spec.mpp)
-        patient = spec.patient
-        rows.append(
-            {
-                "slide_id": spec.slide_id,
-                "patient_id": patient.patient_id,
-                "path": f"slides/{path.name}",
-                "mpp": spec.table_mpp,
-                "label": patient.grade,
-                "time": patient.time,
-                "event": patient.event,
-                "stil": patient.stil,
-            }
-        )
+    plan = plan_demo(n_slides, n_patients, seed)
+    paint = partial(write_demo_slide, out_dir=out_dir, size_px=size_px, seed=seed)
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.map(paint, plan) if pool is not None else map(paint, plan)
+        rows = list(tqdm(results, total=len(plan), desc="demo", unit="slide", disable=not progress))
     table = pd.DataFrame(rows)
     with atomic_output(out_dir / "cohort.csv") as tmp:
         table.to_csv(tmp, index=False)

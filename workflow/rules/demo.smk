@@ -13,7 +13,7 @@ rule demo:
         f"{OUT}/logs/demo.log",
     conda:
         ENV
-    threads: 1
+    threads: 2
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
         runtime=lambda wildcards, attempt: 30 * attempt,
@@ -26,4 +26,4 @@ rule demo:
         out=lambda wildcards, output: os.path.dirname(output.table),
     shell:
         "pathmil demo --out {params.out} --n-slides {params.n_slides} --seed {params.seed} "
-        "--size {params.size} > {log} 2>&1"
+        "--size {params.size} --workers {threads} > {log} 2>&1"
