@@ -16,6 +16,7 @@
 Usage:
 
     python benchmarks/bench_mhim.py time [--bags 200] [--instances 2000] [--repeats 1] [--threads N]
+        [--students abmil transmil] [--mhim merge_ratio=0.9 ...]
     python benchmarks/bench_mhim.py auc --features F --cohort C.csv [--splits S.csv | --folds 5]
         [--set epochs=20 ...] [--threads N] [--out benchmarks/out/mhim_auc.md]
     python benchmarks/bench_mhim.py decoys [--seeds 5] [--threads 1]
@@ -70,8 +71,8 @@ def make_bags(root: Path, bags: int, instances: int, dim: int = 1024) -> None:
     table[["slide_id", "patient_id"]].assign(fold=0, split="train").to_csv(root / "splits.csv", index=False)
 
 
-def case_epoch(data_dir: str, aggregator: str, repeats: int, threads: int | None) -> dict:
-    """Best of ``repeats`` training epochs of ``aggregator`` (run in its own process)."""
+def case_epoch(data_dir: str, aggregator: str, repeats: int, threads: int, mhim: dict) -> dict:
+    """Best of ``repeats`` training epochs of ``aggregator`` (run in its own process; threads 0: torch's)."""
     import torch
 
     from pathmil.config import TrainConfig
@@ -82,6 +83,7 @@ def case_epoch(data_dir: str, aggregator: str, repeats: int, threads: int | None
         torch.set_num_threads(threads)
     root = Path(data_dir)
     config = TrainConfig(task="classification", aggregator=aggregator, epochs=repeats, bag_level="slide")
+    config.mhim = mhim if aggregator.startswith("mhim_") else {}
     task = create_task("classification")
     data = load_fold(config, task, root / "features", root / "cohort.csv", root / "splits.csv", 0)
     trainer = Trainer(config, task, data, root / "run", progress=False)
@@ -98,26 +100,28 @@ def case_epoch(data_dir: str, aggregator: str, repeats: int, threads: int | None
 def run_time(args: argparse.Namespace) -> str:
     data = args.data / f"{args.bags}x{args.instances}"
     make_bags(data, args.bags, args.instances)
+    from pathmil.config import parse_overrides
+
+    mhim = json.dumps(parse_overrides(args.mhim))
+    pairs = [pair for pair in PAIRS if pair[0] in args.students]
     seconds = {}
-    for plain, mhim in PAIRS:
-        for name in (plain, mhim):
-            extra = [str(args.threads)] if args.threads else []
-            result = run_case("epoch", str(data), name, str(args.repeats), *extra)
+    for plain, mhim_name in pairs:
+        for name in (plain, mhim_name):
+            result = run_case("epoch", str(data), name, str(args.repeats), str(args.threads or 0), mhim)
             seconds[name] = result["seconds"]
             print(f"{name}: {result['seconds']:.2f} s/epoch on {result['device']}", flush=True)
     lines = [
         machine_line(args.threads),
         "",
         f"One training epoch over {args.bags} bags x {args.instances} x 1024 (best of {args.repeats}); "
-        "MHIM-MIL at its defaults (version 2, merge_ratio 0.8, one recycle token).",
+        f"MHIM-MIL settings: {' '.join(args.mhim) or 'defaults (version 2, merge_ratio 0.8, one recycle token)'}.",
         "",
         "| student | plain s/epoch | MHIM-MIL s/epoch | MHIM / plain |",
         "|---|---:|---:|---:|",
     ]
-    lines += [
-        f"| {plain} | {seconds[plain]:.2f} | {seconds[mhim]:.2f} | {seconds[mhim] / seconds[plain]:.2f}x |"
-        for plain, mhim in PAIRS
-    ]
+    for plain, wrapped in pairs:
+        ratio = seconds[wrapped] / seconds[plain]
+        lines.append(f"| {plain} | {seconds[plain]:.2f} | {seconds[wrapped]:.2f} | {ratio:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,8 +261,8 @@ def run_case(*args: str) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        data, name, repeats, *threads = sys.argv[3:]
-        print(json.dumps(case_epoch(data, name, int(repeats), int(threads[0]) if threads else None)))
+        data, name, repeats, threads, mhim = sys.argv[3:]
+        print(json.dumps(case_epoch(data, name, int(repeats), int(threads), json.loads(mhim))))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +271,8 @@ def main() -> None:
     t.add_argument("--instances", type=int, default=2000)
     t.add_argument("--repeats", type=int, default=1, help="epochs per case; the best counts")
     t.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    t.add_argument("--students", nargs="+", default=["abmil", "transmil"], choices=["abmil", "transmil"])
+    t.add_argument("--mhim", action="append", default=[], metavar="KEY=VALUE", help="an MHIM setting")
     t.add_argument("--data", type=Path, default=HERE / "data" / "mhim")
     t.add_argument("--out", type=Path, default=HERE / "out" / "mhim_time.md")
     a = sub.add_parser("auc", help="test AUC of plain vs MHIM-MIL students with bootstrap CIs")
