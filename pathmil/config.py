@@ -312,6 +312,67 @@ class TrainConfig:
             raise PathmilError("epochs, accumulation and patience must be at least 1")
 
 
+# -------------------------------------------------------------------------------------------- MHIM-MIL
+
+
+@dataclasses.dataclass
+class MHIMConfig:
+    """MHIM-MIL settings, the ``mhim`` section of a training run with an ``mhim_*`` aggregator.
+
+    Masked hard instance mining (Tang et al., ICCV 2023 = version 1; the 2025 extension = version 2): a
+    momentum teacher ranks the instances of a bag and masks the most salient ones, so the student learns
+    from the hard rest. ``random_ratio`` and ``low_ratio`` left at None take their version's default.
+    """
+
+    version: int = 2  # 1: teacher attention, random + low + high masks; 2: class-aware score, recycle
+    teacher_init: str | None = None  # best.pt of the plain student trained on the same fold and features
+    student_init: str = "none"  # from teacher_init: none, embed (the instance embedding; v1 scripts), all
+    momentum: float = 0.9999  # teacher EMA after every step: theta_t <- m theta_t + (1 - m) theta_s
+    momentum_cosine: bool = False  # raise m from `momentum` to 1 along a cosine over the run
+    high_ratio: float = 0.01  # h: share of the bag masked from the top of the teacher's ranking
+    high_random: float = 0.5  # hr: mask a random share hr of the top ceil(N h / hr); 1 masks the top N h
+    high_decay: bool = True  # cosine decay of h from high_ratio to 0 over the run
+    low_ratio: float | None = None  # share masked from the bottom of the ranking (None: v1 0.2, v2 0)
+    random_ratio: float | None = None  # share of the rest masked at random (None: v1 0.5, v2 0)
+    merge_ratio: float = 0.8  # v2: share of the unmasked instances the student sees as they are
+    n_recycle_tokens: int = 1  # v2: k global queries recycling the other 1 - merge_ratio (paper 1, 5, 10)
+    recycle_heads: int = 8  # v2: heads of the recycling cross-attention
+    recycle_momentum: float = 0.9998  # v2: EMA momentum of the global queries towards their outputs
+    consistency_weight: float = 0.1  # lambda of the teacher-student consistency loss
+    teacher_temperature: float = 0.1  # sharpening of the teacher's bag embedding in the consistency loss
+    student_temperature: float = 1.0
+
+    def resolved_ratios(self) -> tuple[float, float]:
+        """(low_ratio, random_ratio) with the version's defaults filled in."""
+        low = self.low_ratio if self.low_ratio is not None else (0.2 if self.version == 1 else 0.0)
+        rand = self.random_ratio if self.random_ratio is not None else (0.5 if self.version == 1 else 0.0)
+        return low, rand
+
+    def validate(self) -> None:
+        """Refuse settings MHIM-MIL cannot run with, naming the setting."""
+        if self.version not in (1, 2):
+            raise PathmilError(f"mhim.version must be 1 or 2, got {self.version}")
+        if self.student_init not in ("none", "embed", "all"):
+            raise PathmilError(f"mhim.student_init must be none, embed or all, got '{self.student_init}'")
+        if self.student_init != "none" and not self.teacher_init:
+            raise PathmilError("mhim.student_init needs mhim.teacher_init (the baseline checkpoint to copy)")
+        low, rand = self.resolved_ratios()
+        shares = {"high_ratio": self.high_ratio, "low_ratio": low, "random_ratio": rand}
+        for name, value in shares.items():
+            if not 0 <= value < 1:
+                raise PathmilError(f"mhim.{name} must be in [0, 1), got {value}")
+        for name in ("high_random", "merge_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise PathmilError(f"mhim.{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("momentum", "recycle_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise PathmilError(f"mhim.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.n_recycle_tokens < 1 or self.recycle_heads < 1:
+            raise PathmilError("mhim.n_recycle_tokens and mhim.recycle_heads must be at least 1")
+        if self.teacher_temperature <= 0 or self.student_temperature <= 0 or self.consistency_weight < 0:
+            raise PathmilError("mhim temperatures must be positive and consistency_weight not negative")
+
+
 @dataclasses.dataclass
 class EvaluateConfig:
     """How runs are summarised: bootstrap confidence intervals over the pooled test predictions."""

@@ -14,7 +14,13 @@ from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel
 
 # Modules that register models when imported (one per model family).
-MODEL_MODULES = ["pathmil.models.pooling", "pathmil.models.abmil", "pathmil.models.instance"]
+MODEL_MODULES = [
+    "pathmil.models.pooling",
+    "pathmil.models.abmil",
+    "pathmil.models.instance",
+    "pathmil.models.transmil",
+    "pathmil.models.mhim",
+]
 
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
 

@@ -72,9 +72,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(config: TrainConfig, in_dim: int, task: Task) -> MILModel:
-    """The aggregator named in the config, sized for the features and the task."""
-    return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **config.model)
+def build_model(config: TrainConfig, in_dim: int, task: Task, for_training: bool = False) -> MILModel:
+    """The aggregator named in the config, sized for the features and the task.
+
+    MHIM-MIL aggregators (``mhim_*``) wrap the student of ``config.model`` and take ``config.mhim`` and the
+    task's ``instance_saliency`` (version 2's class-aware score). ``for_training`` (a new run) loads their
+    teacher from ``mhim.teacher_init``; a model rebuilt from a checkpoint gets its weights from there.
+    """
+    settings = dict(config.model)
+    if config.aggregator.startswith("mhim_"):
+        settings |= {"mhim": config.mhim, "saliency": task.instance_saliency, "load_baseline": for_training}
+    elif config.mhim:
+        log.warning("mhim settings are ignored: aggregator '%s' is not an mhim_* one", config.aggregator)
+    return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **settings)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -159,7 +169,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task, data: FoldData, out_dir: Path, progress: bool = True):
         self.config, self.task, self.data, self.out_dir, self.progress = config, task, data, out_dir, progress
         self.device = pick_device(config.device)
-        self.model = build_model(config, data.feature_info["dim"], task).to(self.device)
+        self.model = build_model(config, data.feature_info["dim"], task, for_training=True).to(self.device)
         optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimiser(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(data.datasets["train"]) / config.accumulation)
