@@ -51,13 +51,20 @@ class ABMIL(MILModel):
         self.attention = AttentionPool(hidden, attention_hidden, gated=gated, dropout=dropout)
         self.classifier = nn.Linear(hidden, n_outputs)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
-        h = self.encoder(x)  # B x N x H
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Instance embeddings h_k = ReLU(W x_k) (B, N, hidden)."""
+        return self.encoder(x)
+
+    def aggregate(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        """Attention pooling of embedded instances and the head (MHIM-MIL calls the two halves apart)."""
         weights = masked_softmax(self.attention(h), mask)  # B x N
         z = torch.einsum("bn,bnh->bh", weights, h)
         return MILOutput(
             logits=self.classifier(z), embedding=z, instance_scores=weights, instance_embeddings=h
         )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        return self.aggregate(self.embed(x), mask)
 
 
 @register_model("abmil")

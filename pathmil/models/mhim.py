@@ -78,22 +78,13 @@ def check_student(student: MILModel) -> None:
 def embed_instances(student: MILModel, x: torch.Tensor) -> torch.Tensor:
     """The student's per-instance embedding (B, N, D) -> (B, N, H), the part masking can skip."""
     check_student(student)
-    return student.embed(x) if isinstance(student, TransMIL) else student.encoder(x)
+    return student.embed(x)
 
 
 def pool_instances(student: MILModel, h: torch.Tensor) -> MILOutput:
-    """The student's aggregation of embedded instances ``h`` (B, N, H), all of them real.
-
-    For ABMIL this is the second half of :meth:`ABMIL.forward` (tests check the two halves give forward).
-    """
+    """The student's aggregation of embedded instances ``h`` (B, N, H), all of them real."""
     check_student(student)
-    if isinstance(student, TransMIL):
-        return student.aggregate(h)
-    weights = torch.softmax(student.attention(h), dim=-1)
-    z = torch.einsum("bn,bnh->bh", weights, h)
-    return MILOutput(
-        logits=student.classifier(z), embedding=z, instance_scores=weights, instance_embeddings=h
-    )
+    return student.aggregate(h)
 
 
 # ------------------------------------------------------------------------------------------ masking
