@@ -463,7 +463,18 @@ def add_heatmap_parser(sub: argparse._SubParsersAction) -> None:
         description="Instance scores (attention, per-tile predictions, pooling weights) of one slide's bag, "
         "rank-normalised to percentiles and painted at the tiles' positions over a thumbnail.",
     )
-    p.add_argument("--model", type=Path, required=True, help="checkpoint: a run's best.pt")
+    p.add_argument(
+        "--model",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="checkpoint: a run's best.pt; with --splits, the best.pt of every fold",
+    )
+    p.add_argument(
+        "--splits",
+        type=Path,
+        help="splits CSV: paint with the model of the fold that held this slide out for testing",
+    )
     p.add_argument("--features", type=Path, required=True, help="the slide's bag file (with coords)")
     p.add_argument("--slide", type=Path, required=True, help="the slide file")
     p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
@@ -493,8 +504,13 @@ def run_heatmap(args: argparse.Namespace) -> None:
         smooth=args.smooth,
         max_px=args.max_px,
     )
+    model = args.model[0]
+    if len(args.model) > 1 or args.splits is not None:
+        from pathmil.evaluation.heatmap import held_out_model
+
+        model = held_out_model(args.model, args.splits, args.features)
     facts = make_heatmap(
-        args.model,
+        model,
         args.features,
         args.slide,
         args.out,

@@ -60,12 +60,14 @@ def test_every_plot_is_written_listed_sized_and_not_blank(evaluated):
     name, out, _ = evaluated
     task = CASES[name][0]
     listed = json.loads((out / "metrics.json").read_text())["plots"]
-    assert listed == list(PLOTS[task])
+    assert listed == [f"plots/{name}" for name in PLOTS[task]]
     dpi = PlotConfig().dpi
     for plot in listed:
         image = cv2.imread(str(out / plot))
         assert image is not None, plot
-        panels = 3 if name == "multiclass" and plot in ("roc.png", "pr.png") else 1  # one per class
+        panels = (
+            3 if name == "multiclass" and plot in ("plots/roc.png", "plots/pr.png") else 1
+        )  # one per class
         assert image.shape[:2] == (round(FIGSIZE[1] * dpi), round(FIGSIZE[0] * dpi * panels)), plot
         assert image.std() > 20, plot  # drawn on, not a blank canvas
         assert (image < 128).mean() > 0.005, plot  # lines and text, not just a background

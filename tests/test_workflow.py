@@ -13,7 +13,19 @@ import pandas as pd
 import pytest
 from workflow_helpers import ROOT, job_counts, snakemake, workflow_copy, write_config
 
-RULES = ["demo", "cohort", "tile", "extract", "collect", "split", "train", "evaluate", "summary", "all"]
+RULES = [
+    "demo",
+    "cohort",
+    "tile",
+    "extract",
+    "collect",
+    "split",
+    "train",
+    "evaluate",
+    "heatmap",
+    "summary",
+    "all",
+]
 AGGREGATORS = ["abmil"]
 
 
@@ -32,6 +44,7 @@ def mini_config(weights, **changes) -> dict:
         "aggregators": AGGREGATORS,
         "train": {"epochs": 3, "min_epochs": 1, "patience": 2},
         "evaluate": {"n_bootstrap": 20},
+        "report": {"heatmaps": 1},
     }
     config.update(changes)
     return config
@@ -89,6 +102,11 @@ def test_reduced_demo_runs_end_to_end_and_a_second_run_does_nothing(tmp_path, mo
     snakemake(work, "--configfile", configfile, "--report", str(report))
     html = report.read_text(errors="ignore")
     assert report.stat().st_size > 10_000 and "summary.csv" in html
+    first = pd.read_csv(results / "cohort.csv")["slide_id"][0]
+    for task in ("classification", "survival", "regression"):
+        assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first}.png").stat().st_size > 1000
+        assert (results / "eval" / task / "abmil" / "plots").is_dir()
+        assert "heatmap" in html and "roc" in html
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -40,7 +41,7 @@ from scipy import stats
 
 from pathmil.config import HeatmapConfig
 from pathmil.errors import PathmilError
-from pathmil.features.bagfile import Bag, read_bag
+from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
 from pathmil.fileio import atomic_output
 from pathmil.slide.qc import write_png
 from pathmil.slide.reader import Slide, resize
@@ -518,3 +519,29 @@ def make_heatmap(
         "steps": seconds,
         "heatmap": heatmap,
     }
+
+
+def held_out_model(models: list[Path], splits: Path | None, features: Path) -> Path:
+    """The checkpoint, among the folds' ``best.pt``, of the fold whose test split holds this slide.
+
+    A heatmap of a slide the model trained on shows what it memorised; the fold that held the slide out
+    shows what it learnt. The slide id is the bag file's, and each run's fold comes from the
+    ``metrics.json`` beside its checkpoint.
+    """
+    import json
+
+    if splits is None:
+        raise PathmilError("several --model checkpoints need --splits to pick the fold that tested the slide")
+    slide_id = str(read_bag_attrs(features).get("slide_id") or Path(features).stem)
+    table = pd.read_csv(splits, dtype={"slide_id": str})
+    test = table[(table["slide_id"] == slide_id) & (table["split"] == "test")]
+    if test.empty:
+        raise PathmilError(f"slide {slide_id} is in no test split of {splits}")
+    folds = set(test["fold"].astype(int))
+    for model in models:
+        metrics = Path(model).parent / "metrics.json"
+        if metrics.is_file() and int(json.loads(metrics.read_text())["fold"]) in folds:
+            return Path(model)
+    raise PathmilError(
+        f"none of the given checkpoints is of fold {sorted(folds)}, which tested slide {slide_id}"
+    )

@@ -358,6 +358,7 @@ def high_low_roc_plot(data: PlotData) -> Figure:
     return fig
 
 
+PLOT_DIR = "plots"  # sub-folder of the evaluation folder (the workflow's report picks it up whole)
 PLOTS: dict[str, dict[str, Callable[[PlotData], Figure]]] = {
     "classification": {
         "roc.png": lambda d: curve_plot(d, "roc"),
@@ -380,7 +381,7 @@ def write_plots(
     evaluate: EvaluateConfig | None = None,
     config: PlotConfig | None = None,
 ) -> list[str]:
-    """Write the task's plots as PNG into ``out_dir``; return their file names.
+    """Write the task's plots as PNG into ``out_dir/plots``; return their paths relative to ``out_dir``.
 
     ``predictions`` holds every run's rows (all splits); ``pooled_test``, ``train_rows``, ``metrics`` and
     ``ci`` are what :func:`pathmil.evaluation.summary.evaluate_runs` computed from them.
@@ -401,7 +402,7 @@ def write_plots(
     names = []
     for name, plot in PLOTS[task.name].items():
         figure = plot(data)
-        with atomic_output(Path(out_dir) / name) as tmp:
+        with atomic_output(Path(out_dir) / PLOT_DIR / name) as tmp:
             figure.savefig(tmp, dpi=data.config.dpi)
-        names.append(name)
+        names.append(f"{PLOT_DIR}/{name}")
     return names

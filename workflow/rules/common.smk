@@ -82,6 +82,11 @@ def slide_row(slide):
     return SLIDES.loc[slide]
 
 
+def heatmap_slides():
+    """The first slides of the cohort (as many as `report.heatmaps`) get heatmaps in the report."""
+    return slide_ids()[: (config.get("report") or {}).get("heatmaps", 2)]
+
+
 def set_args(settings, prefix=""):
     """A settings mapping as `--set key=value` arguments (nested keys dotted), quoted for the shell."""
     args = []
@@ -102,6 +107,12 @@ def all_targets(wildcards):
             f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
         ]
         targets += [f"{OUT}/report/summary.csv"]
+        targets += [
+            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            for t in TASKS
+            for a in AGGREGATORS
+            for s in heatmap_slides()
+        ]
     return targets
 
 
