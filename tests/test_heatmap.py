@@ -4,6 +4,7 @@ a model whose instance scores are known; overlap, slide edges, STAMP micrometre 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import cv2
@@ -277,3 +278,31 @@ def test_bags_that_do_not_fit_are_refused(slide, bag, flag_model, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_the_model_of_the_fold_that_tested_the_slide_is_chosen(tmp_path):
+    from pathmil.errors import PathmilError
+    from pathmil.evaluation.heatmap import held_out_model
+
+    models = []
+    for fold in range(3):
+        run = tmp_path / f"fold{fold}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"fold": fold}))
+        models.append(run / "best.pt")
+    splits = tmp_path / "splits.csv"
+    pd.DataFrame(
+        {
+            "slide_id": ["A", "A", "A", "B", "B", "B"],
+            "patient_id": ["p", "p", "p", "q", "q", "q"],
+            "fold": [0, 1, 2, 0, 1, 2],
+            "split": ["train", "test", "val", "test", "train", "train"],
+        }
+    ).to_csv(splits, index=False)
+    bag = tmp_path / "A.h5"
+    write_bag(bag, np.zeros((1, 4), np.float16), np.zeros((1, 2), np.int64), {}, {"slide_id": "A"})
+    assert held_out_model(models, splits, bag) == models[1]
+    with pytest.raises(PathmilError, match="need --splits"):
+        held_out_model(models, None, bag)
+    with pytest.raises(PathmilError, match="none of the given checkpoints is of fold \\[1\\]"):
+        held_out_model([models[0], models[2]], splits, bag)
