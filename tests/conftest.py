@@ -45,3 +45,15 @@ def demo_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     make_demo_cohort(out, n_slides=8, n_patients=6, size_px=(2048, 2560), seed=1, progress=False)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors run many times faster on one thread: two threads spin and wait on each other, the more
+    so when other processes share the cores (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

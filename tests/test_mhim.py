@@ -25,14 +25,7 @@ from pathmil.tasks import create_task, task_from_state
 from pathmil.training.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.training.fit import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run many times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_mhim(name: str = "mhim_abmil", **mhim) -> torch.nn.Module:

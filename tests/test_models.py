@@ -8,6 +8,8 @@ import torch
 from pathmil.models import MILOutput, create_model, list_models
 from pathmil.tasks import create_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BASE_MODELS = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor"]
 
 

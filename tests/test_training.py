@@ -18,6 +18,8 @@ from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
     "--set",

@@ -11,14 +11,7 @@ from pathmil.models import create_model
 from pathmil.models.transmil import NystromAttention, iterative_pinv
 from pathmil.tasks import create_task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run many times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_shapes_scores_and_padding_invariance():
