@@ -14,7 +14,12 @@ from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel
 
 # Modules that register models when imported (one per model family).
-MODEL_MODULES = ["pathmil.models.pooling", "pathmil.models.abmil", "pathmil.models.instance"]
+MODEL_MODULES = [
+    "pathmil.models.pooling",
+    "pathmil.models.abmil",
+    "pathmil.models.instance",
+    "pathmil.models.mambamil",
+]
 
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
 
