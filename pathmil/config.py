@@ -108,7 +108,6 @@ class MambaMILConfig:
     token_reorder: bool = False  # sort instances by a learned importance score first (Vo et al., ICLR 2025)
     attn_dim: int = 128  # hidden size of the attention pooling
     backend: str = "auto"  # selective scan: auto (mamba-ssm kernels on a GPU if installed), torch, cuda
-    checkpoint_min_len: int | None = 16384  # bags this long recompute activations in backward (memory)
 
     def validate(self) -> None:
         """Refuse settings that cannot build the model."""

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from pathmil.errors import PathmilError
-from pathmil.models import registry
+from pathmil.models import registry, ssm
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba, inverse_order, stride_order
 from pathmil.models.mambamil import MambaMIL, mambamil
 from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan
 from pathmil.models.ssm.conv import causal_conv1d_torch
+from pathmil.models.ssm.torch_branch import mamba_branch_torch
 from pathmil.models.ssm.torch_scan import selective_scan_torch
 
 SCAN_INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -226,6 +227,15 @@ def test_cuda_wrappers_call_the_kernels_with_mamba_ssm_arguments(monkeypatch):
         x, w = torch.randn(2, 6, 11, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
         torch.testing.assert_close(cuda.causal_conv1d(x, w, None, True), causal_conv1d(x, w, silu=True))
         assert calls == ["scan", "conv"]
+        # the GPU composition of a block's branch (gather, conv, projections, scan, put back), on CPU
+        monkeypatch.setattr(ssm, "resolve_backend", lambda backend, on_gpu: "cuda")
+        branch = branch_inputs(23)
+        order = stride_order(23, 5)
+        torch.testing.assert_close(
+            ssm.mamba_branch(*branch.values(), order=order, backend="cuda"),
+            mamba_branch_torch(*branch.values(), order=order),
+        )
+        assert calls == ["scan", "conv", "conv", "scan"]
     finally:
         cuda._scan_kernel.cache_clear()
         cuda._conv_kernel.cache_clear()
@@ -331,19 +341,58 @@ def test_bimamba_second_branch_reads_the_sequence_backwards():
     torch.testing.assert_close(block(x), block.out_proj(first + second))
 
 
-def test_checkpointed_branches_give_the_same_values_and_gradients():
-    torch.manual_seed(0)
-    block = SRMamba(16, rate=3, d_state=4)
-    x = torch.randn(1, 20, 16, requires_grad=True)
-    results = []
-    for limit in (None, 1):
-        block.checkpoint_min_len = limit
-        y = block(x)
-        grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
-        results.append((y, grads))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b)
+def composed_branch(x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order=None):
+    """A Mamba branch composed of the separately tested pieces, differentiated by autograd."""
+    if order is not None:
+        x, z = x[:, order], z[:, order]
+    u = causal_conv1d_torch(x, conv_w, conv_b, silu=True)
+    dt, B, C = F.linear(u, wx).split([wdt.shape[1], A.shape[1], A.shape[1]], dim=-1)
+    y = selective_scan_torch(u, F.linear(dt, wdt), A, B, C, D, z, dt_bias, block=8, chunk=4)
+    return y if order is None else y[:, inverse_order(order)]
+
+
+BRANCH_INPUTS = ("x", "z", "conv_w", "conv_b", "wx", "wdt", "dt_bias", "A", "D")
+
+
+def branch_inputs(length, d=6, n=3, rank=2, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    shapes = {"conv_w": (d, k), "conv_b": (d,), "wx": (rank + 2 * n, d), "wdt": (d, rank), "dt_bias": (d,)}
+    inputs = {"x": rand(2, length, d, scale=1.0), "z": rand(2, length, d, scale=1.0)}
+    inputs.update({name: rand(*shape) for name, shape in shapes.items()})
+    inputs["A"] = (-torch.rand(d, n, generator=g, dtype=torch.float64) * 2 - 0.1).requires_grad_()
+    inputs["D"] = rand(d)
+    return inputs
+
+
+@pytest.mark.parametrize("length", [1, 3, 17, 37])
+@pytest.mark.parametrize("kind", ["in order", "stride", "reversed"])
+def test_fused_branch_equals_its_pieces_composed(length, kind):
+    """The blockwise branch (conv look-back across blocks, per-block gathers) against the composition."""
+    order = {"in order": None, "stride": stride_order(length, 3), "reversed": torch.arange(length)}[kind]
+    if kind == "reversed":
+        order = order.flip(0)
+    inputs = branch_inputs(length)
+    y, grads = value_and_grads(
+        lambda **k: mamba_branch_torch(*k.values(), order=order, block=8, chunk=4), inputs, BRANCH_INPUTS
+    )
+    y_ref, grads_ref = value_and_grads(
+        lambda **k: composed_branch(*k.values(), order=order), inputs, BRANCH_INPUTS
+    )
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name in BRANCH_INPUTS:
+        assert_close_relative(grads[name], grads_ref[name], 1e-10)
+
+
+def test_fused_branch_gradcheck():
+    inputs = branch_inputs(11, d=3, n=2, rank=1)
+    order = stride_order(11, 4)
+    assert torch.autograd.gradcheck(
+        lambda *a: mamba_branch_torch(*a, order=order, block=4, chunk=2), tuple(inputs.values())
+    )
 
 
 # ------------------------------------------------------------------------------------------- MambaMIL
@@ -406,17 +455,23 @@ def test_mambamil_empty_bag_is_a_clear_error():
 
 
 def test_mambamil_outputs_do_not_depend_on_the_scan_backend(monkeypatch):
-    """The blocked CPU scan inside the whole model gives what the sequential reference gives."""
+    """The blockwise CPU branch inside the whole model gives what the sequential reference gives."""
     model = small_model()
     x = torch.randn(1, 45, 12)
     expected = model(x)
 
-    def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, backend="auto"):
-        cl = [t.mT.double() for t in (u, delta, B, C, z)]
-        y = reference_scan(cl[0], cl[1], A.double(), cl[2], cl[3], D.double(), cl[4], delta_bias.double())
-        return y.mT.float()
+    def reference(x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order=None, backend="auto"):
+        x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D = (
+            t.double() for t in (x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D)
+        )
+        if order is not None:
+            x, z = x[:, order], z[:, order]
+        u = reference_conv(x.mT, conv_w, conv_b, True).mT
+        dt, B, C = (u @ wx.T).split([wdt.shape[1], A.shape[1], A.shape[1]], dim=-1)
+        y = reference_scan(u, dt @ wdt.T, A, B, C, D, z, dt_bias)
+        return (y if order is None else y[:, inverse_order(order)]).float()
 
-    monkeypatch.setattr("pathmil.models.mamba.selective_scan", reference)
+    monkeypatch.setattr("pathmil.models.mamba.mamba_branch", reference)
     got = model(x)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.instance_scores, expected.instance_scores, rtol=1e-5, atol=1e-7)

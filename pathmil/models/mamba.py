@@ -17,8 +17,9 @@ branch's conv and scan, so real tokens after them in the reordered sequence see 
 positions are dropped from the order instead (the same order of the real tokens, without the zeros):
 identical whenever the rate divides the length, and otherwise no output depends on artificial tokens.
 
-Long sequences: each branch can run under activation checkpointing (``checkpoint_min_len``), storing only
-its inputs and recomputing its activations during the backward pass.
+Memory: on CPU a branch is one blockwise autograd Function (:func:`pathmil.models.ssm.mamba_branch`) that
+keeps nothing of the sequence's length beyond in_proj's output, so a block stores about four
+``L x d_inner`` tensors whatever the number of branches.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from pathmil.models.ssm import causal_conv1d, selective_scan
+from pathmil.models.ssm import mamba_branch
 
 
 def stride_order(length: int, rate: int, device: torch.device | None = None) -> torch.Tensor:
@@ -55,8 +54,7 @@ class Mamba(nn.Module):
     """Mamba block with mamba-ssm's parameter names; ``(b, L, d_model) -> (b, L, d_model)``.
 
     ``backend``: ``auto`` (mamba-ssm CUDA kernels on a GPU when installed, else PyTorch), ``torch`` or
-    ``cuda``. Sequences of at least ``checkpoint_min_len`` tokens recompute the branches' activations in
-    the backward pass instead of storing them (``None``: never).
+    ``cuda``.
     """
 
     def __init__(
@@ -67,14 +65,12 @@ class Mamba(nn.Module):
         expand: int = 2,
         dt_rank: int | None = None,
         backend: str = "auto",
-        checkpoint_min_len: int | None = None,
     ):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.backend = backend
-        self.checkpoint_min_len = checkpoint_min_len
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._new_branch()
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
@@ -99,9 +95,9 @@ class Mamba(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        y = self._maybe_checkpoint(self._first, x, z)
+        y = self._first(x, z)
         if self.has_second_branch:
-            y = y + self._maybe_checkpoint(self._second, x, z)
+            y = y + self._second(x, z)
         return self.out_proj(y)
 
     has_second_branch = False
@@ -112,30 +108,22 @@ class Mamba(nn.Module):
     def _second(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _maybe_checkpoint(self, fn, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        limit = self.checkpoint_min_len
-        if limit is not None and x.shape[1] >= limit and torch.is_grad_enabled():
-            return checkpoint(fn, x, z, use_reentrant=False)
-        return fn(x, z)
-
-    def _branch(self, x, z, conv1d, x_proj, dt_proj, A_log, D) -> torch.Tensor:
-        """One branch on channel-last ``x, z (b, L, d_inner)``; returns ``y * SiLU(z)`` channel-last."""
-        u = causal_conv1d(x.mT, conv1d.weight[:, 0], conv1d.bias, silu=True, backend=self.backend).mT
-        dt, B, C = x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight)  # dt_proj's bias is added inside the scan, as mamba-ssm does
-        y = selective_scan(
-            u.mT,
-            delta.mT,
+    def _branch(self, x, z, conv1d, x_proj, dt_proj, A_log, D, order=None) -> torch.Tensor:
+        """One branch on channel-last ``x, z (b, L, d_inner)`` (over ``x[:, order]`` if given)."""
+        y = mamba_branch(
+            x,
+            z,
+            conv1d.weight[:, 0],
+            conv1d.bias,
+            x_proj.weight,
+            dt_proj.weight,
+            _at_least_fp32(dt_proj.bias),
             -torch.exp(_at_least_fp32(A_log)),
-            B.mT,
-            C.mT,
             _at_least_fp32(D),
-            z=z.mT,
-            delta_bias=_at_least_fp32(dt_proj.bias),
-            delta_softplus=True,
+            order=order,
             backend=self.backend,
         )
-        return y.mT.to(x.dtype)
+        return y.to(x.dtype)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -157,10 +145,7 @@ class _TwoBranchMamba(Mamba):
 
     def _second(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         order = self.order(x.shape[1], x.device)
-        y = self._branch(
-            x[:, order], z[:, order], self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
-        )
-        return y[:, inverse_order(order)]
+        return self._branch(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, order)
 
 
 class SRMamba(_TwoBranchMamba):

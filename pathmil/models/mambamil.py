@@ -108,7 +108,6 @@ def _make_block(config: MambaMILConfig) -> Mamba:
         "d_conv": config.d_conv,
         "expand": config.expand,
         "backend": config.backend,
-        "checkpoint_min_len": config.checkpoint_min_len,
     }
     if config.variant == "sr":
         return SRMamba(config.d_model, rate=config.sr_rate, **kwargs)

@@ -1,10 +1,12 @@
 """Selective state-space scans for Mamba: one interface, two backends.
 
-``selective_scan`` and ``causal_conv1d`` take mamba-ssm's layouts and arguments. Backend ``"auto"`` runs
+``selective_scan`` and ``causal_conv1d`` take mamba-ssm's layouts and arguments; ``mamba_branch`` is
+what a Mamba block runs per branch (conv, SiLU, x_proj, dt_proj, scan, gate). Backend ``"auto"`` runs
 the mamba-ssm / causal-conv1d CUDA kernels when the tensors are on a GPU and the kernels import, and the
-pure-PyTorch code (:mod:`.torch_scan`, :mod:`.conv`, fast on CPU) otherwise; ``"torch"`` always runs the
-latter; ``"cuda"`` insists on the kernels and says how to install them when they are missing. Both
-backends compute the same function (tests compare them with a float64 sequential reference).
+pure-PyTorch code (:mod:`.torch_scan`, :mod:`.torch_branch`, :mod:`.conv`, fast and memory-frugal on CPU)
+otherwise; ``"torch"`` always runs the latter; ``"cuda"`` insists on the kernels and says how to install
+them when they are missing. Both backends compute the same function (tests compare them with a float64
+sequential reference).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch
 from pathmil.errors import PathmilError
 from pathmil.models.ssm import cuda
 from pathmil.models.ssm.conv import causal_conv1d_torch
+from pathmil.models.ssm.torch_branch import mamba_branch_torch
 from pathmil.models.ssm.torch_scan import selective_scan_torch
 
 BACKENDS = ("auto", "torch", "cuda")
 
-__all__ = ["BACKENDS", "causal_conv1d", "resolve_backend", "selective_scan"]
+__all__ = ["BACKENDS", "causal_conv1d", "mamba_branch", "resolve_backend", "selective_scan"]
 
 
 def resolve_backend(backend: str, on_gpu: bool) -> str:
@@ -91,3 +94,38 @@ def causal_conv1d(
     if resolve_backend(backend, x.is_cuda) == "cuda" and cuda.conv_available():
         return cuda.causal_conv1d(x, weight, bias, silu)
     return causal_conv1d_torch(x.transpose(1, 2), weight, bias, silu).transpose(1, 2)
+
+
+def mamba_branch(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_proj_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    order: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One branch of a Mamba block on channel-last ``x, z (batch, L, d_inner)``; returns ``(batch, L, d_inner)``.
+
+    ``u = SiLU(conv(x))``; ``dt, B, C = x_proj(u)``; ``y = selective_scan(u, dt_proj.weight dt, A, B, C, D,
+    z, dt_proj.bias)``. With ``order`` the branch runs over ``x[:, order]`` and ``y`` comes back in the
+    original positions. On CPU this is one blockwise autograd Function (:mod:`.torch_branch`) that stores
+    nothing of the sequence's length; on a GPU with mamba-ssm, the kernels composed by autograd.
+    """
+    if resolve_backend(backend, x.is_cuda) == "torch":
+        weights = (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D)
+        return mamba_branch_torch(x, z, *weights, order=order)
+    if order is not None:
+        x, z = x[:, order], z[:, order]
+    u = causal_conv1d(x.mT, conv_weight, conv_bias, silu=True, backend="cuda").mT
+    rank, d_state = dt_proj_weight.shape[1], A.shape[1]
+    dt, B, C = torch.nn.functional.linear(u, x_proj_weight).split([rank, d_state, d_state], dim=-1)
+    delta = torch.nn.functional.linear(dt, dt_proj_weight)
+    y = cuda.selective_scan(u.mT, delta.mT, A, B.mT, C.mT, D, z.mT, dt_proj_bias, True).mT
+    if order is not None:
+        y = y[:, torch.argsort(order)]
+    return y

@@ -43,10 +43,11 @@ class _CausalConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
-        if ctx.silu:  # SiLU'(p) = sigmoid(p) (1 + p (1 - sigmoid(p)))
+        if ctx.silu:  # SiLU'(p) = sigmoid(p) (1 + p (1 - sigmoid(p))), in place: two L x d buffers at most
             pre = _pre_activation(x, weight, bias)
             sig = torch.sigmoid(pre)
-            grad = grad * sig * (1 + pre * (1 - sig))
+            pre.mul_(1 - sig).add_(1).mul_(sig).mul_(grad)
+            grad, sig = pre, None
         length, k = x.shape[1], weight.shape[1]
         g_x = torch.zeros(x.shape, dtype=grad.dtype, device=grad.device)
         g_w = torch.zeros_like(weight)

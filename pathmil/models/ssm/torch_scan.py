@@ -60,11 +60,19 @@ def selective_scan_torch(
     ``block`` (tokens per block) defaults to what keeps a working buffer at :data:`BLOCK_ELEMENTS`
     numbers; it is rounded down to a multiple of ``chunk``.
     """
-    batch, _, d_inner = u.shape
-    if block is None:
-        block = BLOCK_ELEMENTS // max(1, batch * d_inner * A.shape[1])
-    block = max(chunk, block // chunk * chunk)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk)
+
+
+def block_rows(batch: int, length: int, d_inner: int, d_state: int, block: int | None, chunk: int) -> int:
+    """Tokens per block: ``block`` or what fits :data:`BLOCK_ELEMENTS`, a multiple of ``chunk``, <= L."""
+    if block is None:
+        block = BLOCK_ELEMENTS // max(1, batch * d_inner * d_state)
+    block = max(chunk, block // chunk * chunk)
+    return min(block, _ceil_to(max(length, 1), chunk))
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -72,168 +80,182 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk):
-        work = _Work(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk)
-        y = torch.empty(u.shape, dtype=work.dtype, device=u.device)
-        entering = torch.empty((len(work.blocks), *work.state_shape), dtype=work.dtype, device=u.device)
-        h = torch.zeros(work.state_shape, dtype=work.dtype, device=u.device)
-        for i, (s0, s1) in enumerate(work.blocks):
+        batch, length, d_inner = u.shape
+        rows = block_rows(batch, length, d_inner, A.shape[1], block, chunk)
+        scanner = Scanner(A, D, delta_bias, delta_softplus, batch, rows, chunk, compute_dtype(u))
+        y = torch.empty(u.shape, dtype=scanner.dtype, device=u.device)
+        spans = [(s, min(s + rows, length)) for s in range(0, length, rows)]
+        entering = scanner.new_states(len(spans))
+        h = scanner.new_states(1)[0].zero_()
+        for i, (s0, s1) in enumerate(spans):
             entering[i] = h
-            blk = work.scan_block(s0, s1, h)
-            y[:, s0:s1] = work.output(blk)
-            h = blk.h[:, blk.n - 1].clone()
+            blk = scanner.scan_block(
+                u[:, s0:s1], delta[:, s0:s1], B[:, s0:s1], C[:, s0:s1], _part(z, s0, s1), h
+            )
+            y[:, s0:s1] = scanner.output(blk)
+            h = blk.last_state()
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, entering)
-        ctx.settings = (delta_softplus, block, chunk)
+        ctx.settings = (delta_softplus, rows, chunk, spans)
         return y.to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         u, delta, A, B, C, D, z, delta_bias, entering = ctx.saved_tensors
-        work = _Work(u, delta, A, B, C, D, z, delta_bias, *ctx.settings)
-        grads = _Grads(work)
-        g_state = torch.zeros(work.state_shape, dtype=work.dtype, device=u.device)
-        for i in reversed(range(len(work.blocks))):
-            s0, s1 = work.blocks[i]
-            blk = work.scan_block(s0, s1, entering[i])
-            g_state = grads.add_block(blk, grad_y[:, s0:s1].to(work.dtype), g_state)
-        return (*grads.result(), None, None, None)
+        delta_softplus, rows, chunk, spans = ctx.settings
+        scanner = Scanner(A, D, delta_bias, delta_softplus, u.shape[0], rows, chunk, compute_dtype(u))
+        dtype = scanner.dtype
+        g_u, g_delta, g_B, g_C = (
+            torch.empty(t.shape, dtype=dtype, device=t.device) for t in (u, delta, B, C)
+        )
+        g_z = None if z is None else torch.empty(z.shape, dtype=dtype, device=z.device)
+        g_state = torch.zeros_like(entering[0])
+        for i in reversed(range(len(spans))):
+            s0, s1 = spans[i]
+            blk = scanner.scan_block(
+                u[:, s0:s1], delta[:, s0:s1], B[:, s0:s1], C[:, s0:s1], _part(z, s0, s1), entering[i]
+            )
+            g, g_state = scanner.backward_block(blk, grad_y[:, s0:s1], g_state)
+            g_u[:, s0:s1], g_delta[:, s0:s1], g_B[:, s0:s1], g_C[:, s0:s1] = g.u, g.delta, g.B, g.C
+            if g_z is not None:
+                g_z[:, s0:s1] = g.z
+        pairs = [
+            (g_u, u),
+            (g_delta, delta),
+            (scanner.g_A, A),
+            (g_B, B),
+            (g_C, C),
+            (scanner.g_D, D),
+            (g_z, z),
+            (scanner.g_delta_bias, delta_bias),
+        ]
+        return (*(None if ref is None else g.to(ref.dtype) for g, ref in pairs), None, None, None)
+
+
+def _part(t: torch.Tensor | None, s0: int, s1: int) -> torch.Tensor | None:
+    return None if t is None else t[:, s0:s1]
 
 
 class _Block:
-    """One block's discretised inputs and its states, the latter in the working buffers.
+    """One block's discretised inputs and its states, the latter in the scanner's working buffers.
 
     The state buffer has one row more than the others: row 0 is the entering state and rows 1.. the
     states, so ``h`` (states) and ``h_prev`` (the state before each token) are two views of it. Rows past
     the block's ``n`` real tokens are padding, with zero decay and zero input.
     """
 
-    def __init__(self, start, n, u, dt, dt_pre, z, Bm, C, decay, h_full):
-        self.start, self.n = start, n
+    def __init__(self, n, u, dt, dt_pre, z, Bm, C, decay, h_full):
+        self.n = n
         self.u, self.dt, self.dt_pre, self.z, self.B, self.C = u, dt, dt_pre, z, Bm, C
         self.decay = decay  # exp(dt A), (b, rows, d, n)
         self.h = h_full[:, 1:]
         self.h_prev = h_full[:, :-1]
 
+    def last_state(self) -> torch.Tensor:
+        return self.h[:, self.n - 1].clone()
 
-class _Work:
-    """The inputs of one scan call (channel-last), its blocks and its reusable working buffers."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, block, chunk):
-        self.dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-        self.u, self.delta, self.A_in, self.B, self.C, self.D, self.z = u, delta, A, B, C, D, z
-        self.delta_bias, self.delta_softplus = delta_bias, delta_softplus
-        self.A = A.to(self.dtype)
+class BlockGrads:
+    """dLoss/d(block inputs): u, delta, z ``(b, n, d)``; B, C ``(b, n, d_state)``."""
+
+    def __init__(self, u, delta, B, C, z):
+        self.u, self.delta, self.B, self.C, self.z = u, delta, B, C, z
+
+
+class Scanner:
+    """Scans blocks of at most ``rows`` tokens, forward and backward, in reusable working buffers.
+
+    Holds what all blocks share (A, D, the dt bias, the buffers) and accumulates the gradients of A, D and
+    the dt bias over the blocks of a backward pass (``g_A``, ``g_D``, ``g_delta_bias``).
+    """
+
+    def __init__(self, A, D, delta_bias, delta_softplus, batch, rows, chunk, dtype):
+        self.dtype, self.chunk, self.rows = dtype, chunk, rows
+        self.A = A.to(dtype)
         self.A2 = self.A * _LOG2E  # exp(x A) = exp2(x A log2 e): torch's exp2 is several times faster
-        self.Dv = None if D is None else D.to(self.dtype)
-        batch, length, d_inner = u.shape
-        self.state_shape = (batch, d_inner, A.shape[1])
-        self.chunk = chunk
-        rows = min(block, _ceil_to(max(length, 1), chunk))
-        self.blocks = [(s, min(s + rows, length)) for s in range(0, length, rows)]
-        shape = (batch, rows, d_inner, A.shape[1])
-        self.decay = torch.empty(shape, dtype=self.dtype, device=u.device)
-        self.h_full = torch.empty((batch, rows + 1, *shape[2:]), dtype=self.dtype, device=u.device)
-        self.prod = torch.empty(shape, dtype=self.dtype, device=u.device)  # chunk products, then lam
+        self.D = None if D is None else D.to(dtype)
+        self.delta_bias = None if delta_bias is None else delta_bias.to(dtype)
+        self.delta_softplus = delta_softplus
+        d_inner, d_state = A.shape
+        self.state_shape = (batch, d_inner, d_state)
+        device = A.device
+        shape = (batch, rows, d_inner, d_state)
+        self.decay = torch.empty(shape, dtype=dtype, device=device)
+        self.h_full = torch.empty((batch, rows + 1, d_inner, d_state), dtype=dtype, device=device)
+        self.prod = torch.empty(shape, dtype=dtype, device=device)  # chunk products, then the adjoint
+        self.q = torch.empty(shape, dtype=dtype, device=device)
+        self.g_A = torch.zeros_like(self.A)
+        self.g_D = torch.zeros(d_inner, dtype=dtype, device=device)
+        self.g_delta_bias = torch.zeros(d_inner, dtype=dtype, device=device)
 
-    def scan_block(self, s0: int, s1: int, h0: torch.Tensor) -> _Block:
-        """Discretise tokens [s0, s1) and scan them from the entering state ``h0``."""
-        n = s1 - s0
-        u = self.u[:, s0:s1].to(self.dtype)
-        dt_pre = self.delta[:, s0:s1].to(self.dtype)
+    def new_states(self, count: int) -> torch.Tensor:
+        return torch.empty((count, *self.state_shape), dtype=self.dtype, device=self.A.device)
+
+    def scan_block(self, u, delta, Bm, C, z, h0) -> _Block:
+        """Discretise one block's tokens and scan them from the entering state ``h0``."""
+        n = u.shape[1]
+        u, Bm, C = u.to(self.dtype), Bm.to(self.dtype), C.to(self.dtype)
+        dt_pre = delta.to(self.dtype)
         if self.delta_bias is not None:
-            dt_pre = dt_pre + self.delta_bias.to(self.dtype)
+            dt_pre = dt_pre + self.delta_bias
         dt = F.softplus(dt_pre) if self.delta_softplus else dt_pre
-        Bm = self.B[:, s0:s1].to(self.dtype)
         torch.mul(dt[..., None], self.A2, out=self.decay[:, :n]).exp2_()
         torch.mul((dt * u)[..., None], Bm[:, :, None, :], out=self.h_full[:, 1 : n + 1])
         self.decay[:, n:] = 0
         self.h_full[:, n + 1 :] = 0
         self.h_full[:, 0] = h0
         scan_forward(self.decay, self.h_full[:, 1:], h0, self.chunk, self.prod)
-        z = None if self.z is None else self.z[:, s0:s1].to(self.dtype)
-        C = self.C[:, s0:s1].to(self.dtype)
-        return _Block(s0, n, u, dt, dt_pre, z, Bm, C, self.decay, self.h_full)
+        z = None if z is None else z.to(self.dtype)
+        return _Block(n, u, dt, dt_pre, z, Bm, C, self.decay, self.h_full)
 
     def pre_gate(self, blk: _Block) -> torch.Tensor:
         """y before the SiLU(z) gate, ``C . h + D u``: (b, n, d)."""
         y = torch.einsum("bsdn,bsn->bsd", blk.h[:, : blk.n], blk.C)
-        return y if self.Dv is None else y.addcmul_(blk.u, self.Dv)
+        return y if self.D is None else y.addcmul_(blk.u, self.D)
 
     def output(self, blk: _Block) -> torch.Tensor:
         y = self.pre_gate(blk)
         return y if blk.z is None else y.mul_(F.silu(blk.z))
 
+    def backward_block(
+        self, blk: _Block, g_out: torch.Tensor, g_state: torch.Tensor
+    ) -> tuple[BlockGrads, torch.Tensor]:
+        """The block's input gradients, given dLoss/dy and ``g_state`` = dLoss/d(the block's last state).
 
-class _Grads:
-    """The gradients of all inputs, filled block by block while the blocks are visited in reverse."""
-
-    def __init__(self, work: _Work):
-        self.work = work
-        dtype, device = work.dtype, work.u.device
-        self.u = torch.empty(work.u.shape, dtype=dtype, device=device)
-        self.delta = torch.empty(work.delta.shape, dtype=dtype, device=device)
-        self.B = torch.empty(work.B.shape, dtype=dtype, device=device)
-        self.C = torch.empty(work.C.shape, dtype=dtype, device=device)
-        self.z = None if work.z is None else torch.empty(work.z.shape, dtype=dtype, device=device)
-        self.A = torch.zeros(work.A.shape, dtype=dtype, device=device)
-        self.D = torch.zeros(work.u.shape[-1], dtype=dtype, device=device)
-        self.delta_bias = torch.zeros(work.u.shape[-1], dtype=dtype, device=device)
-        self.q = torch.empty_like(work.decay)
-
-    def add_block(self, blk: _Block, g_out: torch.Tensor, g_state: torch.Tensor) -> torch.Tensor:
-        """Add one block's gradients; ``g_state`` is dLoss/d(the block's last state) from later tokens.
-
-        Returns dLoss/d(the state entering the block): the ``g_state`` of the block before.
+        Also returns dLoss/d(the state entering the block): the ``g_state`` of the block before.
         """
-        w, n, span = self.work, blk.n, slice(blk.start, blk.start + blk.n)
-        g_y = g_out
+        n, g_out = blk.n, g_out.to(self.dtype)
+        g_y, g_z = g_out, None
         if blk.z is not None:  # SiLU(z) = z sigmoid(z), SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
             sig = torch.sigmoid(blk.z)
             g_y = g_out * blk.z * sig
-            self.z[:, span] = g_out * w.pre_gate(blk) * sig * (1 + blk.z * (1 - sig))
-        if w.Dv is None:
+            g_z = g_out * self.pre_gate(blk) * sig * (1 + blk.z * (1 - sig))
+        if self.D is None:
             g_u = torch.zeros_like(g_y)
         else:
-            g_u = g_y * w.Dv
-            self.D += (g_y * blk.u).sum((0, 1))
-        self.C[:, span] = torch.einsum("bsdn,bsd->bsn", blk.h[:, :n], g_y)
+            g_u = g_y * self.D
+            self.g_D += (g_y * blk.u).sum((0, 1))
+        g_C = torch.einsum("bsdn,bsd->bsn", blk.h[:, :n], g_y)
 
-        lam = w.prod  # the forward scan's chunk products are spent; the buffer now holds the adjoint
+        lam = self.prod  # the forward scan's chunk products are spent; the buffer now holds the adjoint
         torch.mul(g_y[..., None], blk.C[:, :, None, :], out=lam[:, :n])
         lam[:, n:] = 0
-        g_entering = scan_backward(blk.decay, lam, g_state, w.chunk, self.q)
+        g_entering = scan_backward(blk.decay, lam, g_state, self.chunk, self.q)
 
         # h_t = decay_t h_{t-1} + dt_t B_t u_t, and lam_t is now the whole dLoss/dh_t
         lam = lam[:, :n]
-        self.B[:, span] = torch.einsum("bsdn,bsd->bsn", lam, blk.dt * blk.u)
+        g_B = torch.einsum("bsdn,bsd->bsn", lam, blk.dt * blk.u)
         g_dtu = torch.einsum("bsdn,bsn->bsd", lam, blk.B)
         g_u.addcmul_(g_dtu, blk.dt)
         g_dt = g_dtu.mul_(blk.u)
         # decay_t = exp(dt_t A): dLoss/d(dt_t A) = lam_t decay_t h_{t-1}, reduced against A (for dt) and
         # against dt (for A)
         lam.mul_(blk.decay[:, :n]).mul_(blk.h_prev[:, :n])
-        g_dt += torch.einsum("bsdn,dn->bsd", lam, w.A)
-        self.A += lam.mul_(blk.dt[..., None]).sum((0, 1))
-        if w.delta_softplus:
+        g_dt += torch.einsum("bsdn,dn->bsd", lam, self.A)
+        self.g_A += lam.mul_(blk.dt[..., None]).sum((0, 1))
+        if self.delta_softplus:
             g_dt.mul_(torch.sigmoid(blk.dt_pre))
-        self.delta_bias += g_dt.sum((0, 1))
-        self.u[:, span] = g_u
-        self.delta[:, span] = g_dt
-        return g_entering
-
-    def result(self) -> tuple:
-        """Gradients in the order and dtypes of the inputs u, delta, A, B, C, D, z, delta_bias."""
-        w = self.work
-        pairs = [
-            (self.u, w.u),
-            (self.delta, w.delta),
-            (self.A, w.A_in),
-            (self.B, w.B),
-            (self.C, w.C),
-            (self.D, w.D),
-            (self.z, w.z),
-            (self.delta_bias, w.delta_bias),
-        ]
-        return tuple(None if ref is None else g.to(ref.dtype) for g, ref in pairs)
+        self.g_delta_bias += g_dt.sum((0, 1))
+        return BlockGrads(g_u, g_dt, g_B, g_C, g_z), g_entering
 
 
 def _ceil_to(value: int, multiple: int) -> int:
