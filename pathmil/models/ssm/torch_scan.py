@@ -183,6 +183,7 @@ class Scanner:
         self.h_full = torch.empty((batch, rows + 1, d_inner, d_state), dtype=dtype, device=device)
         self.prod = torch.empty(shape, dtype=dtype, device=device)  # chunk products, then the adjoint
         self.q = torch.empty(shape, dtype=dtype, device=device)
+        self.entering = torch.empty((batch, rows // chunk, d_inner, d_state), dtype=dtype, device=device)
         self.g_A = torch.zeros_like(self.A)
         self.g_D = torch.zeros(d_inner, dtype=dtype, device=device)
         self.g_delta_bias = torch.zeros(d_inner, dtype=dtype, device=device)
@@ -203,7 +204,7 @@ class Scanner:
         self.decay[:, n:] = 0
         self.h_full[:, n + 1 :] = 0
         self.h_full[:, 0] = h0
-        scan_forward(self.decay, self.h_full[:, 1:], h0, self.chunk, self.prod)
+        scan_forward(self.decay, self.h_full[:, 1:], h0, self.chunk, self.prod, self.entering)
         z = None if z is None else z.to(self.dtype)
         return _Block(n, u, dt, dt_pre, z, Bm, C, self.decay, self.h_full)
 
@@ -239,7 +240,7 @@ class Scanner:
         lam = self.prod  # the forward scan's chunk products are spent; the buffer now holds the adjoint
         torch.mul(g_y[..., None], blk.C[:, :, None, :], out=lam[:, :n])
         lam[:, n:] = 0
-        g_entering = scan_backward(blk.decay, lam, g_state, self.chunk, self.q)
+        g_entering = scan_backward(blk.decay, lam, g_state, self.chunk, self.q, self.entering)
 
         # h_t = decay_t h_{t-1} + dt_t B_t u_t, and lam_t is now the whole dLoss/dh_t
         lam = lam[:, :n]
@@ -263,12 +264,18 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 
 def scan_forward(
-    decay: torch.Tensor, h: torch.Tensor, h0: torch.Tensor, chunk: int, prod: torch.Tensor
+    decay: torch.Tensor,
+    h: torch.Tensor,
+    h0: torch.Tensor,
+    chunk: int,
+    prod: torch.Tensor,
+    entering: torch.Tensor,
 ) -> None:
     """In place along dim 1: ``h[:, t] <- decay[:, t] * h[:, t-1] + h[:, t]``, with ``h[:, -1] = h0``.
 
     ``decay`` and ``h`` are ``(b, rows, ...)`` with ``rows`` a multiple of ``chunk``; ``prod`` is a buffer
-    of their shape that receives each chunk's running product of decays.
+    of their shape that receives each chunk's running product of decays, ``entering`` one of shape
+    ``(b, rows / chunk, ...)`` that receives the state entering each chunk.
     """
     b, rows = h.shape[:2]
     k = rows // chunk
@@ -279,21 +286,25 @@ def scan_forward(
     for t in range(1, chunk):  # all chunks advance together, each from a zero state
         x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
         torch.mul(a[:, :, t], p[:, :, t - 1], out=p[:, :, t])
-    entering = torch.empty((b, k, *h.shape[2:]), dtype=h.dtype, device=h.device)
-    carry = h0
-    for j in range(k):  # the true state entering chunk j
-        entering[:, j] = carry
-        carry = torch.addcmul(x[:, j, -1], p[:, j, -1], carry)
+    entering[:, 0] = h0
+    for j in range(k - 1):  # the true state entering chunk j + 1
+        torch.addcmul(x[:, j, -1], p[:, j, -1], entering[:, j], out=entering[:, j + 1])
     x.addcmul_(p, entering[:, :, None])
 
 
 def scan_backward(
-    decay: torch.Tensor, lam: torch.Tensor, g_next: torch.Tensor, chunk: int, prod: torch.Tensor
+    decay: torch.Tensor,
+    lam: torch.Tensor,
+    g_next: torch.Tensor,
+    chunk: int,
+    prod: torch.Tensor,
+    entering: torch.Tensor,
 ) -> torch.Tensor:
     """In place along dim 1, the adjoint recurrence ``lam[:, t] <- lam[:, t] + decay[:, t+1] * lam[:, t+1]``.
 
-    ``g_next``, the adjoint flowing back into the last row from later tokens, enters the last row.
-    Returns ``decay[:, 0] * lam[:, 0]``: the adjoint of the state before the first row.
+    ``g_next``, the adjoint flowing back into the last row from later tokens, enters the last row;
+    ``prod`` and ``entering`` are buffers as for :func:`scan_forward`. Returns ``decay[:, 0] * lam[:, 0]``:
+    the adjoint of the state before the first row.
     """
     b, rows = lam.shape[:2]
     k = rows // chunk
@@ -304,10 +315,8 @@ def scan_backward(
     for t in range(chunk - 2, -1, -1):
         x[:, :, t].addcmul_(a[:, :, t + 1], x[:, :, t + 1])
         torch.mul(a[:, :, t + 1], q[:, :, t + 1], out=q[:, :, t])
-    entering = torch.empty((b, k, *lam.shape[2:]), dtype=lam.dtype, device=lam.device)
-    carry = g_next
-    for j in range(k - 1, -1, -1):  # the true adjoint entering chunk j at its last row
-        entering[:, j] = carry
-        carry = a[:, j, 0] * torch.addcmul(x[:, j, 0], q[:, j, 0], carry)
+    entering[:, k - 1] = g_next
+    for j in range(k - 1, 0, -1):  # the true adjoint entering chunk j - 1 at its last row
+        torch.mul(a[:, j, 0], torch.addcmul(x[:, j, 0], q[:, j, 0], entering[:, j]), out=entering[:, j - 1])
     x.addcmul_(q, entering[:, :, None])
-    return carry
+    return a[:, 0, 0] * x[:, 0, 0]
