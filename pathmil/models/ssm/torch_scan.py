@@ -140,11 +140,11 @@ class _Block:
 
     The state buffer has one row more than the others: row 0 is the entering state and rows 1.. the
     states, so ``h`` (states) and ``h_prev`` (the state before each token) are two views of it. Rows past
-    the block's ``n`` real tokens are padding, with zero decay and zero input.
+    the block's ``n`` real tokens are padding: decay 1 and input 0, so they pass the state on.
     """
 
-    def __init__(self, n, u, dt, dt_pre, z, Bm, C, decay, h_full):
-        self.n = n
+    def __init__(self, n, u, dt, dt_pre, z, Bm, C, decay, h_full, totals):
+        self.n, self.totals = n, totals
         self.u, self.dt, self.dt_pre, self.z, self.B, self.C = u, dt, dt_pre, z, Bm, C
         self.decay = decay  # exp(dt A), (b, rows, d, n)
         self.h = h_full[:, 1:]
@@ -181,9 +181,8 @@ class Scanner:
         shape = (batch, rows, d_inner, d_state)
         self.decay = torch.empty(shape, dtype=dtype, device=device)
         self.h_full = torch.empty((batch, rows + 1, d_inner, d_state), dtype=dtype, device=device)
-        self.prod = torch.empty(shape, dtype=dtype, device=device)  # chunk products, then the adjoint
-        self.q = torch.empty(shape, dtype=dtype, device=device)
-        self.entering = torch.empty((batch, rows // chunk, d_inner, d_state), dtype=dtype, device=device)
+        self.lam = torch.empty(shape, dtype=dtype, device=device)
+        self.work = torch.empty((batch, rows // chunk, d_inner, d_state), dtype=dtype, device=device)
         self.g_A = torch.zeros_like(self.A)
         self.g_D = torch.zeros(d_inner, dtype=dtype, device=device)
         self.g_delta_bias = torch.zeros(d_inner, dtype=dtype, device=device)
@@ -201,12 +200,15 @@ class Scanner:
         dt = F.softplus(dt_pre) if self.delta_softplus else dt_pre
         torch.mul(dt[..., None], self.A2, out=self.decay[:, :n]).exp2_()
         torch.mul((dt * u)[..., None], Bm[:, :, None, :], out=self.h_full[:, 1 : n + 1])
-        self.decay[:, n:] = 0
+        self.decay[:, n:] = 1  # padding rows pass the state on unchanged
         self.h_full[:, n + 1 :] = 0
         self.h_full[:, 0] = h0
-        scan_forward(self.decay, self.h_full[:, 1:], h0, self.chunk, self.prod, self.entering)
+        # each chunk's product of decays, exp(A * sum of its dt): no pass over the (rows, d, n) buffers
+        dt_sum = F.pad(dt, (0, 0, 0, self.rows - n)).view(dt.shape[0], -1, self.chunk, dt.shape[2]).sum(2)
+        totals = torch.mul(dt_sum[..., None], self.A2).exp2_()
+        scan_forward(self.decay, self.h_full[:, 1:], h0, totals, self.chunk, self.work)
         z = None if z is None else z.to(self.dtype)
-        return _Block(n, u, dt, dt_pre, z, Bm, C, self.decay, self.h_full)
+        return _Block(n, u, dt, dt_pre, z, Bm, C, self.decay, self.h_full, totals)
 
     def pre_gate(self, blk: _Block) -> torch.Tensor:
         """y before the SiLU(z) gate, ``C . h + D u``: (b, n, d)."""
@@ -237,10 +239,10 @@ class Scanner:
             self.g_D += (g_y * blk.u).sum((0, 1))
         g_C = torch.einsum("bsdn,bsd->bsn", blk.h[:, :n], g_y)
 
-        lam = self.prod  # the forward scan's chunk products are spent; the buffer now holds the adjoint
+        lam = self.lam
         torch.mul(g_y[..., None], blk.C[:, :, None, :], out=lam[:, :n])
         lam[:, n:] = 0
-        g_entering = scan_backward(blk.decay, lam, g_state, self.chunk, self.q, self.entering)
+        g_entering = scan_backward(blk.decay, lam, g_state, blk.totals, self.chunk, self.work)
 
         # h_t = decay_t h_{t-1} + dt_t B_t u_t, and lam_t is now the whole dLoss/dh_t
         lam = lam[:, :n]
@@ -267,56 +269,64 @@ def scan_forward(
     decay: torch.Tensor,
     h: torch.Tensor,
     h0: torch.Tensor,
+    totals: torch.Tensor,
     chunk: int,
-    prod: torch.Tensor,
-    entering: torch.Tensor,
-) -> None:
+    work: torch.Tensor,
+) -> torch.Tensor:
     """In place along dim 1: ``h[:, t] <- decay[:, t] * h[:, t-1] + h[:, t]``, with ``h[:, -1] = h0``.
 
-    ``decay`` and ``h`` are ``(b, rows, ...)`` with ``rows`` a multiple of ``chunk``; ``prod`` is a buffer
-    of their shape that receives each chunk's running product of decays, ``entering`` one of shape
-    ``(b, rows / chunk, ...)`` that receives the state entering each chunk.
+    ``decay`` and ``h`` are ``(b, rows, ...)`` with ``rows = K * chunk``; ``totals (b, K, ...)`` holds each
+    chunk's product of decays. Three phases: a scan of every chunk from zero, kept only as a running
+    value (``work``, ``(b, K, ...)``), gives the chunk ends; a loop over the K chunks turns them into the
+    true state entering each chunk; a second scan of every chunk from its entering state writes ``h``.
+    Returns the entering states ``(b, K, ...)``.
     """
     b, rows = h.shape[:2]
     k = rows // chunk
     a = decay.view(b, k, chunk, *decay.shape[2:])
     x = h.view(b, k, chunk, *h.shape[2:])
-    p = prod.view(b, k, chunk, *prod.shape[2:])
-    p[:, :, 0] = a[:, :, 0]
+    ends = work
+    ends.copy_(x[:, :, 0])
     for t in range(1, chunk):  # all chunks advance together, each from a zero state
-        x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
-        torch.mul(a[:, :, t], p[:, :, t - 1], out=p[:, :, t])
+        torch.addcmul(x[:, :, t], a[:, :, t], ends, out=ends)
+    entering = torch.empty_like(ends)
     entering[:, 0] = h0
-    for j in range(k - 1):  # the true state entering chunk j + 1
-        torch.addcmul(x[:, j, -1], p[:, j, -1], entering[:, j], out=entering[:, j + 1])
-    x.addcmul_(p, entering[:, :, None])
+    for j in range(k - 1):
+        torch.addcmul(ends[:, j], totals[:, j], entering[:, j], out=entering[:, j + 1])
+    x[:, :, 0].addcmul_(a[:, :, 0], entering)
+    for t in range(1, chunk):
+        x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
+    return entering
 
 
 def scan_backward(
     decay: torch.Tensor,
     lam: torch.Tensor,
     g_next: torch.Tensor,
+    totals: torch.Tensor,
     chunk: int,
-    prod: torch.Tensor,
-    entering: torch.Tensor,
+    work: torch.Tensor,
 ) -> torch.Tensor:
     """In place along dim 1, the adjoint recurrence ``lam[:, t] <- lam[:, t] + decay[:, t+1] * lam[:, t+1]``.
 
-    ``g_next``, the adjoint flowing back into the last row from later tokens, enters the last row;
-    ``prod`` and ``entering`` are buffers as for :func:`scan_forward`. Returns ``decay[:, 0] * lam[:, 0]``:
-    the adjoint of the state before the first row.
+    ``g_next``, the adjoint flowing back into the last row from later tokens, enters the last row; the
+    phases mirror :func:`scan_forward`. Returns ``decay[:, 0] * lam[:, 0]``: the adjoint of the state
+    before the first row.
     """
     b, rows = lam.shape[:2]
     k = rows // chunk
     a = decay.view(b, k, chunk, *decay.shape[2:])
     x = lam.view(b, k, chunk, *lam.shape[2:])
-    q = prod.view(b, k, chunk, *prod.shape[2:])  # q[:, :, t] = product of a[:, :, t+1:] in the chunk
-    q[:, :, -1] = 1
+    starts = work
+    starts.copy_(x[:, :, -1])
+    for t in range(chunk - 2, -1, -1):  # every chunk from a zero adjoint after it
+        torch.addcmul(x[:, :, t], a[:, :, t + 1], starts, out=starts)
+    entering = torch.empty_like(starts)  # the adjoint flowing into each chunk's last row
+    entering[:, k - 1] = g_next
+    for j in range(k - 1, 0, -1):
+        torch.mul(a[:, j, 0], starts[:, j], out=entering[:, j - 1])
+        entering[:, j - 1].addcmul_(totals[:, j], entering[:, j])
+    x[:, :, -1] += entering
     for t in range(chunk - 2, -1, -1):
         x[:, :, t].addcmul_(a[:, :, t + 1], x[:, :, t + 1])
-        torch.mul(a[:, :, t + 1], q[:, :, t + 1], out=q[:, :, t])
-    entering[:, k - 1] = g_next
-    for j in range(k - 1, 0, -1):  # the true adjoint entering chunk j - 1 at its last row
-        torch.mul(a[:, j, 0], torch.addcmul(x[:, j, 0], q[:, j, 0], entering[:, j]), out=entering[:, j - 1])
-    x.addcmul_(q, entering[:, :, None])
     return a[:, 0, 0] * x[:, 0, 0]
