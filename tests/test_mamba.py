@@ -14,7 +14,7 @@ from pathmil.errors import PathmilError
 from pathmil.models import registry, ssm
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba, inverse_order, stride_order
 from pathmil.models.mambamil import MambaMIL, mambamil
-from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan
+from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan, torch_scan
 from pathmil.models.ssm.conv import causal_conv1d_torch
 from pathmil.models.ssm.torch_branch import mamba_branch_torch
 from pathmil.models.ssm.torch_scan import selective_scan_torch
@@ -85,6 +85,17 @@ def test_scan_equals_sequential_reference_forward_and_gradients(length):
     inputs = scan_inputs(length)
     # blocks of 24 tokens in chunks of 8: lengths that are and are not multiples of both
     y, grads = value_and_grads(lambda **k: selective_scan_torch(**k, block=24, chunk=8), inputs, SCAN_INPUTS)
+    y_ref, grads_ref = value_and_grads(reference_scan, inputs, SCAN_INPUTS)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name in SCAN_INPUTS:
+        assert_close_relative(grads[name], grads_ref[name], 1e-10)
+
+
+def test_scan_over_several_spans_of_several_blocks(monkeypatch):
+    """Spans (per-channel work) of 2 blocks of 16 tokens, the last span and block short."""
+    monkeypatch.setattr(torch_scan, "SPAN", 32)
+    inputs = scan_inputs(150)
+    y, grads = value_and_grads(lambda **k: selective_scan_torch(**k, block=16, chunk=4), inputs, SCAN_INPUTS)
     y_ref, grads_ref = value_and_grads(reference_scan, inputs, SCAN_INPUTS)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     for name in SCAN_INPUTS:
@@ -370,8 +381,9 @@ def branch_inputs(length, d=6, n=3, rank=2, k=4, seed=0):
 
 @pytest.mark.parametrize("length", [1, 3, 17, 37])
 @pytest.mark.parametrize("kind", ["in order", "stride", "reversed"])
-def test_fused_branch_equals_its_pieces_composed(length, kind):
-    """The blockwise branch (conv look-back across blocks, per-block gathers) against the composition."""
+def test_fused_branch_equals_its_pieces_composed(length, kind, monkeypatch):
+    """The blockwise branch (conv look-back across spans, per-span gathers) against the composition."""
+    monkeypatch.setattr(torch_scan, "SPAN", 16)  # spans of 2 blocks of 8 tokens
     order = {"in order": None, "stride": stride_order(length, 3), "reversed": torch.arange(length)}[kind]
     if kind == "reversed":
         order = order.flip(0)

@@ -3,14 +3,14 @@
 Composed with autograd, a branch stores its intermediates for the whole sequence: the conv output and its
 SiLU, dt (each ``L x d_inner``) and, for SR-Mamba's reordered branch, reordered copies of x and z: about
 six ``L x d_inner`` tensors per branch, 2.5 GB at 10^5 tokens and d_inner 1024, four branches in MambaMIL.
-This :class:`torch.autograd.Function` runs the branch over the scan's blocks instead (Gu and Dao, 2023,
-fuse the same steps on GPU in mamba-ssm's ``mamba_inner_fn``). The forward pass keeps only the state
-entering each block; the backward pass recomputes one block's conv, projections and states from x, z and
-that state, and pushes the gradients through them. It saves x and z, which are views of in_proj's output
+This :class:`torch.autograd.Function` runs the branch span by span instead (the scan's spans of a few
+blocks; Gu and Dao, 2023, fuse the same steps on GPU in mamba-ssm's ``mamba_inner_fn``). The forward
+pass keeps only the state entering each block; the backward pass recomputes one span's conv and
+projections and its blocks' states from x, z and those states, and pushes the gradients through them. It saves x and z, which are views of in_proj's output
 that the layer holds anyway, and the parameters: nothing of size L is added.
 
 ``order`` runs the branch over the sequence ``x[:, order]`` (SR-Mamba's stride order, the reversed order
-of bidirectional Mamba) and returns its output in the original positions; each block gathers its own
+of bidirectional Mamba) and returns its output in the original positions; each span gathers its own
 tokens, so the reordered sequence is never copied.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pathmil.models.ssm.torch_scan import CHUNK, Scanner, block_rows, compute_dtype
+from pathmil.models.ssm.torch_scan import CHUNK, Scanner, compute_dtype, spans_and_blocks
 
 
 def mamba_branch_torch(
@@ -46,7 +46,7 @@ def mamba_branch_torch(
 
 
 class _Positions:
-    """Which tokens of x a block reads: its own span plus the conv's look-back, in sequence order."""
+    """Which tokens of x a span reads: its own plus the conv's look-back, in sequence order."""
 
     def __init__(self, order: torch.Tensor | None, s0: int, s1: int, look_back: int):
         self.order, self.s0, self.s1 = order, s0, s1
@@ -60,7 +60,7 @@ class _Positions:
         return t[:, self.order[start : self.s1]]  # index_select would copy all of a strided t first
 
     def put(self, target: torch.Tensor, value: torch.Tensor) -> None:
-        """Write the block's tokens into their original positions."""
+        """Write the span's tokens into their original positions."""
         if self.order is None:
             target[:, self.s0 : self.s1] = value
         else:
@@ -84,8 +84,8 @@ class _WeightGrads:
         self.dt_proj = torch.zeros_like(wdt)
 
 
-class _BranchBlock:
-    """One block's conv, SiLU and projections (what its scan needs), and their backward pass."""
+class _BranchSpan:
+    """One span's conv, SiLU and projections (what its scan needs), and their backward pass."""
 
     def __init__(self, x, z, weights, d_state: int, pos: _Positions, dtype: torch.dtype):
         conv_w, conv_b, wx, wdt = weights
@@ -104,7 +104,7 @@ class _BranchBlock:
         self.z = pos.take(z, pos.s0).to(dtype)
 
     def backward(self, g_u, g_delta, g_B, g_C, grads: _WeightGrads) -> torch.Tensor:
-        """Add the block's weight gradients to ``grads``; return dLoss/d(the x rows the conv read)."""
+        """Add the span's weight gradients to ``grads``; return dLoss/d(the x rows the conv read)."""
         conv_w, _, wx, wdt = self.weights
         n = self.pre.shape[1]
         grads.dt_proj += torch.tensordot(g_delta, self.dt_low, dims=([0, 1], [0, 1]))
@@ -127,27 +127,25 @@ class _Branch(torch.autograd.Function):
     def forward(ctx, x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order, block, chunk):
         batch, length, d_inner = x.shape
         dtype, d_state, look_back = compute_dtype(x), A.shape[1], conv_w.shape[1] - 1
-        rows = block_rows(batch, length, d_inner, d_state, block, chunk)
+        rows, spans = spans_and_blocks(batch, length, d_inner, d_state, block, chunk)
         scanner = Scanner(A, D, dt_bias, True, batch, rows, chunk, dtype)
         weights = _cast((conv_w, conv_b, wx, wdt), dtype)
-        spans = [(s, min(s + rows, length)) for s in range(0, length, rows)]
-        y = torch.empty(x.shape, dtype=dtype, device=x.device)
-        entering = scanner.new_states(len(spans))
-        h = scanner.new_states(1)[0].zero_()
-        for i, (s0, s1) in enumerate(spans):
-            entering[i] = h
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        h = scanner.zero_state()
+        entering = []
+        for s0, s1 in spans:
             pos = _Positions(order, s0, s1, look_back)
-            part = _BranchBlock(x, z, weights, d_state, pos, dtype)
-            blk = scanner.scan_block(part.u, part.delta, part.B, part.C, part.z, h)
-            pos.put(y, scanner.output(blk))
-            h = blk.last_state()
-        ctx.save_for_backward(x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order, entering)
+            part = _BranchSpan(x, z, weights, d_state, pos, dtype)
+            y_span, h = scanner.forward_span(part.u, part.delta, part.B, part.C, part.z, h)
+            pos.put(y, y_span)
+            entering.append(scanner.entering)
+        ctx.save_for_backward(x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order, *entering)
         ctx.settings = (rows, chunk, spans)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g_y):
-        x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order, entering = ctx.saved_tensors
+        x, z, conv_w, conv_b, wx, wdt, dt_bias, A, D, order, *entering = ctx.saved_tensors
         rows, chunk, spans = ctx.settings
         dtype, d_state, look_back = compute_dtype(x), A.shape[1], conv_w.shape[1] - 1
         scanner = Scanner(A, D, dt_bias, True, x.shape[0], rows, chunk, dtype)
@@ -155,12 +153,13 @@ class _Branch(torch.autograd.Function):
         grads = _WeightGrads(*weights)
         g_x = torch.zeros(x.shape, dtype=dtype, device=x.device)
         g_z = torch.empty(z.shape, dtype=dtype, device=z.device)
-        g_state = torch.zeros_like(entering[0])
-        for i in reversed(range(len(spans))):
-            pos = _Positions(order, *spans[i], look_back)
-            part = _BranchBlock(x, z, weights, d_state, pos, dtype)
-            blk = scanner.scan_block(part.u, part.delta, part.B, part.C, part.z, entering[i])
-            g, g_state = scanner.backward_block(blk, pos.take(g_y, pos.s0), g_state)
+        g_state = scanner.zero_state()
+        for (s0, s1), states in zip(reversed(spans), reversed(entering)):
+            pos = _Positions(order, s0, s1, look_back)
+            part = _BranchSpan(x, z, weights, d_state, pos, dtype)
+            g, g_state = scanner.backward_span(
+                part.u, part.delta, part.B, part.C, part.z, states, pos.take(g_y, s0), g_state
+            )
             pos.put(g_z, g.z)
             pos.add_look_back(g_x, part.backward(g.u, g.delta, g.B, g.C, grads))
         pairs = [
