@@ -315,19 +315,19 @@ def scan_forward(
     """
     b, rows = h.shape[:2]
     k = rows // chunk
-    a = decay.view(b, k, chunk, *decay.shape[2:])
-    x = h.view(b, k, chunk, *h.shape[2:])
+    a = decay.view(b, k, chunk, *decay.shape[2:]).unbind(2)  # the chunks' rows t, one view each
+    x = h.view(b, k, chunk, *h.shape[2:]).unbind(2)
     ends = work
-    ends.copy_(x[:, :, 0])
+    ends.copy_(x[0])
     for t in range(1, chunk):  # all chunks advance together, each from a zero state
-        torch.addcmul(x[:, :, t], a[:, :, t], ends, out=ends)
+        torch.addcmul(x[t], a[t], ends, out=ends)
     entering = torch.empty_like(ends)
     entering[:, 0] = h0
     for j in range(k - 1):
         torch.addcmul(ends[:, j], totals[:, j], entering[:, j], out=entering[:, j + 1])
-    x[:, :, 0].addcmul_(a[:, :, 0], entering)
+    x[0].addcmul_(a[0], entering)
     for t in range(1, chunk):
-        x[:, :, t].addcmul_(a[:, :, t], x[:, :, t - 1])
+        x[t].addcmul_(a[t], x[t - 1])
 
 
 def scan_backward(
@@ -346,18 +346,19 @@ def scan_backward(
     """
     b, rows = lam.shape[:2]
     k = rows // chunk
-    a = decay.view(b, k, chunk, *decay.shape[2:])
-    x = lam.view(b, k, chunk, *lam.shape[2:])
+    a = decay.view(b, k, chunk, *decay.shape[2:]).unbind(2)
+    x = lam.view(b, k, chunk, *lam.shape[2:]).unbind(2)
     starts = work
-    starts.copy_(x[:, :, -1])
+    starts.copy_(x[-1])
     for t in range(chunk - 2, -1, -1):  # every chunk from a zero adjoint after it
-        torch.addcmul(x[:, :, t], a[:, :, t + 1], starts, out=starts)
+        torch.addcmul(x[t], a[t + 1], starts, out=starts)
     entering = torch.empty_like(starts)  # the adjoint flowing into each chunk's last row
     entering[:, k - 1] = g_next
+    a0 = a[0]
     for j in range(k - 1, 0, -1):
-        torch.mul(a[:, j, 0], starts[:, j], out=entering[:, j - 1])
+        torch.mul(a0[:, j], starts[:, j], out=entering[:, j - 1])
         entering[:, j - 1].addcmul_(totals[:, j], entering[:, j])
-    x[:, :, -1] += entering
+    x[-1].add_(entering)
     for t in range(chunk - 2, -1, -1):
-        x[:, :, t].addcmul_(a[:, :, t + 1], x[:, :, t + 1])
-    return a[:, 0, 0] * x[:, 0, 0]
+        x[t].addcmul_(a[t + 1], x[t + 1])
+    return a0[:, 0] * x[0][:, 0]
