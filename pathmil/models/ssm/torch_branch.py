@@ -1,13 +1,14 @@
-"""One Mamba branch in pure PyTorch, block by block: causal conv, SiLU, x_proj, dt_proj, scan, gate.
+"""One Mamba branch in pure PyTorch, span by span: causal conv, SiLU, x_proj, dt_proj, scan, gate.
 
 Composed with autograd, a branch stores its intermediates for the whole sequence: the conv output and its
 SiLU, dt (each ``L x d_inner``) and, for SR-Mamba's reordered branch, reordered copies of x and z: about
 six ``L x d_inner`` tensors per branch, 2.5 GB at 10^5 tokens and d_inner 1024, four branches in MambaMIL.
-This :class:`torch.autograd.Function` runs the branch span by span instead (the scan's spans of a few
-blocks; Gu and Dao, 2023, fuse the same steps on GPU in mamba-ssm's ``mamba_inner_fn``). The forward
-pass keeps only the state entering each block; the backward pass recomputes one span's conv and
-projections and its blocks' states from x, z and those states, and pushes the gradients through them. It saves x and z, which are views of in_proj's output
-that the layer holds anyway, and the parameters: nothing of size L is added.
+This :class:`torch.autograd.Function` runs the branch over the scan's spans of a few blocks instead (Gu
+and Dao, 2023, fuse the same steps on GPU in mamba-ssm's ``mamba_inner_fn``). The forward pass keeps only
+the state entering each block; the backward pass recomputes one span's conv and projections and its
+blocks' states from x, z and those states, and pushes the gradients through them. It saves x and z,
+which are views of in_proj's output that the layer holds anyway, and the parameters: nothing of size L
+is added but the entering states (one ``d_inner x d_state`` state per 64 tokens).
 
 ``order`` runs the branch over the sequence ``x[:, order]`` (SR-Mamba's stride order, the reversed order
 of bidirectional Mamba) and returns its output in the original positions; each span gathers its own
@@ -75,7 +76,7 @@ class _Positions:
 
 
 class _WeightGrads:
-    """The gradients of the branch's conv and projection weights, summed over the blocks."""
+    """The gradients of the branch's conv and projection weights, summed over the spans."""
 
     def __init__(self, conv_w, conv_b, wx, wdt):
         self.conv = torch.zeros_like(conv_w)

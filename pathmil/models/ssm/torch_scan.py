@@ -272,7 +272,7 @@ class Scanner:
         if z is not None:
             if self.D is not None:
                 y.addcmul_(u, self.D)
-            g_z = g_out * y * sig * (1 + z * (1 - sig))
+            g_z = (1 - sig).mul_(z).add_(1).mul_(sig).mul_(y).mul_(g_out)  # in place: one temporary
         if self.delta_softplus:
             g_dt.mul_(torch.sigmoid(dt_pre))
         self.g_delta_bias += g_dt.sum((0, 1))
