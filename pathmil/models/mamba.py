@@ -57,6 +57,8 @@ class Mamba(nn.Module):
     ``cuda``.
     """
 
+    has_second_branch = False
+
     def __init__(
         self,
         d_model: int,
@@ -99,8 +101,6 @@ class Mamba(nn.Module):
         if self.has_second_branch:
             y = y + self._second(x, z)
         return self.out_proj(y)
-
-    has_second_branch = False
 
     def _first(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
