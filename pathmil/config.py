@@ -135,6 +135,46 @@ class ExtractConfig:
             raise PathmilError("give either weights (--weights) or random_init (--random-init), not both")
 
 
+# ------------------------------------------------------------------------------------------- mambamil
+
+
+MAMBA_VARIANTS = ("sr", "plain", "bi")
+
+
+@dataclasses.dataclass
+class MambaMILConfig:
+    """MambaMIL's settings (Yang et al., MICCAI 2024): the ``model`` section for ``--aggregator mambamil``.
+
+    The defaults are the paper's; the authors' scripts use ``sr_rate: 5``.
+    """
+
+    d_model: int = 512  # width after the input projection
+    n_layers: int = 2  # Mamba layers, each h <- h + block(LayerNorm(h))
+    d_state: int = 16  # state size per channel of the selective scan
+    d_conv: int = 4  # width of the causal depthwise convolution
+    expand: int = 2  # d_inner = expand * d_model
+    dropout: float = 0.25  # after the input projection
+    variant: str = "sr"  # sr (SR-Mamba), plain (Mamba) or bi (bidirectional Mamba)
+    sr_rate: int = 10  # SR-Mamba's reordering stride R
+    token_reorder: bool = False  # sort instances by a learned importance score first (Vo et al., ICLR 2025)
+    attn_dim: int = 128  # hidden size of the attention pooling
+    backend: str = "auto"  # selective scan: auto (mamba-ssm kernels on a GPU if installed), torch, cuda
+
+    def validate(self) -> None:
+        """Refuse settings that cannot build the model."""
+        if self.variant not in MAMBA_VARIANTS:
+            raise PathmilError(
+                f"model.variant '{self.variant}' unknown; choose one of {', '.join(MAMBA_VARIANTS)}"
+            )
+        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "sr_rate", "attn_dim"):
+            if getattr(self, name) < 1:
+                raise PathmilError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise PathmilError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.backend not in ("auto", "torch", "cuda"):
+            raise PathmilError(f"model.backend '{self.backend}' unknown; choose auto, torch or cuda")
+
+
 # ------------------------------------------------------------------------------------------ machinery
 
 

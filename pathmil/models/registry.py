@@ -20,6 +20,7 @@ MODEL_MODULES = [
     "pathmil.models.instance",
     "pathmil.models.transmil",
     "pathmil.models.mhim",
+    "pathmil.models.mambamil",
 ]
 
 _REGISTRY: dict[str, Callable[..., MILModel]] = {}
