@@ -10,7 +10,11 @@ from pathmil.tasks import create_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASE_MODELS = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor"]
+BASE_MODELS = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor", "transmil", "mambamil"]
+
+
+# The sequence models at a size that learns this toy problem in seconds (their own tests cover full size).
+SMALL = {"mambamil": {"d_model": 32, "n_layers": 1}, "transmil": {"hidden": 64}}
 
 
 def test_registry_lists_the_core_aggregators():
@@ -80,7 +84,7 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     task = create_task(task_name, **({"loss": "nll"} if task_name == "survival" else {}))
     task.fit(labels)
     targets = task.targets(labels)
-    model = create_model(name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0)
+    model = create_model(name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0, **SMALL.get(name, {}))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
 
     def epoch_loss(train: bool) -> float:
