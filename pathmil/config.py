@@ -107,7 +107,7 @@ class ExtractConfig:
     weights: str | None = None  # weights file; None: the Hugging Face or torch hub cache
     random_init: bool = False  # random weights, for tests and baselines only (recorded in the bag)
     batch_size: int = 64
-    workers: int | None = None  # tile-reading processes; None: one per CPU core but one, 1 to 8
+    workers: int | None = None  # tile-reading processes; None: torch's threads - 1, from 1 to 8
     prefetch: int = 4  # batches each reading process prepares ahead
     device: str = "auto"  # auto (cuda when available), cpu or cuda
     precision: str = "auto"  # auto, fp32, bf16 or fp16 (autocast)
