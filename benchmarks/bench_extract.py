@@ -1,21 +1,25 @@
-"""Benchmark of feature extraction: `pathmil extract` against the bare encoder and a CLAM-style loop.
+"""Benchmark of feature extraction: the pipeline against the bare encoder and a CLAM-style loop.
 
 For each encoder (default ``resnet50_trunc`` and ``mobilenet_v2``) at one batch size:
 
-- bare encoder: tiles/s of the network alone on tiles already in memory (normalised, on the device), per
-  setting (fp32 plain NCHW, fp32 channels_last, fp32 channels_last + TorchScript fusion, bf16 autocast
-  channels_last, optionally torch.compile), with each setting's per-tile cosine similarity to plain fp32;
-- pipeline: tiles/s of ``pathmil extract`` with its default settings (reading, resizing, normalising,
-  encoding, writing; model loading excluded, as the facts JSON reports it) and its ratio to the bare
-  encoder at the setting the pipeline chose;
-- CLAM-style baseline: per-tile ``read_region(...).convert("RGB")`` + torchvision Resize/ToTensor/Normalize
-  in a DataLoader (no workers on CPU, as CLAM's extract_features_fp.py), fp32 NCHW model, same weights.
+- bare encoder: the network alone on tiles already in memory (normalised, on the device), per setting
+  (fp32 plain NCHW, fp32 channels_last, fp32 channels_last + TorchScript fusion, bf16 autocast, optionally
+  torch.compile), with each setting's per-tile cosine similarity to plain fp32;
+- pipeline: ``extract_slide`` (what ``pathmil extract`` runs) with the default settings: reading in
+  worker processes, resizing, normalising, encoding, writing the bag; the model is built beforehand, as
+  the facts JSON's tiles/s leaves model loading out. One run of the command itself is timed too;
+- CLAM-style baseline, written here: per-tile ``read_region(...).convert("RGB")`` + torchvision
+  Resize/ToTensor/Normalize in a DataLoader without workers on CPU (as CLAM's extract_features_fp.py),
+  fp32 NCHW model, the same weights.
 
-The slide is the real H&E region (cmu_small_region.svs) tiled up 3 x 3 into a pyramidal JPEG TIFF, so tiles
-decode real JPEG data. The CPU may be shared: every measurement is repeated (interleaved) and the table
-shows the median and the best run; `uptime` load is recorded before and after.
+Every measurement reports wall-clock tiles/s and tiles per CPU-second (user + system time of this process
+and its reaped children, i.e. the tile readers). On a CPU shared with other jobs the wall-clock numbers
+swing by 2-3x from minute to minute; CPU time is far steadier, and on a quiet machine where the encoder
+keeps every core busy the two give the same ratios. Ratios are medians of per-repeat ratios (measurements
+taken side by side). The slide is the real H&E region (cmu_small_region.svs) tiled up 3 x 3 into a pyramidal
+JPEG TIFF, so tiles decode real JPEG data.
 
-    python benchmarks/bench_extract.py      # ~25 min on 2 busy cores: benchmarks/out/bench_extract.md (+ .json)
+    python benchmarks/bench_extract.py   # ~30 min on 2 busy cores: benchmarks/out/bench_extract.md (+ .json)
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +47,14 @@ sys.path.insert(0, str(ROOT))
 
 from pathmil.config import ExtractConfig, TileConfig  # noqa: E402
 from pathmil.features.bagfile import read_bag  # noqa: E402
-from pathmil.features.encoders import create_encoder  # noqa: E402
+from pathmil.features.encoders import Encoder, create_encoder  # noqa: E402
 from pathmil.features.extract import (  # noqa: E402
     EncoderRunner,
+    FeatureExtractor,
     TileBatches,
     cpu_has_fast_bf16,
+    extract_slide,
     resolve_device,
-    resolve_optimize,
-    resolve_precision,
 )
 from pathmil.slide.tilefile import TileSet, read_tiles, write_tiles  # noqa: E402
 
@@ -67,6 +73,33 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have exited (tile readers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclasses.dataclass
+class Timing:
+    tiles: int
+    wall: float
+    cpu: float
+
+    @property
+    def per_s(self) -> float:
+        return self.tiles / self.wall
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.tiles / self.cpu
+
+
+def timed(tiles: int, work: Callable[[], object]) -> Timing:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    work()
+    return Timing(tiles, time.perf_counter() - wall, cpu_seconds() - cpu)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -101,8 +134,9 @@ def limit_tiles(tiles_path: Path, n: int, out: Path) -> Path:
 def tiles_in_memory(slide: Path, tiles_path: Path, preprocess, n: int) -> torch.Tensor:
     """uint8 N x H x W x 3 tiles exactly as the pipeline's readers produce them."""
     tiles = read_tiles(tiles_path)
-    dataset = TileBatches(slide, "bench", None, tiles, preprocess)
-    images, _, failed = dataset[list(range(min(n, len(tiles.coords))))]
+    images, _, failed = TileBatches(slide, "bench", None, tiles, preprocess)[
+        list(range(min(n, len(tiles.coords))))
+    ]
     assert not failed
     return images
 
@@ -124,11 +158,10 @@ def bare_settings(device: torch.device, convolutional: bool, with_compile: bool)
         settings.append(Setting("fp32 channels_last", "fp32", "none", True))
         if device.type == "cpu":
             settings.append(Setting("fp32 channels_last + jit fusion", "fp32", "jit", True))
-    settings.append(
-        Setting(f"bf16 autocast{' channels_last' if convolutional else ''}", "bf16", "none", convolutional)
-    )
+    layout = " channels_last" if convolutional else ""
+    settings.append(Setting(f"bf16 autocast{layout}", "bf16", "none", convolutional))
     if device.type == "cuda":
-        settings.append(Setting("fp16 autocast", "fp16", "none", convolutional))
+        settings.append(Setting(f"fp16 autocast{layout}", "fp16", "none", convolutional))
     if with_compile:
         settings.append(Setting("fp32 torch.compile (freezing)", "fp32", "compile", convolutional))
     return settings
@@ -136,43 +169,32 @@ def bare_settings(device: torch.device, convolutional: bool, with_compile: bool)
 
 def time_bare(
     runner: EncoderRunner, x: torch.Tensor, batch_size: int, max_batches: int
-) -> tuple[float, torch.Tensor]:
-    """tiles/s of the encoder alone over up to ``max_batches`` batches (one warm-up batch first)."""
+) -> tuple[Timing, torch.Tensor]:
+    """The encoder alone over up to ``max_batches`` batches (one warm-up batch first)."""
     batches = list(torch.split(x, batch_size))[:max_batches]
-    runner.encode(batches[0])  # warm-up: oneDNN primitive creation, TorchScript profiling
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = [runner.encode(b) for b in batches]
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize()
-    n = sum(len(b) for b in batches)
-    return n / (time.perf_counter() - start), torch.cat(outs).cpu()
+    runner.encode(batches[0])  # warm-up: oneDNN primitives, TorchScript profiling, compilation
+    outs: list[torch.Tensor] = []
+
+    def run() -> None:
+        outs.extend(runner.encode(b) for b in batches)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    timing = timed(sum(len(b) for b in batches), run)
+    return timing, torch.cat(outs).cpu()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    sims = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+    n = min(len(a), len(b))
+    sims = torch.nn.functional.cosine_similarity(a[:n].double(), b[:n].double(), dim=1)
     return float(sims.min()), float(sims.mean())
 
 
-def run_pipeline(name: str, slide: Path, tiles: Path, work: Path, args: argparse.Namespace) -> dict:
-    """`pathmil extract` as a user runs it (a fresh process), default settings; returns its facts."""
-    out = work / f"{name}_bag.h5"
-    cmd = [sys.executable, "-m", "pathmil", "extract", str(slide), "--tiles", str(tiles), "--out", str(out)]
-    cmd += ["--encoder", name, "--batch-size", str(args.batch_size), "--overwrite", "--device", args.device]
-    cmd += ["--weights", str(WEIGHTS[name])] if name in WEIGHTS else ["--random-init"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-    facts = json.loads(out.with_suffix(".json").read_text())
-    facts["wall_s"] = time.perf_counter() - start
-    facts["bag"] = out
-    return facts
-
-
-def clam_baseline(name: str, slide: Path, tiles_path: Path, batch_size: int, device: torch.device) -> float:
-    """CLAM's extract_features_fp.py loop, written here: per-tile PIL read_region + torchvision transforms,
-    DataLoader without workers on CPU, fp32 NCHW eager model under inference_mode."""
+def clam_loop(
+    encoder: Encoder, slide: Path, tiles_path: Path, batch_size: int, device: torch.device
+) -> Timing:
+    """CLAM's extract_features_fp.py loop: per-tile PIL read_region + torchvision transforms, DataLoader
+    without workers on CPU (8 with pinned memory on CUDA), fp32 NCHW eager model under inference_mode."""
     import openslide
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
@@ -194,36 +216,42 @@ def clam_baseline(name: str, slide: Path, tiles_path: Path, batch_size: int, dev
         def __len__(self) -> int:
             return len(tiles.coords)
 
-        def __getitem__(self, i: int):
-            img = self.wsi.read_region(tuple(int(v) for v in tiles.coords[i]), level, (size, size)).convert(
-                "RGB"
-            )
-            return transform(img)
+        def __getitem__(self, i: int) -> torch.Tensor:
+            xy = tuple(int(v) for v in tiles.coords[i])
+            return transform(self.wsi.read_region(xy, level, (size, size)).convert("RGB"))
 
-    model = create_encoder(name, weights=WEIGHTS.get(name), random_init=name not in WEIGHTS).model.to(device)
-    loader = DataLoader(
-        WholeSlideBag(),
-        batch_size=batch_size,
-        **({"num_workers": 8, "pin_memory": True} if device.type == "cuda" else {}),
-    )
+    model = copy.deepcopy(encoder.model).to(device)
+    kwargs = {"num_workers": 8, "pin_memory": True} if device.type == "cuda" else {}
+    loader = DataLoader(WholeSlideBag(), batch_size=batch_size, **kwargs)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for batch in loader:
+                model(batch.to(device)).cpu()
+
+    return timed(len(tiles.coords), run)
+
+
+def cli_run(name: str, slide: Path, tiles: Path, work: Path, args: argparse.Namespace) -> dict:
+    """`pathmil extract` as a user runs it: a fresh process, default settings."""
+    out = work / f"{name}_cli.h5"
+    cmd = [sys.executable, "-m", "pathmil", "extract", str(slide), "--tiles", str(tiles), "--out", str(out)]
+    cmd += ["--encoder", name, "--batch-size", str(args.batch_size), "--overwrite", "--device", args.device]
+    cmd += ["--weights", str(WEIGHTS[name])] if name in WEIGHTS else ["--random-init"]
     start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader:
-            model(batch.to(device)).cpu()
-    return len(tiles.coords) / (time.perf_counter() - start)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    facts = json.loads(out.with_suffix(".json").read_text())
+    return {"wall_s": time.perf_counter() - start, "tiles_per_second": facts["tiles_per_second"]}
 
 
-def summarise(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} (best {max(values):.1f})"
-
-
-# --------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------ runs
 
 
 def bench_encoder(name: str, slide: Path, tiles: Path, work: Path, args: argparse.Namespace) -> dict:
     """Interleaved repeats of every bare setting, the pipeline and the CLAM-style loop: the raw numbers."""
     device = resolve_device(args.device)
-    encoder = create_encoder(name, weights=WEIGHTS.get(name), random_init=name not in WEIGHTS)
+    weights = WEIGHTS.get(name)
+    encoder = create_encoder(name, weights=weights, random_init=weights is None)
     images = tiles_in_memory(slide, tiles, encoder.preprocess, args.batch_size * args.batches)
     settings = bare_settings(device, encoder.convolutional, args.compile)
     runners = {}
@@ -231,85 +259,102 @@ def bench_encoder(name: str, slide: Path, tiles: Path, work: Path, args: argpars
         own = dataclasses.replace(encoder, model=copy.deepcopy(encoder.model))
         runner = EncoderRunner(own, device, s.precision, s.optimize, s.channels_last)
         runners[s.label] = (runner, runner.normalise(images))
+    config = ExtractConfig(
+        encoder=name,
+        weights=str(weights) if weights else None,
+        random_init=weights is None,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=True,
+    )
+    pipeline = FeatureExtractor(config)
+    chosen = pipeline.runner  # built before timing: the facts' tiles/s leave model loading out too
+    match = next(
+        s.label
+        for s in settings
+        if (s.precision, s.optimize, s.channels_last)
+        == (chosen.precision, chosen.optimize, chosen.channels_last)
+    )
     emulated_bf16 = device.type == "cpu" and not cpu_has_fast_bf16()
-    speeds: dict[str, list[float]] = {s.label: [] for s in settings}
+    timings: dict[str, list[Timing]] = {s.label: [] for s in settings} | {"pipeline": [], "clam": []}
     features: dict[str, torch.Tensor] = {}
-    pipeline, clam = [], []
     for _ in range(args.repeats):
         for s in settings:
             runner, x = runners[s.label]
             slow = s.precision == "bf16" and emulated_bf16  # many times slower: one batch is enough
-            speed, out = time_bare(runner, x, args.batch_size, 1 if slow else args.batches)
-            speeds[s.label].append(speed)
+            timing, out = time_bare(runner, x, args.batch_size, 1 if slow else args.batches)
+            timings[s.label].append(timing)
             features.setdefault(s.label, out)
-            print(f"  {name} bare {s.label}: {speed:.1f} tiles/s (load {load()})", flush=True)
-        facts = run_pipeline(name, slide, tiles, work, args)
-        pipeline.append(facts)
-        print(f"  {name} pipeline: {facts['tiles_per_second']:.1f} tiles/s ({facts['optimize']})", flush=True)
+            print(
+                f"  {name} bare {s.label}: {timing.per_s:.1f} tiles/s, {timing.per_cpu_s:.2f}/CPU-s (load {load()})"
+            )
+        facts = {}
+        n = len(read_tiles(tiles).coords)
+        timing = timed(
+            n, lambda out=facts: out.update(extract_slide(slide, tiles, work / f"{name}.h5", pipeline))
+        )
+        timings["pipeline"].append(timing)
+        print(f"  {name} pipeline: {timing.per_s:.1f} tiles/s, {timing.per_cpu_s:.2f}/CPU-s", flush=True)
         if args.clam:
-            clam.append(clam_baseline(name, slide, tiles, args.batch_size, device))
-            print(f"  {name} CLAM-style: {clam[-1]:.1f} tiles/s", flush=True)
-
+            timings["clam"].append(clam_loop(encoder, slide, tiles, args.batch_size, device))
+            print(f"  {name} CLAM-style: {timings['clam'][-1].per_s:.1f} tiles/s", flush=True)
     reference = features[settings[0].label]
-    cosines = {label: cosine(out[: len(reference)], reference[: len(out)]) for label, out in features.items()}
-    bag = read_bag(pipeline[0]["bag"]).features.astype(np.float32)
-    cosines["pipeline"] = cosine(torch.from_numpy(bag[: len(reference)]), reference[: len(bag)])
-    precision = resolve_precision(ExtractConfig().precision, device)
-    optimize = resolve_optimize(ExtractConfig().optimize, device, precision, encoder)
-    match = next(
-        s.label
-        for s in settings
-        if s.precision == precision and s.optimize == optimize and s.channels_last == encoder.convolutional
+    cosines = {label: cosine(out, reference) for label, out in features.items()}
+    cosines["pipeline"] = cosine(
+        torch.from_numpy(read_bag(work / f"{name}.h5").features.astype(np.float32)), reference
     )
     return {
         "encoder": name,
-        "settings": [dataclasses.asdict(s) for s in settings],
-        "bare": speeds,
-        "cosine": cosines,
-        "pipeline": [
-            {k: f[k] for k in ("tiles_per_second", "n_tiles", "workers", "precision", "optimize", "seconds")}
-            | {"wall_s": round(f["wall_s"], 2)}
-            for f in pipeline
-        ],
         "pipeline_setting": match,
-        "clam": clam,
+        "pipeline_facts": {k: facts[k] for k in ("n_tiles", "workers", "precision", "optimize", "seconds")},
+        "cli": cli_run(name, slide, tiles, work, args),
+        "timings": {k: [dataclasses.asdict(t) for t in v] for k, v in timings.items()},
+        "cosine": cosines,
     }
 
 
-def per_repeat(a: list[float], b: list[float]) -> float:
-    """Median of the ratios of measurements taken side by side: steadier on a shared CPU than the ratio
-    of the medians."""
-    return statistics.median(x / y for x, y in zip(a, b))
+def summarise(timings: list[dict]) -> str:
+    wall = [t["tiles"] / t["wall"] for t in timings]
+    cpu = [t["tiles"] / t["cpu"] for t in timings]
+    return f"{statistics.median(wall):.1f} (best {max(wall):.1f}) | {statistics.median(cpu):.2f}"
+
+
+def ratio(a: list[dict], b: list[dict]) -> str:
+    """Medians of per-repeat ratios, wall clock and CPU time: steadier than ratios of medians."""
+    wall = statistics.median((x["tiles"] / x["wall"]) / (y["tiles"] / y["wall"]) for x, y in zip(a, b))
+    cpu = statistics.median((x["tiles"] / x["cpu"]) / (y["tiles"] / y["cpu"]) for x, y in zip(a, b))
+    return f"**{wall:.2f}** | **{cpu:.2f}**"
 
 
 def table_rows(raw: dict) -> list[str]:
-    name, speeds, cos = raw["encoder"], raw["bare"], raw["cosine"]
+    name, timings, cos = raw["encoder"], raw["timings"], raw["cosine"]
+    bare = [label for label in timings if label not in ("pipeline", "clam")]
     rows = [
-        f"| {name} | bare: {label} | {summarise(values)} | {cos[label][0]:.5f} / {cos[label][1]:.5f} |"
-        for label, values in speeds.items()
+        f"| {name} | bare: {label} | {summarise(timings[label])} | {cos[label][0]:.5f} / {cos[label][1]:.5f} |"
+        for label in bare
     ]
-    pipe = [p["tiles_per_second"] for p in raw["pipeline"]]
-    first = raw["pipeline"][0]
-    waiting = statistics.median(
-        p["seconds"]["wait_for_tiles"] / p["seconds"]["total"] for p in raw["pipeline"]
-    )
+    facts = raw["pipeline_facts"]
+    waiting = facts["seconds"]["wait_for_tiles"] / facts["seconds"]["total"]
     rows.append(
-        f"| {name} | **pipeline** `pathmil extract` ({first['precision']}, {first['optimize']}; "
-        f"{first['n_tiles']} tiles, {first['workers']} reader; waiting for tiles {waiting:.0%} of the loop) | "
-        f"{summarise(pipe)} | {cos['pipeline'][0]:.5f} / {cos['pipeline'][1]:.5f} (float16 on disk) |"
+        f"| {name} | **pipeline** ({facts['precision']}, {facts['optimize']}; {facts['n_tiles']} tiles, "
+        f"{facts['workers']} reader; waited for tiles {waiting:.0%} of the loop) | {summarise(timings['pipeline'])} "
+        f"| {cos['pipeline'][0]:.5f} / {cos['pipeline'][1]:.5f} (float16 on disk) |"
     )
-    plain, match = next(iter(speeds)), raw["pipeline_setting"]
-    rows.append(f"| {name} | pipeline / bare ({match}) | **{per_repeat(pipe, speeds[match]):.2f}** | |")
-    if raw["clam"]:
+    match = raw["pipeline_setting"]
+    rows.append(f"| {name} | pipeline / bare {match} | {ratio(timings['pipeline'], timings[match])} | |")
+    if timings["clam"]:
         rows.append(
-            f"| {name} | CLAM-style loop (PIL + torchvision, fp32 NCHW) | {summarise(raw['clam'])} | |"
+            f"| {name} | CLAM-style loop (PIL + torchvision, fp32 NCHW) | {summarise(timings['clam'])} | |"
         )
-        rows.append(f"| {name} | pipeline / CLAM-style | **{per_repeat(pipe, raw['clam']):.2f}** | |")
-    for label in speeds:
-        if label.startswith("bf16"):
-            rows.append(
-                f"| {name} | {label} / fp32 plain speed | {per_repeat(speeds[label], speeds[plain]):.2f} | |"
-            )
+        rows.append(f"| {name} | pipeline / CLAM-style | {ratio(timings['pipeline'], timings['clam'])} | |")
+    for label in bare:
+        if label.startswith(("bf16", "fp16")):
+            rows.append(f"| {name} | {label} / fp32 plain | {ratio(timings[label], timings[bare[0]])} | |")
+    cli = raw["cli"]
+    rows.append(
+        f"| {name} | `pathmil extract` command, one run: {cli['wall_s']:.1f} s wall including start-up and "
+        f"model loading; its facts say {cli['tiles_per_second']:.1f} tiles/s | | | |"
+    )
     return rows
 
 
@@ -321,7 +366,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=3, help="batches per bare-encoder measurement")
     parser.add_argument("--max-tiles", type=int, default=320, help="tiles the pipeline and CLAM loop read")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow start)")
     parser.add_argument("--no-clam", dest="clam", action="store_false")
@@ -334,7 +379,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    started = time.strftime("%Y-%m-%d %H:%M")
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
     load_before = load()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -344,19 +389,17 @@ def main() -> None:
         for name in args.encoders:
             print(f"{name} ...", flush=True)
             raw.append(bench_encoder(name, slide, tiles, work, args))
-    rows = [row for result in raw for row in table_rows(result)]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     header = [
-        f"Feature extraction benchmark, {started}: {cpu_name()}, {os.cpu_count()} CPUs "
-        f"(torch capability {torch.backends.cpu.get_cpu_capability()}, AMX/AVX-512 BF16: "
-        f"{resolve_precision('auto', torch.device('cpu')) == 'bf16'}), GPU {gpu}, device {device}, "
-        f"torch {torch.__version__}, batch {args.batch_size}, {args.repeats} repeats; load average "
-        f"{load_before} before, {load()} after.",
+        f"Feature extraction, {started}: {cpu_name()}, {os.cpu_count()} CPUs (torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_fast_bf16()}), GPU {gpu}, "
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{args.repeats} repeats; load average {load_before} before, {load()} after.",
         "",
-        "| encoder | what | tiles/s: median (best) | cosine to fp32 plain: min / mean |",
-        "|---|---|---|---|",
+        "| encoder | what | tiles/s wall: median (best) | tiles per CPU-second | cosine to fp32 plain: min / mean |",
+        "|---|---|---|---|---|",
     ]
-    table = "\n".join(header + rows) + "\n"
+    table = "\n".join(header + [row for result in raw for row in table_rows(result)]) + "\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
