@@ -68,6 +68,7 @@ class Encoder:
     random_init: bool
     weights_path: str | None = None
     convolutional: bool = False  # a CNN: channels_last memory layout pays off
+    half: str = "bf16"  # the 16-bit autocast type that keeps per-tile cosine similarity to fp32 >= 0.999
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class EncoderSpec:
     load: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None  # default: strict load
     convolutional: bool = False
     timm_name: str | None = None  # set for ``timm:<name>``: timm loads the file itself
+    half: str = "bf16"  # 16-bit autocast type that stays faithful (cosine >= 0.999 to fp32 per tile)
 
 
 _REGISTRY: dict[str, Callable[[], EncoderSpec]] = {}
@@ -152,6 +154,7 @@ def create_encoder(
         random_init=random_init,
         weights_path=str(path) if path else None,
         convolutional=spec.convolutional,
+        half=spec.half,
     )
 
 
@@ -343,6 +346,7 @@ def _mobilenet_v2() -> EncoderSpec:
         torch_hub=True,
         load=_drop_prefixes("classifier."),
         convolutional=True,
+        half="fp16",  # bf16 drops per-tile cosine to 0.988 on real H&E; fp16 keeps 0.99996
     )
 
 

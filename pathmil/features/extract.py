@@ -76,17 +76,21 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16, else fp32.
+def resolve_precision(requested: str, device: torch.device, half: str = "bf16") -> str:
+    """``auto``: the encoder's faithful 16-bit type (``half``, bf16 for most) where the hardware runs it
+    natively, else fp32.
 
-    On a CPU without AMX/AVX-512 BF16 (e.g. AMD Zen 3, AVX2 only) bf16 autocast runs several times slower
+    On CUDA that is ``half`` (fp16 on GPUs without bf16). On a CPU, bf16 needs AMX or AVX-512 BF16 and fp16
+    needs AMX-FP16; elsewhere (e.g. AMD Zen 3, AVX2 only) 16-bit types are emulated and several times slower
     than fp32 (benchmarks/RESULTS.md), so fp32 is the fastest faithful setting there.
     """
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "bf16" if half == "bf16" and torch.cuda.is_bf16_supported() else "fp16"
+    if half == "bf16":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp16" if getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)() else "fp32"
 
 
 def resolve_optimize(requested: str, device: torch.device, precision: str, encoder: Encoder) -> str:
@@ -397,7 +401,7 @@ class FeatureExtractor:
                 random_init=self.config.random_init,
                 sha256=self.weights_sha256 or None,
             )
-            precision = resolve_precision(self.config.precision, self.device)
+            precision = resolve_precision(self.config.precision, self.device, encoder.half)
             optimize = resolve_optimize(self.config.optimize, self.device, precision, encoder)
             self._runner = EncoderRunner(encoder, self.device, precision, optimize)
             log.info(
