@@ -564,7 +564,7 @@ def add_extract_parser(sub: argparse._SubParsersAction) -> None:
         help="random weights (tests and baselines only; recorded in the bag)",
     )
     p.add_argument("--batch-size", type=int, help="tiles per batch (default 64)")
-    p.add_argument("--workers", type=int, help="tile-reading processes (default: CPU cores - 1, 1 to 8)")
+    p.add_argument("--workers", type=int, help="tile-reading processes (default: threads - 1, from 1 to 8)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     p.add_argument("--dtype", choices=["float16", "float32"], help="features on disk (default float16)")
     p.add_argument(

@@ -97,8 +97,9 @@ class ExtractConfig:
     """How tiles become features: which frozen encoder, on what device, at what precision, into what file.
 
     ``precision="auto"`` picks the fastest setting that keeps features faithful (per-tile cosine similarity
-    to fp32 of at least 0.999, benchmarks/RESULTS.md): bf16 autocast on CUDA and on CPUs with AMX or
-    AVX-512 BF16, fp32 elsewhere (bf16 is emulated there and several times slower). ``optimize="auto"``
+    to fp32 of at least 0.999, benchmarks/RESULTS.md): the encoder's 16-bit autocast type (bf16; fp16 for
+    MobileNetV2) on CUDA and on CPUs with native support (AMX, AVX-512 BF16), fp32 elsewhere (16-bit types
+    are emulated there and several times slower). ``optimize="auto"``
     fuses a CNN's layers for inference on CPU in fp32 (TorchScript freezing; oneDNN conv + batch-norm +
     ReLU fusion), which is exact up to float rounding.
     """
@@ -107,7 +108,7 @@ class ExtractConfig:
     weights: str | None = None  # weights file; None: the Hugging Face or torch hub cache
     random_init: bool = False  # random weights, for tests and baselines only (recorded in the bag)
     batch_size: int = 64
-    workers: int | None = None  # tile-reading processes; None: one per CPU core but one, 1 to 8
+    workers: int | None = None  # tile-reading processes; None: torch's threads - 1, from 1 to 8
     prefetch: int = 4  # batches each reading process prepares ahead
     device: str = "auto"  # auto (cuda when available), cpu or cuda
     precision: str = "auto"  # auto, fp32, bf16 or fp16 (autocast)

@@ -42,7 +42,7 @@ from pathmil.features.encoders import (
     resolve_weights,
 )
 from pathmil.fileio import write_json
-from pathmil.slide.reader import Slide, resize, slide_id_from_path
+from pathmil.slide.reader import Slide, resize, rgba_to_rgb, slide_id_from_path
 from pathmil.slide.tilefile import TileSet, read_tiles
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,21 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto``: bf16 on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16, else fp32.
+def resolve_precision(requested: str, device: torch.device, half: str = "bf16") -> str:
+    """``auto``: the encoder's faithful 16-bit type (``half``, bf16 for most) where the hardware runs it
+    natively, else fp32.
 
-    On a CPU without AMX/AVX-512 BF16 (e.g. AMD Zen 3, AVX2 only) bf16 autocast runs several times slower
+    On CUDA that is ``half`` (fp16 on GPUs without bf16). On a CPU, bf16 needs AMX or AVX-512 BF16 and fp16
+    needs AMX-FP16; elsewhere (e.g. AMD Zen 3, AVX2 only) 16-bit types are emulated and several times slower
     than fp32 (benchmarks/RESULTS.md), so fp32 is the fastest faithful setting there.
     """
     if requested != "auto":
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return "bf16" if half == "bf16" and torch.cuda.is_bf16_supported() else "fp16"
+    if half == "bf16":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return "fp16" if getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)() else "fp32"
 
 
 def resolve_optimize(requested: str, device: torch.device, precision: str, encoder: Encoder) -> str:
@@ -99,26 +103,37 @@ def resolve_optimize(requested: str, device: torch.device, precision: str, encod
 
 
 def default_workers() -> int:
-    """One tile reader per CPU core but one (the main process runs the encoder), between 1 and 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 2
-    return max(1, min(8, cores - 1))
+    """One tile reader per compute thread but one (the main process runs the encoder), between 1 and 8.
+
+    Counting torch's threads rather than the machine's cores keeps a job inside its allocation when the
+    workflow caps threads (``pathmil --threads N``).
+    """
+    return max(1, min(8, torch.get_num_threads() - 1))
 
 
 # ------------------------------------------------------------------------------------------ runner
 
 
 class EncoderRunner:
-    """An encoder placed on a device, at a precision, optionally fused: uint8 tiles in, float32 features out."""
+    """An encoder placed on a device, at a precision, optionally fused: uint8 tiles in, float32 features out.
 
-    def __init__(self, encoder: Encoder, device: torch.device, precision: str, optimize: str = "none"):
+    ``channels_last`` defaults to True for CNNs (oneDNN and cuDNN run NHWC convolutions faster); the
+    benchmark turns it off to measure the plain layout.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        device: torch.device,
+        precision: str,
+        optimize: str = "none",
+        channels_last: bool | None = None,
+    ):
         self.encoder = encoder
         self.device = device
         self.precision = precision
         self.optimize = optimize
-        self.channels_last = encoder.convolutional
+        self.channels_last = encoder.convolutional if channels_last is None else channels_last
         model = encoder.model.to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -135,11 +150,16 @@ class EncoderRunner:
             raise PathmilError(f"--optimize {optimize} works with --precision fp32 only")
         side = self.encoder.preprocess.input_px
         example = self.normalise(torch.zeros(2, side, side, 3, dtype=torch.uint8))
-        if optimize == "jit":
+        if optimize == "compile":
+            return torch.compile(model, dynamic=False, options={"freezing": True})
+        try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile
                 return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
-        return torch.compile(model, dynamic=False, options={"freezing": True})
+        except Exception as err:  # an architecture TorchScript cannot trace still runs, unfused
+            log.warning("TorchScript fusion of %s failed (%s); running it eagerly", self.encoder.name, err)
+            self.optimize = "none"
+            return model
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """B x H x W x 3 uint8 -> B x 3 x H x W float, normalised; NHWC memory is channels_last already."""
@@ -148,12 +168,16 @@ class EncoderRunner:
         return x if self.channels_last else x.contiguous()
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalise(images)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of normalised images (on the device), in float32 on the device."""
         dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = self.model(x)
-        return out.float().cpu()
+            return self.model(x).float()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of B x H x W x 3 uint8 tiles, in float32 on the CPU."""
+        return self.encode(self.normalise(images)).cpu()
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -222,13 +246,24 @@ class TileBatches(Dataset):
         self._slide = None
 
     def read(self, index: int) -> np.ndarray:
-        """One tile as the encoder sees it: read, resized to ``resize_px``, centre-cropped to ``input_px``."""
-        x, y = self.coords[index]
-        tile = self._handle().read_region(x, y, self.level, self.read_px, self.read_px)
-        tile = resize(tile, self.preprocess.resize_px)
+        """One tile as the encoder sees it: read, resized to ``resize_px``, centre-cropped to ``input_px``.
+
+        Opaque tiles (nearly all) are resized in OpenSlide's RGBA and the alpha dropped afterwards, which
+        saves a full-size copy; tiles touching transparent areas are composited on white first.
+        """
+        import openslide
+
+        x, y = (int(v) for v in self.coords[index])
+        try:
+            rgba = np.asarray(self._handle().handle.read_region((x, y), self.level, (self.read_px,) * 2))
+        except openslide.OpenSlideError as err:
+            raise SlideError(
+                self.slide_id, f"cannot read region ({x}, {y}) at level {self.level}: {err}"
+            ) from None
+        tile = resize(rgba if rgba[..., 3].min() == 255 else rgba_to_rgb(rgba), self.preprocess.resize_px)
         start = (self.preprocess.resize_px - self.preprocess.input_px) // 2
         stop = start + self.preprocess.input_px
-        return tile[start:stop, start:stop]
+        return tile[start:stop, start:stop, :3]
 
     def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
         side = self.preprocess.input_px
@@ -252,7 +287,7 @@ class TileBatches(Dataset):
 class TileFeatures:
     """The features of the tiles that could be read, and the tiles that could not."""
 
-    features: np.ndarray  # K x D float32
+    features: np.ndarray  # K x D
     kept: np.ndarray  # K indices into the tiles file
     failed: list[tuple[int, str]] = field(default_factory=list)  # (index, error)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -265,8 +300,12 @@ def encode_tiles(
     workers: int,
     prefetch: int = 4,
     progress: bool = False,
+    dtype: str = "float32",
 ) -> TileFeatures:
-    """Run every tile of ``dataset`` through ``runner``; reading overlaps encoding when ``workers`` > 0."""
+    """Run every tile of ``dataset`` through ``runner``; reading overlaps encoding when ``workers`` > 0.
+
+    Features are kept in ``dtype`` as they arrive (100,000 tiles of a 2560-d encoder are 1 GB in float32).
+    """
     from tqdm import tqdm
 
     n = len(dataset)
@@ -280,7 +319,7 @@ def encode_tiles(
         worker_init_fn=_init_worker if workers else None,
     )
     dim = runner.encoder.dim
-    features = np.zeros((n, dim), np.float32)
+    features = np.zeros((n, dim), dtype)
     kept = np.zeros(n, bool)
     failed: list[tuple[int, str]] = []
     waited = encoding = 0.0
@@ -311,7 +350,8 @@ def encode_tiles(
             bar.update(len(index) + len(bad))
     seconds = {"total": time.perf_counter() - start, "wait_for_tiles": waited, "encode": encoding}
     order = np.flatnonzero(kept)
-    return TileFeatures(features[order], order, sorted(failed), {k: round(v, 4) for k, v in seconds.items()})
+    features = features if len(order) == n else features[order]
+    return TileFeatures(features, order, sorted(failed), {k: round(v, 4) for k, v in seconds.items()})
 
 
 def _padded_call(runner: EncoderRunner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -361,7 +401,7 @@ class FeatureExtractor:
                 random_init=self.config.random_init,
                 sha256=self.weights_sha256 or None,
             )
-            precision = resolve_precision(self.config.precision, self.device)
+            precision = resolve_precision(self.config.precision, self.device, encoder.half)
             optimize = resolve_optimize(self.config.optimize, self.device, precision, encoder)
             self._runner = EncoderRunner(encoder, self.device, precision, optimize)
             log.info(
@@ -387,7 +427,7 @@ def tiles_sha256(tiles: TileSet) -> str:
     return digest.hexdigest()
 
 
-def load_tiles_for(tiles_path: str | os.PathLike, slide_id: str | None = None) -> TileSet:
+def load_tiles_for(tiles_path: str | os.PathLike) -> TileSet:
     """Read a tiles file; if tiling failed for this slide (its facts JSON says so), re-raise that failure."""
     tiles_path = Path(tiles_path)
     facts_path = tiles_path.with_suffix(".json")
@@ -433,18 +473,18 @@ def extract_slide(
     tiles = load_tiles_for(tiles_path)
     slide_id = slide_id or str(tiles.attrs.get("slide_id") or slide_id_from_path(slide_path))
     identity = {**extractor.identity, "tiles_sha256": tiles_sha256(tiles)}
-    if not extractor.config.overwrite and bag_is_current(out, identity):
+    config = extractor.config
+    if not config.overwrite and bag_is_current(out, identity):
         return _skipped_facts(out, facts_path, slide_id)
     if len(tiles.coords) == 0:
         raise SlideError(slide_id, f"tiles file {tiles_path} holds no tiles; tile the slide again")
-    slide_mpp = tiles.coords_attrs.get("slide_mpp")
-    with Slide(slide_path, slide_id, mpp=slide_mpp, mpp_source="tiles") as slide:
+    with Slide(slide_path, slide_id, mpp=tiles.coords_attrs.get("slide_mpp"), mpp_source="tiles") as slide:
         _check_tiles_match(slide, tiles, tiles_path)
         dimensions, slide_mpp = slide.dimensions, slide.mpp
     runner = extractor.runner
     dataset = TileBatches(slide_path, slide_id, slide_mpp, tiles, extractor.preprocess)
     result = encode_tiles(
-        runner, dataset, extractor.config.batch_size, extractor.workers, extractor.config.prefetch, progress
+        runner, dataset, config.batch_size, extractor.workers, config.prefetch, progress, config.dtype
     )
     if len(result.kept) == 0:
         raise SlideError(
@@ -453,22 +493,14 @@ def extract_slide(
             "the file is damaged: copy or scan it again",
         )
     failed_coords = tiles.coords[[i for i, _ in result.failed]].reshape(-1, 2).astype(np.int64)
-    warnings_list = []
-    if len(failed_coords):
-        shown = ", ".join(f"({x}, {y})" for x, y in failed_coords[:10])
-        more = f" and {len(failed_coords) - 10} more" if len(failed_coords) > 10 else ""
-        warnings_list.append(
-            f"dropped {len(failed_coords)} of {len(tiles.coords)} tiles that could not be read "
-            f"(level-0 x, y: {shown}{more}); first error: {result.failed[0][1]}"
-        )
-        log.warning("%s: %s", slide_id, warnings_list[-1])
+    warnings_list = _failure_warnings(slide_id, len(tiles.coords), failed_coords, result.failed)
     attrs = {
         **identity,
         "slide_id": slide_id,
         "slide_path": str(slide_path),
         "tiles_path": str(tiles_path),
         "encoder_dim": runner.encoder.dim,
-        "encoder_weights": str(extractor.weights_path) if extractor.weights_path else "",
+        "encoder_weights": str(extractor.weights_path or ""),
         "input_px": extractor.preprocess.input_px,
         "resize_px": extractor.preprocess.resize_px,
         "tile_px": tiles.tile_px,
@@ -478,8 +510,8 @@ def extract_slide(
         "device": str(runner.device),
         "precision": runner.precision,
         "optimize": runner.optimize,
-        "dtype": extractor.config.dtype,
-        "n_tiles": len(tiles.coords),
+        "dtype": config.dtype,
+        "n_tiles": len(result.kept),
         "n_failed_tiles": len(failed_coords),
         "failed_tile_coords": failed_coords,
     }
@@ -487,14 +519,7 @@ def extract_slide(
     if tiles.tissue_fraction is not None:
         extra["tissue_fraction"] = tiles.tissue_fraction[result.kept].astype(np.float32)
     write_start = time.perf_counter()
-    write_bag(
-        out,
-        result.features.astype(extractor.config.dtype),
-        tiles.coords[result.kept],
-        tiles.coords_attrs,
-        attrs,
-        extra=extra,
-    )
+    write_bag(out, result.features, tiles.coords[result.kept], tiles.coords_attrs, attrs, extra=extra)
     seconds = {**result.seconds, "write": round(time.perf_counter() - write_start, 4)}
     seconds["all"] = round(time.perf_counter() - start, 4)
     facts_data = {
@@ -503,9 +528,9 @@ def extract_slide(
         "status": "ok",
         "skipped": False,
         "out": str(out),
-        "encoder": extractor.config.encoder,
+        "encoder": config.encoder,
         "dim": runner.encoder.dim,
-        "random_init": extractor.config.random_init,
+        "random_init": config.random_init,
         "n_tiles": len(result.kept),
         "n_failed": len(failed_coords),
         "failed_tile_coords": failed_coords.tolist(),
@@ -515,11 +540,27 @@ def extract_slide(
         "precision": runner.precision,
         "optimize": runner.optimize,
         "workers": extractor.workers,
-        "batch_size": extractor.config.batch_size,
+        "batch_size": config.batch_size,
         "warnings": warnings_list,
     }
     write_json(facts_path, facts_data)
     return facts_data
+
+
+def _failure_warnings(
+    slide_id: str, n_tiles: int, failed_coords: np.ndarray, failed: list[tuple[int, str]]
+) -> list[str]:
+    """One warning naming the dropped tiles (the first ten) and the first error, also logged."""
+    if not len(failed_coords):
+        return []
+    shown = ", ".join(f"({x}, {y})" for x, y in failed_coords[:10])
+    more = f" and {len(failed_coords) - 10} more" if len(failed_coords) > 10 else ""
+    warning = (
+        f"dropped {len(failed_coords)} of {n_tiles} tiles that could not be read "
+        f"(level-0 x, y: {shown}{more}); first error: {failed[0][1]}"
+    )
+    log.warning("%s: %s", slide_id, warning)
+    return [warning]
 
 
 def _check_tiles_match(slide: Slide, tiles: TileSet, tiles_path: str | os.PathLike) -> None:
@@ -550,7 +591,7 @@ def _skipped_facts(out: Path, facts_path: Path, slide_id: str) -> dict[str, Any]
         "skipped": True,
         "out": str(out),
         "encoder": attrs.get("encoder"),
-        "n_tiles": int(attrs.get("n_tiles", 0)) - int(attrs.get("n_failed_tiles", 0)),
+        "n_tiles": int(attrs.get("n_tiles", 0)),
         "n_failed": int(attrs.get("n_failed_tiles", 0)),
         "precision": attrs.get("precision"),
         "device": attrs.get("device"),
