@@ -426,7 +426,7 @@ def _uni() -> EncoderSpec:
 
 @register_encoder("uni2_h")
 def _uni2_h() -> EncoderSpec:
-    """UNI2-h (MahmoodLab/UNI2-h): ViT-H/14-like giant with SwiGLU and 8 registers, class token, 1536-d."""
+    """UNI2-h (MahmoodLab/UNI2-h): ViT-H/14 (1536-d, 24 blocks), SwiGLU, 8 registers, class token, 1536-d."""
     return EncoderSpec(
         build=lambda: _timm_vit(
             "vit_giant_patch14_224",

@@ -3,8 +3,8 @@
 The loop keeps the encoder busy: DataLoader worker processes each open their own OpenSlide handle, read
 tiles at the level and size the tiles file names, resize and crop them with OpenCV, and hand whole uint8
 batches (B x H x W x 3) to the main process. There the batch is viewed as B x 3 x H x W (which *is* the
-channels_last layout, so CNNs get it without a copy), normalised in one vectorised multiply-add, and encoded
-under ``torch.inference_mode`` at the chosen precision. A tile whose compressed data is damaged is dropped,
+channels_last layout, so CNNs get it without a copy), normalised with two vectorised in-place ops, and
+encoded under ``torch.inference_mode`` at the chosen precision. A tile whose compressed data is damaged is dropped,
 counted and named; the slide goes on.
 
 :func:`extract_slide` does one slide (skipping it when its bag already matches encoder, weights and tiles);
@@ -95,8 +95,8 @@ def resolve_precision(requested: str, device: torch.device, half: str = "bf16") 
 
 def resolve_optimize(requested: str, device: torch.device, precision: str, encoder: Encoder) -> str:
     """``auto``: TorchScript freezing for CNNs in fp32 on CPU (oneDNN fuses conv, batch norm and ReLU and
-    keeps weights pre-packed), nothing elsewhere; ``compile`` is offered but never chosen by default
-    because its start-up (tens of seconds per process) costs more than it saves on a typical slide."""
+    keeps weights pre-packed), nothing elsewhere. ``compile`` runs about as fast on CPU but takes 10-60 s
+    to start per process (benchmarks/RESULTS.md), so it is offered, never chosen."""
     if requested != "auto":
         return requested
     return "jit" if device.type == "cpu" and precision == "fp32" and encoder.convolutional else "none"
