@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pandas as pd
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slurm
 
@@ -90,22 +92,30 @@ def key_values(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_demo_workflow_runs_as_slurm_jobs(node, tmp_path):
-    """The reduced demo through sbatch: every job a COMPLETED SLURM job, the slides in one batch job."""
+def test_demo_workflow_runs_as_slurm_jobs(node, tmp_path, mobilenet_weights):
+    """The reduced demo through sbatch: every job a COMPLETED SLURM job; tiling and extraction of the
+    slides in one batch job that asked SLURM for the GPU of `extract.gpus`."""
     work = tmp_path / "pathmil"
     work.mkdir()
     for name in ["Snakefile", "config", "workflow", "envs"]:  # a copy: nothing lands in the repository
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, work / name)
-    args = ["--configfile", str(CONFIGS / "demo.yaml")]
+    config = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    config["extract"]["weights"] = str(mobilenet_weights)  # absolute: jobs run in the copy
+    (work / "slurm_demo.yaml").write_text(yaml.safe_dump(config))
+    args = ["--configfile", "slurm_demo.yaml"]
 
     output = snakemake(work, node, *args)
     run_id, job_ids = submitted(output)
     jobs = sacct(run_id, len(job_ids))
     assert sorted(jobs["JobID"]) == sorted(job_ids)
     assert (jobs["State"] == "COMPLETED").all(), jobs
-    # demo and cohort as one job each, the three tiling jobs together as one batch (group "slides")
-    assert jobs["Comment"].tolist() == ["rule_demo", "rule_cohort", "rule_slides_tile"]
+    # demo, cohort and collect as one job each; tiling and extraction of the three slides together as one
+    # batch job (group "slides"), which asked for and got the GPU of `extract.gpus`
+    assert sorted(jobs["Comment"]) == ["rule_cohort", "rule_collect", "rule_demo", "rule_slides_extract_tile"]
+    slides_job = jobs.set_index("Comment").loc["rule_slides_extract_tile"]
+    for tres in ["ReqTRES", "AllocTRES"]:
+        assert "gres/gpu=1" in slides_job[tres].split(",")
     assert re.findall(r"localrule (\w+):", output) == ["all"]  # only the target rule ran outside SLURM
 
     results = work / "results" / "slurm_demo"
@@ -115,6 +125,11 @@ def test_demo_workflow_runs_as_slurm_jobs(node, tmp_path):
         facts = pd.read_json(results / "tiles" / f"{slide}.json", typ="series")
         assert facts["status"] == "ok" and facts["n_tiles"] > 0
         assert (results / "tiles" / f"{slide}.h5").is_file()
+    with_features = pd.read_csv(results / "cohort_ok.csv", dtype={"slide_id": str})
+    assert sorted(with_features["slide_id"]) == sorted(table["slide_id"])  # no slide failed extraction
+    for slide in table["slide_id"]:
+        with h5py.File(results / "features" / "mobilenet_v2" / f"{slide}.h5") as bag:
+            assert bag["features"].shape[1] == 1280
 
     again = snakemake(work, node, *args)
     assert "Nothing to be done" in again
