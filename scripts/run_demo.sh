@@ -5,4 +5,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/venv.sh
+scripts/fetch_test_data.sh  # the demo extracts with the real MobileNetV2 weights in .testdata/
 snakemake --cores all "$@"
