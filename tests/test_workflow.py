@@ -56,7 +56,7 @@ def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     counts = job_counts(dry.stdout + dry.stderr)
     assert set(RULES) <= set(counts), counts
     assert counts["tile"] == counts["extract"] == 40  # the demo's 40 slides, known before they exist
-    assert counts["train"] == 3 * 3 * 5  # tasks x aggregators x folds of config/config.yaml
+    assert counts["train"] == 3 * 3 * 3  # tasks x aggregators x folds of config/config.yaml
 
 
 def test_bad_config_key_fails_at_validation(tmp_path, mobilenet_weights):

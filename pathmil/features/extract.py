@@ -155,7 +155,10 @@ class EncoderRunner:
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile
-                return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, example)))
+                # check_trace=False: its re-run and comparison cost about 1 s per process; the traced
+                # model's features are compared with the eager model's in tests/test_features.py
+                traced = torch.jit.trace(model, example, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
         except Exception as err:  # an architecture TorchScript cannot trace still runs, unfused
             log.warning("TorchScript fusion of %s failed (%s); running it eagerly", self.encoder.name, err)
             self.optimize = "none"

@@ -13,7 +13,7 @@ rule extract:
         "slides"
     conda:
         ENV
-    threads: 2
+    threads: config["extract"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 8000 * attempt,
         runtime=lambda wildcards, attempt: 120 * attempt,
