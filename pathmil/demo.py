@@ -9,7 +9,7 @@ tissue and drive the labels:
   own, so the label is about what the tumour tiles look like, a multiple-instance problem.
 - ``stil`` (0-100 %, the regression target): stromal tumour-infiltrating lymphocytes, painted as small
   round dark nuclei scattered in the pink stroma with a density proportional to ``stil``.
-- ``time``/``event`` (survival, months): drawn from an exponential model whose risk rises with grade and
+- ``time``/``event`` (survival, months): drawn from a log-normal model whose risk rises with grade and
   falls with sTIL, as in breast cancer, with random censoring.
 
 Slides are pyramidal JPEG TIFFs with their um/px in the resolution tags, which OpenSlide reads as generic
@@ -55,7 +55,10 @@ def make_patients(rng: np.random.Generator, n_patients: int) -> list[Patient]:
     for i, grade in enumerate(grades):
         stil = float(np.clip(rng.beta(1.2, 2.0) * 100, 1, 95))
         risk = 1.4 * grade - 0.03 * stil + rng.normal(0, 0.3)
-        event_time = rng.exponential(60.0 * math.exp(-risk))
+        # log-normal accelerated failure time (sigma 0.5): the true risk orders the patients with a
+        # c-index of about 0.89; an exponential model (about 0.75) leaves 30 patients too few to tell a
+        # model that learned the risk from one that did not
+        event_time = 40.0 * math.exp(-risk + 0.5 * rng.normal())
         censor_time = rng.uniform(24, 150)
         patients.append(
             Patient(
