@@ -79,8 +79,8 @@ def make_data(root: Path, side: int) -> dict[str, str]:
     from pathmil.config import TrainConfig
     from pathmil.features.bagfile import write_bag
     from pathmil.models import create_model
+    from pathmil.models.checkpoint import save_checkpoint
     from pathmil.tasks import create_task
-    from pathmil.training.checkpoint import save_checkpoint
 
     paths = {k: root / f"{side}{ext}" for k, ext in (("slide", ".tiff"), ("bag", ".h5"), ("model", ".pt"))}
     root.mkdir(parents=True, exist_ok=True)

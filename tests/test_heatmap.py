@@ -29,9 +29,9 @@ from pathmil.evaluation.heatmap import (
 from pathmil.evaluation.predict import load_model
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.models import create_model
+from pathmil.models.checkpoint import save_checkpoint
 from pathmil.slide.reader import Slide, resize
 from pathmil.tasks import create_task
-from pathmil.training.checkpoint import save_checkpoint
 
 WIDTH, HEIGHT, MPP, TILE = 2048, 1536, 0.5, 128  # the slide (level-0 px, um/px) and its tiles
 HOT = (slice(2, 5), slice(4, 8))  # tile rows 2-4 and columns 4-7 score high: y 256-640, x 512-1024

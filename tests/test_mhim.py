@@ -20,9 +20,9 @@ from pathmil.config import TrainConfig
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.models import create_model
+from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.models.mhim import GlobalRecycle, embed_instances, plan_masks, pool_instances
 from pathmil.tasks import create_task, task_from_state
-from pathmil.training.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.training.fit import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

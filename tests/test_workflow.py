@@ -26,7 +26,8 @@ RULES = [
     "summary",
     "all",
 ]
-AGGREGATORS = ["abmil"]
+# every family the demo trains: MHIM-MIL starts its teacher from the abmil run of the same fold
+AGGREGATORS = ["abmil", "mhim_abmil", "mambamil"]
 
 
 def mini_config(weights, **changes) -> dict:
@@ -43,6 +44,7 @@ def mini_config(weights, **changes) -> dict:
         },
         "aggregators": AGGREGATORS,
         "train": {"epochs": 3, "min_epochs": 1, "patience": 2},
+        "models": {"mambamil": {"model": {"d_model": 32, "d_state": 8}}},  # small: CPU time
         "evaluate": {"n_bootstrap": 20},
         "report": {"heatmaps": 1},
     }
@@ -91,9 +93,14 @@ def test_reduced_demo_runs_end_to_end_and_a_second_run_does_nothing(tmp_path, mo
     assert set(summary["task"]) == {"classification", "survival", "regression"}
     assert set(summary["aggregator"]) == set(AGGREGATORS)
     assert pd.read_csv(results / "failures.csv").empty
+    n_patients = pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
     for task in ("classification", "survival", "regression"):
-        result = json.loads((results / "eval" / task / "abmil" / "metrics.json").read_text())
-        assert result["n_test_bags"] == pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
+        for aggregator in AGGREGATORS:
+            result = json.loads((results / "eval" / task / aggregator / "metrics.json").read_text())
+            assert result["n_test_bags"] == n_patients
+        teacher = (results / "models" / task / "abmil" / "fold0" / "best.pt").resolve()
+        mhim_log = (results / "logs" / "train" / task / "mhim_abmil" / "fold0.log").read_text()
+        assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
     again = snakemake(work, "--cores", "2", "--configfile", configfile)

@@ -35,10 +35,10 @@ from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output
 from pathmil.models import MILModel
 from pathmil.models.base import MILOutput
+from pathmil.models.checkpoint import load_checkpoint
 from pathmil.slide.reader import slide_id_from_path
 from pathmil.tasks import Task, task_from_state
 from pathmil.tasks.classification import ClassificationTask
-from pathmil.training.checkpoint import load_checkpoint
 from pathmil.training.fit import build_model, pick_device
 
 log = logging.getLogger(__name__)

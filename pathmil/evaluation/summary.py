@@ -23,8 +23,8 @@ from scipy import stats
 from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
 from pathmil.fileio import atomic_output, write_json
+from pathmil.models.checkpoint import load_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.checkpoint import load_checkpoint
 
 ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
 

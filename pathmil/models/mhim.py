@@ -57,6 +57,7 @@ from pathmil.config import MHIMConfig, from_dict
 from pathmil.errors import PathmilError
 from pathmil.models.abmil import ABMIL
 from pathmil.models.base import MILModel, MILOutput
+from pathmil.models.checkpoint import load_checkpoint
 from pathmil.models.registry import create_model, register_model
 from pathmil.models.transmil import TransMIL
 
@@ -233,8 +234,6 @@ class MHIM(MILModel):
                 self.student_name,
             )
             return
-        from pathmil.training.checkpoint import load_checkpoint
-
         checkpoint = load_checkpoint(path)
         found = (checkpoint.get("aggregator"), checkpoint.get("in_dim"), checkpoint.get("n_outputs"))
         wanted = (self.student_name, self.in_dim, self.n_outputs)

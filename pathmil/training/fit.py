@@ -36,14 +36,9 @@ from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models import MILModel, create_model
+from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from pathmil.training.checkpoint import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
