@@ -613,3 +613,30 @@ def test_default_mambamil_has_the_papers_shape_and_the_authors_names():
         "classifier.weight",
     ):
         assert key in names, key
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and cuda.scan_available()),
+    reason="needs a CUDA GPU with mamba-ssm installed (pip install 'pathmil[mamba]'); none here",
+)
+def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu():
+    """MambaMIL on the GPU: mamba-ssm's kernels and the PyTorch scan give the same outputs and gradients."""
+    torch.manual_seed(0)
+    model = mambamil(in_dim=64, n_outputs=2, d_model=64, d_state=8, dropout=0.0).cuda()
+    x = torch.randn(1, 500, 64, device="cuda")
+    results = {}
+    for backend in ("torch", "cuda"):
+        for layer in model.modules():
+            if hasattr(layer, "backend"):
+                layer.backend = backend
+        model.zero_grad()
+        logits = model(x).logits
+        logits.sum().backward()
+        results[backend] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["cuda"][0], results["torch"][0], rtol=1e-3, atol=1e-3)
+    for cuda_grad, torch_grad in zip(results["cuda"][1], results["torch"][1], strict=True):
+        torch.testing.assert_close(cuda_grad, torch_grad, rtol=1e-2, atol=1e-3)
