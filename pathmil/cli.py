@@ -124,6 +124,19 @@ def run_cohort(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ tile
 
 
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    """The per-slide stages' shared arguments: which slides (batch mode) and what a failing slide does."""
+    p.add_argument("--cohort", type=Path, help="cohort table with slide_id and path (batch mode)")
+    p.add_argument("--slide-dir", type=Path, help="folder of slides (batch mode, ids from file names)")
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="record a failing slide (failures table in batch mode, facts JSON with status 'failed' "
+        "for one slide) and exit 0",
+    )
+    p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
+
+
 def add_tile_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tile",
@@ -136,17 +149,9 @@ def add_tile_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qc", type=Path, help="QC picture (PNG) of the one slide")
     p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
     p.add_argument("--slide-id", help="slide id (default: the file name without extension)")
-    p.add_argument("--cohort", type=Path, help="cohort table with slide_id and path (batch mode)")
-    p.add_argument("--slide-dir", type=Path, help="folder of slides (batch mode, ids from file names)")
+    _add_batch_args(p)
     p.add_argument("--out-dir", type=Path, help="batch mode: tiles files go here")
     p.add_argument("--qc-dir", type=Path, help="batch mode: QC pictures go here")
-    p.add_argument(
-        "--skip-errors",
-        action="store_true",
-        help="record a failing slide (failures table in batch mode, facts JSON with status 'failed' "
-        "for one slide) and exit 0",
-    )
-    p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
     p.add_argument("--target-mpp", type=float, help="tile resolution in um/px (default 0.5)")
     p.add_argument("--tile-px", type=int, help="tile side in pixels (default 256)")
     p.add_argument("--overlap", type=float, help="fraction of a tile shared with the next (default 0)")
@@ -543,17 +548,9 @@ def add_extract_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="bag HDF5 of the one slide")
     p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
     p.add_argument("--slide-id", help="slide id (default: the tiles file's, else the slide file name)")
-    p.add_argument("--cohort", type=Path, help="cohort table with slide_id and path (batch mode)")
-    p.add_argument("--slide-dir", type=Path, help="folder of slides (batch mode, ids from file names)")
+    _add_batch_args(p)
     p.add_argument("--tiles-dir", type=Path, help="batch mode: tiles files {slide_id}.h5 are here")
     p.add_argument("--out-dir", type=Path, help="batch mode: bag files go here")
-    p.add_argument(
-        "--skip-errors",
-        action="store_true",
-        help="record a failing slide (failures table in batch mode, facts JSON with status 'failed' "
-        "for one slide) and exit 0",
-    )
-    p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
     p.add_argument("--encoder", help="encoder name (default resnet50_trunc); see --list-encoders")
     p.add_argument("--list-encoders", action="store_true", help="print the registered encoders and exit")
     p.add_argument("--weights", help="weights file (default: the Hugging Face or torch hub cache)")
