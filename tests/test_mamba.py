@@ -496,6 +496,11 @@ def test_mambamil_gradients_reach_every_parameter(settings):
     F.cross_entropy(out.logits, torch.tensor([0, 2])).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if name == "attention.2.bias":
+            # the score layer's bias shifts every instance's score alike: softmax ignores it, so its
+            # gradient is zero up to rounding (exactly zero on some draws)
+            assert p.grad.abs().sum() < 1e-6, name
+            continue
         assert p.grad.abs().sum() > 0, name
 
 

@@ -241,10 +241,12 @@ def baseline_checkpoint(path: Path, aggregator: str = "abmil", hidden: int = 32)
     torch.manual_seed(5)
     model = create_model(aggregator, in_dim=16, n_outputs=2, hidden=hidden)
     config = TrainConfig(aggregator=aggregator, model={"hidden": hidden})
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1]}))
     save_checkpoint(
         path,
         {"config": dataclasses.asdict(config), "model": model.state_dict(), "aggregator": aggregator}
-        | {"in_dim": 16, "n_outputs": 2},
+        | {"in_dim": 16, "n_outputs": 2, "task": task.state_dict()},
     )
     return model
 

@@ -216,7 +216,12 @@ def test_same_seed_repeats_exactly(cohort, tmp_path):
     assert np.array_equal(pa["score"].to_numpy(), pb["score"].to_numpy())
 
 
-def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path):
+# Snakemake deletes the declared outputs of a killed job (best.pt, metrics.json, predictions.csv) and keeps
+# last.pt: the rerun must end as if never killed either way.
+@pytest.mark.parametrize(
+    "deleted", [(), ("best.pt", "metrics.json", "predictions.csv")], ids=["cli", "snakemake"]
+)
+def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path, deleted):
     _, features, table = cohort
     splits = tmp_path / "s.csv"
     split(table, "regression", splits)
@@ -249,21 +254,27 @@ def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path):
     )
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=False)["state"][
+        if (killed / "last.pt").is_file() and torch.load(killed / "last.pt", weights_only=True)["state"][
             "epoch"
         ] >= 3:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    interrupted_at = torch.load(killed / "last.pt", weights_only=False)["state"]["epoch"]
+    interrupted_at = torch.load(killed / "last.pt", weights_only=True)["state"]["epoch"]
     assert 3 <= interrupted_at < 10 and not (killed / "metrics.json").exists()
+    for name in deleted:
+        (killed / name).unlink(missing_ok=True)
     subprocess.run([*args, "--out", str(killed)], check=True, capture_output=True)
     a = json.loads((reference / "metrics.json").read_text())
     b = json.loads((killed / "metrics.json").read_text())
     assert a["metrics"] == b["metrics"] and a["best_epoch"] == b["best_epoch"]
     history = pd.read_csv(killed / "history.csv")
     assert history["epoch"].tolist() == list(range(1, 11))
+    pa, pb = (pd.read_csv(run / "predictions.csv") for run in (reference, killed))
+    pd.testing.assert_frame_equal(pa, pb)
+    best = torch.load(killed / "best.pt", weights_only=True)
+    assert best["epoch"] == a["best_epoch"]
 
 
 def test_evaluate_pools_folds_with_confidence_intervals(cohort, tmp_path):

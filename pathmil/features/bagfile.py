@@ -23,7 +23,7 @@ import numpy as np
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.fileio import atomic_output
+from pathmil.fileio import atomic_hdf5, load_tensors_safely
 from pathmil.slide.tilefile import plain_attr
 
 LAYOUTS = ("pathmil", "trident", "clam", "clam_pt", "stamp")
@@ -60,7 +60,7 @@ def write_bag(
     """Write a pathmil bag file atomically; ``extra`` holds further per-tile datasets (e.g. names)."""
     if features.ndim != 2 or len(features) != len(coords):
         raise ValueError(f"features {features.shape} do not match coords {coords.shape}")
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         f.create_dataset(
             "features",
             data=features,
@@ -142,7 +142,7 @@ def _as_matrix(features: np.ndarray, path: Path) -> np.ndarray:
 def _read_clam_pt(path: Path) -> Bag:
     import torch
 
-    tensor = torch.load(path, map_location="cpu", weights_only=True)
+    tensor = load_tensors_safely(path, what="feature file")
     if not isinstance(tensor, torch.Tensor):
         raise PathmilError(f"feature file {path}: expected a tensor of N x D features (CLAM pt_files)")
     return Bag(_as_matrix(tensor.float().numpy(), path), None, {}, {}, "clam_pt")

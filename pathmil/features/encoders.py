@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pathmil.errors import PathmilError
+from pathmil.fileio import load_tensors_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,15 +221,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, .pth, .pt or .bin; unwraps ``{"state_dict": ...}``/``{"model": ...}``."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any reader error means the file is not usable weights
-        raise PathmilError(f"weights file {path} cannot be read ({err}); download it again") from None
+        except Exception as err:  # any reader error means the file is not usable weights
+            raise PathmilError(f"weights file {path} cannot be read ({err}); download it again") from None
+    else:
+        state = load_tensors_safely(path, what="weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) <= 3:
             state = state[key]

@@ -3,9 +3,14 @@
 ``best.pt`` (the model to use) holds the full run config, the task's fitted state (classes, survival bins,
 regression scaling), the aggregator's weights and what it expects as input (feature dimension, encoder),
 as nanoGPT saves its config beside the weights: a checkpoint alone rebuilds the model. ``last.pt`` adds
-the optimiser, schedule, random-number states and loop state (`pathmil.training`), so a killed run resumes
-exactly. Reading and writing live here, below training, because models read checkpoints too (MHIM-MIL's
-teacher starts from a baseline's ``best.pt``).
+the optimiser, schedule, random-number states, loop state and a copy of the best weights
+(`pathmil.training`), so a killed run resumes exactly even when ``best.pt`` was deleted. Reading and
+writing live here, below training, because models read checkpoints too (MHIM-MIL's teacher starts from a
+baseline's ``best.pt``).
+
+Checkpoints hold tensors and plain data only (dicts, lists, tuples, strings, numbers, None) and are read
+with ``torch.load(weights_only=True)``: a file whose pickle would build any other object (and so could
+run code) is refused, never executed.
 """
 
 from __future__ import annotations
@@ -18,24 +23,40 @@ import torch
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.fileio import atomic_output
+from pathmil.fileio import atomic_output, load_tensors_safely
+
+# Version of the checkpoint layout; files without one are version 1 (pathmil 0.1 before the field).
+FORMAT_VERSION = 2
+REQUIRED_KEYS = ("model", "config", "task", "aggregator", "in_dim")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Save atomically, so a kill during the write leaves the previous checkpoint intact."""
+    """Save atomically, so a kill during the write leaves the previous checkpoint intact.
+
+    Raises:
+        DiskFullError: no space left for the file (nothing is left behind).
+    """
     with atomic_output(path) as tmp:
-        torch.save({"pathmil_version": __version__, **payload}, tmp)
+        torch.save({"pathmil_version": __version__, "format_version": FORMAT_VERSION, **payload}, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint on the CPU; a missing or foreign file is a clear error."""
+    """Load a pathmil checkpoint on the CPU, safely (tensors and plain data only).
+
+    Raises:
+        PathmilError: the file is missing, damaged, would need code to load, or is not a pathmil
+            checkpoint (a dict with model weights, config, task, aggregator and input size).
+    """
     path = Path(path)
     if not path.is_file():
         raise PathmilError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise PathmilError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise PathmilError(f"{path} is not a pathmil checkpoint (no model weights and config)")
+    checkpoint = load_tensors_safely(path, what="checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise PathmilError(f"{path} is not a pathmil checkpoint (it holds a {type(checkpoint).__name__})")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise PathmilError(
+            f"{path} is not a pathmil checkpoint: it lacks {', '.join(missing)} (a run's best.pt or "
+            "last.pt has them)"
+        )
     return checkpoint

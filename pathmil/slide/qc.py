@@ -7,6 +7,9 @@ few milliseconds even for 100,000 tiles.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -96,7 +99,13 @@ PNG_PARAMS = [
 ]
 
 
-def write_png(path: str, rgb: np.ndarray) -> None:
-    """Write an RGB array as PNG (fast compression: QC pictures are looked at, not archived)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS):
-        raise OSError(f"could not write {path}")
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB array as PNG (fast compression: QC pictures are looked at, not archived).
+
+    Encoded in memory, then written with one plain write, so a full disk is an ``OSError`` with its errno
+    (libpng would only say that writing failed).
+    """
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
+    if not ok:
+        raise ValueError(f"could not encode a {rgb.shape} picture as PNG for {path}")
+    Path(path).write_bytes(data.tobytes())

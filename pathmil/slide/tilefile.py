@@ -19,7 +19,7 @@ import numpy as np
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.fileio import atomic_output
+from pathmil.fileio import atomic_hdf5
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TileSet:
 
 def write_tiles(path: str | os.PathLike, tiles: TileSet) -> None:
     """Write a tiles file atomically."""
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_hdf5(path) as f:
         dset = f.create_dataset("coords", data=tiles.coords.astype(np.int64))
         for key, value in tiles.coords_attrs.items():
             if value is not None:

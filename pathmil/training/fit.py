@@ -42,6 +42,8 @@ from pathmil.training.checkpoint import rng_state, seed_everything, set_rng_stat
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+# What a finished run adds to its folder (metrics.json last): a folder without them is unfinished.
+FINISHED_MARKERS = ("metrics.json", "predictions.csv", "history.csv")
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Trainer:
             self.optimizer, cosine_with_warmup(self.total_steps, warmup)
         )
         self.state = LoopState()
+        self.best: dict[str, Any] | None = None  # {"model": weights, "epoch": n} of the best epoch so far
 
     def autocast(self):
         enabled = self.device.type == "cuda" and self.config.amp
@@ -268,8 +271,12 @@ class Trainer:
                 "state": asdict(self.state),
                 "rng": rng_state(),
                 "fingerprint": self.data.fingerprint,
+                "best": self.best,
             },
         )
+
+    def save_best(self) -> None:
+        save_checkpoint(self.out_dir / "best.pt", {**self.payload(), **self.best})
 
     def try_resume(self) -> bool:
         """Continue from ``last.pt`` if it belongs to this very run (same settings, splits and features)."""
@@ -285,8 +292,30 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = LoopState(**checkpoint["state"])
         set_rng_state(checkpoint["rng"])
+        self.best = checkpoint.get("best") or self._best_from_file()
+        if self.best is not None and not self._best_file_is_current():
+            # a killed job's best.pt may be gone (Snakemake deletes a failed job's outputs) or older
+            log.info("restoring best.pt (epoch %d) from %s", self.best["epoch"], path)
+            self.save_best()
         log.info("resuming from %s after epoch %d", path, self.state.epoch)
         return True
+
+    def _best_from_file(self) -> dict[str, Any] | None:
+        """The best weights of a ``last.pt`` written before it carried them, from ``best.pt``."""
+        path = self.out_dir / "best.pt"
+        if not path.is_file():
+            return None
+        checkpoint = load_checkpoint(path)
+        return {"model": checkpoint["model"], "epoch": checkpoint["epoch"]}
+
+    def _best_file_is_current(self) -> bool:
+        path = self.out_dir / "best.pt"
+        if not path.is_file():
+            return False
+        try:
+            return load_checkpoint(path).get("epoch") == self.best["epoch"]
+        except PathmilError:
+            return False
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -356,7 +385,9 @@ class Trainer:
         if value > self.state.best_metric or tie_better or self.state.best_epoch < 0:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
             self.state.best_loss = loss
-            save_checkpoint(self.out_dir / "best.pt", {**self.payload(), "epoch": epoch + 1})
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best = {"model": weights, "epoch": epoch + 1}
+            self.save_best()
         else:
             self.state.bad_epochs += 1
 
@@ -382,11 +413,17 @@ def train(
     task = create_task(config.task, target=config.target, **config.task_options)
     data = load_fold(config, task, features_dir, cohort, splits, fold)
     trainer = Trainer(config, task, data, out_dir, progress)
+    for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
+        (out_dir / name).unlink(missing_ok=True)
     with atomic_output(out_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
     trainer.fit(fold)
 
-    best = load_checkpoint(out_dir / "best.pt")
+    best = trainer.best
+    if best is None:
+        raise PathmilError(f"run {out_dir} ended without a best epoch; delete its last.pt and train again")
+    if not trainer._best_file_is_current():
+        trainer.save_best()
     trainer.model.load_state_dict(best["model"])
     tables = [trainer.predictions(s, trainer.logits(s), fold) for s in SPLITS if s in data.datasets]
     predictions = pd.concat(tables, ignore_index=True)
