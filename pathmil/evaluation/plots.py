@@ -31,6 +31,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from pathmil.config import EvaluateConfig, PlotConfig
+from pathmil.evaluation.bootstrap import bootstrap_distribution, percentile_interval
 from pathmil.fileio import atomic_output
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
@@ -84,18 +85,10 @@ def bootstrap_interval(
     """Percentile interval of ``statistic(rows)`` over stratified resamples of the rows (as evaluate's)."""
     if evaluate.n_bootstrap <= 0:
         return None
-    rng = np.random.default_rng(evaluate.seed)
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    values = np.array(
-        [
-            statistic(np.concatenate([rng.choice(g, len(g), replace=True) for g in groups]))
-            for _ in range(evaluate.n_bootstrap)
-        ]
-    )
+    values = bootstrap_distribution(statistic, strata, evaluate.n_bootstrap, evaluate.seed)[:, 0]
     if not np.isfinite(values).any():
         return None
-    alpha = (1 - evaluate.confidence) / 2
-    return [float(np.nanquantile(values, alpha)), float(np.nanquantile(values, 1 - alpha))]
+    return percentile_interval(values, evaluate.confidence)
 
 
 def fold_colour(index: int) -> str:
