@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pathmil.tasks import Task
+from pathmil.tasks import SurvivalTask, Task
 from pathmil.tasks.base import quantile_strata
 from pathmil.tasks.metrics import calibration_bins, expected_calibration_error
 
@@ -214,8 +214,8 @@ def predicted_survival(
     if curve is None:
         return None
     times = np.asarray(times, float)
-    edges = np.asarray(getattr(task, "edges", ()), float)
-    if getattr(task, "loss_name", "") == "nll" and len(edges) and edges[-1] > 0:
+    edges = np.asarray(task.edges, float) if isinstance(task, SurvivalTask) else np.zeros(0)
+    if isinstance(task, SurvivalTask) and task.loss_name == "nll" and len(edges) and edges[-1] > 0:
         knots = np.r_[0.0, edges]
         values = curve(knots)  # (n, k + 1); S = 1 at time 0
         inside = np.array([np.interp(t, knots, v) for t, v in zip(times, values)])

@@ -110,10 +110,14 @@ def read_run(path: Path) -> Run:
     """A run's fitted task, labels (from its checkpoint's config and metrics.json) and predictions."""
     task, config = load_task(path)
     info = json.loads((path / "metrics.json").read_text())
+    features = info.get("features") or {}
+    encoder = features.get("encoder")
+    if encoder and features.get("random_init"):
+        encoder = f"{encoder} (random init)"  # the untrained baseline is another encoder
     return Run(
         path=path,
         task=task,
-        encoder=(info.get("features") or {}).get("encoder"),
+        encoder=encoder,
         aggregator=str(config.get("aggregator")),
         seed=int(config.get("seed", 0)),
         fold=int(info["fold"]),
