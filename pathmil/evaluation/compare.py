@@ -325,13 +325,13 @@ def paired_bootstrap(
 
 
 def config_calibration(
-    config: Configuration, pooled: dict[int, pd.DataFrame], horizon: float, plots: PlotConfig
+    configuration: Configuration, pooled: dict[int, pd.DataFrame], horizon: float, plots: PlotConfig
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """(scalars averaged over seeds, diagram data of the first seed) of one configuration; empty for
     regression."""
-    task = config.runs[0].task
+    task = configuration.runs[0].task
     per_seed, diagram = [], {}
-    for seed in config.seeds:
+    for seed in configuration.seeds:
         if task.name == "classification":
             rows = pooled[seed]
             y = class_indices([class_key(v) for v in rows["target"]], task.classes)
@@ -342,7 +342,7 @@ def config_calibration(
                 table = calibration.reliability_table(event, p, plots.calibration_bins)
                 diagram = {"seed": seed, "what": what, "table": table.to_dict("records")}
         elif task.name == "survival":
-            own, at_horizon = survival_predictions(config.seed_runs(seed), horizon)
+            own, at_horizon = survival_predictions(configuration.seed_runs(seed), horizon)
             if own is None:
                 continue
             d_cal = calibration.d_calibration(own["survival"], own["event"].astype(bool))
