@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -443,21 +444,24 @@ def performance_profile_plot(comparison: dict, evaluate: EvaluateConfig, config:
 
 def difference_matrix_plot(comparison: dict, evaluate: EvaluateConfig, config: PlotConfig) -> Figure:
     """Paired differences of the main metric, row minus column, with their bootstrap intervals over
-    patients and P(row > column) over runs; bold where the interval excludes zero."""
+    patients and P(row > column) over runs. Only differences whose interval excludes zero are coloured
+    (and bold); the others stay grey, so a large but uncertain difference does not look like a finding."""
     order = [row["configuration"] for row in sorted(comparison["configurations"], key=lambda r: -r["value"])]
     n = len(order)
     pairs = {(p["a"], p["b"]): p for p in comparison["pairs"]}
-    values = np.full((n, n), np.nan)
+    values = np.full((n, n), np.nan)  # coloured cells: the significant differences
     for i, a in enumerate(order):
         for j, b in enumerate(order):
-            if i != j:
+            if i != j and pairs[(a, b)]["significant"]:
                 values[i, j] = pairs[(a, b)]["difference"]
-    limit = max(float(np.nanmax(np.abs(values))) if n > 1 else 0.0, 1e-6)
+    differences = [abs(p["difference"]) for p in comparison["pairs"] if math.isfinite(p["difference"])]
+    limit = max(max(differences, default=0.0), 1e-6)
     fig = Figure(
         figsize=(max(4.5, 1.9 * n + 2.2), max(3.8, 1.5 * n + 1.8)), dpi=config.dpi, layout="constrained"
     )
     ax = fig.subplots()
-    image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit)
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-limit, vmax=limit)
     for i, a in enumerate(order):
         for j, b in enumerate(order):
             if i == j:
@@ -465,7 +469,7 @@ def difference_matrix_plot(comparison: dict, evaluate: EvaluateConfig, config: P
                 continue
             pair = pairs[(a, b)]
             text = f"{pair['difference']:+.3f}\n[{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]\nP = {pair['p_improvement']:.2f}"
-            strong = abs(pair["difference"]) > 0.6 * limit
+            strong = pair["significant"] and abs(pair["difference"]) > 0.6 * limit
             ax.text(
                 j,
                 i,
@@ -485,7 +489,8 @@ def difference_matrix_plot(comparison: dict, evaluate: EvaluateConfig, config: P
     title(
         fig,
         f"{comparison['task']}: {metric} of A - B on the same {comparison['n_patients']} patients",
-        f"[{100 * evaluate.confidence:g} % paired bootstrap CI]; P = P(A > B) over runs; bold: CI excludes 0",
+        f"[{100 * evaluate.confidence:g} % paired bootstrap CI]; P = P(A > B) over runs; "
+        "coloured: CI excludes 0",
     )
     return fig
 
