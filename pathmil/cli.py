@@ -417,6 +417,47 @@ def run_summary(args: argparse.Namespace) -> None:
         )
 
 
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="paired comparisons of configurations (encoder x aggregator) of one task",
+        description="Compare the training runs of several configurations of one task on the same patients: "
+        "main metric and IQM with bootstrap CIs, paired differences, probability of improvement, "
+        "performance profiles, calibration. Labels come from each run's files, not its path.",
+    )
+    p.add_argument(
+        "--runs",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="run folders of `pathmil train`, or folders holding them",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--n-bootstrap", type=int, help="bootstrap resamples (default 1000; 0 turns CIs off)")
+    p.add_argument("--time-unit", help="unit of survival times, for plot axes (default months)")
+    _add_config_args(p)
+    p.set_defaults(handler=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    from pathmil.config import EvaluateConfig, PlotConfig, load_config
+    from pathmil.evaluation.compare import compare_runs
+
+    config = load_config(
+        EvaluateConfig, args.config, args.overrides, section="evaluate", n_bootstrap=args.n_bootstrap
+    )
+    plots = load_config(PlotConfig, args.config, None, section="plots", time_unit=args.time_unit)
+    result = compare_runs(args.runs, args.out, config, plots)
+    print(f"{result['task']}: {result['main_metric']} on {result['n_patients']} patients -> {args.out}")
+    for row in result["configurations"]:
+        print(
+            f"  {row['configuration']:>24}: {row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+            f"  IQM {row['iqm']:.3f} over {row['n_runs']} runs"
+        )
+    for line in result["verdicts"]:
+        print(f"  {line}")
+
+
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the MIL aggregators")
     p.set_defaults(handler=lambda args: print("\n".join(__import__("pathmil.models").models.list_models())))
@@ -686,6 +727,7 @@ PARSERS = [
     add_train_parser,
     add_evaluate_parser,
     add_summary_parser,
+    add_compare_parser,
     add_models_parser,
     add_predict_parser,
     add_heatmap_parser,

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
+from pathmil.evaluation.bootstrap import iqm, percentile_interval, stratified_resamples
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint
 from pathmil.tasks import Task, create_task
@@ -85,34 +85,18 @@ def label_frame(task: Task, table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the mean of the middle 50 % (robust with few folds)."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    return float(stats.trim_mean(values, 0.25)) if len(values) else math.nan
-
-
 def bootstrap_ci(
     task: Task, test: pd.DataFrame, train: pd.DataFrame | None, config: EvaluateConfig
 ) -> dict[str, list[float]]:
     """Percentile confidence intervals of every metric, resampling test bags within strata."""
     strata = np.asarray(task.stratify_labels(label_frame(task, test)))
-    rng = np.random.default_rng(config.seed)
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     draws: list[dict[str, float]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resamples without both classes or events yield NaN, not noise
-        for _ in range(config.n_bootstrap):
-            index = np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
+        for index in stratified_resamples(strata, config.n_bootstrap, config.seed):
             draws.append(task.metrics(test.iloc[index].reset_index(drop=True), train))
     table = pd.DataFrame(draws)
-    alpha = (1 - config.confidence) / 2
-    return {
-        m: [float(np.nanquantile(table[m], alpha)), float(np.nanquantile(table[m], 1 - alpha))]
-        if table[m].notna().any()
-        else [math.nan, math.nan]
-        for m in table.columns
-    }
+    return {m: percentile_interval(table[m].to_numpy(), config.confidence) for m in table.columns}
 
 
 def evaluate_runs(

@@ -71,6 +71,11 @@ class Task(abc.ABC):
     def metrics(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> dict[str, float]:
         """Metrics over a predictions table (rows = bags, the columns of predict and target_columns)."""
 
+    def main_score(self, test: pd.DataFrame) -> float:
+        """The main metric of a predictions table, equal to ``metrics(test)[main_metric]``. Bootstrap
+        comparisons call it thousands of times, so a task whose other metrics are slow computes it alone."""
+        return self.metrics(test)[self.main_metric]
+
     @abc.abstractmethod
     def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
         """Discrete strata (int per bag) for stratified splits and bootstrap; needs no :meth:`fit`."""

@@ -8,6 +8,7 @@ class of that list and, in a binary problem, the positive class is the second on
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from pathmil.errors import PathmilError
 from pathmil.tasks.base import Task, bag_ids, full_precision
-from pathmil.tasks.metrics import classification_metrics
+from pathmil.tasks.metrics import classification_metrics, multiclass_auc
 
 
 def class_key(value: Any) -> int | float | str:
@@ -186,6 +187,14 @@ class ClassificationTask(Task):
         self._require_fitted()
         y = [self.classes[i] for i in self._indices(test, column="target")]
         return classification_metrics(y, self.probabilities(test), self.classes)
+
+    def main_score(self, test: pd.DataFrame) -> float:
+        """The AUC alone (binary, or macro one-vs-rest), as :meth:`metrics` computes it."""
+        self._require_fitted()
+        proba = self.probabilities(test)
+        if len(test) == 0 or not np.isfinite(proba).all():
+            return math.nan
+        return multiclass_auc(self._indices(test, column="target"), proba)
 
     def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
         """The class (as an integer code) of every bag."""

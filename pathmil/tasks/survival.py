@@ -19,7 +19,7 @@ import torch
 
 from pathmil.errors import PathmilError
 from pathmil.tasks.base import Task, bag_ids, full_precision, numeric_column, quantile_strata
-from pathmil.tasks.metrics import survival_metrics, time_dependent_auc
+from pathmil.tasks.metrics import harrell_c_index, survival_metrics, time_dependent_auc
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,11 @@ class SurvivalTask(Task):
             train_event,
             self.survival_function(test, train),
         )
+
+    def main_score(self, test: pd.DataFrame) -> float:
+        """Harrell's c-index alone (it needs no training rows)."""
+        time, event = self._time_event(test, ("time", "event"))
+        return harrell_c_index(time, event, test["score"].to_numpy(dtype=float))
 
     def auc_curve(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> pd.DataFrame:
         """The time-dependent AUC at each evaluation time (columns ``time``, ``auc``), for plots."""
