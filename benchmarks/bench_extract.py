@@ -45,17 +45,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pathmil.config import ExtractConfig, TileConfig  # noqa: E402
 from pathmil.features.bagfile import read_bag  # noqa: E402
 from pathmil.features.encoders import Encoder, create_encoder  # noqa: E402
 from pathmil.features.extract import (  # noqa: E402
     EncoderRunner,
+    ExtractConfig,
     FeatureExtractor,
     TileBatches,
     cpu_has_fast_bf16,
     extract_slide,
     resolve_device,
 )
+from pathmil.slide.tile import TileConfig  # noqa: E402
 from pathmil.slide.tilefile import TileSet, read_tiles, write_tiles  # noqa: E402
 
 WEIGHTS = {"mobilenet_v2": ROOT / ".testdata" / "weights" / "mobilenet_v2-b0353104.pth"}

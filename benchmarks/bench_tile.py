@@ -44,9 +44,8 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import openslide  # noqa: E402
 
-from pathmil.config import TileConfig  # noqa: E402
 from pathmil.slide.reader import Slide  # noqa: E402
-from pathmil.slide.tile import tile_slide  # noqa: E402
+from pathmil.slide.tile import TileConfig, tile_slide  # noqa: E402
 
 CLAM_SECONDS = 0.40  # CLAM segmentation + patching, 40,960 x 40,960 px, 9,495 tiles (issue 2)
 CLAM_FLOOR = 0.021  # reading the segmentation level on the same machine

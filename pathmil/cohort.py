@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pathmil.errors import PathmilError
-from pathmil.slide.reader import SLIDE_EXTENSIONS, slide_id_from_path
+from pathmil.ids import SLIDE_EXTENSIONS, slide_id_from_path
 
 
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",)) -> pd.DataFrame:

@@ -28,8 +28,23 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from pathmil.fileio import atomic_output
+from pathmil.settings import Settings
+
+
+class DemoConfig(Settings):
+    """The demo cohort to make (``slides.demo`` in the workflow, ``pathmil demo``'s flags)."""
+
+    section = "demo"
+    n_slides: int = Field(40, ge=2, description="number of slides")
+    n_patients: int | None = Field(None, ge=2, description="number of patients; none: 3/4 of the slides")
+    seed: int = Field(0, description="seed of the patients, their labels and the painting")
+    size: tuple[int, int] = Field(
+        (3072, 3584), description="height and width of a slide in pixels at 0.5 um/px (40x slides: twice)"
+    )
+
 
 STROMA_RGB = np.array([236, 170, 200], np.float32)  # eosin pink
 TUMOUR_RGB = np.array([205, 150, 205], np.float32)  # purple-tinted cytoplasm

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pathmil.errors import PathmilError
 
 HOST = socket.gethostname().replace("-", "_") or "host"
@@ -153,6 +155,15 @@ def load_tensors_safely(path: str | os.PathLike, what: str = "file") -> Any:
     except Exception as err:  # torch raises many types for a damaged file
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise PathmilError(f"{what} {path} cannot be read ({type(err).__name__}: {first})") from None
+
+
+def plain_attr(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (numpy scalars and bytes become int/float/str)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

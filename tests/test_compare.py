@@ -14,7 +14,6 @@ import torch
 from sklearn import metrics as skm
 
 from pathmil.cli import main
-from pathmil.config import EvaluateConfig
 from pathmil.errors import PathmilError
 from pathmil.evaluation import calibration
 from pathmil.evaluation.bootstrap import iqm, iqm_interval, stratified_resamples
@@ -25,6 +24,7 @@ from pathmil.evaluation.compare import (
     probability_of_improvement,
     verdict,
 )
+from pathmil.evaluation.settings import EvaluateConfig
 from pathmil.models.checkpoint import save_checkpoint
 from pathmil.tasks import create_task
 from pathmil.tasks.metrics import classification_metrics
@@ -298,7 +298,16 @@ def write_runs(
                 "seed": seed,
                 "task_options": task.settings(),
             }
-            save_checkpoint(out / "best.pt", {"config": config, "task": task.state_dict(), "model": {}})
+            save_checkpoint(
+                out / "best.pt",
+                {
+                    "config": config,
+                    "task": task.state_dict(),
+                    "model": {},
+                    "aggregator": aggregator,
+                    "in_dim": 8,
+                },
+            )
             metrics = {
                 "task": task_name,
                 "aggregator": aggregator,
@@ -357,7 +366,7 @@ def test_mean_over_seeds_of_the_pooled_auc_and_fold_wise_probability_of_improvem
     per_run, pooled = {}, {}
     for run in sorted(classification_runs.iterdir()):
         info = json.loads((run / "metrics.json").read_text())
-        seed = torch.load(run / "best.pt", weights_only=False)["config"]["seed"]
+        seed = torch.load(run / "best.pt", weights_only=True)["config"]["seed"]
         test = pd.read_csv(run / "predictions.csv").query("split == 'test'")
         per_run.setdefault(info["aggregator"], {}).setdefault(info["fold"], []).append(
             skm.roc_auc_score(test["target"], test["score"])

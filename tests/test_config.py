@@ -1,7 +1,8 @@
 import pytest
 
-from pathmil.config import TileConfig, load_config, parse_overrides
+from pathmil.config import load_settings, parse_overrides
 from pathmil.errors import PathmilError
+from pathmil.slide.tile import TileConfig
 
 
 def test_defaults_and_presets():
@@ -32,9 +33,7 @@ def test_defaults_and_presets():
 def test_yaml_then_overrides_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("tile:\n  tile_px: 224\n  target_mpp: 1\n  tissue: {sthresh: 12}\n")
-    config = load_config(
-        TileConfig, path, ["tissue.mthresh=9", "min_tissue=0.5"], section="tile", tile_px=512
-    )
+    config = load_settings(TileConfig, path, ["tissue.mthresh=9", "min_tissue=0.5"], {"tile_px": 512})
     assert config.tile_px == 512  # flag wins
     assert config.target_mpp == 1.0 and isinstance(config.target_mpp, float)
     assert config.min_tissue == 0.5
@@ -45,17 +44,18 @@ def test_yaml_then_overrides_then_flags(tmp_path):
     ("overrides", "message"),
     [
         (["tile_pxx=3"], "unknown setting tile.tile_pxx; allowed: "),
-        (["tissue.sthres=3"], "unknown setting tile.tissue.sthres"),
-        (["tile_px=big"], "setting tile.tile_px must be int"),
-        (["preset=nope"], "unknown tissue preset 'nope'"),
-        (["overlap=1.5"], "overlap must be in [0, 1)"),
+        (["tissue.sthres=3"], "unknown setting tile.tissue.sthres; allowed: a_h, a_t, close"),
+        (["tile_px=big"], "setting tile.tile_px: Input should be a valid integer"),
+        (["preset=nope"], "setting tile.preset: Input should be 'tcga', 'bwh_biopsy' or 'bwh_resection'"),
+        (["overlap=1.5"], "setting tile.overlap: Input should be less than 1 (got 1.5)"),
+        (["tissue.sthresh=300"], "setting tile.tissue.sthresh: Input should be less than or equal to 255"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(
         PathmilError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
     ):
-        load_config(TileConfig, None, overrides, section="tile").validate()
+        load_settings(TileConfig, None, overrides)
 
 
 def test_parse_overrides_nested_and_typed():

@@ -5,9 +5,8 @@ import openslide
 import pandas as pd
 
 from pathmil.cli import main
-from pathmil.config import TileConfig
 from pathmil.slide.reader import Slide
-from pathmil.slide.tile import tile_slide
+from pathmil.slide.tile import TileConfig, tile_slide
 from pathmil.slide.tilefile import read_tiles
 
 

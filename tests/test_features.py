@@ -14,7 +14,6 @@ import tifffile
 import torch
 
 from pathmil.cli import main
-from pathmil.config import ExtractConfig, TileConfig
 from pathmil.errors import PathmilError, SlideError
 from pathmil.features.bagfile import read_bag
 from pathmil.features.encoders import (
@@ -27,13 +26,14 @@ from pathmil.features.encoders import (
     resolve_weights,
 )
 from pathmil.features.extract import (
+    ExtractConfig,
     FeatureExtractor,
     extract_cohort,
     extract_slide,
     resolve_precision,
 )
 from pathmil.slide.reader import Slide
-from pathmil.slide.tile import compute_tiles, tile_slide
+from pathmil.slide.tile import TileConfig, compute_tiles, tile_slide
 from pathmil.slide.tilefile import TileSet, read_tiles, write_tiles
 from pathmil.slide.tiling import grid_positions
 
@@ -63,7 +63,7 @@ def mobilenet_config(weights: Path | None, **changes) -> ExtractConfig:
     config = ExtractConfig(
         encoder="mobilenet_v2", weights=str(weights) if weights else None, workers=1, optimize="none"
     )
-    return dataclasses.replace(config, random_init=weights is None, **changes)
+    return config.replace(random_init=weights is None, **changes)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -392,7 +392,7 @@ def test_batch_size_does_not_change_features(cmu_tiles, mobilenet, tmp_path):
     default = mobilenet.config
     try:
         for batch_size in (1, 64):
-            mobilenet.config = dataclasses.replace(default, batch_size=batch_size, dtype="float32")
+            mobilenet.config = default.replace(batch_size=batch_size, dtype="float32")
             extract_slide(slide, tmp_path / "subset.h5", tmp_path / f"b{batch_size}.h5", mobilenet)
             bags[batch_size] = read_bag(tmp_path / f"b{batch_size}.h5").features
     finally:

@@ -3,7 +3,6 @@ a model whose instance scores are known; overlap, slide edges, STAMP micrometre 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 from pathmil.cli import main
-from pathmil.config import HeatmapConfig, TrainConfig
 from pathmil.demo import write_pyramidal_tiff
 from pathmil.evaluation.heatmap import (
+    HeatmapConfig,
     PictureLayout,
     TileLayout,
     blend,
@@ -26,12 +25,12 @@ from pathmil.evaluation.heatmap import (
     paint,
     rank_normalise,
 )
-from pathmil.evaluation.predict import load_model
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.models import create_model
 from pathmil.models.checkpoint import save_checkpoint
 from pathmil.slide.reader import Slide, resize
 from pathmil.tasks import create_task
+from pathmil.training.run import TrainConfig, load_run
 
 WIDTH, HEIGHT, MPP, TILE = 2048, 1536, 0.5, 128  # the slide (level-0 px, um/px) and its tiles
 HOT = (slice(2, 5), slice(4, 8))  # tile rows 2-4 and columns 4-7 score high: y 256-640, x 512-1024
@@ -77,7 +76,7 @@ def checkpoint(path: Path, aggregator: str, model: torch.nn.Module, hidden: int,
     save_checkpoint(
         path,
         {
-            "config": dataclasses.asdict(config),
+            "config": config.to_dict(),
             "task": task.state_dict(),
             "model": model.state_dict(),
             "aggregator": aggregator,
@@ -169,9 +168,8 @@ def test_real_slide_tiles_light_up_where_they_are_dark(slides_dir, flag_model, t
     """Real H&E: tiles from `pathmil tile` (0.499 um/px: a 256.5 level-0 px stride, 257 px tiles, so
     neighbours overlap), scored by their darkness (haematoxylin-dense tissue); each tile's colour sits at
     its own position on the thumbnail."""
-    from pathmil.config import TileConfig
     from pathmil.evaluation.heatmap import make_heatmap
-    from pathmil.slide.tile import tile_slide
+    from pathmil.slide.tile import TileConfig, tile_slide
     from pathmil.slide.tilefile import read_tiles
 
     slide_path = slides_dir / "cmu_small_region.svs"
@@ -197,7 +195,7 @@ def test_real_slide_tiles_light_up_where_they_are_dark(slides_dir, flag_model, t
 
 
 def test_montage_shows_the_top_and_bottom_tiles_from_the_slide(slide, bag, flag_model):
-    loaded = load_model(flag_model)
+    loaded = load_run(flag_model)
     scores, _ = instance_scores(loaded, read_bag(bag))
     coords, hot = grid()
     with Slide(slide) as s:
@@ -242,7 +240,7 @@ def test_attention_scores_come_from_the_model(slide, bag, tmp_path):
     model = create_model("abmil", in_dim=3, n_outputs=1, hidden=8).eval()
     path = checkpoint(tmp_path / "abmil.pt", "abmil", model, hidden=8)
     features = torch.from_numpy(read_bag(bag).features.astype(np.float32))
-    scores, _ = instance_scores(load_model(path), read_bag(bag))
+    scores, _ = instance_scores(load_run(path), read_bag(bag))
     with torch.no_grad():
         attention = model(features[None]).instance_scores[0].numpy()
     assert np.allclose(scores, attention) and scores.sum() == pytest.approx(1.0, abs=1e-5)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pathmil.errors import PathmilError
-from pathmil.models import registry, ssm
+from pathmil.models import create_model, registry, ssm
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba, inverse_order, stride_order
-from pathmil.models.mambamil import MambaMIL, mambamil
+from pathmil.models.mambamil import MambaMIL
 from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan, torch_scan
 from pathmil.models.ssm.conv import causal_conv1d_torch
 from pathmil.models.ssm.torch_branch import mamba_branch_torch
@@ -413,7 +413,7 @@ def test_fused_branch_gradcheck():
 def small_model(n_outputs=3, seed=0, **settings):
     torch.manual_seed(seed)
     defaults = {"d_model": 16, "d_state": 4, "attn_dim": 8, "sr_rate": 5, "dropout": 0.0}
-    return mambamil(in_dim=12, n_outputs=n_outputs, **{**defaults, **settings}).eval()
+    return create_model("mambamil", in_dim=12, n_outputs=n_outputs, **{**defaults, **settings}).eval()
 
 
 VARIANTS = [{"variant": "sr"}, {"variant": "plain"}, {"variant": "bi"}, {"token_reorder": True}]
@@ -631,7 +631,7 @@ def test_default_mambamil_has_the_papers_shape_and_the_authors_names():
 def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu():
     """MambaMIL on the GPU: mamba-ssm's kernels and the PyTorch scan give the same outputs and gradients."""
     torch.manual_seed(0)
-    model = mambamil(in_dim=64, n_outputs=2, d_model=64, d_state=8, dropout=0.0).cuda()
+    model = create_model("mambamil", in_dim=64, n_outputs=2, d_model=64, d_state=8, dropout=0.0).cuda()
     x = torch.randn(1, 500, 64, device="cuda")
     results = {}
     for backend in ("torch", "cuda"):

@@ -11,9 +11,10 @@ import pytest
 from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
-from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.evaluation.plots import FIGSIZE, PLOTS, PlotData
-from pathmil.evaluation.summary import load_task, pool_test
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
+from pathmil.evaluation.summary import pool_test
+from pathmil.training.run import load_run
 
 TINY = ["--set", "epochs=3", "--set", "min_epochs=1", "--set", "model.hidden=16", "--no-progress"]
 CASES = {  # name: (task, target columns, extra settings)
@@ -75,7 +76,7 @@ def test_every_plot_is_written_listed_sized_and_not_blank(evaluated):
 
 def test_titles_state_the_metric_with_its_interval_and_axes_are_labelled(evaluated):
     _, out, runs = evaluated
-    task, _ = load_task(runs[0])
+    task = load_run(runs[0]).task
     predictions = pd.concat(
         [pd.read_csv(r / "predictions.csv", dtype={"slide_id": str, "patient_id": str}) for r in runs]
     )

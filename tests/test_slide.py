@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 
 from pathmil.cli import main
-from pathmil.config import TileConfig, TissueConfig
 from pathmil.errors import SlideError
 from pathmil.slide.reader import Slide, mpp_from_properties
-from pathmil.slide.tile import tile_slide
+from pathmil.slide.tile import TileConfig, tile_slide
 from pathmil.slide.tilefile import read_tiles
 from pathmil.slide.tiling import grid_positions, tile_grid
-from pathmil.slide.tissue import TissueMask, segment_tissue
+from pathmil.slide.tissue import TissueConfig, TissueMask, segment_tissue
 
 
 def saturation(rgb: np.ndarray) -> float:

@@ -443,13 +443,11 @@ def test_unknown_class_and_unknown_settings():
     task.fit(pd.DataFrame({"label": ["a", "b"]}))
     with pytest.raises(PathmilError, match=r"slide s9: class 'c' .* not among the training classes"):
         task.targets(pd.DataFrame({"slide_id": ["s9"], "label": ["c"]}))
-    with pytest.raises(
-        PathmilError, match=r"unknown setting task\.n_bin for the survival task; allowed: alpha"
-    ):
+    with pytest.raises(PathmilError, match=r"unknown setting task_options\.n_bin; allowed: alpha, eps, loss"):
         create_task("survival", n_bin=4)
     with pytest.raises(PathmilError, match="unknown task 'segmentation'"):
         create_task("segmentation")
-    with pytest.raises(PathmilError, match=r"task\.loss for survival must be one of nll, cox"):
+    with pytest.raises(PathmilError, match=r"setting task_options\.loss: Input should be 'nll' or 'cox'"):
         create_task("survival", loss="ce")
 
 

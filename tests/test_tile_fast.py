@@ -11,10 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pathmil.config import TileConfig
 from pathmil.slide.qc import TILE_RGB, _paint_tiles, write_png
 from pathmil.slide.reader import Slide
-from pathmil.slide.tile import compute_tiles, tile_slide
+from pathmil.slide.tile import TileConfig, compute_tiles, tile_slide
 from pathmil.slide.tilefile import read_tiles
 from pathmil.slide.tiling import tile_grid
 from pathmil.slide.tissue import median_threshold, segment_tissue

@@ -16,9 +16,25 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
+
+
+class SplitConfig(Settings):
+    """Patient-level cross-validation: K folds, each with a validation part for early stopping."""
+
+    section = "split"
+    folds: int = Field(5, ge=2, description="patient-level folds")
+    val_frac: float = Field(
+        0.15, ge=0, lt=1, description="share of each fold's training patients kept for early stopping"
+    )
+    test_frac: float | None = Field(
+        None, gt=0, lt=1, description="hold out a fixed test set of this share (folds then rotate validation)"
+    )
+    seed: int = Field(0, description="seed of the fold assignment")
 
 
 def _usable_strata(strata: np.ndarray, n_splits: int) -> np.ndarray:

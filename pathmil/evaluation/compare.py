@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +43,22 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
 from pathmil.evaluation import calibration
-from pathmil.evaluation.bootstrap import bootstrap_distribution, iqm, iqm_interval, percentile_interval
-from pathmil.evaluation.summary import drop_incomparable_curves, label_frame, load_task, pool_test
+from pathmil.evaluation.bootstrap import (
+    bootstrap_distribution,
+    iqm,
+    iqm_interval,
+    percentile_interval,
+)
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
+from pathmil.evaluation.summary import drop_incomparable_curves, label_frame, pool_test
 from pathmil.evaluation.summary import read_run as read_predictions
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
 from pathmil.tasks.metrics import class_indices
+from pathmil.training.run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +114,8 @@ def find_runs(paths: list[str | os.PathLike]) -> list[Path]:
 
 def read_run(path: Path) -> Run:
     """A run's fitted task, labels (from its checkpoint's config and metrics.json) and predictions."""
-    task, config = load_task(path)
+    loaded = load_run(path, with_model=False)
+    task, config = loaded.task, loaded.config
     info = json.loads((path / "metrics.json").read_text())
     features = info.get("features") or {}
     encoder = features.get("encoder")
@@ -118,8 +125,8 @@ def read_run(path: Path) -> Run:
         path=path,
         task=task,
         encoder=encoder,
-        aggregator=str(config.get("aggregator")),
-        seed=int(config.get("seed", 0)),
+        aggregator=config.aggregator,
+        seed=config.seed,
         fold=int(info["fold"]),
         predictions=read_predictions(path),
     )
@@ -486,7 +493,7 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     return {
         "task": task.name,
         "main_metric": task.main_metric,
-        "evaluate": asdict(config),
+        "evaluate": config.to_dict(),
         "n_patients": len(patients.rows),
         "horizon": horizon,
         "configurations": rows,

@@ -31,20 +31,52 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field, field_validator
 from scipy import stats
 
-from pathmil.config import HeatmapConfig
 from pathmil.errors import PathmilError
+from pathmil.evaluation.predict import check_bag, forward
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
 from pathmil.fileio import atomic_output
+from pathmil.settings import Settings
 from pathmil.slide.qc import write_png
 from pathmil.slide.reader import Slide, resize
+from pathmil.training.run import TrainedRun, load_run
+
+
+class HeatmapConfig(Settings):
+    """How ``pathmil heatmap`` paints instance scores over a slide and picks tiles for the montage."""
+
+    section = "heatmap"
+    max_px: int = Field(
+        2048, ge=64, description="longest side of the thumbnail (and of the overlay) in pixels"
+    )
+    smooth: float = Field(
+        0.0, ge=0, description="Gaussian smoothing of the painted scores, sigma in tiles; 0: off"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="opacity of the colours over the tissue")
+    cmap: str = Field("turbo", description="matplotlib colour map of the percentiles (low -> high)")
+    top_k: int = Field(
+        8, ge=1, description="tiles with the highest and with the lowest scores in the montage"
+    )
+    montage_px: int = Field(192, ge=16, description="side of each montage tile in pixels")
+    device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the model runs")
+
+    @field_validator("cmap")
+    @classmethod
+    def _known_cmap(cls, name: str) -> str:
+        import matplotlib
+
+        if name not in matplotlib.colormaps:
+            raise ValueError(f"unknown colour map '{name}'; try turbo, viridis or jet")
+        return name
+
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +453,16 @@ class Heatmap:
     level0_size: tuple[int, int]
 
 
-def instance_scores(loaded: Any, bag: Bag, source: str | os.PathLike = "bag") -> tuple[np.ndarray, float]:
-    """(instance scores, slide score) of one bag under a :class:`~pathmil.evaluation.predict.LoadedModel`.
+def instance_scores(
+    loaded: TrainedRun, bag: Bag, source: str | os.PathLike = "bag"
+) -> tuple[np.ndarray, float]:
+    """(instance scores, slide score) of one bag under a trained run (:func:`pathmil.training.run.load_run`).
 
     The features are rounded to float16 as for training and prediction, so the slide score is the one
     ``pathmil predict`` gives this bag.
     """
     features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).half().float()
-    output = loaded.forward(features)
+    output = forward(loaded, features)
     scores = output.instance_scores.float().cpu().numpy().reshape(-1)
     if len(scores) != bag.n_instances:
         raise PathmilError(
@@ -458,10 +492,7 @@ def make_heatmap(
 
     Returns facts: slide id, tiles, the slide score, seconds per step.
     """
-    from pathmil.evaluation.predict import load_model
-
     config = config or HeatmapConfig()
-    config.validate()
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
 
@@ -471,9 +502,9 @@ def make_heatmap(
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    loaded = load_model(checkpoint, expected_task, config.device)
+    loaded = load_run(checkpoint, config.device, expected_task)
     bag = read_bag(features)
-    loaded.check_bag(features, bag.dim, bag.attrs)
+    check_bag(loaded, features, bag.dim, bag.attrs)
     lap("load")
     with Slide(slide_path, mpp=mpp) as slide:
         layout = tile_layout(bag, slide, features)

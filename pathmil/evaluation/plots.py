@@ -31,8 +31,8 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.evaluation.bootstrap import bootstrap_distribution, percentile_interval
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key

@@ -12,30 +12,20 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
 from pathmil.evaluation.bootstrap import iqm, percentile_interval, stratified_resamples
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models.checkpoint import load_checkpoint
-from pathmil.tasks import Task, create_task
+from pathmil.tasks import Task
+from pathmil.training.run import load_run
 
 ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
-
-
-def load_task(run_dir: str | os.PathLike) -> tuple[Task, dict[str, Any]]:
-    """The fitted task of a run, rebuilt from its best checkpoint, and the run's config."""
-    checkpoint = load_checkpoint(Path(run_dir) / "best.pt")
-    config = checkpoint["config"]
-    task = create_task(config["task"], target=config.get("target"), **config.get("task_options", {}))
-    task.load_state_dict(checkpoint["task"])
-    return task, config
 
 
 def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -110,16 +100,15 @@ def evaluate_runs(
     config = config or EvaluateConfig()
     if not run_dirs:
         raise PathmilError("no runs given to evaluate")
-    task, run_config = load_task(run_dirs[0])
+    first = load_run(run_dirs[0], with_model=False)
+    task, run_config = first.task, first.config
     predictions, fold_tasks = [], {}
     for run in run_dirs:
-        run_task, other_config = load_task(run)
-        if (other_config["task"], other_config.get("aggregator")) != (
-            run_config["task"],
-            run_config.get("aggregator"),
-        ):
+        loaded = load_run(run, with_model=False)
+        run_task, other_config = loaded.task, loaded.config
+        if (other_config.task, other_config.aggregator) != (run_config.task, run_config.aggregator):
             raise PathmilError(
-                f"run {run} is a {other_config['task']}/{other_config.get('aggregator')} run; "
+                f"run {run} is a {other_config.task}/{other_config.aggregator} run; "
                 f"evaluate runs of one task and aggregator together"
             )
         rows = read_run(run)
@@ -155,11 +144,11 @@ def evaluate_runs(
     summary = pd.DataFrame(summary_rows)
     result = {
         "task": task.name,
-        "aggregator": run_config.get("aggregator"),
+        "aggregator": run_config.aggregator,
         "main_metric": task.main_metric,
         "runs": [str(r) for r in run_dirs],
         "n_test_bags": len(pooled_test),
-        "evaluate": asdict(config),
+        "evaluate": config.to_dict(),
         "pooled": pooled,
         "ci": ci,
         "per_fold": per_fold.to_dict("records"),

@@ -23,8 +23,7 @@ import numpy as np
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.fileio import atomic_hdf5, load_tensors_safely
-from pathmil.slide.tilefile import plain_attr
+from pathmil.fileio import atomic_hdf5, load_tensors_safely, plain_attr
 
 LAYOUTS = ("pathmil", "trident", "clam", "clam_pt", "stamp")
 

@@ -22,16 +22,43 @@ through a straight-through factor ``1 + s - stopgrad(s)`` on each sorted token (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from pathmil.config import MambaMILConfig, from_dict
 from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel, MILOutput, masked_softmax
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class MambaMILConfig(Settings):
+    """MambaMIL's settings (Yang et al., MICCAI 2024): the ``model`` section for ``--aggregator mambamil``.
+
+    The defaults are the paper's; the authors' scripts use ``sr_rate: 5``.
+    """
+
+    section = "model"
+    d_model: int = Field(512, ge=1, description="width after the input projection")
+    n_layers: int = Field(2, ge=1, description="Mamba layers, each h <- h + block(LayerNorm(h))")
+    d_state: int = Field(16, ge=1, description="state size per channel of the selective scan")
+    d_conv: int = Field(4, ge=1, description="width of the causal depthwise convolution")
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the input projection")
+    variant: Literal["sr", "plain", "bi"] = Field(
+        "sr", description="sr (SR-Mamba), plain (Mamba) or bi (bidirectional Mamba)"
+    )
+    sr_rate: int = Field(10, ge=1, description="SR-Mamba's reordering stride R")
+    token_reorder: bool = Field(
+        False, description="sort instances by a learned importance score first (Vo et al., ICLR 2025)"
+    )
+    attn_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
+    backend: Literal["auto", "torch", "cuda"] = Field(
+        "auto", description="selective scan: auto (mamba-ssm kernels on a GPU if installed), torch or cuda"
+    )
 
 
 class MambaMIL(MILModel):
@@ -40,7 +67,6 @@ class MambaMIL(MILModel):
     def __init__(self, in_dim: int, n_outputs: int, config: MambaMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
         config = config or MambaMILConfig()
-        config.validate()
         self.config = config
         width = config.d_model
         self._fc1 = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Dropout(config.dropout))
@@ -116,7 +142,7 @@ def _make_block(config: MambaMILConfig) -> Mamba:
     return Mamba(config.d_model, **kwargs)
 
 
-@register_model("mambamil")
-def mambamil(in_dim: int, n_outputs: int, **settings: Any) -> MambaMIL:
-    """MambaMIL with the settings of the ``model`` config section (:class:`~pathmil.config.MambaMILConfig`)."""
-    return MambaMIL(in_dim, n_outputs, from_dict(MambaMILConfig, settings, where="model"))
+@register_model("mambamil", settings=MambaMILConfig)
+def mambamil(in_dim: int, n_outputs: int, settings: MambaMILConfig) -> MambaMIL:
+    """MambaMIL with the settings of the ``model`` config section (:class:`MambaMILConfig`)."""
+    return MambaMIL(in_dim, n_outputs, settings)

@@ -28,10 +28,23 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pathmil.models.base import MILModel, MILOutput
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class TransMILConfig(Settings):
+    """TransMIL's settings (the ``model`` section of ``--aggregator transmil``; Shao et al., NeurIPS 2021)."""
+
+    section = "model"
+    hidden: int = Field(512, ge=1, description="token width after the input projection")
+    heads: int = Field(8, ge=1, description="attention heads of each TransLayer")
+    landmarks: int = Field(256, ge=1, description="Nystrom landmarks of each TransLayer")
+    pinv_iterations: int = Field(6, ge=1, description="iterations of the Moore-Penrose pseudo-inverse")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the attention output")
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -141,24 +154,16 @@ class TransMIL(MILModel):
     teacher keeps and aggregates them with recycled tokens appended.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_outputs: int,
-        hidden: int = 512,
-        heads: int = 8,
-        landmarks: int = 256,
-        pinv_iterations: int = 6,
-        dropout: float = 0.1,
-    ):
+    def __init__(self, in_dim: int, n_outputs: int, config: TransMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
-        self.layer1 = TransLayer(hidden, heads, landmarks, pinv_iterations, dropout)
-        self.ppeg = PPEG(hidden)
-        self.layer2 = TransLayer(hidden, heads, landmarks, pinv_iterations, dropout)
-        self.norm = nn.LayerNorm(hidden)
-        self.classifier = nn.Linear(hidden, n_outputs)
+        c = config or TransMILConfig()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c.hidden))
+        self.layer1 = TransLayer(c.hidden, c.heads, c.landmarks, c.pinv_iterations, c.dropout)
+        self.ppeg = PPEG(c.hidden)
+        self.layer2 = TransLayer(c.hidden, c.heads, c.landmarks, c.pinv_iterations, c.dropout)
+        self.norm = nn.LayerNorm(c.hidden)
+        self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Instance embeddings (B, N, hidden)."""
@@ -204,6 +209,6 @@ class TransMIL(MILModel):
         )
 
 
-@register_model("transmil")
-def transmil(in_dim: int, n_outputs: int, **settings) -> TransMIL:
-    return TransMIL(in_dim, n_outputs, **settings)
+@register_model("transmil", settings=TransMILConfig)
+def transmil(in_dim: int, n_outputs: int, settings: TransMILConfig) -> TransMIL:
+    return TransMIL(in_dim, n_outputs, settings)

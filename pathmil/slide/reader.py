@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from pathmil.errors import SlideError
+from pathmil.ids import SLIDE_EXTENSIONS, slide_id_from_path  # noqa: F401 (re-exported)
 
 # A level-0 resolution outside this range is a placeholder, not a measurement: generic TIFF writers put
 # 72 dpi (352.8 um/px) into files that carry no resolution at all.
@@ -235,30 +236,3 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
         return image
     shrinking = image.shape[0] > size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-
-
-def slide_id_from_path(path: str | os.PathLike) -> str:
-    """A slide id from a file name: the name without its extension (``a/TCGA-01.svs`` -> ``TCGA-01``)."""
-    name = Path(path).name
-    for ext in SLIDE_EXTENSIONS:
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(path).stem
-
-
-# Extensions OpenSlide 4 reads (https://openslide.org/formats/); DICOM slides are folders of .dcm files.
-SLIDE_EXTENSIONS = (
-    ".ome.tiff",
-    ".ome.tif",
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".svslide",
-    ".bif",
-    ".dcm",
-)

@@ -10,22 +10,56 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from pathmil import __version__
-from pathmil.config import TileConfig
-from pathmil.errors import PathmilError, SlideError
+from pathmil.batch import run_batch
+from pathmil.errors import SlideError
 from pathmil.fileio import atomic_output, write_json
+from pathmil.settings import Settings, partial
 from pathmil.slide.qc import draw_qc, write_png
 from pathmil.slide.reader import Slide
 from pathmil.slide.tilefile import TileSet, write_tiles
 from pathmil.slide.tiling import tile_grid
-from pathmil.slide.tissue import segment_tissue
+from pathmil.slide.tissue import TISSUE_PRESETS, TissueConfig, segment_tissue
 
 if TYPE_CHECKING:  # pandas is imported where a table is used: it would double `pathmil tile SLIDE`'s start-up
     import pandas as pd
+
+
+TissueOverrides = partial(TissueConfig, "TissueOverrides")
+
+
+class TileConfig(Settings):
+    """How a slide becomes a grid of tiles: a physical tile size and a tissue filter."""
+
+    section = "tile"
+    target_mpp: float = Field(0.5, gt=0, description="tile resolution in um/px")
+    tile_px: int = Field(256, ge=8, description="tile side in pixels at target_mpp")
+    overlap: float = Field(
+        0.0, ge=0, lt=1, description="fraction of a tile shared with its neighbour, [0, 1)"
+    )
+    min_tissue: float = Field(
+        0.25, ge=0, le=1, description="keep tiles whose tissue fraction is at least this"
+    )
+    preset: Literal["tcga", "bwh_biopsy", "bwh_resection"] = Field(
+        "tcga", description="CLAM's tissue segmentation preset"
+    )
+    tissue: TissueOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TissueOverrides, description="overrides of the preset's parameters (CLAM's names)"
+    )
+    default_mpp: float | None = Field(
+        None, gt=0, description="um/px for slides whose metadata and cohort table give none"
+    )
+    qc_max_px: int = Field(2048, ge=64, description="longest side of the QC picture in pixels")
+
+    def tissue_params(self) -> TissueConfig:
+        """The preset's segmentation parameters with this config's overrides applied."""
+        overrides = self.tissue.model_dump(exclude_none=True)
+        return TissueConfig.build({**TISSUE_PRESETS[self.preset].model_dump(), **overrides}, "tile.tissue")
 
 
 @dataclass
@@ -42,7 +76,6 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
 
     The QC picture is drawn only with ``qc``: without a picture to write, drawing it is wasted time.
     """
-    config.validate()
     params = config.tissue_params()
     warnings: list[str] = []
     timings: dict[str, float] = {}
@@ -75,6 +108,18 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
     if slide.mpp_source != "metadata":
         warnings.append(f"no mpp in the slide's metadata: used {slide.mpp} um/px from the {slide.mpp_source}")
 
+    # what is known about the slide and its grid, written once: the HDF5 attributes and the facts JSON
+    # are both made from it
+    record = {
+        "slide_id": slide.slide_id,
+        "slide_path": str(slide.path),
+        "tile_px": config.tile_px,
+        "target_mpp": config.target_mpp,
+        "slide_mpp": slide.mpp,
+        "mpp_source": slide.mpp_source,
+        "min_tissue": config.min_tissue,
+        "preset": config.preset,
+    }
     coords_attrs = {
         "patch_size": geometry.read_px,
         "patch_level": geometry.level,
@@ -89,31 +134,18 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
         "slide_mpp": slide.mpp,
         "name": slide.slide_id,
     }
-    attrs = {
-        "pathmil_version": __version__,
-        "slide_id": slide.slide_id,
-        "slide_path": str(slide.path),
-        "tile_px": config.tile_px,
-        "target_mpp": config.target_mpp,
-        "slide_mpp": slide.mpp,
-        "mpp_source": slide.mpp_source,
-        "min_tissue": config.min_tissue,
-        "preset": config.preset,
-    }
+    attrs = {"pathmil_version": __version__, **record}
     tiles = TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fractions)
     qc_image = (
         draw_qc(thumbnail, tissue, coords, geometry.size_level0, step0, config.qc_max_px) if qc else None
     )
     timings["total"] = time.perf_counter() - start
     facts = {
-        "slide_id": slide.slide_id,
-        "path": str(slide.path),
+        **record,
+        "path": record["slide_path"],
+        "mpp": record["slide_mpp"],
         "status": "ok",
         "n_tiles": len(coords),
-        "mpp": slide.mpp,
-        "mpp_source": slide.mpp_source,
-        "target_mpp": config.target_mpp,
-        "tile_px": config.tile_px,
         "read_level": geometry.level,
         "read_px": geometry.read_px,
         "tile_size_level0": geometry.size_level0,
@@ -171,47 +203,22 @@ def tile_cohort(
     ``out_dir/failures.csv``) is always written, empty when all succeeded. Returns the facts of each slide.
     """
     import pandas as pd
-    from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    failures_path = Path(failures) if failures else out_dir / "failures.csv"
-    records, failed = [], []
-    for row in tqdm(list(slides.itertuples(index=False)), desc="tile", unit="slide", disable=not progress):
+
+    def work(row: Any) -> dict[str, Any]:
         table_mpp = getattr(row, "mpp", None)
         use_table = table_mpp is not None and not pd.isna(table_mpp)
-        try:
-            facts = tile_slide(
-                row.path,
-                out_dir / f"{row.slide_id}.h5",
-                config,
-                qc=Path(qc_dir) / f"{row.slide_id}.png" if qc_dir else None,
-                slide_id=row.slide_id,
-                mpp=float(table_mpp) if use_table else default_mpp,
-                mpp_source="table" if use_table else "argument",
-            )
-            records.append(facts)
-        except PathmilError as err:
-            if not skip_errors:
-                raise
-            failed.append({"slide_id": row.slide_id, "path": row.path, "stage": "tile", "error": str(err)})
-    write_failures(failures_path, failed)
+        return tile_slide(
+            row.path,
+            out_dir / f"{row.slide_id}.h5",
+            config,
+            qc=Path(qc_dir) / f"{row.slide_id}.png" if qc_dir else None,
+            slide_id=row.slide_id,
+            mpp=float(table_mpp) if use_table else default_mpp,
+            mpp_source="table" if use_table else "argument",
+        )
+
+    failures_path = Path(failures) if failures else out_dir / "failures.csv"
+    records = run_batch(slides.itertuples(index=False), work, "tile", failures_path, skip_errors, progress)
     return pd.DataFrame(records)
-
-
-def record_failure(
-    facts_path: str | os.PathLike, slide_id: str, path: str | os.PathLike, stage: str, error: Exception
-) -> None:
-    """Write a facts JSON with status 'failed', so a workflow can go on and collect the failure later."""
-    write_json(
-        facts_path,
-        {"slide_id": slide_id, "path": str(path), "status": "failed", "stage": stage, "error": str(error)},
-    )
-
-
-def write_failures(path: str | os.PathLike, failed: list[dict[str, str]]) -> None:
-    """Write the failures table (slide_id, path, stage, error), atomically."""
-    import pandas as pd
-
-    table = pd.DataFrame(failed, columns=["slide_id", "path", "stage", "error"])
-    with atomic_output(path) as tmp:
-        table.to_csv(tmp, index=False)

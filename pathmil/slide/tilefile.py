@@ -19,7 +19,7 @@ import numpy as np
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.fileio import atomic_hdf5
+from pathmil.fileio import atomic_hdf5, plain_attr
 
 
 @dataclass
@@ -78,12 +78,3 @@ def read_tiles(path: str | os.PathLike) -> TileSet:
         raise PathmilError(f"tiles file {path}: 'coords' lacks the patch_size/patch_level attributes")
     coords_attrs.setdefault("tile_px", coords_attrs["patch_size"])
     return TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fraction)
-
-
-def plain_attr(value: Any) -> Any:
-    """HDF5 attribute values as plain Python (numpy scalars and bytes become int/float/str)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -14,10 +14,46 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from pathmil.config import TissueConfig
+from pathmil.settings import Settings
 
 REFERENCE_PATCH_LEVEL0 = 512
+
+
+class TissueConfig(Settings):
+    """Tissue segmentation parameters, with CLAM's names (Lu et al., Nat. Biomed. Eng. 2021).
+
+    Areas ``a_t`` and ``a_h`` count reference patches of 512 x 512 level-0 pixels, as CLAM does.
+    """
+
+    section = "tile.tissue"
+    sthresh: int = Field(8, ge=0, le=255, description="saturation threshold (0-255) when Otsu is off")
+    sthresh_up: int = Field(255, ge=1, le=255, description="value written for tissue in the binary mask")
+    mthresh: int = Field(7, ge=1, description="median blur kernel size (odd)")
+    close: int = Field(
+        4, ge=0, description="side of the square closing kernel, in segmentation-level pixels; 0: off"
+    )
+    use_otsu: bool = Field(False, description="Otsu's threshold on the blurred saturation instead of sthresh")
+    a_t: float = Field(
+        16, ge=0, description="minimum tissue area (minus holes) of a kept piece, in reference patches"
+    )
+    a_h: float = Field(4, ge=0, description="minimum area of a kept hole, in reference patches")
+    max_n_holes: int = Field(8, ge=0, description="keep at most this many (largest) holes per tissue piece")
+    seg_downsample: float = Field(
+        64, gt=0, description="segment at the pyramid level closest to this downsample"
+    )
+    remove_artifacts: bool = Field(
+        False, description="drop pen marks (blue, green, black ink) and black borders"
+    )
+
+
+# CLAM's presets, under CLAM's names, for users who carry their settings over.
+TISSUE_PRESETS: dict[str, TissueConfig] = {
+    "tcga": TissueConfig(sthresh=8, mthresh=7, close=4, a_t=16, a_h=4, max_n_holes=8),
+    "bwh_biopsy": TissueConfig(sthresh=15, mthresh=11, close=2, a_t=1, a_h=1, max_n_holes=2),
+    "bwh_resection": TissueConfig(sthresh=15, mthresh=11, close=4, a_t=100, a_h=16, max_n_holes=8),
+}
 
 
 @dataclass

@@ -9,15 +9,17 @@ class of that list and, in a binary problem, the positive class is the second on
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat
 from sklearn.utils.class_weight import compute_class_weight
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
 from pathmil.tasks.base import Task, bag_ids, full_precision
 from pathmil.tasks.metrics import classification_metrics, multiclass_auc
 
@@ -57,15 +59,17 @@ class ClassificationTask(Task):
     main_metric = "auc"
     default_columns = ("label",)
 
-    def __init__(self, target: str | list[str] | None = None, class_weights: str | list[float] | None = None):
-        super().__init__(target)
-        if isinstance(class_weights, str) and class_weights != "balanced":
-            raise PathmilError(
-                f"task.class_weights must be null, 'balanced' or a list, got '{class_weights}'"
-            )
-        if isinstance(class_weights, list | tuple) and not all(float(w) > 0 for w in class_weights):
-            raise PathmilError(f"task.class_weights must all be positive, got {list(class_weights)}")
-        self.class_weights = list(class_weights) if isinstance(class_weights, list | tuple) else class_weights
+    class Options(Settings):
+        """Options of the classification task."""
+
+        section = "task_options"
+        class_weights: Literal["balanced"] | list[PositiveFloat] | None = Field(
+            None, description="none (plain cross-entropy), balanced, or one positive weight per class"
+        )
+
+    def __init__(self, target: str | list[str] | None = None, **options: Any):
+        super().__init__(target, **options)
+        self.class_weights = self.options.class_weights
         self.classes: list[int | float | str] = []
         self.weights: list[float] | None = None
 
@@ -77,9 +81,6 @@ class ClassificationTask(Task):
     def n_outputs(self) -> int:
         self._require_fitted()
         return len(self.classes)
-
-    def settings(self) -> dict[str, Any]:
-        return {"class_weights": self.class_weights}
 
     # ------------------------------------------------------------------------------------- labels
 

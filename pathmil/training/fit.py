@@ -29,16 +29,16 @@ import torch
 import yaml
 
 from pathmil.cohort import read_labelled_table
-from pathmil.config import TrainConfig
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
 from pathmil.data.splits import read_splits
+from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models import MILModel, create_model
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.checkpoint import rng_state, seed_everything, set_rng_state
+from pathmil.training.run import TrainConfig, build_model
+from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -59,29 +59,6 @@ class LoopState:
     monitor: str = ""  # the validation quantity early stopping follows
     stopped: bool = False  # early stopping ended the run (a restart must not train further)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PathmilError("device 'cuda' asked for, but torch sees no CUDA GPU; use --set device=auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_model(config: TrainConfig, in_dim: int, task: Task, for_training: bool = False) -> MILModel:
-    """The aggregator named in the config, sized for the features and the task.
-
-    MHIM-MIL aggregators (``mhim_*``) wrap the student of ``config.model`` and take ``config.mhim`` and the
-    task's ``instance_saliency`` (version 2's class-aware score). ``for_training`` (a new run) loads their
-    teacher from ``mhim.teacher_init``; a model rebuilt from a checkpoint gets its weights from there.
-    """
-    settings = dict(config.model)
-    if config.aggregator.startswith("mhim_"):
-        settings |= {"mhim": config.mhim, "saliency": task.instance_saliency, "load_baseline": for_training}
-    elif config.mhim:
-        log.warning("mhim settings are ignored: aggregator '%s' is not an mhim_* one", config.aggregator)
-    return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **settings)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -146,7 +123,7 @@ def load_fold(
     targets = {s: task.targets(t.bags) for s, t in tables.items() if not t.bags.empty}
     files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    blob = json.dumps([asdict(config), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
+    blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
     first = files[0]
     attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
     feature_info = {
@@ -165,8 +142,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, task: Task, data: FoldData, out_dir: Path, progress: bool = True):
         self.config, self.task, self.data, self.out_dir, self.progress = config, task, data, out_dir, progress
-        self.device = pick_device(config.device)
-        self.model = build_model(config, data.feature_info["dim"], task, for_training=True).to(self.device)
+        self.device = resolve_device(config.device)
+        self.model = build_model(config, data.feature_info["dim"], task).to(self.device)
         optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimiser(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(data.datasets["train"]) / config.accumulation)
@@ -179,8 +156,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None  # {"model": weights, "epoch": n} of the best epoch so far
 
     def autocast(self):
-        enabled = self.device.type == "cuda" and self.config.amp
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, mil_autocast_dtype(self.device, self.config.amp))
 
     # -------------------------------------------------------------------------------- steps
 
@@ -252,7 +228,7 @@ class Trainer:
 
     def payload(self) -> dict[str, Any]:
         return {
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "task": self.task.state_dict(),
             "model": self.model.state_dict(),
             "aggregator": self.config.aggregator,
@@ -322,7 +298,8 @@ class Trainer:
     def fit(self, fold: int) -> None:
         from tqdm import tqdm
 
-        self.try_resume()
+        if not self.try_resume():
+            self.model.prepare_training()
         if self.state.stopped:
             return
         bar = tqdm(
@@ -405,7 +382,6 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics."""
-    config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -416,7 +392,7 @@ def train(
     for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
         (out_dir / name).unlink(missing_ok=True)
     with atomic_output(out_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     trainer.fit(fold)
 
     best = trainer.best

@@ -1,5 +1,5 @@
-"""Random-number state and seeding for exact, resumable runs; the checkpoint file itself is
-`pathmil.models.checkpoint` (``save_checkpoint`` and ``load_checkpoint``)."""
+"""Seeding and random-number state, for exact and resumable runs (the checkpoint file itself is
+`pathmil.models.checkpoint`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,97 @@
+"""Per-slide bookkeeping shared by the per-slide stages (tile, extract): what a failing slide leaves behind.
+
+A failing slide never stops a batch when ``skip_errors`` is on: one slide's problem (unopenable,
+unreadable, no tissue, no resolution) is a :class:`~pathmil.errors.PathmilError`, recorded with the slide,
+its path, the stage and the one-line reason, and the others go on. In batch mode the failures go to a
+table (``failures.csv``, always written, empty when none failed); for one slide (the workflow's jobs) to the
+slide's facts JSON with status ``failed``, which ``pathmil cohort --facts-dir`` gathers later. A full disk
+is no slide's fault: it stops the run (:class:`~pathmil.fileio.DiskFullError`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from pathmil.errors import PathmilError
+from pathmil.fileio import DiskFullError, atomic_output, write_json
+
+FAILURE_COLUMNS = ("slide_id", "path", "stage", "error")
+
+
+def stage_of(err: PathmilError, default: str) -> str:
+    """The stage a failure belongs to (an extraction may fail because tiling did)."""
+    return str(getattr(err, "stage", default))
+
+
+def record_failure(
+    facts_path: str | os.PathLike, slide_id: str, path: str | os.PathLike, stage: str, error: Exception
+) -> None:
+    """Write a facts JSON with status 'failed', so a workflow can go on and collect the failure later."""
+    write_json(
+        facts_path,
+        {"slide_id": slide_id, "path": str(path), "status": "failed", "stage": stage, "error": str(error)},
+    )
+
+
+def write_failures(path: str | os.PathLike, failed: list[dict[str, str]]) -> None:
+    """Write the failures table (slide_id, path, stage, error), atomically."""
+    import pandas as pd
+
+    table = pd.DataFrame(failed, columns=list(FAILURE_COLUMNS))
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def run_one(
+    work: Callable[[], dict[str, Any]],
+    stage: str,
+    slide_id: str,
+    path: str | os.PathLike,
+    facts_path: str | os.PathLike,
+    skip_errors: bool,
+) -> dict[str, Any] | None:
+    """One slide's stage; with ``skip_errors`` a slide's failure is recorded in its facts JSON (and
+    printed), and None returned instead of raising."""
+    try:
+        return work()
+    except DiskFullError:
+        raise
+    except PathmilError as err:
+        if not skip_errors:
+            raise
+        record_failure(facts_path, slide_id, path, stage_of(err, stage), err)
+        print(f"pathmil: skipped: {err}", file=sys.stderr)
+        return None
+
+
+def run_batch(
+    rows: Iterable[Any],
+    work: Callable[[Any], dict[str, Any]],
+    stage: str,
+    failures_path: str | os.PathLike,
+    skip_errors: bool,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """``work(row)`` for every row (with ``slide_id`` and ``path``) of a cohort; return the facts of those
+    that succeeded. With ``skip_errors`` failures go to the table at ``failures_path`` and the rest go on."""
+    from tqdm import tqdm
+
+    rows = list(rows)
+    records, failed = [], []
+    for row in tqdm(rows, desc=stage, unit="slide", disable=not progress):
+        try:
+            records.append(work(row))
+        except DiskFullError:
+            raise
+        except PathmilError as err:
+            if not skip_errors:
+                raise
+            failed.append(
+                {"slide_id": row.slide_id, "path": row.path, "stage": stage_of(err, stage), "error": str(err)}
+            )
+    write_failures(Path(failures_path), failed)
+    return records
