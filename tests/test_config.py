@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import pytest
 
 from pathmil.config import load_settings, parse_overrides
 from pathmil.errors import PathmilError
 from pathmil.slide.tile import TileConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_presets():
@@ -62,3 +66,94 @@ def test_parse_overrides_nested_and_typed():
     assert parse_overrides(["a.b.c=1", "a.d=[1, 2]", "e=x"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x"}
     with pytest.raises(PathmilError, match="key=value"):
         parse_overrides(["novalue"])
+
+
+# --------------------------------------------------------------------- one declaration, everything derived
+
+
+def test_committed_workflow_schema_is_the_generated_one():
+    """workflow/schemas/config.schema.yaml is made by `pathmil config --schema`; regenerate it after
+    changing a setting (the workflow validates configs against it without importing pathmil)."""
+    import yaml
+
+    from pathmil.config import workflow_schema
+
+    committed = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert committed == workflow_schema(), (
+        "run: pathmil config --schema > workflow/schemas/config.schema.yaml"
+    )
+
+
+def test_config_readme_tables_are_the_generated_ones():
+    from pathmil.config import markdown_tables, update_markdown
+
+    readme = (ROOT / "config" / "README.md").read_text()
+    tables = markdown_tables()
+    assert update_markdown(readme, tables) == readme, "run: pathmil config --markdown config/README.md"
+    for name in tables:  # every generated table is in the README
+        assert f"<!-- table {name} -->" in readme, name
+
+
+def test_sections_and_slide_id_rule_match_their_declarations():
+    import yaml
+
+    from pathmil.config import SECTIONS, run_config_class
+    from pathmil.ids import SLIDE_ID_PATTERN, SLIDE_ID_RULE
+
+    assert tuple(run_config_class().model_fields) == SECTIONS
+    cohort = yaml.safe_load((ROOT / "workflow" / "schemas" / "cohort.schema.yaml").read_text())
+    assert cohort["properties"]["slide_id"]["pattern"] == SLIDE_ID_PATTERN
+    assert cohort["properties"]["slide_id"]["description"] == SLIDE_ID_RULE
+
+
+def test_defaults_are_written_once():
+    """A default appears in its declaration only: the CLI's help derives from it, and the demo config and
+    the workflow rules never restate one (a test of the places the settings issue counted)."""
+    import re
+
+    cli = (ROOT / "pathmil" / "cli.py").read_text()
+    assert not re.search(r"help=\"[^\"]*\(default [0-9]", cli), "a --help string types a default"
+    rules = "".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    assert not re.search(r"config\[[^]]+\]\.get\(\"[a-z_]+\", [^)]", rules), "a rule falls back to a default"
+
+
+def test_every_command_builds_its_flags_from_declarations(capsys):
+    from pathmil.cli import COMMANDS, build_parser
+
+    for name in COMMANDS:
+        parser = build_parser(name)
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--help"])
+        out = capsys.readouterr().out
+        assert out.startswith("usage: pathmil"), name
+    parser = build_parser("tile")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["tile", "--help"])
+    help_text = capsys.readouterr().out
+    assert "tile resolution in um/px (default 0.5)" in help_text
+
+
+def test_pathmil_config_defaults_load_back(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pathmil.config import run_config_class
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pathmil", "config", "--defaults"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    defaults = yaml.safe_load(done.stdout)
+    config = run_config_class().build(defaults)
+    assert config.tile.target_mpp == 0.5 and config.train.lr == 2e-4 and config.extract.workers is None
+
+
+def test_a_config_file_with_an_unknown_section_or_bad_yaml_is_one_line(tmp_path):
+    (tmp_path / "typo.yaml").write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(PathmilError, match=r"unknown section 'trian'; sections: cohort, slides, tile"):
+        load_settings(TileConfig, tmp_path / "typo.yaml")
+    (tmp_path / "bad.yaml").write_text("tile:\n  tile_px: 256\n   min_tissue: 0.3\n")
+    with pytest.raises(PathmilError, match=r"bad.yaml is not valid YAML at line 3, column"):
+        load_settings(TileConfig, tmp_path / "bad.yaml")

@@ -10,18 +10,24 @@ from pathmil.tasks import create_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASE_MODELS = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor", "transmil", "mambamil"]
-
+# Every registered aggregator keeps the contract: a new one is tested here without edits.
+ALL_MODELS = list_models()
+CORE = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor", "transmil", "mambamil"]
+CORE += ["mhim_abmil", "mhim_abmil_gated", "mhim_transmil"]
 
 # The sequence models at a size that learns this toy problem in seconds (their own tests cover full size).
-SMALL = {"mambamil": {"d_model": 32, "n_layers": 1}, "transmil": {"hidden": 64}}
+SMALL = {
+    "mambamil": {"d_model": 32, "n_layers": 1},
+    "transmil": {"hidden": 64},
+    "mhim_transmil": {"hidden": 64},
+}
 
 
 def test_registry_lists_the_core_aggregators():
-    assert set(BASE_MODELS) <= set(list_models())
+    assert set(CORE) <= set(ALL_MODELS)
 
 
-@pytest.mark.parametrize("name", BASE_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_contract_and_mask(name):
     torch.manual_seed(0)
     model = create_model(name, in_dim=32, n_outputs=3).eval()
@@ -77,7 +83,7 @@ def make_problem(task_name: str, n_bags: int = 48, n: int = 30, dim: int = 16, s
 
 
 @pytest.mark.parametrize("task_name", ["classification", "survival", "regression"])
-@pytest.mark.parametrize("name", BASE_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     torch.manual_seed(0)
     bags, labels = make_problem(task_name)
@@ -85,24 +91,33 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     task.fit(labels)
     targets = task.targets(labels)
     model = create_model(name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0, **SMALL.get(name, {}))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
     def epoch_loss(train: bool) -> float:
         model.train(train)
         total = []
         for start in range(0, len(bags), 8):
-            logits = torch.cat([model(b[None]).logits for b in bags[start : start + 8]])
-            loss = task.loss(logits, targets[start : start + 8])
+            forward = model.training_forward if train else model
+            outputs = [forward(b[None]) for b in bags[start : start + 8]]
+            loss = task.loss(torch.cat([o.logits for o in outputs]), targets[start : start + 8])
+            aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+            if aux:
+                loss = loss + torch.stack(aux).mean()
             if train:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                model.after_step(1, 100)
             total.append(float(loss.detach()))
         return sum(total) / len(total)
 
-    logits = torch.cat([model(b[None]).logits for b in bags[:8]])
-    task.loss(logits, targets[:8]).backward()
-    silent = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    model.train()
+    outputs = [model.training_forward(b[None]) for b in bags[:8]]
+    loss = task.loss(torch.cat([o.logits for o in outputs]), targets[:8])
+    aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+    (loss + (torch.stack(aux).mean() if aux else 0)).backward()
+    learnable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    silent = [n for n, p in learnable if p.grad is None or not torch.any(p.grad != 0)]
     assert not silent, f"no gradient reaches {silent}"
     optimizer.zero_grad()
     with torch.no_grad():

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pathmil.slide.qc import TILE_RGB, _paint_tiles, write_png
+from pathmil.fileio import write_png
+from pathmil.slide.qc import TILE_RGB, _paint_tiles
 from pathmil.slide.reader import Slide
 from pathmil.slide.tile import TileConfig, compute_tiles, tile_slide
 from pathmil.slide.tilefile import read_tiles

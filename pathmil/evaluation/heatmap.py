@@ -43,9 +43,8 @@ from scipy import stats
 from pathmil.errors import PathmilError
 from pathmil.evaluation.predict import check_bag, forward
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
-from pathmil.fileio import atomic_output
+from pathmil.fileio import atomic_output, write_png
 from pathmil.settings import Settings
-from pathmil.slide.qc import write_png
 from pathmil.slide.reader import Slide, resize
 from pathmil.training.run import TrainedRun, load_run
 

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from pathmil import __version__
+from pathmil.batch import check_not_failure_record
 from pathmil.errors import PathmilError
 from pathmil.fileio import atomic_hdf5, load_tensors_safely, plain_attr
 
@@ -99,6 +100,7 @@ def read_bag(path: str | os.PathLike) -> Bag:
 
 def _read_h5(f: h5py.File, path: Path) -> Bag:
     attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+    check_not_failure_record(attrs, path)
     if "features" in f:
         features = _as_matrix(f["features"][:], path)
         coords, coords_attrs = _coords(f)

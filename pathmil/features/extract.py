@@ -33,7 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from pathmil.batch import run_batch
 from pathmil.device import autocast, resolve_device
-from pathmil.errors import PathmilError, SlideError
+from pathmil.errors import PathmilError, SlideError, UpstreamFailure
 from pathmil.features.bagfile import read_bag_attrs, write_bag
 from pathmil.features.encoders import (
     Encoder,
@@ -52,14 +52,6 @@ from pathmil.slide.tilefile import TileSet, read_tiles
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class UpstreamFailure(PathmilError):
-    """An earlier stage failed for this slide; ``stage`` keeps its name for the failures table."""
-
-    def __init__(self, message: str, stage: str):
-        super().__init__(message)
-        self.stage = stage
 
 
 # -------------------------------------------------------------------------------------------- settings

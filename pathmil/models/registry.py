@@ -5,12 +5,14 @@ declaring what it needs: its settings class (the ``model`` config section), and 
 wrapper such as MHIM-MIL the plain model it wraps (the workflow trains that baseline first and its
 ``best.pt`` starts the wrapper) and the further inputs it takes (``mhim`` settings, the task's instance
 saliency). The training loop and the workflow read these declarations; nothing branches on a model's name.
-Families register by plain imports of their modules (:data:`MODEL_MODULES`), on first use.
+Families register by plain imports of their modules, as timm's do: every module of this package is
+imported on first use, so a new family is one new file (``pathmil/models/NAME.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +21,6 @@ from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel
 from pathmil.settings import Settings
 
-# Modules that register models when imported (one per model family).
-MODEL_MODULES = [
-    "pathmil.models.pooling",
-    "pathmil.models.abmil",
-    "pathmil.models.instance",
-    "pathmil.models.transmil",
-    "pathmil.models.mhim",
-    "pathmil.models.mambamil",
-]
 # Inputs a model may take besides its settings (``ModelEntry.inputs``): the ``mhim`` section of a training
 # run, and the task's instance saliency function (MHIM-MIL v2's class-aware instance score).
 INPUTS = ("mhim", "saliency")
@@ -71,8 +64,12 @@ def register_model(
 
 
 def _load_all() -> None:
-    for module in MODEL_MODULES:
-        importlib.import_module(module)
+    """Import every module of pathmil.models (each family registers itself when imported)."""
+    import pathmil.models as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.ispkg and not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def list_models() -> list[str]:

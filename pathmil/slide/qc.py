@@ -7,9 +7,6 @@ few milliseconds even for 100,000 tiles.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import cv2
 import numpy as np
 
@@ -85,27 +82,3 @@ def _paint_tiles(
     cv2.copyTo(cv2.LUT(image, TINT_LUT), covered.view(np.uint8), image)
     solid = cv2.merge([np.full((height, width), value, np.uint8) for value in TILE_RGB])  # 20x np.full's
     cv2.copyTo(solid, edges.view(np.uint8), image)
-
-
-# Paeth filtering with run-length deflate at level 1: half the time of OpenCV's default (adaptive filter,
-# default strategy) on H&E thumbnails, for files 1-20 % larger.
-PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION,
-    1,
-    cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_PAETH,
-    cv2.IMWRITE_PNG_STRATEGY,
-    cv2.IMWRITE_PNG_STRATEGY_RLE,
-]
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
-    """Write an RGB array as PNG (fast compression: QC pictures are looked at, not archived).
-
-    Encoded in memory, then written with one plain write, so a full disk is an ``OSError`` with its errno
-    (libpng would only say that writing failed).
-    """
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
-    if not ok:
-        raise ValueError(f"could not encode a {rgb.shape} picture as PNG for {path}")
-    Path(path).write_bytes(data.tobytes())

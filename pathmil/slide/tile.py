@@ -18,9 +18,9 @@ from pydantic import Field
 from pathmil import __version__
 from pathmil.batch import run_batch
 from pathmil.errors import SlideError
-from pathmil.fileio import atomic_output, write_json
+from pathmil.fileio import atomic_output, write_json, write_png
 from pathmil.settings import Settings, partial
-from pathmil.slide.qc import draw_qc, write_png
+from pathmil.slide.qc import draw_qc
 from pathmil.slide.reader import Slide
 from pathmil.slide.tilefile import TileSet, write_tiles
 from pathmil.slide.tiling import tile_grid

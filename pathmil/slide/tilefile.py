@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from pathmil import __version__
+from pathmil.batch import check_not_failure_record
 from pathmil.errors import PathmilError
 from pathmil.fileio import atomic_hdf5, plain_attr
 
@@ -66,9 +67,10 @@ def read_tiles(path: str | os.PathLike) -> TileSet:
         raise PathmilError(f"tiles file {path} does not exist; run `pathmil tile` for this slide first")
     try:
         with h5py.File(path, "r") as f:
+            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+            check_not_failure_record(attrs, path)
             coords = f["coords"][:]
             coords_attrs = {k: plain_attr(v) for k, v in f["coords"].attrs.items()}
-            attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
             fraction = f["tissue_fraction"][:] if "tissue_fraction" in f else None
     except (OSError, KeyError) as err:
         raise PathmilError(

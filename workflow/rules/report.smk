@@ -20,12 +20,8 @@ rule summary:
         f"{OUT}/logs/summary.log",
     conda:
         ENV
-    threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 10 * attempt,
     params:
-        evals=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.evals),
+        evals=lambda wildcards, input: [os.path.dirname(p) for p in input.evals],
     shell:
-        "(pathmil summary --evals {params.evals} --out {output.summary} "
-        "&& cp {input.failures} {output.failures}) > {log} 2>&1"
+        "(pathmil summary --evals {params.evals:q} --out {output.summary:q} "
+        "&& cp {input.failures:q} {output.failures:q}) > {log:q} 2>&1"

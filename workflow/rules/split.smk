@@ -4,22 +4,15 @@
 rule split:
     input:
         table=f"{OUT}/cohort_ok.csv",
+        settings=SETTINGS_FILES["split"],
     output:
         splits=f"{OUT}/splits/{{task}}.csv",
     log:
         f"{OUT}/logs/split/{{task}}.log",
     conda:
         ENV
-    threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 10 * attempt,
     params:
-        target=lambda wildcards: " ".join(
-            config["tasks"][wildcards.task].get("target") or []
-        ),
-        settings=set_args(config.get("split")),
+        target=lambda wildcards: label_columns(wildcards.task),
     shell:
-        "pathmil split --cohort {input.table} --task {wildcards.task} "
-        "$([ -n '{params.target}' ] && echo --target {params.target}) {params.settings} "
-        "--out {output.splits} > {log} 2>&1"
+        "pathmil split --cohort {input.table:q} --task {wildcards.task} --target {params.target:q} "
+        "--config {input.settings:q} --out {output.splits:q} > {log:q} 2>&1"
