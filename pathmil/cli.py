@@ -59,6 +59,12 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--failures", type=Path, help="batch mode: failures CSV (default OUT_DIR/failures.csv)")
 
 
+def _report_batch(args: argparse.Namespace, summary: str, n_done: int, n_slides: int) -> None:
+    print(summary)
+    if n_done < n_slides:
+        print(f"{n_slides - n_done} slide(s) failed: see {args.failures or args.out_dir / 'failures.csv'}")
+
+
 def _one_slide_id(args: argparse.Namespace) -> str:
     """The slide id of a one-slide command: ``--slide-id``, else the file name (both checked)."""
     from pathmil.ids import check_slide_id, slide_id_from_path

@@ -41,14 +41,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
         )
     if "slide_id" in table.columns:
         table["slide_id"] = table["slide_id"].astype(str).str.strip()
-        for slide_id in table["slide_id"]:
-            check_slide_id(slide_id, f"cohort table {path}")
-        duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
-        if len(duplicated):
-            raise PathmilError(
-                f"cohort table {path}: duplicate slide_id {', '.join(duplicated[:5])}; "
-                "every slide needs a unique id"
-            )
+        check_slide_ids(table, f"cohort table {path}")
     if "patient_id" in table.columns:
         table["patient_id"] = table["patient_id"].str.strip()
     if "path" in table.columns:
@@ -90,14 +83,24 @@ def cohort_from_dir(directory: str | os.PathLike) -> pd.DataFrame:
             f"slide directory {directory} holds no slide files ({', '.join(SLIDE_EXTENSIONS)})"
         )
     table = pd.DataFrame(rows)
+    check_slide_ids(table, f"slide directory {directory}")
+    return table
+
+
+def check_slide_ids(table: pd.DataFrame, where: str) -> None:
+    """Every slide id is a plain file name (:func:`pathmil.ids.check_slide_id`) and unique.
+
+    Raises:
+        PathmilError: naming ``where`` and the first id at fault.
+    """
     for slide_id in table["slide_id"]:
-        check_slide_id(slide_id, f"slide directory {directory}")
+        check_slide_id(slide_id, where)
     duplicated = table["slide_id"][table["slide_id"].duplicated()].unique()
     if len(duplicated):
         raise PathmilError(
-            f"slide directory {directory}: two files give slide id {duplicated[0]}; rename one"
+            f"{where}: slide id {', '.join(duplicated[:5])} appears twice; every slide needs a unique id "
+            "(rename one)"
         )
-    return table
 
 
 def _dicom_series(files: list[Path]) -> list[dict[str, str]]:

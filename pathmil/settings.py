@@ -80,7 +80,7 @@ def _field_at(cls: type[BaseModel], loc: list[str]) -> Any:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        model = _model_in(field.annotation)
+        model = settings_class_in(field.annotation)
     return field
 
 
@@ -91,16 +91,16 @@ def _fields_at(cls: type[BaseModel], loc: list[str]) -> list[str]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
-        model = _model_in(field.annotation)
+        model = settings_class_in(field.annotation)
     return list(getattr(model, "model_fields", {}))
 
 
-def _model_in(annotation: Any) -> Any:
-    """The settings class inside an annotation such as ``TissueConfig | None``."""
+def settings_class_in(annotation: Any) -> Any:
+    """The settings class inside an annotation such as ``TissueConfig | None`` (None if there is none)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
+        found = settings_class_in(arg)
         if found is not None:
             return found
     return None

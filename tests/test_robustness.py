@@ -235,3 +235,31 @@ def test_train_on_a_full_disk_is_one_line(small_disk, tmp_path):
     )  # fmt: skip
     assert_disk_full_line(done, folder)
     assert not (folder / "run" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------- names and half runs
+
+
+@pytest.mark.parametrize("slide_id", ["../escaped", "a/b", "..", "tab\there", "{wild}"])
+def test_slide_ids_that_are_not_plain_file_names_are_refused(tmp_path, one_slide, slide_id):
+    table = tmp_path / "cohort.csv"
+    table.write_text(f'slide_id,path\n"{slide_id}",{one_slide["slide"]}\n')
+    out = tmp_path / "deep" / "tiles"
+    done = pathmil_cli("tile", "--cohort", str(table), "--out-dir", str(out), "--preset", "bwh_biopsy")
+    assert done.returncode == 1 and "is not allowed; a slide id must be a plain file name" in done.stderr
+    assert not any(tmp_path.rglob("*.h5")), "something was written"
+    done = pathmil_cli("tile", str(one_slide["slide"]), f"--slide-id={slide_id}", "--out", str(out / "x.h5"))
+    assert done.returncode == 1 and "is not allowed" in done.stderr
+
+
+def test_a_run_folder_without_metrics_is_not_a_finished_run(tmp_path):
+    from pathmil.training.run import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")  # what a killed first epoch can leave beside config.yaml
+    (run / "config.yaml").write_text("task: classification\n")
+    with pytest.raises(PathmilError, match=r"run .* is not finished \(no metrics.json\)"):
+        load_run(run)
+    done = pathmil_cli("evaluate", "--runs", str(run), "--out", str(tmp_path / "eval"))
+    assert done.returncode == 1 and "is not finished" in done.stderr

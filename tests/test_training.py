@@ -105,7 +105,7 @@ def bad_table(tmp_path: Path, table: Path, edit) -> Path:
         (lambda f: f.assign(label=f["label"].where(f.index != 3)), "has no value in column 'label'"),
         (
             lambda f: f.assign(slide_id=f["slide_id"].where(f.index != 4, f["slide_id"][0])),
-            "duplicate slide_id S000",
+            "slide id S000 appears twice",
         ),
         (lambda f: f.drop(columns="patient_id"), "lacks column(s) patient_id"),
         (

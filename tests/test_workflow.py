@@ -63,6 +63,15 @@ def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     assert counts["train"] == 3 * 3 * 3  # tasks x aggregators x folds of config/config.yaml
 
 
+def test_only_the_tasks_the_config_names_are_trained(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, tasks={"survival": None})
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["train"] == len(AGGREGATORS) * 2 and counts["split"] == 1, counts
+
+
 def test_bad_config_key_fails_at_validation(tmp_path, mobilenet_weights):
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights)

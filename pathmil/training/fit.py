@@ -347,12 +347,7 @@ class Trainer:
         broken by the validation loss, so the checkpoint still follows real progress.
         """
         if not self.state.monitor:
-            metric = f"val_{self.task.main_metric}"
-            self.state.monitor = (
-                metric
-                if math.isfinite(row.get(metric, math.nan))
-                else ("val_loss" if "val_loss" in row else "train_loss")
-            )
+            self.state.monitor = self._monitor(row)
         value = row.get(self.state.monitor, math.nan)
         value = -value if self.state.monitor.endswith("loss") else value
         if not math.isfinite(value):
@@ -362,11 +357,22 @@ class Trainer:
         if value > self.state.best_metric or tie_better or self.state.best_epoch < 0:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
             self.state.best_loss = loss
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.best = {"model": weights, "epoch": epoch + 1}
-            self.save_best()
+            self._keep_best(epoch + 1)
         else:
             self.state.bad_epochs += 1
+
+    def _monitor(self, row: dict[str, Any]) -> str:
+        """What early stopping follows: the validation main metric where defined, else a loss."""
+        metric = f"val_{self.task.main_metric}"
+        if math.isfinite(row.get(metric, math.nan)):
+            return metric
+        return "val_loss" if "val_loss" in row else "train_loss"
+
+    def _keep_best(self, epoch: int) -> None:
+        """Keep this epoch's weights as the best (in memory, in best.pt, and in the next last.pt)."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best = {"model": weights, "epoch": epoch}
+        self.save_best()
 
 
 # ------------------------------------------------------------------------------------------- a run

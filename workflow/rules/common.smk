@@ -381,9 +381,12 @@ def train_settings_file(wildcards):
 def all_targets(wildcards):
     """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every task x
     aggregator and the report. The per-slide files are named here so that a deleted one is made again with
-    everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it)."""
+    everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it).
+    """
     per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png", f"{FEATURES}/{{s}}.h5"]
-    targets = [pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide]
+    targets = [
+        pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
+    ]
     targets += [f"{OUT}/cohort_ok.csv"]
     if TASKS:
         targets += [
@@ -438,12 +441,3 @@ def baseline_checkpoint(wildcards):
 
 def teacher_args(wildcards, input):
     return ["--teacher-init", input.baseline[0]] if input.baseline else []
-
-
-rule settings:
-    output:
-        f"{SETTINGS}/{{name}}.yaml",
-    wildcard_constraints:
-        name=r"[^/]+\.[0-9a-f]{12}",
-    run:
-        Path(output[0]).write_text(SETTINGS_TEXT[output[0]])
