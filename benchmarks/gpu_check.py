@@ -69,6 +69,8 @@ IMPORT_NAMES = {
     "opencv-python-headless": "cv2",
     "pyyaml": "yaml",
 }
+# dependencies the check does without on the GPU machine, and how
+NOT_CARRIED = {"imagecodecs": "slides are written as zlib TIFFs, which tifffile writes without it"}
 
 # sizes of a real run and of the dry run (CPU, tiny)
 SIZES = {
@@ -89,6 +91,7 @@ SIZES = {
         "workflow_slides": 12,
         "workflow_tasks": ["classification"],
         "workflow_aggregators": None,
+        "workflow_heatmaps": 1,
         "workflow_folds": 2,
         "workflow_epochs": 5,
     },
@@ -109,6 +112,7 @@ SIZES = {
         "workflow_slides": 6,
         "workflow_tasks": ["classification"],
         "workflow_aggregators": ["abmil"],
+        "workflow_heatmaps": 0,
         "workflow_folds": 2,
         "workflow_epochs": 1,
     },
@@ -287,6 +291,8 @@ def step_info(args: argparse.Namespace) -> None:
     gpu = machine.get("gpu", "no GPU")
     verdict = f"{gpu}, torch {torch.__version__}, Python {machine['python']}"
     verdict += f"; missing: {', '.join(missing)}" if missing else "; every dependency imports"
+    absent = [f"{name} absent ({how})" for name, how in NOT_CARRIED.items() if versions.get(name) is None]
+    verdict += "".join(f"; {a}" for a in absent)
     step.finish(status, verdict)
 
 
@@ -323,7 +329,7 @@ def dependency_versions() -> tuple[dict[str, str | None], list[str]]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-        if name in names:
+        if name in names and name not in NOT_CARRIED:
             try:
                 importlib.import_module(IMPORT_NAMES.get(name, name.replace("-", "_")))
             except Exception as err:  # an import can fail in any way
@@ -692,7 +698,8 @@ def step_tests(args: argparse.Namespace) -> None:
 
 
 def step_mamba(args: argparse.Namespace) -> None:
-    """MambaMIL forward + backward per bag size, mamba-ssm's kernels against the PyTorch scan."""
+    """MambaMIL trained with mamba-ssm's kernels, then forward + backward per bag size, kernels against the
+    PyTorch scan."""
     import torch
 
     from pathmil.models.ssm import cuda
@@ -701,36 +708,42 @@ def step_mamba(args: argparse.Namespace) -> None:
     sizes = SIZES[args.dry_run]
     device = torch.device(accelerator(args.dry_run))
     kernels = device.type == "cuda" and cuda.scan_available()
-    backends = ["cuda", "torch"] if kernels else ["torch"]
     versions = {n: _version(n) for n in ("mamba-ssm", "causal-conv1d")}
     step.save(kernels=kernels, conv_kernel=cuda.conv_available(), versions=versions)
+    trained = train_with_kernels(args) if kernels else {}
+    step.save(trained_with_kernels=trained)
     rows: list[list[Any]] = []
-    slow: set[str] = set()
-    for n in sizes["mamba_sizes"]:
-        for backend in backends:
-            if backend in slow:
-                rows.append([n, backend, None, None, "skipped: the previous size took over 15 s"])
+    for backend in ["cuda", "torch"] if kernels else ["torch"]:
+        model = mamba_model(backend, device, sizes)
+        time_mamba(model, min(1000, sizes["mamba_sizes"][0]), device, sizes["mamba_in_dim"])  # warm-up
+        last: tuple[int, float] | None = None
+        for n in sizes["mamba_sizes"]:
+            if last and last[1] * n / last[0] > 30:
+                rows.append(
+                    [n, backend, None, None, f"skipped: about {last[1] * n / last[0]:.0f} s expected"]
+                )
                 continue
-            result = time_mamba(n, backend, device, sizes)
+            result = time_mamba(model, n, device, sizes["mamba_in_dim"])
             rows.append([n, backend, result.get("seconds"), result.get("peak_gib"), result.get("error", "")])
-            if result.get("seconds", 0) > 15:
-                slow.add(backend)
+            last = (n, result["seconds"]) if "seconds" in result else None
             step.save(
                 table={"columns": ["instances", "backend", "fwd+bwd s", "peak GiB", "note"], "rows": rows}
             )
-    trained = {}
-    if kernels:  # MambaMIL trained with the kernels against the CPU run of the train step
-        trained = train_run(args, "classification", "mambamil", "cuda", "gpu_kernels")
-        cpu_metrics = args.work / "train" / "classification" / "mambamil" / "cpu" / "metrics.json"
-        cpu = json.loads(cpu_metrics.read_text()) if cpu_metrics.is_file() else {}
-        trained = {
-            "kernels": test_metric(trained),
-            "cpu": test_metric(cpu) if cpu else None,
-            "seconds": trained.get("seconds"),
-            "error": trained.get("error"),
-        }
-        step.save(trained_with_kernels=trained)
+        del model
     step.finish(*mamba_verdict(rows, kernels, trained, device))
+
+
+def train_with_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    """MambaMIL on classification fold 0 with the kernels, against the train step's CPU run."""
+    run_ = train_run(args, "classification", "mambamil", "cuda", "gpu_kernels")
+    cpu_metrics = args.work / "train" / "classification" / "mambamil" / "cpu" / "metrics.json"
+    cpu = json.loads(cpu_metrics.read_text()) if cpu_metrics.is_file() else {}
+    return {
+        "kernels": test_metric(run_),
+        "cpu": test_metric(cpu) if cpu else None,
+        "seconds": run_.get("seconds"),
+        "error": run_.get("error"),
+    }
 
 
 def _version(name: str) -> str | None:
@@ -740,39 +753,40 @@ def _version(name: str) -> str | None:
         return None
 
 
-def time_mamba(n: int, backend: str, device: Any, sizes: dict[str, Any]) -> dict[str, Any]:
-    """Seconds and peak memory of one forward + backward of MambaMIL on one bag of ``n`` instances."""
+def mamba_model(backend: str, device: Any, sizes: dict[str, Any]) -> Any:
+    """MambaMIL with its defaults (the dry run's small sizes) running the scan on ``backend``."""
     import torch
 
     from pathmil.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("mambamil", in_dim=sizes["mamba_in_dim"], n_outputs=2, **sizes["mamba_model"]).to(
-        device
-    )
+    model = create_model("mambamil", in_dim=sizes["mamba_in_dim"], n_outputs=2, **sizes["mamba_model"])
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = backend
-    x = torch.randn(1, n, sizes["mamba_in_dim"], device=device)
-    target = torch.tensor([1], device=device)
+    return model.to(device)
 
-    def once() -> float:
+
+def time_mamba(model: Any, n: int, device: Any, in_dim: int) -> dict[str, Any]:
+    """Seconds and peak GPU memory of one forward + backward (bf16 autocast on CUDA) on a bag of ``n``."""
+    import torch
+
+    x = torch.randn(1, n, in_dim, device=device)
+    target = torch.tensor([1], device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
         sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x).logits
         torch.nn.functional.cross_entropy(logits.float(), target).backward()
         sync(device)
-        model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    try:
-        once()  # warm-up: kernels load, cuBLAS picks its algorithms
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = once()
+        seconds = time.perf_counter() - start
     except torch.OutOfMemoryError as err:
         return {"error": f"out of memory: {str(err)[:120]}"}
+    finally:
+        model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"seconds": round(seconds, 3), "peak_gib": round(peak, 2) if peak is not None else None}
 
@@ -990,6 +1004,7 @@ def step_workflow(args: argparse.Namespace) -> None:
     if sizes["preset"]:
         config["tile"]["preset"] = sizes["preset"]
     config["evaluate"]["n_bootstrap"] = 100
+    config["report"]["heatmaps"] = sizes["workflow_heatmaps"]
     (where / "gpu_check.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cores = n_cpus()
     cmd = [
@@ -1122,6 +1137,22 @@ def patch_setup(path: Path, arch: str = "90") -> None:
     print(f"{path}: -gencode for sm_{arch} only (dropped {', '.join(f for f in found if f != arch)})")
 
 
+def fallbacks(folder: Path) -> list[Path]:
+    """Wheels of ``folder`` whose requirement in ``folder/SPECS`` the installed version does not meet."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    needed = []
+    specs = folder / "SPECS"
+    for line in specs.read_text().splitlines() if specs.is_file() else []:
+        requirement = Requirement(line)
+        installed = _version(requirement.name)
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            name = canonicalize_name(requirement.name)
+            needed += [w for w in folder.glob("*.whl") if canonicalize_name(w.name.split("-")[0]) == name]
+    return needed
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -1129,7 +1160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=[*STEPS, "finish", "patch-setup"])
+    parser.add_argument("command", choices=[*STEPS, "finish", "patch-setup", "fallbacks"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"), help="scratch folder")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gpu_check")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the plumbing only")
@@ -1140,7 +1171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--status", help="finish: set the status (steps the shell runs itself)")
     parser.add_argument("--verdict", help="finish: set the verdict")
     parser.add_argument("--results", help="finish: JSON of results to add")
-    parser.add_argument("--path", type=Path, help="patch-setup: the setup.py")
+    parser.add_argument("--path", type=Path, help="patch-setup: the setup.py; fallbacks: the folder")
     parser.add_argument("--kernels", type=Path, help="build: where the kernels were installed")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -1155,6 +1186,7 @@ def main(argv: list[str] | None = None) -> None:
         "workflow": step_workflow,
         "finish": finish_step,
         "patch-setup": lambda a: patch_setup(a.path),
+        "fallbacks": lambda a: print("\n".join(str(w) for w in fallbacks(a.path))),
     }
     commands[args.command](args)
 

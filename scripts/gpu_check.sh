@@ -83,11 +83,17 @@ chmod +x "$WORK/bin/pathmil" "$WORK/bin/snakemake"
 export PATH="$WORK/bin:$(dirname "$PY"):$PATH"
 if [ "$dry" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     t0=$SECONDS
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
+    pip_target=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
+    if "${pip_target[@]}" .whl/*.whl; then
         echo "[gpu-check] wheels: $(ls .whl/*.whl | wc -l) installed into $SITE in $((SECONDS - t0)) s"
     else
         echo "[gpu-check] wheels: pip install failed; the steps run with what the machine has"
     fi
+    # a carried version only where the machine's own is outside the range a carried package needs
+    for whl in $("$PY" benchmarks/gpu_check.py fallbacks --path .whl/fallback "${common[@]}"); do
+        echo "[gpu-check] wheels: the machine's version does not fit, installing $whl"
+        "${pip_target[@]}" "$whl"
+    done
 elif [ "$dry" = 0 ]; then
     echo "[gpu-check] wheels: none in .whl/ (carry .whl; scripts/gpu_check_wheels.sh fills it)"
 fi
