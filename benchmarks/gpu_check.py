@@ -85,7 +85,7 @@ SIZES = {
         "mamba_in_dim": 1024,
         "encoders": ["resnet50_trunc", "uni"],
         "batch_sizes": [64, 256],
-        "mosaic": 6,
+        "mosaic": 8,  # the H&E region 8 x 8 times: about 4,000 tiles
         "bare_tiles": 2048,
         "pipeline_repeats": 2,
         "workflow_slides": 12,
@@ -386,9 +386,10 @@ def step_data(args: argparse.Namespace) -> None:
     on_device = all(f.get("device", "").startswith(accelerator(args.dry_run)) for f in facts)
     speed = sum(f.get("n_tiles", 0) for f in facts) / max(sum(f.get("seconds_total", 0) for f in facts), 1e-9)
     step.save(extract_devices=devices, extract_tiles_per_s=round(speed, 1))
+    precisions = sorted({str(f.get("precision")) for f in facts})
     verdict = (
         f"{len(table)} slides ({compression}), {n_tiles} tiles, extracted on {', '.join(devices)} "
-        f"at {speed:.0f} tiles/s (mobilenet_v2, per slide incl. reader start-up)"
+        f"({', '.join(precisions)}) at {speed:.0f} tiles/s (mobilenet_v2; the facts' loops, all slides)"
     )
     step.finish("pass" if on_device and len(facts) == len(table) else "fail", verdict)
 
@@ -822,14 +823,31 @@ def mamba_verdict(
 # ---------------------------------------------------------------------------------------- extract
 
 
+EXTRACT_COLUMNS = [
+    "encoder",
+    "batch",
+    "precision",
+    "readers",
+    "bare tiles/s",
+    "pipeline tiles/s (wall)",
+    "pipeline / bare",
+    "pipeline loop tiles/s (facts)",
+    "loop / bare",
+    "GPU util % (bare)",
+    "GPU util % (pipeline)",
+    "loop waited for tiles",
+    "error",
+]
+
+
 def step_extract(args: argparse.Namespace) -> None:
-    """Pipeline against bare encoder on one large slide, per encoder and batch size, with GPU utilisation."""
-    import tempfile
+    """Pipeline against bare encoder on one large slide, per encoder and batch size, with GPU utilisation.
 
-    import torch
-
-    from benchmarks.bench_extract import limit_tiles, make_slide, tiles_in_memory, time_bare
-    from pathmil.features.extract import extract_slide
+    The pipeline's speed is the slide's tiles over the wall time of ``extract_slide`` (reader start-up and
+    bag writing included, as benchmarks/bench_extract.py measures it) and, beside it, the facts' tiles/s
+    of its loop alone."""
+    from benchmarks.bench_extract import limit_tiles, make_slide
+    from pathmil.slide.tilefile import read_tiles
 
     step = Step("extract", args)
     sizes = SIZES[args.dry_run]
@@ -839,89 +857,75 @@ def step_extract(args: argparse.Namespace) -> None:
     slide, tiles = make_slide(work, repeat=sizes["mosaic"], compression=compression)
     if args.dry_run:
         tiles = limit_tiles(tiles, 48, work / "tiles_dry.h5")
-    from pathmil.slide.tilefile import read_tiles
-
     n_tiles = len(read_tiles(tiles).coords)
     step.save(slide_tiles=n_tiles, compression=compression)
     rows: list[list[Any]] = []
-    device = accelerator(args.dry_run)
     for encoder in sizes["encoders"]:
+        images = None  # the bare encoder's tiles, read once per encoder
         for batch in sizes["batch_sizes"]:
             try:
-                pipeline = make_extractor(encoder, batch, device)
-                runner = pipeline.runner
-                images = tiles_in_memory(slide, tiles, runner.encoder.preprocess, sizes["bare_tiles"])
-                x = runner.normalise(images)
-                with utilisation(runner.device) as bare_util:
-                    bare, _ = time_bare(runner, x, batch, max(1, sizes["bare_tiles"] // batch))
-                del x
-                timings = []
-                with utilisation(runner.device) as pipe_util, tempfile.TemporaryDirectory(dir=work) as tmp:
-                    for repeat in range(sizes["pipeline_repeats"]):
-                        start = time.perf_counter()
-                        facts = extract_slide(slide, tiles, Path(tmp) / f"bag{repeat}.h5", pipeline)
-                        timings.append(n_tiles / (time.perf_counter() - start))
-                speed = max(timings)
-                rows.append(
-                    [
-                        encoder,
-                        batch,
-                        runner.precision,
-                        pipeline.workers,
-                        round(bare.per_s, 1),
-                        round(speed, 1),
-                        round(speed / bare.per_s, 3),
-                        bare_util.get("mean"),
-                        pipe_util.get("mean"),
-                        facts.get("seconds", {}).get("wait_for_tiles"),
-                    ]
-                )
-                del pipeline, runner
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                row, images = measure_extraction(encoder, batch, slide, tiles, images, args)
             except Exception as err:  # one failure must not hide the other encoders
-                rows.append(
-                    [
-                        encoder,
-                        batch,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        None,
-                        f"{type(err).__name__}: {err}"[:200],
-                    ]
-                )
-            step.save(
-                table={
-                    "columns": [
-                        "encoder",
-                        "batch",
-                        "precision",
-                        "readers",
-                        "bare tiles/s",
-                        "pipeline tiles/s",
-                        "pipeline / bare",
-                        "GPU util % (bare)",
-                        "GPU util % (pipeline)",
-                        "pipeline waited for tiles (s)",
-                    ],
-                    "rows": rows,
-                }
-            )
+                row = {"encoder": encoder, "batch": batch, "error": f"{type(err).__name__}: {err}"[:200]}
+            rows.append([row.get(c) for c in EXTRACT_COLUMNS])
+            step.save(table={"columns": EXTRACT_COLUMNS, "rows": rows})
     step.finish(*extract_verdict(rows, n_tiles, args.dry_run))
+
+
+def measure_extraction(
+    encoder: str, batch: int, slide: Path, tiles: Path, images: Any, args: argparse.Namespace
+) -> tuple[dict[str, Any], Any]:
+    """One encoder at one batch size: the bare encoder on tiles in device memory, then the pipeline."""
+    import tempfile
+
+    import torch
+
+    from benchmarks.bench_extract import tiles_in_memory, time_bare
+    from pathmil.features.extract import extract_slide
+
+    sizes = SIZES[args.dry_run]
+    pipeline = make_extractor(encoder, batch, accelerator(args.dry_run))
+    runner = pipeline.runner  # built before timing, as the facts' tiles/s leave model loading out
+    if images is None:
+        images = tiles_in_memory(slide, tiles, runner.encoder.preprocess, sizes["bare_tiles"])
+    x = runner.normalise(images)
+    with utilisation(runner.device) as bare_util:
+        bare, _ = time_bare(runner, x, batch, max(1, len(x) // batch))
+    del x
+    walls, loops, waits = [], [], []
+    with utilisation(runner.device) as pipe_util, tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        for repeat in range(sizes["pipeline_repeats"]):
+            start = time.perf_counter()
+            facts = extract_slide(slide, tiles, Path(tmp) / f"bag{repeat}.h5", pipeline)
+            walls.append(facts["n_tiles"] / (time.perf_counter() - start))
+            loops.append(facts["tiles_per_second"])
+            waits.append(facts["seconds"]["wait_for_tiles"] / max(facts["seconds"]["total"], 1e-9))
+    best = max(range(len(walls)), key=walls.__getitem__)
+    row = {
+        "encoder": encoder,
+        "batch": batch,
+        "precision": runner.precision,
+        "readers": pipeline.workers,
+        "bare tiles/s": round(bare.per_s, 1),
+        "pipeline tiles/s (wall)": round(walls[best], 1),
+        "pipeline / bare": round(walls[best] / bare.per_s, 3),
+        "pipeline loop tiles/s (facts)": round(loops[best], 1),
+        "loop / bare": round(loops[best] / bare.per_s, 3),
+        "GPU util % (bare)": bare_util.get("mean"),
+        "GPU util % (pipeline)": pipe_util.get("mean"),
+        "loop waited for tiles": f"{waits[best]:.0%}",
+    }
+    del pipeline, runner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row, images
 
 
 def make_extractor(encoder: str, batch: int, device: str) -> Any:
     """The pipeline of `pathmil extract` for ``encoder`` on random weights (speed does not depend on them)."""
+    from pathmil.config import ExtractConfig
     from pathmil.features.extract import FeatureExtractor
 
-    try:
-        from pathmil.config import ExtractConfig
-    except ImportError:  # settings beside their stage (issue 12)
-        from pathmil.features.extract import ExtractConfig  # type: ignore[attr-defined,no-redef]
     config = ExtractConfig(encoder=encoder, random_init=True, batch_size=batch, device=device, overwrite=True)
     return FeatureExtractor(config)
 
@@ -954,20 +958,24 @@ def utilisation(device: Any, every: float = 0.05) -> Iterator[dict[str, float]]:
 
 
 def extract_verdict(rows: list[list[Any]], n_tiles: int, dry_run: bool) -> tuple[str, str]:
-    """Pass when every pipeline ran at ``EXTRACT_TARGET`` of its bare encoder or better (not judged on a CPU)."""
-    ratios = [r[6] for r in rows if r[6] is not None]
-    errors = [r[-1] for r in rows if r[6] is None]
+    """Pass when every pipeline ran at ``EXTRACT_TARGET`` of its bare encoder or better, wall clock (not
+    judged on a CPU)."""
+    done = [
+        dict(zip(EXTRACT_COLUMNS, r)) for r in rows if r[EXTRACT_COLUMNS.index("pipeline / bare")] is not None
+    ]
+    errors = [r[-1] for r in rows if r[EXTRACT_COLUMNS.index("pipeline / bare")] is None]
     parts = [
-        f"{r[0]} b{r[1]}: {r[5]:.0f}/{r[4]:.0f} tiles/s = {r[6]:.2f}, GPU util {r[8]}%"
-        for r in rows
-        if r[6] is not None
+        f"{r['encoder']} b{r['batch']}: {r['pipeline tiles/s (wall)']:.0f}/{r['bare tiles/s']:.0f} tiles/s = "
+        f"{r['pipeline / bare']:.2f} (loop {r['loop / bare']:.2f}), GPU util {r['GPU util % (pipeline)']}%"
+        for r in done
     ]
     verdict = f"{n_tiles} tiles; " + "; ".join(parts)
     if errors:
-        return "error" if not ratios else "fail", verdict + f"; failed: {errors[0]}"
+        return "error" if not done else "fail", verdict + f"; failed: {errors[0]}"
     if dry_run:
         return "pass", verdict + " (speed not judged in a dry run)"
-    return ("pass" if min(ratios) >= EXTRACT_TARGET else "fail"), verdict + f" (target >= {EXTRACT_TARGET})"
+    ok = min(r["pipeline / bare"] for r in done) >= EXTRACT_TARGET
+    return ("pass" if ok else "fail"), verdict + f" (target >= {EXTRACT_TARGET})"
 
 
 # --------------------------------------------------------------------------------------- workflow
@@ -1119,20 +1127,25 @@ def finish_build(args: argparse.Namespace, step: Step, status: str, verdict: str
 def patch_setup(path: Path, arch: str = "90") -> None:
     """Keep only ``sm_<arch>`` among the ``-gencode`` flags that mamba-ssm's and causal-conv1d's setup.py
     hard-code (sm_75 ... sm_121 with CUDA 13, whatever TORCH_CUDA_ARCH_LIST says): one architecture
-    builds in minutes instead of an hour. Raises when the file does not look as expected."""
+    builds in minutes instead of an hour. Each dropped pair becomes ``pass`` (it may be the only statement
+    of an ``if``). Raises SystemExit when the file does not look as expected."""
     text = path.read_text()
     pair = re.compile(
-        r'\n[ \t]*cc_flag\.append\("-gencode"\)\n[ \t]*cc_flag\.append\("arch=compute_(\d+a?),code=sm_\d+a?"\)'
+        r'(?m)^([ \t]*)cc_flag\.append\("-gencode"\)\n[ \t]*cc_flag\.append\("arch=compute_(\d+a?),code=sm_\d+a?"\)'
     )
-    found = pair.findall(text)
+    found = [m.group(2) for m in pair.finditer(text)]
     if arch not in found:
         raise SystemExit(
             f"{path}: no -gencode pair for sm_{arch} (found {found}); the check needs a new patch"
         )
-    patched = pair.sub(lambda m: m.group(0) if m.group(1) == arch else "", text)
-    left = re.findall(r"arch=compute_(\d+a?)", patched)
+    patched = pair.sub(
+        lambda m: m.group(0) if m.group(2) == arch else f"{m.group(1)}pass  # gpu_check: no sm_{m.group(2)}",
+        text,
+    )
+    left = re.findall(r'"arch=compute_(\d+a?)', patched)
     if left != [arch]:
         raise SystemExit(f"{path}: after patching, architectures {left} remain")
+    compile(patched, str(path), "exec")  # a SyntaxError here, not in pip's build
     path.write_text(patched)
     print(f"{path}: -gencode for sm_{arch} only (dropped {', '.join(f for f in found if f != arch)})")
 

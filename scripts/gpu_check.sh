@@ -107,14 +107,23 @@ build_kernels() {
         echo "no sdists of causal-conv1d and mamba-ssm in .whl/" >"$WORK/build.skip"
         return
     fi
-    nvcc=$(command -v nvcc || ls /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc 2>/dev/null | head -1)
-    if [ -z "$nvcc" ]; then
-        echo "no nvcc on the machine" >"$WORK/build.skip"
+    # the CUDA toolkit: the first of these with both nvcc and the runtime's headers
+    nvcc=$(command -v nvcc || true)
+    local found=""
+    for dir in ${CUDA_HOME:-} "$(dirname "$(dirname "$(readlink -f "${nvcc:-/none}")")")" /usr/local/cuda /usr/local/cuda-*; do
+        if [ -x "$dir/bin/nvcc" ] && [ -f "$dir/include/cuda_runtime.h" ]; then
+            found=$dir
+            break
+        fi
+    done
+    CUDA_HOME=$found
+    if [ -z "$CUDA_HOME" ]; then
+        echo "no CUDA toolkit (nvcc with include/cuda_runtime.h) on the machine" >"$WORK/build.skip"
         return
     fi
     export CUDA_HOME
-    CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$nvcc")")")"
     export PATH="$CUDA_HOME/bin:$PATH"
+    nvcc="$CUDA_HOME/bin/nvcc"
     if ! "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
         pyinc=$(ls .whl/python"$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"-include.tar.gz 2>/dev/null)
         if [ -z "$pyinc" ]; then
