@@ -75,7 +75,7 @@ NOT_CARRIED = {"imagecodecs": "slides are written as zlib TIFFs, which tifffile 
 # sizes of a real run and of the dry run (CPU, tiny)
 SIZES = {
     False: {
-        "demo": {"n_slides": 40, "n_patients": None, "size": (3072, 3584)},
+        "demo": {"n_slides": 32, "n_patients": None, "size": (3072, 3584)},  # 24 patients
         "preset": None,  # config/config.yaml's
         "tasks": None,  # every task of config/config.yaml
         "aggregators": None,  # every aggregator of config/config.yaml
@@ -88,7 +88,7 @@ SIZES = {
         "mosaic": 8,  # the H&E region 8 x 8 times: about 4,000 tiles
         "bare_tiles": 2048,
         "pipeline_repeats": 2,
-        "workflow_slides": 12,
+        "workflow_slides": 10,
         "workflow_tasks": ["classification"],
         "workflow_aggregators": None,
         "workflow_heatmaps": 1,

@@ -86,8 +86,11 @@ if [ "$dry" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     pip_target=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
     if "${pip_target[@]}" .whl/*.whl; then
         echo "[gpu-check] wheels: $(ls .whl/*.whl | wc -l) installed into $SITE in $((SECONDS - t0)) s"
-    else
-        echo "[gpu-check] wheels: pip install failed; the steps run with what the machine has"
+    else  # one bad wheel stops pip for all: install them one by one, naming those that fail
+        echo "[gpu-check] wheels: pip install of all failed; one by one:"
+        for whl in .whl/*.whl; do
+            "${pip_target[@]}" "$whl" >/dev/null 2>&1 || echo "[gpu-check] wheels: FAILED $whl"
+        done
     fi
     # a carried version only where the machine's own is outside the range a carried package needs
     for whl in $("$PY" benchmarks/gpu_check.py fallbacks --path .whl/fallback "${common[@]}"); do
