@@ -504,20 +504,23 @@ def test_metric(metrics: dict[str, Any]) -> float:
 
 def step_train(args: argparse.Namespace) -> None:
     """Every demo task x aggregator on fold 0: CUDA (bf16 autocast) against the CPU."""
+    from pathmil.models.registry import baselines
+
     step = Step("train", args)
     config = demo_config()
     gpu = accelerator(args.dry_run)
     tasks = list(tasks_of(config, args.dry_run))
     aggregators = SIZES[args.dry_run]["aggregators"] or list(config["aggregators"])
-    plain = [a for a in aggregators if not a.startswith("mhim_")]
+    wrapped = baselines()  # wrapper -> the plain model it starts from
+    plain = [a for a in aggregators if a not in wrapped]
     runs: dict[tuple[str, str, str], dict[str, Any]] = {}
     cpu_threads = max(1, n_cpus() // max(1, len(tasks) * len(plain)))
 
     def one(key: tuple[str, str, str]) -> None:
         task, aggregator, label = key
         extra = {}
-        if aggregator.startswith("mhim_"):  # the teacher starts from the plain student of the same device
-            student = aggregator.removeprefix("mhim_")
+        student = wrapped.get(aggregator)
+        if student:  # MHIM-MIL: the teacher starts from the plain student trained on the same device
             baseline = runs.get((task, student, label), {})
             if "run" not in baseline or "error" in baseline:
                 runs[key] = {"error": f"no {student} run to start the MHIM teacher from"}
@@ -534,7 +537,7 @@ def step_train(args: argparse.Namespace) -> None:
         )
         step.save(table=train_table(runs, tasks, aggregators))
 
-    waves = [plain, [a for a in aggregators if a.startswith("mhim_")]]
+    waves = [plain, [a for a in aggregators if a in wrapped]]
     for wave in waves:
         keys = [(t, a, label) for t in tasks for a in wave for label in ("cpu", "gpu")]
         with ThreadPoolExecutor(max(1, len(keys))) as pool:
@@ -923,8 +926,7 @@ def measure_extraction(
 
 def make_extractor(encoder: str, batch: int, device: str) -> Any:
     """The pipeline of `pathmil extract` for ``encoder`` on random weights (speed does not depend on them)."""
-    from pathmil.config import ExtractConfig
-    from pathmil.features.extract import FeatureExtractor
+    from pathmil.features.extract import ExtractConfig, FeatureExtractor
 
     config = ExtractConfig(encoder=encoder, random_init=True, batch_size=batch, device=device, overwrite=True)
     return FeatureExtractor(config)
