@@ -446,6 +446,15 @@ def extract_cohort(
     return facts
 
 
+def have_data(step: Step, args: argparse.Namespace) -> bool:
+    """Whether the data step's bags are there; else the step ends as skipped, saying so."""
+    paths = data_paths(args.work)
+    if paths["cohort"].is_file() and any(paths["features"].glob("*.h5")):
+        return True
+    step.finish("skipped", "needs the data step's slides and bags (run it too: --only data,...)")
+    return False
+
+
 def tasks_of(config: dict[str, Any], dry_run: bool) -> dict[str, dict[str, Any]]:
     chosen = SIZES[dry_run]["tasks"]
     return {t: spec for t, spec in config["tasks"].items() if chosen is None or t in chosen}
@@ -507,6 +516,8 @@ def step_train(args: argparse.Namespace) -> None:
     from pathmil.models.registry import baselines
 
     step = Step("train", args)
+    if not have_data(step, args):
+        return
     config = demo_config()
     gpu = accelerator(args.dry_run)
     tasks = list(tasks_of(config, args.dry_run))
@@ -714,7 +725,7 @@ def step_mamba(args: argparse.Namespace) -> None:
     kernels = device.type == "cuda" and cuda.scan_available()
     versions = {n: _version(n) for n in ("mamba-ssm", "causal-conv1d")}
     step.save(kernels=kernels, conv_kernel=cuda.conv_available(), versions=versions)
-    trained = train_with_kernels(args) if kernels else {}
+    trained = train_with_kernels(args) if kernels and data_paths(args.work)["cohort"].is_file() else {}
     step.save(trained_with_kernels=trained)
     rows: list[list[Any]] = []
     for backend in ["cuda", "torch"] if kernels else ["torch"]:
@@ -989,6 +1000,8 @@ def step_workflow(args: argparse.Namespace) -> None:
     import yaml
 
     step = Step("workflow", args)
+    if not have_data(step, args):
+        return
     sizes, paths = SIZES[args.dry_run], data_paths(args.work)
     where = args.work / "workflow"
     shutil.rmtree(where, ignore_errors=True)
@@ -1105,7 +1118,7 @@ def step_build(args: argparse.Namespace) -> None:
                 [sys.executable, "-c", KERNEL_PROBE], capture_output=True, text=True, env=env
             )
     step.save(import_error_before_trim=trimmed)
-    built = ", ".join(f"{p} in {b['seconds']} s" for p, b in builds.items())
+    built = ", ".join(f"{p} {how_built(b['seconds'])}" for p, b in builds.items())
     if probe.returncode != 0:
         finish_build(
             args,
@@ -1114,10 +1127,19 @@ def step_build(args: argparse.Namespace) -> None:
             f"built ({built}) but the kernels do not import: {probe.stderr.strip()[-300:]}",
         )
         return
+    (args.kernels / "imports.ok").write_text(verdict_time())
     verdict = f"built for sm_90: {built}; the kernels import"
     if trimmed:
         verdict += f" after trimming mamba_ssm/__init__.py (it failed with: {trimmed[:150]})"
     finish_build(args, step, "pass", verdict)
+
+
+def how_built(seconds: str) -> str:
+    return "reused from an earlier call" if seconds == "reused" else f"in {seconds} s"
+
+
+def verdict_time() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def finish_build(args: argparse.Namespace, step: Step, status: str, verdict: str) -> None:

@@ -42,7 +42,10 @@ BUILD_CAP="${GPU_CHECK_BUILD_CAP_S:-330}"
 SITE="$WORK/site"
 KERNELS="$WORK/kernels"
 start=$SECONDS
-rm -rf "$WORK"
+# a fresh scratch folder, but kernels that built and imported in an earlier call on this machine stay
+mkdir -p "$WORK"
+find "$WORK" -mindepth 1 -maxdepth 1 ! -name kernels -exec rm -rf {} +
+[ -f "$KERNELS/imports.ok" ] || rm -rf "$KERNELS"
 mkdir -p "$WORK/bin" "$WORK/logs" "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 common=(--work "$WORK" --out "$OUT")
@@ -164,6 +167,9 @@ build_pid=""
 if wanted build; then
     if [ "$dry" = 1 ]; then
         echo "dry run: nothing is built on the CPU" >"$WORK/build.skip"
+    elif [ -f "$KERNELS/imports.ok" ]; then
+        echo "0 reused" >"$WORK/build_conv1d.rc" && echo "0 reused" >"$WORK/build_mamba.rc"
+        echo "[gpu-check] build: kernels built by an earlier call on this machine are reused"
     else
         cap=$((BUILD_CAP - $(elapsed)))
         echo "[gpu-check] build: mamba-ssm and causal-conv1d for sm_90 in the background, at most $cap s"
