@@ -995,13 +995,67 @@ def extract_verdict(rows: list[list[Any]], n_tiles: int, dry_run: bool) -> tuple
 
 
 def step_workflow(args: argparse.Namespace) -> None:
-    """The Snakemake workflow (local) on a few demo slides, with extract.gpus: 1 and train.gpus: 1."""
-    import pandas as pd
-    import yaml
+    """The Snakemake workflow (local) on a few demo slides, with extract.gpus: 1 and train.gpus: 1.
 
+    A dry run asks Snakemake for its plan alone (``-n``: the config validates, every extraction and
+    training job asks for one GPU); tests/test_workflow.py runs the workflow itself on the CPU."""
     step = Step("workflow", args)
     if not have_data(step, args):
         return
+    where, n_slides = workflow_folder(args)
+    cores = n_cpus()
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--cores",
+        str(cores),
+        "--resources",
+        f"gpu={max(1, cores // 4)}",
+    ]
+    cmd += ["--configfile", "gpu_check.yaml", "--scheduler", "greedy", "--keep-going", "--nocolor"]
+    cmd += ["-n", "--printshellcmds"] if args.dry_run else []
+    env = {**os.environ, "PATH": f"{args.work / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    log = args.work / "logs" / "workflow.log"
+    start = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run(cmd, cwd=where, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - start
+    step.save(seconds_snakemake=round(seconds, 1), log_tail=tail(log, 25))
+    head = f"snakemake exit {code} in {seconds:.0f} s on {n_slides} slides"
+    if args.dry_run:
+        text = log.read_text()
+        gpu_jobs = {
+            rule: len(re.findall(rf"rule {rule}:\n(?:[ \t]+.*\n)*?[ \t]+resources:.*gpu=1", text))
+            for rule in ("extract", "train")
+        }
+        step.save(gpu_jobs=gpu_jobs)
+        ok = code == 0 and gpu_jobs["extract"] == n_slides and gpu_jobs["train"] > 0
+        step.finish("pass" if ok else "fail", f"{head} (plan only); jobs asking for gpu=1: {gpu_jobs}")
+        return
+    results = where / "results" / "gpu_check"
+    extract_devices = devices_in(results / "features", "*.json")
+    train_devices = devices_in(results / "models", "metrics.json")
+    summary = results / "report" / "summary.csv"
+    step.save(
+        extract_devices=extract_devices,
+        train_devices=train_devices,
+        summary=summary.read_text() if summary.is_file() else None,
+    )
+    on_gpu = bool(extract_devices) and all(d.startswith("cuda") for d in extract_devices + train_devices)
+    ok = code == 0 and summary.is_file() and on_gpu and bool(train_devices)
+    verdict = (
+        f"{head}; extraction on {', '.join(extract_devices) or '-'}, training on "
+        f"{', '.join(train_devices) or '-'}; report {'written' if summary.is_file() else 'missing'}"
+    )
+    step.finish("pass" if ok else "fail", verdict)
+
+
+def workflow_folder(args: argparse.Namespace) -> tuple[Path, int]:
+    """A copy of the workflow with a config of the first demo slides, GPUs asked for; (folder, slides)."""
+    import pandas as pd
+    import yaml
+
     sizes, paths = SIZES[args.dry_run], data_paths(args.work)
     where = args.work / "workflow"
     shutil.rmtree(where, ignore_errors=True)
@@ -1029,42 +1083,7 @@ def step_workflow(args: argparse.Namespace) -> None:
     config["evaluate"]["n_bootstrap"] = 100
     config["report"]["heatmaps"] = sizes["workflow_heatmaps"]
     (where / "gpu_check.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    cores = n_cpus()
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--cores",
-        str(cores),
-        "--resources",
-        f"gpu={max(1, cores // 4)}",
-    ]
-    cmd += ["--configfile", "gpu_check.yaml", "--scheduler", "greedy", "--keep-going", "--nocolor"]
-    env = {**os.environ, "PATH": f"{args.work / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    log = args.work / "logs" / "workflow.log"
-    start = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.run(cmd, cwd=where, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    seconds = time.perf_counter() - start
-    results = where / "results" / "gpu_check"
-    extract_devices = devices_in(results / "features", "*.json")
-    train_devices = devices_in(results / "models", "metrics.json")
-    summary = results / "report" / "summary.csv"
-    step.save(
-        seconds_snakemake=round(seconds, 1),
-        extract_devices=extract_devices,
-        train_devices=train_devices,
-        summary=summary.read_text() if summary.is_file() else None,
-        log_tail=tail(log, 25),
-    )
-    gpu = accelerator(args.dry_run)
-    on_gpu = bool(extract_devices) and all(d.startswith(gpu) for d in extract_devices + train_devices)
-    ok = code == 0 and summary.is_file() and on_gpu and bool(train_devices)
-    verdict = (
-        f"snakemake exit {code} in {seconds:.0f} s on {len(table)} slides; extraction on {', '.join(extract_devices) or '-'}, "
-        f"training on {', '.join(train_devices) or '-'}; report {'written' if summary.is_file() else 'missing'}"
-    )
-    step.finish("pass" if ok else "fail", verdict)
+    return where, len(table)
 
 
 def devices_in(folder: Path, pattern: str) -> list[str]:
