@@ -197,7 +197,9 @@ def finish_step(args: argparse.Namespace) -> None:
     if args.status:
         record.update(status=args.status, verdict=args.verdict or record["verdict"])
     elif args.rc in (124, 137):
-        record.update(status="timeout", verdict=f"stopped at its {args.limit} s limit; {record['verdict']}")
+        record.update(
+            status="timeout", verdict=f"stopped at its {args.limit:.0f} s limit; {record['verdict']}"
+        )
     elif record["status"] == "running":
         record.update(status="error", verdict=f"exit code {args.rc}; see gpu_check.log")
     if args.results:
@@ -1244,7 +1246,16 @@ def main(argv: list[str] | None = None) -> None:
         "patch-setup": lambda a: patch_setup(a.path),
         "fallbacks": lambda a: print("\n".join(str(w) for w in fallbacks(a.path))),
     }
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except Exception as err:  # the step's record says what broke; the traceback goes to the log
+        path = args.work / "steps" / f"{args.command}.json"
+        if args.command in STEPS and path.is_file():
+            record = json.loads(path.read_text())
+            record.update(status="error", verdict=f"{type(err).__name__}: {err}"[:400])
+            write_json_atomic(path, record)
+            write_report(args.work, args.out, args.dry_run)
+        raise
 
 
 if __name__ == "__main__":

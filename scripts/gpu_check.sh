@@ -3,9 +3,11 @@
 #
 #   scripts/gpu_check.sh                    on the GPU machine, from the repository root
 #   scripts/gpu_check.sh --dry-run          the same steps' plumbing on the CPU, tiny sizes, no installs
-#   scripts/gpu_check.sh --only train,mamba a subset of the steps (a rerun after a fix; add build for the
-#                                           kernels: tests and mamba need them)
+#   scripts/gpu_check.sh --only data,train  a subset of the steps (a rerun after a fix): train, mamba and
+#                                           workflow need data; tests and mamba need build (kernels that
+#                                           built in an earlier call on the same machine are reused)
 #
+# Exit status 1 when a step failed, broke or ran out of time; every step runs regardless.
 # Steps, in this order, each under its own hard time limit (`timeout`) inside a budget for the whole run
 # (GPU_CHECK_BUDGET_S, 470 s): info, data, train, build, tests, mamba, extract, workflow; what each does
 # and checks is in benchmarks/gpu_check.py. Before them: the wheels in .whl/ are installed into
@@ -48,6 +50,7 @@ find "$WORK" -mindepth 1 -maxdepth 1 ! -name kernels -exec rm -rf {} +
 [ -f "$KERNELS/imports.ok" ] || rm -rf "$KERNELS"
 mkdir -p "$WORK/bin" "$WORK/logs" "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+tee_pid=$!
 common=(--work "$WORK" --out "$OUT")
 [ "$dry" = 1 ] && common+=(--dry-run)
 echo "[gpu-check] $(date -u '+%F %T UTC') in $root, python $PY, out $OUT, dry run: $dry, budget $BUDGET s"
@@ -200,3 +203,7 @@ step extract 100 "$PY" benchmarks/gpu_check.py extract "${common[@]}"
 step workflow 150 "$PY" benchmarks/gpu_check.py workflow "${common[@]}"
 echo "[gpu-check] done in $(elapsed) s: $OUT/gpu_check.md"
 cat "$OUT/gpu_check.md"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null  # the log is complete before the device tool collects $OUT
+# exit 1 when a step failed, broke or ran out of time (skipped steps are not failures)
+! grep -qE '"status": "(fail|error|timeout)"' "$OUT/gpu_check.json"
