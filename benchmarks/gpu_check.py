@@ -1096,8 +1096,8 @@ def devices_in(folder: Path, pattern: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ build
 
 KERNEL_PACKAGES = {"conv1d": "causal-conv1d", "mamba": "mamba-ssm"}
-KERNEL_PROBE = (
-    "import causal_conv1d, selective_scan_cuda; "
+KERNEL_PROBE = (  # torch first: the extensions need the libc10 it loads
+    "import torch, causal_conv1d, selective_scan_cuda; "
     "from causal_conv1d import causal_conv1d_fn; "
     "from mamba_ssm.ops.selective_scan_interface import selective_scan_fn"
 )
