@@ -1027,12 +1027,17 @@ def step_workflow(args: argparse.Namespace) -> None:
     head = f"snakemake exit {code} in {seconds:.0f} s on {n_slides} slides"
     if args.dry_run:
         text = log.read_text()
+        planned = planned_jobs(text)
         gpu_jobs = {
             rule: len(re.findall(rf"rule {rule}:\n(?:[ \t]+.*\n)*?[ \t]+resources:.*gpu=1", text))
             for rule in ("extract", "train")
         }
-        step.save(gpu_jobs=gpu_jobs)
-        ok = code == 0 and gpu_jobs["extract"] == n_slides and gpu_jobs["train"] > 0
+        step.save(gpu_jobs=gpu_jobs, planned_jobs=planned)
+        ok = (
+            code == 0
+            and gpu_jobs["extract"] == n_slides
+            and gpu_jobs["train"] == planned.get("train", -1) > 0
+        )
         step.finish("pass" if ok else "fail", f"{head} (plan only); jobs asking for gpu=1: {gpu_jobs}")
         return
     results = where / "results" / "gpu_check"
@@ -1086,6 +1091,19 @@ def workflow_folder(args: argparse.Namespace) -> tuple[Path, int]:
     config["report"]["heatmaps"] = sizes["workflow_heatmaps"]
     (where / "gpu_check.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return where, len(table)
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The first "Job stats" table of a snakemake run or plan, as {rule: count}."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("job ") and "count" in line), None)
+    counts: dict[str, int] = {}
+    for line in lines[start + 2 :] if start is not None else []:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
 
 
 def devices_in(folder: Path, pattern: str) -> list[str]:
