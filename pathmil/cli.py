@@ -522,20 +522,51 @@ def run_models(args: argparse.Namespace) -> None:
 
 
 def add_predict_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, nargs="+", required=True, help="checkpoint(s): a run's best.pt")
+    from pathmil.features.extract import ExtractConfig
+    from pathmil.settings import add_flags
+
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", type=Path, nargs="+", help="checkpoint(s): a run's best.pt")
+    model.add_argument("--package", type=Path, help="a package of `pathmil package` (its fold models)")
     p.add_argument("--features", type=Path, nargs="+", help="bag files to score, one bag each")
     p.add_argument("--cohort", type=Path, help="cohort table (slide_id, patient_id) instead of --features")
-    p.add_argument("--features-dir", type=Path, help="folder of the cohort's bag files (with --cohort)")
+    p.add_argument(
+        "--features-dir",
+        type=Path,
+        help="folder of the cohort's bag files (with --cohort); with --slides: where bags are made or "
+        "reused (default OUT/features/ENCODER)",
+    )
+    p.add_argument(
+        "--slides",
+        type=Path,
+        help="with --package: a slide folder or a cohort table (slide_id, path[, patient_id, mpp, labels]); "
+        "tiles, extracts and scores them as the package was trained",
+    )
+    p.add_argument(
+        "--tiles-dir", type=Path, help="with --slides: tiles made or reused here (default OUT/tiles)"
+    )
+    p.add_argument(
+        "--heatmaps", action="store_true", help="with --slides: a heatmap per slide (OUT/heatmaps)"
+    )
+    p.add_argument(
+        "--mpp", type=float, help="with --slides: um/px of slides whose metadata and table give none"
+    )
+    add_flags(p, ExtractConfig, ["weights", "batch_size", "workers"])
     p.add_argument("--task", choices=TASKS, help="refuse models of another task")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    p.add_argument("--out", type=Path, required=True, help="predictions CSV")
+    p.add_argument("--out", type=Path, required=True, help="predictions CSV; with --slides an output folder")
 
 
 def run_predict(args: argparse.Namespace) -> None:
     from pathmil.evaluation.predict import predict, write_predictions
 
-    if args.cohort is not None and args.features_dir is None:
+    if args.cohort is not None and args.features_dir is None and args.slides is None:
         raise PathmilError("--cohort needs --features-dir, the folder of its bag files")
+    if args.package is not None:
+        _predict_package(args)
+        return
+    if args.slides is not None:
+        raise PathmilError("--slides needs --package (a package knows how to tile and encode slides)")
     table = predict(
         args.model,
         features=args.features,
@@ -547,6 +578,77 @@ def run_predict(args: argparse.Namespace) -> None:
     )
     write_predictions(args.out, table)
     print(f"{len(table)} bags scored by {len(args.model)} model(s) -> {args.out}")
+
+
+def _predict_package(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.package import load_package, score_package
+
+    package = load_package(args.package, args.device, weights=args.weights, expected_task=args.task)
+    n_models = len(package.members)
+    if args.slides is None:
+        from pathmil.evaluation.predict import write_predictions
+
+        table = score_package(package, args.features, args.cohort, args.features_dir, sys.stderr.isatty())
+        write_predictions(args.out, table)
+        print(f"{len(table)} bags scored by package {args.package} ({n_models} models) -> {args.out}")
+        return
+    if args.features is not None or args.cohort is not None:
+        raise PathmilError("--slides takes the slides themselves; give no --features or --cohort with it")
+    from pathmil.cohort import load_slides
+    from pathmil.evaluation.deploy import predict_slides
+
+    slides = load_slides(args.slides, None) if args.slides.is_file() else load_slides(None, args.slides)
+    summary = predict_slides(
+        package,
+        slides,
+        args.out,
+        weights=args.weights,
+        tiles_dir=args.tiles_dir,
+        features_dir=args.features_dir,
+        heatmaps=args.heatmaps,
+        default_mpp=args.mpp,
+        extract={"batch_size": args.batch_size, "workers": args.workers, "device": args.device},
+        progress=sys.stderr.isatty(),
+    )
+    print(
+        f"{summary['n_bags']} bags of {summary['n_scored']} slides scored by package {args.package} "
+        f"({n_models} models) -> {args.out / 'predictions.csv'}"
+    )
+    if summary["n_failed"]:
+        print(f"{summary['n_failed']} slide(s) failed: see {args.out / 'failures.csv'}")
+
+
+def add_package_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="finished run folders (one per fold)")
+    p.add_argument("--out", type=Path, required=True, help="package folder (e.g. model.pathmil)")
+    p.add_argument("--cohort-name", default="unnamed cohort", help="the training cohort's name (model card)")
+    p.add_argument(
+        "--evaluation",
+        type=Path,
+        help="the runs' `pathmil evaluate` folder for the card's metrics (default: evaluate them now)",
+    )
+    p.add_argument(
+        "--features",
+        type=Path,
+        help="the runs' bag folder, for runs whose checkpoints do not record encoder and tiling",
+    )
+    _add_evaluate_flags(p)
+
+
+def run_package(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.package import make_package
+
+    config, plots = _evaluate_settings(args)
+    manifest = make_package(
+        args.runs, args.out, args.cohort_name, args.evaluation, args.features, config, plots
+    )
+    encoder, tiling = manifest["encoder"], manifest["tiling"] or {}
+    print(
+        f"{manifest['task']['name']}/{manifest['aggregator']}: {len(manifest['members'])} fold models, encoder "
+        f"{encoder['name']}"
+        + (f", tiles of {tiling['tile_px']} px at {tiling['target_mpp']} um/px" if tiling else "")
+        + f" -> {args.out} (model card: {args.out / 'model_card.md'})"
+    )
 
 
 def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
@@ -659,9 +761,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "summary": ("one table of several `pathmil evaluate` outputs", add_summary_parser, run_summary),
     "models": ("list the MIL aggregators", add_models_parser, run_models),
     "predict": (
-        "score slides with trained models (one checkpoint, or several as an ensemble)",
+        "score bags or slides with trained models (checkpoints, or a package)",
         add_predict_parser,
         run_predict,
+    ),
+    "package": (
+        "package the fold models of a run with their encoder, tiling and a model card",
+        add_package_parser,
+        run_package,
     ),
     "heatmap": (
         "paint a model's instance scores over a slide, with a montage of its top and bottom tiles",

@@ -20,7 +20,22 @@ SMALL = {
     "mambamil": {"d_model": 32, "n_layers": 1},
     "transmil": {"hidden": 64},
     "mhim_transmil": {"hidden": 64},
+    "moe_pkt": {"hidden": 32, "attention_hidden": 16},
 }
+
+
+def inputs_for(name: str, in_dim: int) -> dict:
+    """The inputs a model declares beyond its settings: MoE-PKT's sources, here two untrained models of
+    other aggregators (as a checkpoint describes them; tests/test_transfer.py trains real ones)."""
+    if name != "moe_pkt":
+        return {}
+    source = {"in_dim": in_dim, "n_outputs": 2, "features": {}}
+    return {
+        "sources": [
+            {**source, "name": "a", "aggregator": "abmil", "model_settings": {"hidden": 16}},
+            {**source, "name": "b", "aggregator": "mean_pool", "model_settings": {"hidden": 8}},
+        ]
+    }
 
 
 def test_registry_lists_the_core_aggregators():
@@ -30,7 +45,7 @@ def test_registry_lists_the_core_aggregators():
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_contract_and_mask(name):
     torch.manual_seed(0)
-    model = create_model(name, in_dim=32, n_outputs=3).eval()
+    model = create_model(name, in_dim=32, n_outputs=3, **inputs_for(name, 32)).eval()
     x = torch.randn(2, 12, 32)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 7:] = False
@@ -90,7 +105,9 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     task = create_task(task_name, **({"loss": "nll"} if task_name == "survival" else {}))
     task.fit(labels)
     targets = task.targets(labels)
-    model = create_model(name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0, **SMALL.get(name, {}))
+    model = create_model(
+        name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0, **SMALL.get(name, {}), **inputs_for(name, 16)
+    )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
     def epoch_loss(train: bool) -> float:

@@ -477,7 +477,7 @@ def instance_scores(
 
 
 def make_heatmap(
-    checkpoint: str | os.PathLike,
+    checkpoint: str | os.PathLike | TrainedRun | list[TrainedRun],
     features: str | os.PathLike,
     slide_path: str | os.PathLike,
     out: str | os.PathLike,
@@ -488,6 +488,9 @@ def make_heatmap(
     expected_task: str | None = None,
 ) -> dict[str, Any]:
     """Score one slide's bag, write the heatmap PNG (and the montage and per-tile scores if asked).
+
+    ``checkpoint``: a checkpoint file, or models already loaded; several (a package's fold models) paint
+    the mean of their instance-score percentiles, and the slide score is the mean of theirs.
 
     Returns facts: slide id, tiles, the slide score, seconds per step.
     """
@@ -501,13 +504,25 @@ def make_heatmap(
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    loaded = load_run(checkpoint, config.device, expected_task)
+    if isinstance(checkpoint, list):
+        models = checkpoint
+    elif isinstance(checkpoint, TrainedRun):
+        models = [checkpoint]
+    else:
+        models = [load_run(checkpoint, config.device, expected_task)]
+    loaded = models[0]
     bag = read_bag(features)
-    check_bag(loaded, features, bag.dim, bag.attrs)
+    for model in models:
+        check_bag(model, features, bag.dim, bag.attrs)
     lap("load")
     with Slide(slide_path, mpp=mpp) as slide:
         layout = tile_layout(bag, slide, features)
-        scores, score = instance_scores(loaded, bag, features)
+        scored = [instance_scores(model, bag, features) for model in models]
+        if len(scored) == 1:
+            scores, score = scored[0]
+        else:
+            scores = np.mean([rank_normalise(s) for s, _ in scored], axis=0)
+            score = float(np.mean([value for _, value in scored]))
         lap("model")
         thumbnail = read_thumbnail(slide, config.max_px)
         lap("thumbnail")
@@ -515,7 +530,9 @@ def make_heatmap(
         heatmap = Heatmap(slide.slide_id, scores, layout, thumbnail, values, overlay, score, slide.dimensions)
         lap("paint")
         title = (
-            f"{slide.slide_id}: {loaded.aggregator} {loaded.task.name} model, slide score {score:.3g}; "
+            f"{slide.slide_id}: {loaded.aggregator} {loaded.task.name} "
+            + ("model" if len(models) == 1 else f"ensemble of {len(models)}")
+            + f", slide score {score:.3g}; "
             f"{len(scores)} tiles coloured by instance-score percentile"
             + (f", smoothed (sigma {config.smooth:g} tile)" if config.smooth > 0 else "")
         )

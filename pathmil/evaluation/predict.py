@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -93,15 +95,25 @@ def bags_from_files(paths: list[str | os.PathLike]) -> BagTable:
 
 
 def bags_from_cohort(
-    cohort: str | os.PathLike, features_dir: str | os.PathLike, bag_level: str, label_columns: list[str]
+    cohort: str | os.PathLike | pd.DataFrame,
+    features_dir: str | os.PathLike,
+    bag_level: str,
+    label_columns: list[str],
 ) -> tuple[BagTable, list[str]]:
-    """The bags of a cohort table, joined per patient or not as the model was trained.
+    """The bags of a cohort table (a file, or a table already read), joined per patient or not as the
+    model was trained.
 
     Returns the table and the label columns it carries: those of the task when every slide has them (an
     external test cohort with labels), none otherwise (new slides to score).
     """
     required = ("slide_id", "patient_id") if bag_level == "patient" else ("slide_id",)
-    table = read_table(cohort, required=required)
+    if isinstance(cohort, pd.DataFrame):
+        missing = [c for c in required if c not in cohort.columns]
+        if missing:
+            raise PathmilError(f"the cohort table lacks column(s) {', '.join(missing)}")
+        table = cohort.copy()
+    else:
+        table = read_table(cohort, required=required)
     if "patient_id" not in table.columns:
         table["patient_id"] = table["slide_id"]
     absent = table["patient_id"].isna()
@@ -125,16 +137,23 @@ def bag_features(dataset: BagDataset, index: int) -> torch.Tensor:
 
 
 def score_bags(
-    loaded: TrainedRun, table: BagTable, label_columns: list[str] = (), progress: bool = False
+    loaded: TrainedRun,
+    table: BagTable,
+    label_columns: list[str] = (),
+    progress: bool = False,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """``slide_id`` (``;``-joined for patient bags), ``patient_id``, targets if labelled, and the task's
-    prediction columns of every bag."""
+    prediction columns of every bag. ``check(path, attrs)`` may refuse a bag file before any is scored."""
     from tqdm import tqdm
 
     dataset = BagDataset(table, memory_budget_gb=0.0)  # read each bag when it is scored
     for paths in table.files:
         for path in paths:
-            check_bag(loaded, path, dataset.dim, read_bag_attrs(path) if path.suffix == ".h5" else None)
+            attrs = read_bag_attrs(path) if path.suffix == ".h5" else {}
+            if check is not None:
+                check(path, attrs)
+            check_bag(loaded, path, dataset.dim, attrs)
     logits = [
         forward(loaded, bag_features(dataset, i)).logits.float().cpu()
         for i in tqdm(range(len(dataset)), desc=loaded.path.parent.name, unit="bag", disable=not progress)
@@ -210,6 +229,21 @@ def predict(
     if (features is None) == (cohort is None) or (cohort is not None and features_dir is None):
         raise PathmilError("give bag files (--features), or a cohort table with its features folder")
     models = [load_run(p, device, expected_task) for p in checkpoints]
+    return score_with(models, features, cohort, features_dir, progress)
+
+
+def score_with(
+    models: list[TrainedRun],
+    features: list[str | os.PathLike] | None = None,
+    cohort: str | os.PathLike | pd.DataFrame | None = None,
+    features_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> pd.DataFrame:
+    """Scores of bag files or of a cohort table's bags by loaded models (one, or an ensemble); ``check``
+    as :func:`score_bags`'s."""
+    if (features is None) == (cohort is None) or (cohort is not None and features_dir is None):
+        raise PathmilError("give bag files (--features), or a cohort table with its features folder")
     check_ensemble(models)
     labels: list[str] = []
     if cohort is not None:
@@ -221,7 +255,7 @@ def predict(
         table, labels = bags_from_cohort(cohort, features_dir, levels.pop(), models[0].task.label_columns)
     else:
         table = bags_from_files(features)
-    tables = [score_bags(m, table, labels, progress) for m in models]
+    tables = [score_bags(m, table, labels, progress, check) for m in models]
     return tables[0] if len(tables) == 1 else ensemble_mean(tables, models)
 
 

@@ -84,6 +84,20 @@ def read_bag_attrs(path: str | os.PathLike) -> dict[str, Any]:
         return {k: plain_attr(v) for k, v in f.attrs.items()}
 
 
+def feature_provenance(attrs: dict[str, Any]) -> dict[str, Any]:
+    """How a bag's features were made, from its root attributes: the encoder (name, weights' sha256, random
+    init) and the tiling settings (:func:`pathmil.slide.tilefile.tiling_of`; None where unknown). Training
+    keeps it in every checkpoint, and a package checks new features against it."""
+    from pathmil.slide.tilefile import tiling_of
+
+    return {
+        "encoder": attrs.get("encoder"),
+        "encoder_weights_sha256": attrs.get("encoder_weights_sha256"),
+        "random_init": bool(attrs.get("random_init", False)),
+        "tiling": tiling_of(attrs),
+    }
+
+
 def read_bag(path: str | os.PathLike) -> Bag:
     """Read a bag file of any supported layout (pathmil, TRIDENT, CLAM .h5 or .pt, STAMP)."""
     path = Path(path)

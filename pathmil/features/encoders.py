@@ -25,7 +25,6 @@ Entries (architecture arguments, normalisation and embedding rule as in each mod
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from pathmil.errors import PathmilError
-from pathmil.fileio import load_tensors_safely
+from pathmil.fileio import file_sha256, load_tensors_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -207,15 +206,6 @@ def _missing_weights_message(name: str, spec: EncoderSpec) -> str:
         f"encoder {name} needs its weights {wanted}: download it from {' or '.join(where)} and pass "
         "--weights PATH (or --random-init for a test run)"
     )
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """SHA-256 of a file, streamed (weights run to several GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -560,6 +560,7 @@ def extract_slide(
         "level0_size": np.asarray(dimensions, np.int64),
         "dtype": config.dtype,
         "failed_tile_coords": failed_coords,
+        "tiling": tiles.attrs.get("tiling"),  # the tiling settings (JSON), when pathmil made the tiles
     }
     extra = {}
     if tiles.tissue_fraction is not None:

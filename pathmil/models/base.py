@@ -8,12 +8,15 @@ get no weight and never change the output.
 
 Training-time behaviour beyond a plain forward (MHIM-MIL's teacher, masking and consistency loss) goes
 through :meth:`MILModel.training_forward`, which may add an auxiliary loss, :meth:`MILModel.prepare_training`,
-called when a new run starts, and :meth:`MILModel.after_step`, called after each optimiser step (EMA). Inference always uses :meth:`forward`.
+called when a new run starts, and :meth:`MILModel.after_step`, called after each optimiser step (EMA).
+Inference always uses :meth:`forward`. :meth:`MILModel.checkpoint_inputs` names what a checkpoint keeps
+besides the weights to rebuild a model whose structure depends on its inputs (MoE-PKT's source models).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +52,12 @@ class MILModel(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step (``step`` counts from 1); the default does nothing."""
+
+    def checkpoint_inputs(self) -> dict[str, Any]:
+        """Plain data a checkpoint keeps so that the model is rebuilt from the checkpoint alone, passed back
+        to the builder as its declared inputs (MoE-PKT: its source models' architectures, whose weights are
+        in the state dict); the default: nothing."""
+        return {}
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:

@@ -60,3 +60,96 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "last.pt has them)"
         )
     return checkpoint
+
+
+# ------------------------------------------------------------------------------------------- packages
+
+# A package (`pathmil package`) is a folder: the manifest, a model card, and its fold models' checkpoints,
+# byte for byte the runs' best.pt files (so they load as safely as any checkpoint).
+PACKAGE_MANIFEST = "package.json"
+PACKAGE_FORMAT = "pathmil-package"
+PACKAGE_FORMAT_VERSION = 1
+
+
+def is_package(path: str | os.PathLike) -> bool:
+    """True for a package folder (it holds ``package.json``)."""
+    return (Path(path) / PACKAGE_MANIFEST).is_file()
+
+
+def read_package_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of package ``path``, its format and version checked.
+
+    Raises:
+        PathmilError: no manifest, unreadable JSON, another format, or a newer format version.
+    """
+    import json
+
+    manifest_path = Path(path) / PACKAGE_MANIFEST
+    if not manifest_path.is_file():
+        raise PathmilError(
+            f"{path} is not a pathmil package (no {PACKAGE_MANIFEST}); make one with `pathmil package`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PathmilError(f"package {path}: {PACKAGE_MANIFEST} is not readable JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACKAGE_FORMAT:
+        raise PathmilError(
+            f"{path} is not a pathmil package ({PACKAGE_MANIFEST} lacks format '{PACKAGE_FORMAT}')"
+        )
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > PACKAGE_FORMAT_VERSION:
+        raise PathmilError(
+            f"package {path} has format version {version}, this pathmil ({__version__}) reads versions up to "
+            f"{PACKAGE_FORMAT_VERSION}; update pathmil"
+        )
+    return manifest
+
+
+def package_members(path: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """The fold models of package ``path``: (checkpoint file, checkpoint), each file's sha256 checked against
+    the manifest, so a damaged or swapped member is refused rather than scored.
+
+    Raises:
+        PathmilError: a bad manifest (:func:`read_package_manifest`), a missing member, a member whose bytes
+            differ from the manifest's sha256, or one that is not a safe pathmil checkpoint.
+    """
+    from pathmil.fileio import file_sha256
+
+    manifest = read_package_manifest(path)
+    members = []
+    for entry in manifest.get("members") or []:
+        file = Path(path) / entry["file"]
+        if not file.is_file():
+            raise PathmilError(
+                f"package {path} lacks its member {entry['file']}; copy the whole package folder"
+            )
+        if file_sha256(file) != entry.get("sha256"):
+            raise PathmilError(
+                f"package {path}: member {entry['file']} differs from the one packaged (sha256 mismatch); "
+                "the package is damaged or was edited: package the runs again"
+            )
+        members.append((file, load_checkpoint(file)))
+    if not members:
+        raise PathmilError(f"package {path} lists no member models")
+    return members
+
+
+def model_checkpoints(path: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
+    """The trained models at ``path``: a package's members, a finished run folder's ``best.pt``, or a
+    checkpoint file; (file, checkpoint) each. Transfer (``train.init_from``, ``moe_pkt``'s sources) reads
+    its source models through here.
+
+    Raises:
+        PathmilError: nothing loadable at ``path`` (a missing file, an unfinished run, a bad package).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if is_package(path):
+            return package_members(path)
+        if not (path / "metrics.json").is_file():
+            raise PathmilError(
+                f"{path} is neither a package nor a finished run folder (no {PACKAGE_MANIFEST}, no metrics.json)"
+            )
+        path = path / "best.pt"
+    return [(path, load_checkpoint(path))]

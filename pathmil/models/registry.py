@@ -22,8 +22,9 @@ from pathmil.models.base import MILModel
 from pathmil.settings import Settings
 
 # Inputs a model may take besides its settings (``ModelEntry.inputs``): the ``mhim`` section of a training
-# run, and the task's instance saliency function (MHIM-MIL v2's class-aware instance score).
-INPUTS = ("mhim", "saliency")
+# run, the task's instance saliency function (MHIM-MIL v2's class-aware instance score), and the source
+# models of knowledge transfer (``train.sources``: packages or checkpoints, MoE-PKT's frozen experts).
+INPUTS = ("mhim", "saliency", "sources")
 
 
 @dataclass(frozen=True)

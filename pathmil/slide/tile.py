@@ -6,6 +6,7 @@ many slides, records each failure (slide, path, error) in a failures table and g
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,32 @@ class TileConfig(Settings):
         """The preset's segmentation parameters with this config's overrides applied."""
         overrides = self.tissue.model_dump(exclude_none=True)
         return TissueConfig.build({**TISSUE_PRESETS[self.preset].model_dump(), **overrides}, "tile.tissue")
+
+    def tiling(self) -> dict[str, Any]:
+        """What decides which tiles a slide gets, as plain data: resolution, size, overlap, tissue filter and
+        the resolved segmentation parameters. Tiles files, bags, checkpoints and packages record it, so
+        features of another tiling are recognised (:func:`pathmil.slide.tilefile.tiling_of`); ``default_mpp`` and the QC size are
+        left out (they change no tile of a slide that has its resolution)."""
+        return {
+            "target_mpp": self.target_mpp,
+            "tile_px": self.tile_px,
+            "overlap": self.overlap,
+            "min_tissue": self.min_tissue,
+            "preset": self.preset,
+            "tissue": self.tissue_params().to_dict(),
+        }
+
+    @classmethod
+    def from_tiling(cls, tiling: dict[str, Any], **extra: Any) -> TileConfig:
+        """The settings that make ``tiling`` (as :meth:`tiling` wrote it), with ``extra`` settings."""
+        return cls.build(
+            {
+                **{key: tiling[key] for key in ("target_mpp", "tile_px", "overlap", "min_tissue", "preset")},
+                "tissue": tiling.get("tissue") or {},
+                **extra,
+            },
+            "tile",
+        )
 
 
 @dataclass
@@ -134,7 +161,7 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
         "slide_mpp": slide.mpp,
         "name": slide.slide_id,
     }
-    attrs = {"pathmil_version": __version__, **record}
+    attrs = {"pathmil_version": __version__, **record, "tiling": json.dumps(config.tiling(), sort_keys=True)}
     tiles = TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fractions)
     qc_image = (
         draw_qc(thumbnail, tissue, coords, geometry.size_level0, step0, config.qc_max_px) if qc else None
@@ -156,6 +183,7 @@ def compute_tiles(slide: Slide, config: TileConfig, qc: bool = True) -> TileResu
         "level0_size": list(slide.dimensions),
         "seconds": {k: round(v, 4) for k, v in timings.items()},
         "warnings": warnings,
+        "tiling": config.tiling(),
     }
     return TileResult(tiles=tiles, qc_image=qc_image, facts=facts)
 

@@ -9,6 +9,7 @@ each tile is tissue.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,3 +81,10 @@ def read_tiles(path: str | os.PathLike) -> TileSet:
         raise PathmilError(f"tiles file {path}: 'coords' lacks the patch_size/patch_level attributes")
     coords_attrs.setdefault("tile_px", coords_attrs["patch_size"])
     return TileSet(coords=coords, coords_attrs=coords_attrs, attrs=attrs, tissue_fraction=fraction)
+
+
+def tiling_of(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The tiling settings recorded in a tiles or bag file's root attributes (``tiling``, JSON, written from
+    :meth:`pathmil.slide.tile.TileConfig.tiling`), or None where the file does not say (other tools' files)."""
+    text = attrs.get("tiling")
+    return json.loads(text) if isinstance(text, str) and text else None

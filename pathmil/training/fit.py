@@ -33,12 +33,13 @@ from pathmil.data.bags import BagDataset, BagTable, make_bag_table
 from pathmil.data.splits import read_splits
 from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError
-from pathmil.features.bagfile import read_bag_attrs
+from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
 from pathmil.training.run import TrainConfig, build_model
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
+from pathmil.training.transfer import check_sources, init_from
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -126,11 +127,7 @@ def load_fold(
     blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
     first = files[0]
     attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
-    feature_info = {
-        "dim": datasets["train"].dim,
-        "encoder": attrs.get("encoder"),
-        "random_init": bool(attrs.get("random_init", False)),
-    }
+    feature_info = {"dim": datasets["train"].dim, **feature_provenance(attrs)}
     return FoldData(tables, datasets, targets, hashlib.sha256(blob.encode()).hexdigest(), feature_info)
 
 
@@ -143,6 +140,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task, data: FoldData, out_dir: Path, progress: bool = True):
         self.config, self.task, self.data, self.out_dir, self.progress = config, task, data, out_dir, progress
         self.device = resolve_device(config.device)
+        check_sources(config, data.feature_info)
         self.model = build_model(config, data.feature_info["dim"], task).to(self.device)
         optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimiser(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -235,6 +233,7 @@ class Trainer:
             "in_dim": self.data.feature_info["dim"],
             "n_outputs": self.task.n_outputs,
             "features": self.data.feature_info,
+            "inputs": self.model.checkpoint_inputs(),
         }
 
     def save_last(self) -> None:
@@ -300,6 +299,8 @@ class Trainer:
 
         if not self.try_resume():
             self.model.prepare_training()
+            if self.config.init_from:
+                init_from(self.model, self.config.init_from, self.data.feature_info)
         if self.state.stopped:
             return
         bar = tqdm(

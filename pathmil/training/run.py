@@ -65,6 +65,16 @@ class TrainConfig(Settings):
     memory_budget_gb: float = Field(
         8.0, ge=0, description="keep all bags in memory when they fit in this much"
     )
+    init_from: str | None = Field(
+        None,
+        description="start from a trained model (fine-tuning): a package (its first fold model), a run "
+        "folder or a best.pt; the layers whose names and shapes match are loaded, the rest start afresh",
+    )
+    sources: list[str] = Field(
+        default_factory=list,
+        description="source models of knowledge transfer for moe_pkt: packages (every fold model is a "
+        "source), run folders or checkpoints",
+    )
 
     @model_validator(mode="after")
     def _nested_sections(self) -> TrainConfig:
@@ -77,14 +87,22 @@ class TrainConfig(Settings):
             MHIMConfig.build(self.mhim, "mhim")
         elif self.mhim:
             log.warning("mhim settings are ignored: aggregator '%s' does not read them", self.aggregator)
+        if "sources" in entry.inputs and not self.sources:
+            raise ValueError(
+                f"aggregator {self.aggregator} needs source models: set train.sources to packages or checkpoints"
+            )
+        if self.sources and "sources" not in entry.inputs:
+            log.warning("train.sources are ignored: aggregator '%s' does not read them", self.aggregator)
         TASKS[self.task].Options.build(self.task_options, "task_options")
         return self
 
 
-def build_model(config: TrainConfig, in_dim: int, task: Task) -> MILModel:
+def build_model(config: TrainConfig, in_dim: int, task: Task, **saved_inputs: Any) -> MILModel:
     """The aggregator named in ``config``, sized for the features and the task, with the inputs its
-    registry entry declares (e.g. MHIM-MIL's ``mhim`` settings and the task's instance saliency)."""
-    inputs = {"mhim": config.mhim, "saliency": task.instance_saliency}
+    registry entry declares (MHIM-MIL's ``mhim`` settings and the task's instance saliency, MoE-PKT's
+    ``sources``). ``saved_inputs`` (a checkpoint's, :meth:`MILModel.checkpoint_inputs`) replace the config's."""
+    inputs = {"mhim": config.mhim, "saliency": task.instance_saliency, "sources": config.sources}
+    inputs.update(saved_inputs)
     entry = model_entry(config.aggregator)
     wanted = {key: inputs[key] for key in entry.inputs}
     return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **config.model, **wanted)
@@ -103,6 +121,7 @@ class TrainedRun:
     random_init: bool
     device: torch.device
     epoch: int | None = None
+    features: dict[str, Any] | None = None  # how the training bags were made (encoder, weights, tiling)
 
     @property
     def aggregator(self) -> str:
@@ -145,7 +164,7 @@ def load_run(
     target = resolve_device(device)
     model = None
     if with_model:
-        model = build_model(config, int(checkpoint["in_dim"]), task)
+        model = build_model(config, int(checkpoint["in_dim"]), task, **(checkpoint.get("inputs") or {}))
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as err:
@@ -166,4 +185,5 @@ def load_run(
         random_init=bool(features.get("random_init", False)),
         device=target,
         epoch=checkpoint.get("epoch"),
+        features=dict(features),
     )

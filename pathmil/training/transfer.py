@@ -1,0 +1,127 @@
+"""Knowledge transfer into a training run: start from a source model (``train.init_from``, fine-tuning) and
+check that source models (``init_from``, ``moe_pkt``'s ``train.sources``) fit the run's features.
+
+Fine-tuning (Path-PKT's first strategy; Liu et al. 2025) starts the target model from the weights of a
+model trained on another cohort: every tensor whose name and shape match is loaded, the rest keep their
+fresh initialisation, and one log line says what was loaded and what was not (a survival head over another
+number of time bins, a classifier over other classes, another aggregator's layers). Then the run trains as
+usual, every layer learning.
+
+A source must have been trained on features of the same kind: the same encoder (and weights) where both
+sides name theirs, and the same feature dimension always; anything else is refused in one line. Another
+tiling (resolution, tile size) is allowed but warned about: the features then describe other tissue areas.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pathmil.errors import PathmilError
+from pathmil.models import MILModel
+from pathmil.models.checkpoint import is_package, model_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+def encoder_label(features: dict[str, Any]) -> str:
+    encoder = str(features.get("encoder"))
+    return f"{encoder} (random init)" if features.get("random_init") else encoder
+
+
+def check_source_features(
+    name: str | os.PathLike, checkpoint: dict[str, Any], target: dict[str, Any]
+) -> None:
+    """Refuse a source model trained on other features than the run's (``target``: the run's
+    ``feature_info``): another dimension, encoder or encoder weights. Another tiling is a warning.
+
+    Raises:
+        PathmilError: one line naming the source, what it was trained on and what the bags are.
+    """
+    source = checkpoint.get("features") or {}
+    in_dim = int(checkpoint["in_dim"])
+    if in_dim != int(target["dim"]):
+        raise PathmilError(
+            f"source model {name} was trained on {in_dim}-d features ({encoder_label(source)}), these bags "
+            f"are {target['dim']}-d ({encoder_label(target)}); transfer needs features of the same encoder"
+        )
+    if source.get("encoder") and target.get("encoder"):
+        if encoder_label(source) != encoder_label(target):
+            raise PathmilError(
+                f"source model {name} was trained on features of encoder {encoder_label(source)}, these bags "
+                f"hold {encoder_label(target)}; extract the target cohort with the source's encoder"
+            )
+        weights = (source.get("encoder_weights_sha256"), target.get("encoder_weights_sha256"))
+        if all(weights) and weights[0] != weights[1]:
+            raise PathmilError(
+                f"source model {name} was trained on {encoder_label(source)} features made with other "
+                f"weights (sha256 {weights[0][:12]}..., these bags {weights[1][:12]}...); extract with the "
+                "source's weights"
+            )
+    tilings = (source.get("tiling"), target.get("tiling"))
+    if all(tilings) and tilings[0] != tilings[1]:
+        differ = sorted(
+            k for k in set(tilings[0]) | set(tilings[1]) if tilings[0].get(k) != tilings[1].get(k)
+        )
+        log.warning(
+            "source model %s was trained on another tiling (%s differ); its features describe other areas",
+            name,
+            ", ".join(differ),
+        )
+
+
+def check_sources(config: Any, feature_info: dict[str, Any]) -> None:
+    """Check every source a run names (``init_from`` and ``sources``) against its features."""
+    paths = ([config.init_from] if config.init_from else []) + list(config.sources)
+    for path in paths:
+        for file, checkpoint in model_checkpoints(path):
+            check_source_features(file, checkpoint, feature_info)
+
+
+def init_from(model: MILModel, path: str | os.PathLike, feature_info: dict[str, Any]) -> dict[str, list[str]]:
+    """Load into ``model`` every tensor of the source model at ``path`` whose name and shape match.
+
+    ``path``: a package (its first fold model; name a member's file for another), a finished run folder or
+    a checkpoint. Returns the names loaded, those whose shapes differ and those the source lacks.
+
+    Raises:
+        PathmilError: the source does not fit the features (:func:`check_source_features`), or none of its
+            tensors fits the model.
+    """
+    file, checkpoint = model_checkpoints(path)[0]
+    check_source_features(file, checkpoint, feature_info)
+    if is_package(path):
+        log.info("train.init_from %s: starting from its first fold model, %s", path, Path(file).name)
+    source: dict[str, torch.Tensor] = checkpoint["model"]
+    target = model.state_dict()
+    loaded = [n for n, t in target.items() if n in source and source[n].shape == t.shape]
+    differ = [n for n, t in target.items() if n in source and source[n].shape != t.shape]
+    absent = [n for n in target if n not in source]
+    if not loaded:
+        raise PathmilError(
+            f"train.init_from {file}: none of its tensors fits this {type(model).__name__} (the source is a "
+            f"{checkpoint['aggregator']} model); start from a model of the same aggregator"
+        )
+    model.load_state_dict({n: source[n] for n in loaded}, strict=False)
+    message = f"train.init_from {file}: loaded {len(loaded)} of {len(target)} tensors"
+    if differ:
+        shapes = ", ".join(
+            f"{n} ({'x'.join(map(str, source[n].shape))} in the source, {'x'.join(map(str, target[n].shape))} "
+            "here)"
+            for n in differ
+        )
+        hint = ""
+        if int(checkpoint.get("n_outputs", -1)) != model.n_outputs:
+            hint = (
+                f"; the source has {checkpoint.get('n_outputs')} outputs, this task {model.n_outputs} "
+                "(another number of classes or survival bins)"
+            )
+        message += f"; shapes differ, left as initialised: {shapes}{hint}"
+    if absent:
+        message += f"; not in the source, left as initialised: {', '.join(absent)}"
+    (log.warning if differ or absent else log.info)("%s", message)
+    return {"loaded": loaded, "differ": differ, "absent": absent}
