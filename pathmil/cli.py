@@ -95,6 +95,8 @@ def run_demo(args: argparse.Namespace) -> None:
         size_px=config.size,
         seed=config.seed,
         workers=config.workers,
+        hue_shift=config.hue_shift,
+        scale=config.scale,
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 
@@ -438,7 +440,15 @@ def _evaluate_settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def add_evaluate_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (one per fold)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--runs", type=Path, nargs="+", help="run folders (one per fold)")
+    what.add_argument(
+        "--predictions",
+        type=Path,
+        help="an external test set: `pathmil predict` output with labels (needs --package or --model)",
+    )
+    p.add_argument("--package", type=Path, help="with --predictions: the package that made them")
+    p.add_argument("--model", type=Path, help="with --predictions: a checkpoint that made them")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     _add_evaluate_flags(p)
 
@@ -447,6 +457,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from pathmil.evaluation.summary import evaluate_runs
 
     config, plots = _evaluate_settings(args)
+    if args.predictions is not None:
+        _evaluate_external(args, config, plots)
+        return
     result = evaluate_runs(args.runs, args.out, config, plots)
     print(
         f"{result['task']}/{result['aggregator']}: {len(args.runs)} runs, {result['n_test_bags']} test bags"
@@ -456,6 +469,30 @@ def run_evaluate(args: argparse.Namespace) -> None:
             f"  {row['metric']:>16}: pooled {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
             f"  folds {row['fold_mean']:.4f} +- {row['fold_std']:.4f}"
         )
+
+
+def _evaluate_external(args: argparse.Namespace, config: Any, plots: Any) -> None:
+    import pandas as pd
+
+    from pathmil.evaluation.summary import evaluate_external
+
+    if (args.package is None) == (args.model is None):
+        raise PathmilError("--predictions needs the models that made them: --package or --model (one)")
+    if args.package is not None:
+        from pathmil.evaluation.package import load_package
+
+        run = load_package(args.package).members[0]
+    else:
+        from pathmil.training.run import load_run
+
+        run = load_run(args.model, with_model=False)
+    if not args.predictions.is_file():
+        raise PathmilError(f"predictions {args.predictions} do not exist")
+    table = pd.read_csv(args.predictions, dtype={"slide_id": str, "patient_id": str})
+    result = evaluate_external(table, run.task, args.out, config, plots, run.aggregator)
+    print(f"{result['task']}/{result['aggregator']}: external test set of {result['n_test_bags']} bags")
+    for row in result["summary"]:
+        print(f"  {row['metric']:>16}: {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]")
 
 
 def add_compare_parser(p: argparse.ArgumentParser) -> None:

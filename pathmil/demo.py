@@ -45,6 +45,18 @@ class DemoConfig(Settings):
         (3072, 3584), description="height and width of a slide in pixels at 0.5 um/px (40x slides: twice)"
     )
     workers: int = Field(1, ge=1, description="processes painting slides (the result does not depend on it)")
+    hue_shift: float = Field(
+        0.0,
+        ge=-90,
+        le=90,
+        description="another stain's look: rotate every pixel's hue by this many degrees (HSV)",
+    )
+    scale: float = Field(
+        1.0,
+        ge=0.5,
+        le=2.0,
+        description="another scanner's calibration: tissue looks this many times larger at the same um/px",
+    )
 
 
 STROMA_RGB = np.array([236, 170, 200], np.float32)  # eosin pink
@@ -245,11 +257,36 @@ def plan_demo(n_slides: int = 40, n_patients: int | None = None, seed: int = 0) 
     return plan
 
 
+def shift_look(rgb: np.ndarray, hue_shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """The same tissue as another lab and scanner would show it: hues rotated by ``hue_shift`` degrees
+    (saturation and value kept, so tissue segmentation sees the same tissue) and the picture magnified by
+    ``scale`` about its centre (a scanner whose true um/px differs from its tags), same size."""
+    if hue_shift:
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # OpenCV's hue runs 0-179 in steps of 2 degrees
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + round(hue_shift / 2)) % 180).astype(np.uint8)
+        rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if scale != 1.0:
+        height, width = rgb.shape[:2]
+        matrix = cv2.getRotationMatrix2D((width / 2, height / 2), 0.0, scale)
+        rgb = cv2.warpAffine(
+            rgb, matrix, (width, height), flags=cv2.INTER_LINEAR, borderValue=GLASS_RGB.tolist()
+        )
+    return rgb
+
+
 def write_demo_slide(
-    spec: DemoSlide, out_dir: Path, size_px: tuple[int, int], seed: int, compression: str = "jpeg"
+    spec: DemoSlide,
+    out_dir: Path,
+    size_px: tuple[int, int],
+    seed: int,
+    compression: str = "jpeg",
+    hue_shift: float = 0.0,
+    scale: float = 1.0,
 ) -> dict:
-    """Paint and write one planned slide; return its row of the cohort table."""
+    """Paint and write one planned slide (in another lab's look: :func:`shift_look`); return its row of the
+    cohort table."""
     rgb = render_slide(np.random.default_rng([seed, spec.index]), spec.patient, size_px)
+    rgb = shift_look(rgb, hue_shift, scale)
     if (spec.mpp or spec.table_mpp) == 0.25:  # the same tissue at twice the pixel density
         rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
     path = out_dir / "slides" / f"{spec.slide_id}.tiff"
@@ -276,12 +313,16 @@ def make_demo_cohort(
     progress: bool = True,
     workers: int = 1,
     compression: str = "jpeg",
+    hue_shift: float = 0.0,
+    scale: float = 1.0,
 ) -> pd.DataFrame:
     """Write the demo slides and ``cohort.csv`` into ``out_dir``; return the table.
 
     ``size_px`` is (height, width) at 0.5 um/px; 40x slides are twice that in each direction. Slides are
     painted by ``workers`` processes; each slide has its own seed, so the result does not depend on them.
-    ``compression`` as :func:`write_pyramidal_tiff` (``zlib`` where imagecodecs is missing).
+    ``compression`` as :func:`write_pyramidal_tiff` (``zlib`` where imagecodecs is missing). ``hue_shift``
+    and ``scale`` give the cohort another stain and scanner look (:func:`shift_look`): the patients and
+    their labels follow from ``seed`` alone.
     """
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
@@ -291,7 +332,15 @@ def make_demo_cohort(
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     plan = plan_demo(n_slides, n_patients, seed)
-    paint = partial(write_demo_slide, out_dir=out_dir, size_px=size_px, seed=seed, compression=compression)
+    paint = partial(
+        write_demo_slide,
+        out_dir=out_dir,
+        size_px=size_px,
+        seed=seed,
+        compression=compression,
+        hue_shift=hue_shift,
+        scale=scale,
+    )
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.map(paint, plan) if pool is not None else map(paint, plan)
         rows = list(tqdm(results, total=len(plan), desc="demo", unit="slide", disable=not progress))

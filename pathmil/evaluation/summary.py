@@ -171,6 +171,68 @@ def evaluate_runs(
     return result
 
 
+def evaluate_external(
+    predictions: pd.DataFrame,
+    task: Task,
+    out_dir: str | os.PathLike,
+    config: EvaluateConfig | None = None,
+    plots: PlotConfig | None = None,
+    aggregator: str = "",
+) -> dict[str, Any]:
+    """Metrics, bootstrap CIs and plots of a labelled external test set (``pathmil predict`` on a cohort
+    the models never saw: every row is a test bag), as :func:`evaluate_runs` writes them for
+    cross-validation. ``task`` is a fitted task of the models (its classes, bins, scaling). Without training
+    rows, survival metrics take the censoring distribution from the test rows.
+
+    Raises:
+        PathmilError: predictions without the task's labels (``target``, or ``time`` and ``event``).
+    """
+    config = config or EvaluateConfig()
+    needed = ["target"] if task.name != "survival" else ["time", "event"]
+    missing = [c for c in needed if c not in predictions.columns]
+    if missing or predictions[needed].isna().any().any():
+        raise PathmilError(
+            f"the predictions lack the labels {', '.join(needed)} an evaluation needs; predict with a cohort "
+            "table that holds the task's label columns for every slide"
+        )
+    test = predictions.assign(split="test", fold=0).reset_index(drop=True)
+    pooled = task.metrics(test, None)
+    ci = bootstrap_ci(task, test, None, config) if config.n_bootstrap > 0 else {}
+    summary = pd.DataFrame(
+        [
+            {
+                "metric": m,
+                "pooled": v,
+                "ci_low": ci.get(m, [math.nan] * 2)[0],
+                "ci_high": ci.get(m, [math.nan] * 2)[1],
+            }
+            for m, v in pooled.items()
+        ]
+    )
+    result = {
+        "task": task.name,
+        "aggregator": aggregator,
+        "main_metric": task.main_metric,
+        "external": True,
+        "n_test_bags": len(test),
+        "evaluate": config.to_dict(),
+        "pooled": pooled,
+        "ci": ci,
+        "summary": summary.to_dict("records"),
+    }
+    out_dir = Path(out_dir)
+    for name, table in (("metrics_summary.csv", summary), ("predictions_test.csv", test)):
+        with atomic_output(out_dir / name) as tmp:
+            table.to_csv(tmp, index=False)
+    from pathmil.evaluation.plots import write_plots  # lazy: matplotlib
+
+    result["plots"] = write_plots(
+        task, test.assign(split="external"), test, test, pooled, ci, out_dir, config, plots or PlotConfig()
+    )
+    write_json(out_dir / "metrics.json", result)
+    return result
+
+
 def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
     """One table of every evaluated task x aggregator: metric, pooled value, CI and fold statistics."""
     rows = []
