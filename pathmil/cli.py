@@ -588,7 +588,7 @@ def add_predict_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mpp", type=float, help="with --slides: um/px of slides whose metadata and table give none"
     )
-    add_flags(p, ExtractConfig, ["weights", "batch_size", "workers"])
+    add_flags(p, ExtractConfig, ["weights", "batch_size", "workers", "precision", "optimize"])
     p.add_argument("--task", choices=TASKS, help="refuse models of another task")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     p.add_argument("--out", type=Path, required=True, help="predictions CSV; with --slides an output folder")
@@ -644,7 +644,13 @@ def _predict_package(args: argparse.Namespace) -> None:
         features_dir=args.features_dir,
         heatmaps=args.heatmaps,
         default_mpp=args.mpp,
-        extract={"batch_size": args.batch_size, "workers": args.workers, "device": args.device},
+        extract={
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "device": args.device,
+            "precision": args.precision,
+            "optimize": args.optimize,
+        },
         progress=sys.stderr.isatty(),
     )
     print(

@@ -16,9 +16,11 @@ Outputs in ``out_dir``: ``predictions.csv``, ``failures.csv``, ``slides.csv`` (t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,17 @@ def tiles_are_current(path: Path, config: TileConfig, slide_id: str, slide_path:
         return False
 
 
+@contextlib.contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Name the stage a slide's failure belongs to (the failures table's ``stage`` column)."""
+    try:
+        yield
+    except PathmilError as err:
+        if not hasattr(err, "stage"):
+            err.stage = name
+        raise
+
+
 def predict_slides(
     package: Package,
     slides: pd.DataFrame,
@@ -130,19 +143,22 @@ def predict_slides(
     def work(row: Any) -> dict[str, Any]:
         tiles = tiles_dir / f"{row.slide_id}.h5"
         reused = tiles_are_current(tiles, tile_config, row.slide_id, row.path)
-        if not reused:
-            table_mpp = getattr(row, "mpp", None)
-            use_table = table_mpp is not None and not pd.isna(table_mpp)
-            tile_slide(
-                row.path,
-                tiles,
-                tile_config,
-                qc=qc_dir / f"{row.slide_id}.png",
-                slide_id=row.slide_id,
-                mpp=float(table_mpp) if use_table else default_mpp,
-                mpp_source="table" if use_table else "argument",
-            )
-        facts = extract_slide(row.path, tiles, features_dir / f"{row.slide_id}.h5", extractor, row.slide_id)
+        table_mpp = getattr(row, "mpp", None)
+        use_table = table_mpp is not None and not pd.isna(table_mpp)
+        with stage("tile"):
+            if not reused:
+                tile_slide(
+                    row.path,
+                    tiles,
+                    tile_config,
+                    qc=qc_dir / f"{row.slide_id}.png",
+                    slide_id=row.slide_id,
+                    mpp=float(table_mpp) if use_table else default_mpp,
+                    mpp_source="table" if use_table else "argument",
+                )
+        with stage("extract"):
+            bag = features_dir / f"{row.slide_id}.h5"
+            facts = extract_slide(row.path, tiles, bag, extractor, row.slide_id)
         return {
             "slide_id": row.slide_id,
             "tiles": "reused" if reused else "made",
@@ -150,9 +166,7 @@ def predict_slides(
             "n_tiles": facts.get("n_tiles"),
         }
 
-    done = run_batch(
-        slides.itertuples(index=False), work, "predict", out_dir / "failures.csv", True, progress
-    )
+    done = run_batch(slides.itertuples(index=False), work, "tile", out_dir / "failures.csv", True, progress)
     if not done:
         raise PathmilError(f"no slide could be tiled and encoded (see {out_dir / 'failures.csv'})")
     ok = slides[slides["slide_id"].isin({d["slide_id"] for d in done})].copy()
