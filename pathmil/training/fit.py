@@ -300,7 +300,7 @@ class Trainer:
         if not self.try_resume():
             self.model.prepare_training()
             if self.config.init_from:
-                init_from(self.model, self.config.init_from, self.data.feature_info)
+                init_from(self.model, self.config.init_from, self.data.feature_info, self.config.aggregator)
         if self.state.stopped:
             return
         bar = tqdm(

@@ -82,8 +82,11 @@ def check_sources(config: Any, feature_info: dict[str, Any]) -> None:
             check_source_features(file, checkpoint, feature_info)
 
 
-def init_from(model: MILModel, path: str | os.PathLike, feature_info: dict[str, Any]) -> dict[str, list[str]]:
-    """Load into ``model`` every tensor of the source model at ``path`` whose name and shape match.
+def init_from(
+    model: MILModel, path: str | os.PathLike, feature_info: dict[str, Any], aggregator: str | None = None
+) -> dict[str, list[str]]:
+    """Load into ``model`` (aggregator ``aggregator``) every tensor of the source model at ``path`` whose
+    name and shape match.
 
     ``path``: a package (its first fold model; name a member's file for another), a finished run folder or
     a checkpoint. Returns the names loaded, those whose shapes differ and those the source lacks.
@@ -108,6 +111,8 @@ def init_from(model: MILModel, path: str | os.PathLike, feature_info: dict[str, 
         )
     model.load_state_dict({n: source[n] for n in loaded}, strict=False)
     message = f"train.init_from {file}: loaded {len(loaded)} of {len(target)} tensors"
+    if aggregator is not None and checkpoint["aggregator"] != aggregator:
+        message += f" (the source is a {checkpoint['aggregator']} model, this a {aggregator} model)"
     if differ:
         shapes = ", ".join(
             f"{n} ({'x'.join(map(str, source[n].shape))} in the source, {'x'.join(map(str, target[n].shape))} "
