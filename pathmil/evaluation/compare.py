@@ -2,8 +2,10 @@
 
 A configuration is trained over seeds x folds; every training run (``pathmil train``) leaves a run folder
 with ``best.pt``, ``predictions.csv`` and ``metrics.json``. Its label (encoder, aggregator, seed, fold) is
-read from those files, never from the folder's path. Following Agarwal et al. ("Deep reinforcement learning
-at the edge of the statistical precipice", NeurIPS 2021), each configuration gets:
+read from those files, never from the folder's path; a run started from a source model
+(``train.init_from``) is another configuration, ``<aggregator> (fine-tuned)``, beside the same aggregator
+trained from scratch. Following Agarwal et al. ("Deep reinforcement learning at the edge of the
+statistical precipice", NeurIPS 2021), each configuration gets:
 
 - its **main metric** (the task's ``main_metric``: AUC, c-index, R^2) on the pooled out-of-fold test
   predictions of each seed, averaged over seeds, with a stratified bootstrap interval over patients;
@@ -125,7 +127,7 @@ def read_run(path: Path) -> Run:
         path=path,
         task=task,
         encoder=encoder,
-        aggregator=config.aggregator,
+        aggregator=f"{config.aggregator} (fine-tuned)" if config.init_from else config.aggregator,
         seed=config.seed,
         fold=int(info["fold"]),
         predictions=read_predictions(path),
