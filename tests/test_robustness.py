@@ -3,6 +3,7 @@ code, temporaries of killed processes cleared, and a full disk reported in one l
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,7 +67,23 @@ def bag_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("entry", ["predict", "heatmap", "teacher_init", "resume", "clam_bag"])
+def hostile_package(path: Path, evil: Path) -> Path:
+    """A package folder whose manifest vouches for the hostile checkpoint (its true sha256)."""
+    from pathmil.fileio import file_sha256
+
+    (path / "members").mkdir(parents=True)
+    shutil.copy(evil, path / "members" / "fold0.pt")
+    member = {"file": "members/fold0.pt", "sha256": file_sha256(evil), "fold": 0, "run": "x"}
+    manifest = {"format": "pathmil-package", "format_version": 1, "task": {"name": "classification"}}
+    (path / "package.json").write_text(json.dumps({**manifest, "encoder": {}, "members": [member]}))
+    return path
+
+
+CHECKPOINT_ENTRIES = ["predict", "heatmap", "teacher_init", "resume", "clam_bag"]
+CHECKPOINT_ENTRIES += ["init_from", "moe_sources", "package", "predict_package"]
+
+
+@pytest.mark.parametrize("entry", CHECKPOINT_ENTRIES)
 def test_every_command_that_loads_a_checkpoint_refuses_one_that_runs_code(tmp_path, bag_dir, entry):
     marker = tmp_path / "ran"
     evil = hostile_checkpoint(tmp_path / "evil.pt", marker)
@@ -107,6 +124,34 @@ def test_every_command_that_loads_a_checkpoint_refuses_one_that_runs_code(tmp_pa
             f"mhim.teacher_init={evil}",
             "--out",
             str(tmp_path / "run"),
+        ]
+    elif entry == "init_from":
+        args = [*train, "--set", f"init_from={evil}", "--out", str(tmp_path / "run")]
+    elif entry == "moe_sources":
+        args = [
+            *train,
+            "--aggregator",
+            "moe_pkt",
+            "--set",
+            f"sources=[{evil}]",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    elif entry == "package":
+        (tmp_path / "run").mkdir()
+        shutil.copy(evil, tmp_path / "run" / "best.pt")
+        (tmp_path / "run" / "metrics.json").write_text("{}")
+        args = ["package", "--runs", str(tmp_path / "run"), "--out", str(tmp_path / "p.pathmil")]
+    elif entry == "predict_package":
+        package = hostile_package(tmp_path / "evil.pathmil", evil)
+        args = [
+            "predict",
+            "--package",
+            str(package),
+            "--features",
+            str(bag_dir / "s1.h5"),
+            "--out",
+            str(tmp_path / "p.csv"),
         ]
     elif entry == "resume":
         (tmp_path / "run").mkdir()
