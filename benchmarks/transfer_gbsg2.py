@@ -91,7 +91,7 @@ def write_cohorts(out: Path) -> dict[str, Path]:
             features[i : i + 1],
             np.zeros((1, 2), np.int64),
             {"patch_size": 1, "patch_level": 0},
-            {"slide_id": patient, "encoder": "gbsg2-covariates", "encoder_weights_sha256": sha},
+            {"slide_id": str(patient), "encoder": "gbsg2-covariates", "encoder_weights_sha256": sha},
         )
     table = pd.DataFrame(
         {"slide_id": ids, "patient_id": ids, "time": y["time"] / 30.44, "event": y["cens"].astype(int)}
