@@ -698,12 +698,15 @@ def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
     from pathmil.evaluation.heatmap import HeatmapConfig
     from pathmil.settings import add_flags
 
-    p.add_argument(
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument(
         "--model",
         type=Path,
         nargs="+",
-        required=True,
         help="checkpoint: a run's best.pt; with --splits, the best.pt of every fold",
+    )
+    model.add_argument(
+        "--package", type=Path, help="a package: its fold models paint the mean of their percentiles"
     )
     p.add_argument(
         "--splits",
@@ -727,9 +730,17 @@ def run_heatmap(args: argparse.Namespace) -> None:
     from pathmil.evaluation.heatmap import HeatmapConfig, held_out_model, make_heatmap
 
     config = _settings(args, HeatmapConfig)
-    model = args.model[0]
-    if len(args.model) > 1 or args.splits is not None:
-        model = held_out_model(args.model, args.splits, args.features)
+    if args.package is not None:
+        from pathmil.evaluation.package import check_features, load_package
+        from pathmil.features.bagfile import read_bag_attrs
+
+        package = load_package(args.package, config.device, expected_task=args.task)
+        check_features(package, read_bag_attrs(args.features), args.features)
+        model = package.members
+    else:
+        model = args.model[0]
+        if len(args.model) > 1 or args.splits is not None:
+            model = held_out_model(args.model, args.splits, args.features)
     facts = make_heatmap(
         model,
         args.features,

@@ -282,6 +282,26 @@ def test_predict_package_on_raw_slides_equals_tile_extract_predict_by_hand(
     assert failures["slide_id"].tolist() == ["broken"] and failures["stage"].tolist() == ["tile"]
     assert "broken" not in set(read_csv(out / "slides.csv")["slide_id"])
     assert len(list((out / "heatmaps").glob("*.png"))) == len(table)
+    first = table.iloc[0]
+    bag = str(out / "features" / "mobilenet_v2" / f"{first['slide_id']}.h5")
+    heatmap = tmp_path / "heatmap.png"
+    assert (
+        main(
+            [
+                "heatmap",
+                "--package",
+                package,
+                "--features",
+                bag,
+                "--slide",
+                first["path"],
+                "--out",
+                str(heatmap),
+            ]
+        )
+        == 0
+    )
+    assert heatmap.read_bytes() == (out / "heatmaps" / f"{first['slide_id']}.png").read_bytes()
     # tiles and bags already made with the package's tiling and encoder are reused, not made again
     again = tmp_path / "again"
     reuse = ["--tiles-dir", str(slide_package["root"] / "tiles"), "--features-dir", features]
