@@ -90,6 +90,11 @@ def test_fixed_test_set(cohort, tmp_path):
     assert tests.nunique() == 1  # the same test patients in every fold
     vals = splits[splits["split"] == "val"].groupby("fold")["patient_id"].apply(set)
     assert not set.intersection(*vals)  # validation rotates over the rest
+    n_patients = splits["patient_id"].nunique()
+    for frac in (0.25, 0.75):  # a large test set (a small training part) is what it says, too
+        splits = split(table, "classification", tmp_path / "s.csv", "--test-frac", str(frac))
+        n_test = splits[(splits["split"] == "test") & (splits["fold"] == 0)]["patient_id"].nunique()
+        assert abs(n_test / n_patients - frac) < 0.1, (frac, n_test, n_patients)
 
 
 def bad_table(tmp_path: Path, table: Path, edit) -> Path:

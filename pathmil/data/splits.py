@@ -62,9 +62,13 @@ def _group_folds(patients: np.ndarray, strata: np.ndarray, n_splits: int, seed: 
 
 
 def _holdout(patients: np.ndarray, strata: np.ndarray, frac: float, seed: int) -> np.ndarray:
-    """A stratified subset of about ``frac`` of ``patients`` (at least one, never all)."""
+    """A stratified subset of about ``frac`` of ``patients`` (at least one, never all): one of
+    round(1 / frac) stratified folds, or for ``frac`` over one half all but one of round(1 / (1 - frac))."""
     if frac <= 0 or len(patients) < 2:
         return np.zeros(0, dtype=int)
+    if frac > 0.5:
+        rest = _holdout(patients, strata, 1 - frac, seed)
+        return np.setdiff1d(np.arange(len(patients)), rest)
     n_splits = min(len(patients), max(2, round(1 / frac)))
     return _group_folds(patients, strata, n_splits, seed)[0]
 
