@@ -81,13 +81,17 @@ def add_demo_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, required=True, help="output folder (slides/ and cohort.csv)")
     add_flags(p, DemoConfig, list(DemoConfig.model_fields))
+    _add_config_args(p)
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from pathmil.config import load_settings
     from pathmil.demo import DemoConfig, make_demo_cohort
     from pathmil.settings import given_flags
 
-    config = DemoConfig.build(given_flags(args, DemoConfig))
+    config = load_settings(
+        DemoConfig, args.config, args.overrides, given_flags(args, DemoConfig), "slides.demo"
+    )
     table = make_demo_cohort(
         args.out,
         n_slides=config.n_slides,

@@ -110,7 +110,8 @@ def load_settings(
     flags: dict[str, Any] | None = None,
     section: str | None = None,
 ) -> S:
-    """Defaults, then the YAML file's section (``cls.section`` unless named), then ``--set``, then flags.
+    """Defaults, then the YAML file's section (``cls.section`` unless named; dotted for a nested one, e.g.
+    ``slides.demo``), then ``--set``, then flags.
 
     ``flags`` holds values given as dedicated command-line flags (those not given are left out).
 
@@ -121,7 +122,8 @@ def load_settings(
     data = read_yaml(path)
     if path is not None:
         check_sections(data, path)
-    data = data.get(section) or {}
+    for part in section.split("."):
+        data = (data.get(part) if isinstance(data, dict) else None) or {}
     if not isinstance(data, dict):
         raise PathmilError(f"config file {path}: section '{section}' must be a mapping of settings")
     data = deep_merge(data, parse_overrides(overrides))

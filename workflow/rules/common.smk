@@ -353,7 +353,9 @@ def train_settings(task, aggregator):
 
 
 SETTINGS_FILES = {
-    "demo": settings_file("demo", {"demo": config["slides"].get("demo") or {}}),
+    "demo": settings_file(
+        "demo", {"slides": {"demo": config["slides"].get("demo") or {}}}
+    ),
     "tile": settings_file("tile", {"tile": config["tile"]}),
     "extract": settings_file(
         "extract", {"extract": without(config["extract"], "threads", "gpus")}

@@ -18,7 +18,6 @@ rule demo:
     threads: 2
     params:
         out=lambda wildcards, output: os.path.dirname(output.table),
-        demo=config["slides"].get("demo") or {},
     shell:
-        "pathmil demo --out {params.out:q} --n-slides {params.demo[n_slides]} "
-        "--seed {params.demo[seed]} --size {params.demo[size]} --workers {threads} > {log:q} 2>&1"
+        "pathmil demo --out {params.out:q} --config {input.settings:q} --workers {threads} "
+        "> {log:q} 2>&1"
