@@ -97,6 +97,34 @@ def test_fine_tuning_runs_repeat_exactly_with_a_seed(cohort):
     assert read_csv(first / "predictions.csv").equals(read_csv(second / "predictions.csv"))
     scratch = train(cohort, "survival", cohort["root"] / "scratch", 0, "--set", "seed=3")
     assert not read_csv(scratch / "predictions.csv").equals(read_csv(first / "predictions.csv"))
+    # another source: compare keeps the two fine-tunings apart, each named by its source
+    run_source = str(cohort["runs"][1])
+    other = train(
+        cohort, "survival", cohort["root"] / "ft_c", 0, "--set", f"init_from={run_source}", "--set", "seed=3"
+    )
+    out = cohort["root"] / "compare_sources"
+    assert (
+        main(
+            [
+                "compare",
+                "--runs",
+                str(first),
+                str(other),
+                str(scratch),
+                "--out",
+                str(out),
+                "--n-bootstrap",
+                "10",
+            ]
+        )
+        == 0
+    )
+    labels = set(read_csv(out / "comparison.csv")["configuration"])
+    assert labels == {
+        "abmil",
+        f"abmil (fine-tuned) from {cohort['package']}",
+        f"abmil (fine-tuned) from {run_source}",
+    }
 
 
 # ------------------------------------------------------------------------------------------ MoE-PKT

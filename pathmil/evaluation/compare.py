@@ -3,7 +3,8 @@
 A configuration is trained over seeds x folds; every training run (``pathmil train``) leaves a run folder
 with ``best.pt``, ``predictions.csv`` and ``metrics.json``. Its label (encoder, aggregator, seed, fold) is
 read from those files, never from the folder's path; a run started from a source model
-(``train.init_from``) is another configuration, ``<aggregator> (fine-tuned)``, beside the same aggregator
+(``train.init_from``) is another configuration, ``<aggregator> (fine-tuned)`` (``... from <source>`` when
+one aggregator was fine-tuned from several sources), beside the same aggregator
 trained from scratch. Following Agarwal et al. ("Deep reinforcement learning at the edge of the
 statistical precipice", NeurIPS 2021), each configuration gets:
 
@@ -37,7 +38,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ class Run:
     seed: int
     fold: int
     predictions: pd.DataFrame  # every split's rows
+    source: str | None = None  # train.init_from of a fine-tuned run
 
     @property
     def test(self) -> pd.DataFrame:
@@ -131,7 +133,21 @@ def read_run(path: Path) -> Run:
         seed=config.seed,
         fold=int(info["fold"]),
         predictions=read_predictions(path),
+        source=config.init_from,
     )
+
+
+def label_sources(runs: list[Run]) -> list[Run]:
+    """``runs`` with the source named in the aggregator where one aggregator was fine-tuned from several."""
+    sources: dict[tuple[str | None, str], set[str | None]] = {}
+    for run in runs:
+        sources.setdefault((run.encoder, run.aggregator), set()).add(run.source)
+    return [
+        replace(run, aggregator=f"{run.aggregator} from {run.source}")
+        if len(sources[(run.encoder, run.aggregator)]) > 1
+        else run
+        for run in runs
+    ]
 
 
 @dataclass
@@ -166,8 +182,10 @@ def group_configurations(runs: list[Run]) -> list[Configuration]:
     """Runs grouped by (encoder, aggregator); all of one task, each (seed, fold) once per configuration.
 
     Labels are the aggregator when all runs share an encoder, the encoder when all share an aggregator,
-    else ``encoder/aggregator``.
+    else ``encoder/aggregator``. Runs of one aggregator fine-tuned from several sources are a configuration
+    per source, ``<aggregator> (fine-tuned) from <train.init_from>``.
     """
+    runs = label_sources(runs)
     tasks = {(r.task.name, tuple(r.task.label_columns)) for r in runs}
     if len(tasks) > 1:
         names = ", ".join(f"{name} ({'/'.join(columns)})" for name, columns in sorted(tasks))
