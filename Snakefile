@@ -27,6 +27,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/transfer.smk"
 include: "workflow/rules/report.smk"
 
 

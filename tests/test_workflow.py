@@ -193,6 +193,140 @@ def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):
     assert job_counts(done.stdout + done.stderr)["train"] == 3 * 3 * 2
 
 
+def fake_package(path: Path, **changes) -> Path:
+    """A package's manifest alone (a dry run reads nothing else): survival ABMIL on MobileNetV2 features of
+    1 um/px tiles of 128 px with the biopsy preset."""
+    from pathmil.slide.tile import TileConfig
+
+    manifest = {
+        "format": "pathmil-package",
+        "format_version": 1,
+        "task": {"name": "survival", "label_columns": ["time", "event"]},
+        "aggregator": "abmil",
+        "encoder": {"name": "mobilenet_v2", "weights_sha256": "ab" * 32, "random_init": False, "dim": 1280},
+        "tiling": TileConfig(target_mpp=1.0, tile_px=128, preset="bwh_biopsy").tiling(),
+        "members": [],
+        **changes,
+    }
+    path.mkdir(parents=True)
+    (path / "package.json").write_text(json.dumps(manifest))
+    return path
+
+
+def settings_of(work: Path, configfile: Path, dry_output: str, name: str) -> dict:
+    """Write one settings file the dry run planned (rule `settings`, a printf) and read it back."""
+    import re
+
+    import yaml
+
+    found = sorted(set(re.findall(rf"results/[^ \n]*/settings/{name}\.[0-9a-f]{{12}}\.yaml", dry_output)))
+    assert len(found) == 1, found
+    snakemake(work, found[0], "--cores", "1", "--configfile", str(configfile))
+    return yaml.safe_load((work / found[0]).read_text())
+
+
+def test_a_deploy_config_tiles_and_encodes_as_its_package_and_plans_the_external_validation(
+    tmp_path, mobilenet_weights
+):
+    work = workflow_copy(tmp_path / "w")
+    package = fake_package(tmp_path / "model.pathmil")
+    config = mini_config(
+        mobilenet_weights, tile={}, tasks={"survival": None}, deploy={"package": str(package), "heatmaps": 2}
+    )
+    config["extract"].pop("encoder")
+    configfile = write_config(tmp_path / "c.yaml", config)
+    dry = snakemake(work, "-n", "--configfile", str(configfile))
+    text = dry.stdout + dry.stderr
+    counts = job_counts(text)
+    assert counts["deploy_predict"] == counts["deploy_evaluate"] == 1 and counts["deploy_heatmap"] == 2
+    assert counts["tile"] == counts["extract"] == 12 and "train_transfer" not in counts
+    tile = settings_of(work, configfile, text, "tile")["tile"]
+    assert (tile["target_mpp"], tile["tile_px"], tile["preset"]) == (1.0, 128, "bwh_biopsy")
+    assert tile["tissue"] == json.loads((package / "package.json").read_text())["tiling"]["tissue"]
+    assert settings_of(work, configfile, text, "extract")["extract"]["encoder"] == "mobilenet_v2"
+
+
+def test_a_deploy_config_on_a_slide_folder_scores_each_slide_without_labels(tmp_path, mobilenet_weights):
+    folder = tmp_path / "new slides"
+    folder.mkdir()
+    for name in ("a.tiff", "b.svs"):
+        (folder / name).write_bytes(b"")  # a dry run reads the folder's names only
+    config = mini_config(mobilenet_weights, slides={"dir": str(folder)}, tasks={})
+    config["deploy"] = {"package": str(fake_package(tmp_path / "model.pathmil")), "heatmaps": 1}
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"),
+        "-n",
+        "-p",
+        "--configfile",
+        str(write_config(tmp_path / "c.yaml", config)),
+    )
+    text = dry.stdout + dry.stderr
+    counts = job_counts(text)
+    assert counts["deploy_predict"] == counts["deploy_heatmap"] == 1 and "deploy_evaluate" not in counts, (
+        counts
+    )
+    assert "train" not in counts and "summary" not in counts
+    command = next(line for line in text.splitlines() if "predict --package" in line)
+    assert (
+        "--features results/mini/features/mobilenet_v2/a.h5 results/mini/features/mobilenet_v2/b.h5"
+        in command
+    )
+    assert "--cohort" not in command  # a folder's slides have no patients: each bag is its slide
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tile": {"target_mpp": 0.5}}, "config tile.target_mpp is 0.5 but deploy.package"),
+        ({"extract": {"encoder": "resnet50_trunc"}}, "config extract.encoder is resnet50_trunc but deploy.package"),
+        ({"deploy": {"package": "nowhere.pathmil"}}, "deploy.package nowhere.pathmil is not a package (no package.json)"),
+        ({"transfer": {"sources": ["{package}"], "baseline": "transmil"}}, "transfer.baseline transmil is not in aggregators"),
+        ({"transfer": {"sources": ["{other}"]}}, "was trained on resnet50_trunc features, this cohort is encoded with mobilenet_v2"),
+        ({"transfer": {"sources": ["{package}"], "baseline": "mhim_abmil"}, "aggregators": ["abmil", "mhim_abmil"]}, "transfer.baseline mhim_abmil cannot be fine-tuned"),
+    ],
+    ids=["tiling", "encoder", "missing", "baseline", "source-encoder", "wrapper-baseline"],
+)  # fmt: skip
+def test_deploy_and_transfer_settings_that_cannot_work_fail_when_the_workflow_parses(
+    tmp_path, mobilenet_weights, changes, message
+):
+    package = fake_package(tmp_path / "model.pathmil")
+    other = fake_package(
+        tmp_path / "other.pathmil", encoder={"name": "resnet50_trunc", "random_init": False, "dim": 1024}
+    )
+    changes = json.loads(
+        json.dumps(changes).replace("{package}", str(package)).replace("{other}", str(other))
+    )
+    config = mini_config(mobilenet_weights, tasks={"survival": None}, deploy={"package": str(package)})
+    config["tile"] = {}
+    for key, value in changes.items():
+        config[key] = {**(config.get(key) or {}), **value} if isinstance(value, dict) else value
+    done = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config)),
+        check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+
+
+def test_transfer_trains_each_strategy_beside_the_baseline_and_compares_them(tmp_path, mobilenet_weights):
+    sources = [fake_package(tmp_path / f"s{i}.pathmil") for i in range(2)]
+    config = mini_config(
+        mobilenet_weights,
+        tasks={"survival": None, "classification": None},
+        transfer={"sources": list(map(str, sources)), "tasks": ["survival"]},
+    )
+    config["models"]["moe_pkt"] = {"model": {"hidden": 16}}
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    text = dry.stdout + dry.stderr
+    counts = job_counts(text)
+    # survival only: fine-tuned from each of the two sources, and MoE-PKT over both, on each of 2 folds
+    assert counts["train_transfer"] == 3 * 2 and counts["compare_transfer"] == 1, counts
+    assert "warning: config models.moe_pkt is set" not in text
+    for strategy in ("finetune0", "finetune1", "moe_pkt"):
+        assert f"results/mini/transfer/survival/{strategy}/fold1/metrics.json" in text
+
+
 def run_until_killed(work, configfile, run_dir, min_epoch: int = 2) -> subprocess.CompletedProcess:
     """Run the workflow and SIGKILL the `pathmil train` job of ``run_dir`` once its last.pt holds
     ``min_epoch`` epochs (as the out-of-memory killer or a SLURM time limit would); return the run."""
@@ -288,10 +422,34 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     assert "tile" not in counts
     snakemake(work, "--cores", "2", "--configfile", configfile)
 
+    # across cohorts, on this cohort for speed: its survival ABMIL packaged, applied to its own slides as a
+    # deploy cohort (tiled and encoded as before: nothing but the deploy jobs runs) and fine-tuned from
+    package = work / "survival_abmil.pathmil"
+    subprocess.run(
+        [sys.executable, "-m", "pathmil", "package", "--runs", *map(str, sorted((results / "models" / "survival" / "abmil").glob("fold*"))),
+         "--evaluation", str(results / "eval" / "survival" / "abmil"), "--out", str(package)], check=True, capture_output=True,
+    )  # fmt: skip
+    config["deploy"] = {"package": str(package), "heatmaps": 1}
+    config["transfer"] = {"sources": [str(package)], "strategies": ["finetune"], "tasks": ["survival"]}
+    configfile = str(write_config(tmp_path / "c.yaml", config))
+    counts = job_counts(snakemake(work, "--cores", "2", "--configfile", configfile).stdout)
+    assert "tile" not in counts and "extract" not in counts and "train" not in counts, counts
+    assert counts["deploy_predict"] == counts["deploy_evaluate"] == counts["deploy_heatmap"] == 1, counts
+    assert counts["train_transfer"] == 2 and counts["compare_transfer"] == 1, counts
+    deployed = pd.read_csv(results / "deploy" / "predictions.csv")
+    assert len(deployed) == n_patients and deployed["score"].notna().all()
+    external = json.loads((results / "deploy" / "eval" / "metrics.json").read_text())
+    assert external["external"] and external["task"] == "survival"
+    summary = pd.read_csv(results / "report" / "summary.csv")
+    assert "abmil (external)" in set(summary["aggregator"])
+    compared = pd.read_csv(results / "transfer" / "survival" / "compare" / "comparison.csv")
+    assert set(compared["configuration"]) == {"abmil", "abmil (fine-tuned)"}
+
     report = work / "report.html"
     snakemake(work, "--configfile", configfile, "--report", str(report))
     html = report.read_text(errors="ignore")
     assert report.stat().st_size > 10_000 and "summary.csv" in html
+    assert "External validation" in html and "comparison.csv" in html
     first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):
         assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first_slide}.png").stat().st_size > 1000

@@ -234,7 +234,8 @@ def evaluate_external(
 
 
 def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
-    """One table of every evaluated task x aggregator: metric, pooled value, CI and fold statistics."""
+    """One table of every evaluated task x aggregator: metric, pooled value, CI and fold statistics; an
+    external test set (:func:`evaluate_external`) is a row of its own, ``<aggregator> (external)``."""
     rows = []
     for directory in eval_dirs:
         path = Path(directory) / "metrics.json"
@@ -247,7 +248,7 @@ def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
             rows.append(
                 {
                     "task": result["task"],
-                    "aggregator": result["aggregator"],
+                    "aggregator": result["aggregator"] + (" (external)" if result.get("external") else ""),
                     "main": row["metric"] == result["main_metric"],
                     **row,
                 }

@@ -4,8 +4,10 @@
 # `--sdm conda` the rules run in envs/pathmil.yaml); pathmil is imported at parse time only to plan the
 # synthetic demo. Facts from the package (defaults, registries, each wrapper's baseline) come from the
 # generated schema (workflow/schemas/config.schema.yaml, `pathmil config --schema`).
+import copy
 import csv
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -40,14 +42,97 @@ def check_config():
             f"config: {reason.removeprefix('ValidationError: ')}"
             + (f" (in {'.'.join(section)})" if section else "")
         ) from None
+    transferred = (config.get("transfer") or {}).get("strategies") or []
     for name, entry in (config.get("models") or {}).items():
-        if name not in config["aggregators"]:
+        if name not in config["aggregators"] and name not in transferred:
             print(
                 f"warning: config models.{name} is set but {name} is not in aggregators"
             )
 
 
+GIVEN = copy.deepcopy(
+    dict(config)
+)  # the settings as written, before the schema fills in defaults
 check_config()
+
+
+# ------------------------------------------------------------------------------------ deploy packages
+
+TILING_KEYS = ("target_mpp", "tile_px", "overlap", "min_tissue", "preset")
+
+
+def package_manifest(path, what):
+    """The manifest (package.json) of a package folder, its format checked; one line if it cannot be read."""
+    manifest_path = Path(path) / "package.json"
+    if not manifest_path.is_file():
+        raise WorkflowError(
+            f"{what} {path} is not a package (no package.json); make it first with `pathmil package` "
+            "(or `package: true` in the config of its cohort)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != "pathmil-package":
+        raise WorkflowError(f"{what} {path}: package.json is not a pathmil package's")
+    if manifest.get("format_version", 0) > FACTS["package_format_version"]:
+        raise WorkflowError(
+            f"{what} {path} has format version {manifest['format_version']}; update pathmil"
+        )
+    return manifest
+
+
+def resolved_tiling(tile):
+    """The tiling a `tile` section makes (TileConfig.tiling): the preset's tissue parameters with overrides."""
+    tissue = dict(FACTS["tissue_presets"][tile["preset"]])
+    tissue.update(
+        {k: v for k, v in (tile.get("tissue") or {}).items() if v is not None}
+    )
+    return {**{k: tile[k] for k in TILING_KEYS}, "tissue": tissue}
+
+
+def apply_deploy_package():
+    """A deploy cohort is tiled and encoded as its package's training bags were: the package's tiling and
+    encoder replace the config's, unless the config states other values, which is refused in one line.
+    """
+    path = config["deploy"]["package"]
+    manifest = package_manifest(path, "deploy.package")
+    tiling, encoder = manifest.get("tiling"), manifest["encoder"]
+    if not tiling:
+        raise WorkflowError(
+            f"deploy.package {path} does not know how its bags were tiled (not by pathmil); it cannot "
+            "score slides"
+        )
+    given_tile = GIVEN.get("tile") or {}
+    for key in TILING_KEYS:
+        if key in given_tile and given_tile[key] != tiling[key]:
+            raise WorkflowError(
+                f"config tile.{key} is {given_tile[key]!r} but deploy.package {path} was trained on tiles "
+                f"with {key} {tiling[key]!r}; drop tile.{key} (a deploy cohort is tiled as its package)"
+            )
+    if resolved_tiling(config["tile"]) != tiling:
+        if (
+            given_tile.get("tissue")
+            and resolved_tiling(config["tile"])["tissue"] != tiling["tissue"]
+        ):
+            raise WorkflowError(
+                f"config tile.tissue differs from the tissue parameters of deploy.package {path}; drop it"
+            )
+        config["tile"].update(
+            {k: tiling[k] for k in TILING_KEYS}, tissue=tiling["tissue"]
+        )
+    given_encoder = (GIVEN.get("extract") or {}).get("encoder")
+    if given_encoder is not None and given_encoder != encoder["name"]:
+        raise WorkflowError(
+            f"config extract.encoder is {given_encoder} but deploy.package {path} was trained on "
+            f"{encoder['name']} features; drop extract.encoder"
+        )
+    config["extract"].update(
+        encoder=encoder["name"], random_init=bool(encoder.get("random_init"))
+    )
+    if config["extract"]["random_init"]:
+        config["extract"]["weights"] = None
+    return manifest
+
+
+DEPLOY = apply_deploy_package() if config.get("deploy") else None
 
 OUT = f"results/{config['cohort']}"
 ENV = "../../envs/pathmil.yaml"
@@ -401,7 +486,7 @@ def all_targets(wildcards):
             for a in AGGREGATORS
             for s in heatmap_slides()
         ]
-    return targets
+    return targets + transfer_targets()
 
 
 def cohort_source():

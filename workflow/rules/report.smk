@@ -3,7 +3,8 @@
 
 rule summary:
     input:
-        evals=[f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS],
+        evals=[f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS]
+        + external_evaluations(),
         failures=f"{OUT}/failures.csv",
     output:
         summary=report(
