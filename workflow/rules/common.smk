@@ -528,3 +528,105 @@ def baseline_checkpoint(wildcards):
 
 def teacher_args(wildcards, input):
     return ["--teacher-init", input.baseline[0]] if input.baseline else []
+
+
+# ------------------------------------------------------------------- across cohorts (transfer.smk)
+
+DEPLOY_OUT = f"{OUT}/deploy"
+TRANSFER = config.get("transfer")
+
+
+def deploy_labelled():
+    """Whether every slide has the deploy package's label columns (then it is an external test set)."""
+    if not DEPLOY:
+        return False
+    columns = DEPLOY["task"]["label_columns"]
+    if "demo" in config["slides"]:
+        return set(columns) <= {"label", "time", "event", "stil"}
+    if "table" in config["slides"]:
+        return all(row.get(c) is not None for row in SLIDES.values() for c in columns)
+    return False
+
+
+def deploy_bags_args(wildcards, input):
+    """A table's (or the demo's) bags by patient, with their labels; a slide folder's bags one by one."""
+    if "dir" in config["slides"]:
+        return ["--features", *input.bags]
+    return ["--cohort", input.table, "--features-dir", FEATURES]
+
+
+def transfer_runs():
+    """Strategy name -> the train settings it adds: `finetune` (or finetune0, finetune1, ... with several
+    sources) starts the baseline from a source; `moe_pkt` mixes all sources."""
+    if not TRANSFER:
+        return {}
+    sources = list(TRANSFER["sources"])
+    runs = {}
+    if "finetune" in TRANSFER["strategies"]:
+        for i, source in enumerate(sources):
+            name = "finetune" if len(sources) == 1 else f"finetune{i}"
+            runs[name] = {"init_from": source}
+    if "moe_pkt" in TRANSFER["strategies"]:
+        runs["moe_pkt"] = {"sources": sources}
+    return runs
+
+
+def check_transfer():
+    """Sources that are packages of this cohort's encoder, a baseline that is trained here."""
+    if TRANSFER["baseline"] not in AGGREGATORS:
+        raise WorkflowError(
+            f"transfer.baseline {TRANSFER['baseline']} is not in aggregators {AGGREGATORS}; add it (it is "
+            "the model trained from scratch and fine-tuned)"
+        )
+    if TRANSFER["baseline"] in BASELINES or TRANSFER["baseline"] == "moe_pkt":
+        raise WorkflowError(
+            f"transfer.baseline {TRANSFER['baseline']} cannot be fine-tuned from a source (a wrapper or "
+            "MoE-PKT itself); name a plain aggregator, e.g. abmil"
+        )
+    for source in TRANSFER["sources"]:
+        encoder = package_manifest(source, "transfer.sources")["encoder"]
+        ours = (config["extract"]["encoder"], bool(config["extract"]["random_init"]))
+        if (encoder["name"], bool(encoder.get("random_init"))) != ours:
+            raise WorkflowError(
+                f"transfer.sources {source} was trained on {encoder['name']} features, this cohort is "
+                f"encoded with {ours[0]}; transfer needs the same encoder"
+            )
+
+
+TRANSFER_TASKS = []
+if TRANSFER:
+    check_transfer()
+    TRANSFER_TASKS = [t for t in (TRANSFER.get("tasks") or TASKS) if t in TASKS]
+TRANSFER_RUNS = transfer_runs()
+for _task in TRANSFER_TASKS:
+    for _strategy, _extra in TRANSFER_RUNS.items():
+        _aggregator = "moe_pkt" if _strategy == "moe_pkt" else TRANSFER["baseline"]
+        _settings = train_settings(_task, _aggregator)
+        _settings["train"].update(_extra)
+        SETTINGS_FILES[f"transfer/{_task}/{_strategy}"] = settings_file(
+            f"transfer-{_task}-{_strategy}", _settings
+        )
+
+
+def transfer_targets():
+    """What `deploy`, `package` and `transfer` add to `rule all`."""
+    targets = []
+    if config["package"]:
+        targets += [
+            f"{OUT}/packages/{t}/{a}.pathmil" for t in TASKS for a in AGGREGATORS
+        ]
+    if DEPLOY:
+        targets += [f"{DEPLOY_OUT}/predictions.csv"]
+        targets += [
+            f"{DEPLOY_OUT}/heatmaps/{s}.png"
+            for s in slide_ids()[: config["deploy"]["heatmaps"]]
+        ]
+        if deploy_labelled():
+            targets += [f"{DEPLOY_OUT}/eval/metrics.json"]
+    targets += [f"{OUT}/transfer/{t}/compare/comparison.csv" for t in TRANSFER_TASKS]
+    return targets
+
+
+def external_evaluations():
+    """The deploy evaluation, for the summary table beside the cross-validated ones."""
+    return [f"{DEPLOY_OUT}/eval/metrics.json"] if deploy_labelled() else []
