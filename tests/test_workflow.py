@@ -432,7 +432,8 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     config["deploy"] = {"package": str(package), "heatmaps": 1}
     config["transfer"] = {"sources": [str(package)], "strategies": ["finetune"], "tasks": ["survival"]}
     configfile = str(write_config(tmp_path / "c.yaml", config))
-    counts = job_counts(snakemake(work, "--cores", "2", "--configfile", configfile).stdout)
+    done = snakemake(work, "--cores", "2", "--configfile", configfile)
+    counts = job_counts(done.stdout + done.stderr)
     assert "tile" not in counts and "extract" not in counts and "train" not in counts, counts
     assert counts["deploy_predict"] == counts["deploy_evaluate"] == counts["deploy_heatmap"] == 1, counts
     assert counts["train_transfer"] == 2 and counts["compare_transfer"] == 1, counts
