@@ -109,7 +109,9 @@ def add_cohort_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--facts-dir",
         type=Path,
-        help="keep only the slides whose facts JSON in this folder says ok (after tile/extract)",
+        nargs="+",
+        help="keep only the slides whose facts JSON says ok in every one of these folders (after "
+        "tile/extract; one folder per encoder)",
     )
     p.add_argument("--failures", type=Path, help="with --facts-dir: CSV of the dropped slides and why")
 

@@ -164,34 +164,42 @@ def read_labelled_table(path: str | os.PathLike, label_columns: list[str]) -> pd
     return table
 
 
-def split_by_facts(table: pd.DataFrame, facts_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Slides whose facts file in ``facts_dir`` says ``ok``, and a failures table for the others.
+def split_by_facts(
+    table: pd.DataFrame, facts_dirs: str | os.PathLike | list[str | os.PathLike]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Slides whose facts file says ``ok`` in every folder of ``facts_dirs`` (one per encoder), and a
+    failures table (one row per slide and folder where it failed) for the others.
 
     Per-slide stages (tile, extract) record a failed slide in its facts JSON instead of stopping the
     workflow; this is where later stages learn which slides to go on with, and why the others are missing.
+    Comparisons of encoders need the same patients, so a slide left out by one encoder is left out by all.
     """
     import json
 
+    folders = [Path(f) for f in (facts_dirs if isinstance(facts_dirs, list) else [facts_dirs])]
     ok, failures = [], []
     for row in table.itertuples(index=False):
-        path = Path(facts_dir) / f"{row.slide_id}.json"
-        facts = (
-            json.loads(path.read_text())
-            if path.is_file()
-            else {"status": "failed", "stage": "unknown", "error": f"no facts file {path}"}
-        )
-        if facts.get("status") == "ok":
-            ok.append(True)
-        else:
-            ok.append(False)
-            failures.append(
-                {
-                    "slide_id": row.slide_id,
-                    "path": getattr(row, "path", None),
-                    "stage": facts.get("stage", "unknown"),
-                    "error": facts.get("error", ""),
-                }
+        good = True
+        for folder in folders:
+            path = folder / f"{row.slide_id}.json"
+            facts = (
+                json.loads(path.read_text())
+                if path.is_file()
+                else {"status": "failed", "stage": "unknown", "error": f"no facts file {path}"}
             )
-    return table[ok].reset_index(drop=True), pd.DataFrame(
-        failures, columns=["slide_id", "path", "stage", "error"]
-    )
+            if facts.get("status") != "ok":
+                good = False
+                stage = facts.get("stage", "unknown")
+                failures.append(
+                    {
+                        "slide_id": row.slide_id,
+                        "path": getattr(row, "path", None),
+                        "stage": stage if len(folders) == 1 else f"{stage} ({folder.name})",
+                        "error": facts.get("error", ""),
+                    }
+                )
+        ok.append(good)
+    failed = pd.DataFrame(failures, columns=["slide_id", "path", "stage", "error"])
+    if len(folders) > 1:  # a tiling failure shows once, not once per encoder
+        failed = failed.drop_duplicates(["slide_id", "error"])
+    return table[ok].reset_index(drop=True), failed

@@ -37,6 +37,7 @@ SECTIONS = (
     "split",
     "tasks",
     "aggregators",
+    "seeds",
     "train",
     "models",
     "evaluate",
@@ -137,7 +138,7 @@ def run_config_class() -> type[Settings]:
     """The whole-run config (what ``config/config.yaml`` holds), assembled from the stages' settings."""
     from typing import Literal
 
-    from pydantic import Field, model_validator
+    from pydantic import Field, field_validator, model_validator
 
     from pathmil.data.splits import SplitConfig
     from pathmil.demo import DemoConfig
@@ -168,11 +169,26 @@ def run_config_class() -> type[Settings]:
                 raise ValueError(f"slides must name exactly one of demo, table, dir (got {given or 'none'})")
             return self
 
-    class ExtractJob(ExtractConfig):
-        """``extract`` settings plus the workflow's per-job resources."""
+    ExtractOverrides = partial(ExtractConfig, "ExtractOverrides")  # noqa: N806 (a class)
 
+    class ExtractJob(ExtractConfig):
+        """``extract`` settings plus the workflow's per-job resources and its encoder grid."""
+
+        encoder: str | list[str] = Field(  # type: ignore[assignment]
+            "resnet50_trunc", description="encoder (registry name or timm:<model_name>), or a list of them (a grid)"
+        )
+        per_encoder: dict[str, ExtractOverrides] = Field(  # type: ignore[valid-type]
+            default_factory=dict, description="settings of one encoder of the list (e.g. its weights, random_init)"
+        )
         threads: int = Field(2, ge=1, description="compute threads per extraction job (the rule's threads)")
         gpus: int = Field(0, ge=0, description="GPUs per extraction job (on SLURM: --gpus)")
+
+        @field_validator("encoder")
+        @classmethod
+        def _known_encoder(cls, value: str | list[str]) -> str | list[str]:  # each of the list
+            for name in [value] if isinstance(value, str) else value:
+                ExtractConfig._known_encoder(name)
+            return value
 
     run_fields = [n for n in TrainConfig.model_fields if n not in WORKFLOW_OWNED_TRAIN_FIELDS]
     TrainJob = subset(
@@ -219,6 +235,9 @@ def run_config_class() -> type[Settings]:
             default_factory=dict, description="the tasks to train, each with its label columns and options"
         )
         aggregators: list[str] = Field(["abmil"], min_length=1, description="the aggregators to train")
+        seeds: list[int] = Field(
+            [0], min_length=1, description="training seeds: each configuration is trained once per seed"
+        )
         train: TrainJob = Field(default_factory=TrainJob)  # type: ignore[valid-type]
         models: dict[str, ModelEntry] = Field(
             default_factory=dict, description="per-aggregator settings merged over train"
@@ -271,8 +290,9 @@ def workflow_schema() -> dict[str, Any]:
     models = list_models()
     props["aggregators"]["items"] = {"enum": models}
     encoder = props["extract"]["properties"]["encoder"]
+    name = {"anyOf": [{"enum": list_encoders()}, {"type": "string", "pattern": "^timm:.+"}]}
     encoder.pop("type", None)
-    encoder["anyOf"] = [{"enum": list_encoders()}, {"type": "string", "pattern": "^timm:.+"}]
+    encoder["anyOf"] = [name, {"type": "array", "items": name, "minItems": 1}]
     task_entry = props["tasks"].pop("additionalProperties")
     props["tasks"]["properties"] = {}
     for name, cls in TASKS.items():

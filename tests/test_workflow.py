@@ -24,6 +24,7 @@ RULES = [
     "split",
     "train",
     "evaluate",
+    "compare",
     "heatmap",
     "summary",
     "all",
@@ -61,6 +62,25 @@ def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     assert set(RULES) <= set(counts), counts
     assert counts["tile"] == counts["extract"] == 40  # the demo's 40 slides, known before they exist
     assert counts["train"] == 3 * 3 * 3  # tasks x aggregators x folds of config/config.yaml
+
+
+def test_a_grid_of_encoders_and_seeds_plans_every_configuration(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, seeds=[0, 1, 2])
+    config["extract"] = {
+        "encoder": ["mobilenet_v2", "timm:resnet18"],
+        "per_encoder": {
+            "mobilenet_v2": {"weights": str(mobilenet_weights)},
+            "timm:resnet18": {"random_init": True},
+        },
+    }
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["tile"] == 12 and counts["extract"] == 2 * 12  # tiles shared, features per encoder
+    assert counts["train"] == 3 * 2 * len(AGGREGATORS) * 3 * 2  # task x encoder x aggregator x seed x fold
+    assert counts["evaluate"] == 3 * 2 * len(AGGREGATORS) * 3 and counts["compare"] == 3
+    assert "results/mini/features/timm-resnet18-random/" in dry.stdout + dry.stderr
 
 
 def test_only_the_tasks_the_config_names_are_trained(tmp_path, mobilenet_weights):
@@ -233,7 +253,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     config["models"]["abmil"] = {"epochs": 12, "min_epochs": 12}  # long enough to be caught mid-run
     configfile = str(write_config(tmp_path / "c.yaml", config))
     results = work / "results" / "mini"
-    victim = results / "models" / "classification" / "abmil" / "fold0"
+    victim = results / "models" / "classification" / "mobilenet_v2" / "abmil" / "seed0" / "fold0"
     first = run_until_killed(work, configfile, victim)
     assert first.returncode != 0 and not (victim / "best.pt").exists() and (victim / "last.pt").exists()
     snakemake(work, "--cores", "2", "--configfile", configfile)  # recovers: resumes from last.pt
@@ -241,7 +261,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     subprocess.run(
         [sys.executable, "-m", "pathmil", "train", "--features", str(results / "features" / "mobilenet_v2"),
          "--cohort", str(results / "cohort_ok.csv"), "--splits", str(results / "splits" / "classification.csv"),
-         "--fold", "0", "--config", str(next((results / "settings").glob("train-classification-abmil.*.yaml"))),
+         "--fold", "0", "--config", str(next((results / "settings").glob("train-classification-abmil-seed0.*.yaml"))),
          "--out", str(reference), "--no-progress"], check=True, capture_output=True,
     )  # fmt: skip
     resumed, clean = (json.loads((r / "metrics.json").read_text()) for r in (victim, reference))
@@ -257,10 +277,18 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     n_patients = pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
     for task in ("classification", "survival", "regression"):
         for aggregator in AGGREGATORS:
-            result = json.loads((results / "eval" / task / aggregator / "metrics.json").read_text())
+            evaluation = results / "eval" / task / "mobilenet_v2" / aggregator / "seed0"
+            result = json.loads((evaluation / "metrics.json").read_text())
             assert result["n_test_bags"] == n_patients
-        teacher = (results / "models" / task / "abmil" / "fold0" / "best.pt").resolve()
-        mhim_log = (results / "logs" / "train" / task / "mhim_abmil" / "fold0.log").read_text()
+            assert (result["encoder"], result["seed"]) == ("mobilenet_v2", 0)
+        teacher = (
+            results / "models" / task / "mobilenet_v2" / "abmil" / "seed0" / "fold0" / "best.pt"
+        ).resolve()
+        mhim_log = (
+            results / "logs" / "train" / task / "mobilenet_v2" / "mhim_abmil" / "seed0" / "fold0.log"
+        ).read_text()
+        comparison = json.loads((results / "eval" / task / "comparison" / "comparison.json").read_text())
+        assert len(comparison["configurations"]) == len(AGGREGATORS)  # paired over the same patients
         assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
@@ -294,8 +322,10 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     assert report.stat().st_size > 10_000 and "summary.csv" in html
     first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):
-        assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first_slide}.png").stat().st_size > 1000
-        assert (results / "eval" / task / "abmil" / "plots").is_dir()
+        assert (
+            results / "eval" / task / "mobilenet_v2" / "abmil" / "heatmaps" / f"{first_slide}.png"
+        ).stat().st_size > 1000
+        assert (results / "eval" / task / "mobilenet_v2" / "abmil" / "seed0" / "plots").is_dir()
         assert "heatmap" in html and "roc" in html
 
 

@@ -58,7 +58,7 @@ from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
 from pathmil.tasks.metrics import class_indices
-from pathmil.training.run import load_run
+from pathmil.training.run import encoder_name, load_run
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def read_run(path: Path) -> Run:
     info = json.loads((path / "metrics.json").read_text())
     features = info.get("features") or {}
     encoder = features.get("encoder")
-    if encoder and features.get("random_init"):
-        encoder = f"{encoder} (random init)"  # the untrained baseline is another encoder
+    if encoder:  # the untrained baseline is another encoder
+        encoder = encoder_name(str(encoder), bool(features.get("random_init")))
     return Run(
         path=path,
         task=task,

@@ -33,17 +33,12 @@ from pathmil.fileio import atomic_output
 from pathmil.ids import slide_id_from_path
 from pathmil.models.base import MILOutput
 from pathmil.tasks.classification import ClassificationTask
-from pathmil.training.run import TrainedRun, load_run
+from pathmil.training.run import TrainedRun, encoder_name, load_run
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ the model
-
-
-def encoder_name(encoder: str, random_init: bool) -> str:
-    """An encoder as messages name it (a randomly initialised one is a different feature space)."""
-    return f"{encoder} (random init)" if random_init else encoder
 
 
 def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:

@@ -108,11 +108,21 @@ class TrainedRun:
     def aggregator(self) -> str:
         return self.config.aggregator
 
+    @property
+    def encoder_label(self) -> str | None:
+        """The encoder as reports name it (a randomly initialised one is another feature space)."""
+        return None if self.encoder is None else encoder_name(self.encoder, self.random_init)
+
     def autocast(self) -> Any:
         """The precision training scored bags with: bf16 on a GPU when the run used amp, else float32."""
         from pathmil.device import autocast
 
         return autocast(self.device, mil_autocast_dtype(self.device, self.config.amp))
+
+
+def encoder_name(encoder: str, random_init: bool) -> str:
+    """An encoder as messages and reports name it (a randomly initialised one is another feature space)."""
+    return f"{encoder} (random init)" if random_init else encoder
 
 
 def load_run(

@@ -51,19 +51,55 @@ check_config()
 
 OUT = f"results/{config['cohort']}"
 ENV = "../../envs/pathmil.yaml"
-ENCODER = config["extract"]["encoder"].replace(":", "-")
-FEATURES = f"{OUT}/features/{ENCODER}"
+FEATURES = (
+    f"{OUT}/features"  # one folder of bags per encoder: features/{encoder}/{slide}.h5
+)
 SETTINGS = f"{OUT}/settings"
 TASKS = [t for t in config["tasks"]] if "dir" not in config["slides"] else []
 AGGREGATORS = list(config["aggregators"])
+SEEDS = list(config["seeds"])
 FOLDS = list(range(config["split"]["folds"]))
 BASELINES = FACTS["baselines"]  # MHIM-MIL trains after the plain model of the same fold
+
+
+def encoder_settings():
+    """Folder name -> `extract` settings of each encoder (`extract.encoder` may list several, a grid;
+    `extract.per_encoder` overrides settings of one). A randomly initialised encoder is its own folder.
+    """
+    extract = config["extract"]
+    names = (
+        extract["encoder"]
+        if isinstance(extract["encoder"], list)
+        else [extract["encoder"]]
+    )
+    base = without(extract, "threads", "gpus", "encoder", "per_encoder")
+    entries = {}
+    for name in names:
+        settings = {
+            **base,
+            **(extract.get("per_encoder", {}).get(name) or {}),
+            "encoder": name,
+        }
+        folder = name.replace(":", "-") + (
+            "-random" if settings.get("random_init") else ""
+        )
+        entries[folder] = settings
+    return entries
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+ENCODERS = encoder_settings()
 
 
 wildcard_constraints:
     slide="[^/]+",
     task="|".join(TASKS) or "none",
+    encoder="|".join(re.escape(e) for e in ENCODERS),
     aggregator="|".join(AGGREGATORS),
+    seed=r"\d+",
     fold=r"\d+",
 
 
@@ -330,11 +366,7 @@ def settings_file(name, sections):
     return path
 
 
-def without(section, *keys):
-    return {k: v for k, v in section.items() if k not in keys}
-
-
-def train_settings(task, aggregator):
+def train_settings(task, aggregator, seed):
     """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
     entry = config["tasks"][task] or {}
     model = dict((config["models"].get(aggregator) or {}))
@@ -342,6 +374,7 @@ def train_settings(task, aggregator):
     settings.update(without(model, "model", "mhim"))
     settings.update(
         task=task,
+        seed=seed,
         target=label_columns(task),
         task_options=entry.get("task_options") or {},
         aggregator=aggregator,
@@ -355,47 +388,76 @@ def train_settings(task, aggregator):
 SETTINGS_FILES = {
     "demo": settings_file("demo", {"demo": config["slides"].get("demo") or {}}),
     "tile": settings_file("tile", {"tile": config["tile"]}),
-    "extract": settings_file(
-        "extract", {"extract": without(config["extract"], "threads", "gpus")}
-    ),
     "split": settings_file("split", {"split": config["split"]}),
     "evaluate": settings_file(
         "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
     ),
     "heatmap": settings_file("heatmap", {"heatmap": config["heatmap"]}),
 }
+for _encoder, _settings in ENCODERS.items():
+    SETTINGS_FILES[f"extract/{_encoder}"] = settings_file(
+        f"extract-{_encoder}", {"extract": _settings}
+    )
 for _task in TASKS:
     for _aggregator in AGGREGATORS:
-        SETTINGS_FILES[f"train/{_task}/{_aggregator}"] = settings_file(
-            f"train-{_task}-{_aggregator}", train_settings(_task, _aggregator)
-        )
+        for _seed in SEEDS:
+            SETTINGS_FILES[f"train/{_task}/{_aggregator}/{_seed}"] = settings_file(
+                f"train-{_task}-{_aggregator}-seed{_seed}",
+                train_settings(_task, _aggregator, _seed),
+            )
+
+
+def extract_settings_file(wildcards):
+    return SETTINGS_FILES[f"extract/{wildcards.encoder}"]
 
 
 def train_settings_file(wildcards):
-    return SETTINGS_FILES[f"train/{wildcards.task}/{wildcards.aggregator}"]
+    w = wildcards
+    return SETTINGS_FILES[f"train/{w.task}/{w.aggregator}/{w.seed}"]
+
+
+def run_dir(task, encoder, aggregator, seed, fold):
+    return f"{OUT}/models/{task}/{encoder}/{aggregator}/seed{seed}/fold{fold}"
+
+
+def eval_dir(task, encoder, aggregator, seed):
+    return f"{OUT}/eval/{task}/{encoder}/{aggregator}/seed{seed}"
+
+
+def configurations():
+    """Every (task, encoder, aggregator, seed) of the grid."""
+    return [
+        (t, e, a, s)
+        for t in TASKS
+        for e in ENCODERS
+        for a in AGGREGATORS
+        for s in SEEDS
+    ]
 
 
 # ------------------------------------------------------------------------------------------- inputs
 
 
 def all_targets(wildcards):
-    """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every task x
-    aggregator and the report. The per-slide files are named here so that a deleted one is made again with
-    everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it).
+    """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every
+    configuration (task x encoder x aggregator x seed), each task's comparison, heatmaps and the report.
+    The per-slide files are named here so that a deleted one is made again with everything that depends
+    on it (Snakemake remakes a missing intermediate file only when asked for it).
     """
-    per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png", f"{FEATURES}/{{s}}.h5"]
+    per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png"]
+    per_slide += [f"{FEATURES}/{e}/{{s}}.h5" for e in ENCODERS]
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
     targets += [f"{OUT}/cohort_ok.csv"]
     if TASKS:
-        targets += [
-            f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
-        ]
+        targets += [f"{eval_dir(*c)}/metrics.json" for c in configurations()]
+        targets += [f"{OUT}/eval/{t}/comparison/comparison.json" for t in TASKS]
         targets += [f"{OUT}/report/summary.csv"]
         targets += [
-            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{e}/{a}/heatmaps/{s}.png"
             for t in TASKS
+            for e in ENCODERS
             for a in AGGREGATORS
             for s in heatmap_slides()
         ]
@@ -433,10 +495,11 @@ def slide_mpp_args(wildcards):
 
 
 def baseline_checkpoint(wildcards):
-    base = BASELINES.get(wildcards.aggregator)
+    w = wildcards
+    base = BASELINES.get(w.aggregator)
     if base is None:
         return []
-    return [f"{OUT}/models/{wildcards.task}/{base}/fold{wildcards.fold}/best.pt"]
+    return [f"{run_dir(w.task, w.encoder, base, w.seed, w.fold)}/best.pt"]
 
 
 def teacher_args(wildcards, input):

@@ -7,12 +7,12 @@ rule extract:
     input:
         tiles=f"{OUT}/tiles/{{slide}}.h5",
         tiles_facts=f"{OUT}/tiles/{{slide}}.json",
-        settings=SETTINGS_FILES["extract"],
+        settings=extract_settings_file,
     output:
-        bag=f"{FEATURES}/{{slide}}.h5",
-        facts=f"{FEATURES}/{{slide}}.json",
+        bag=f"{FEATURES}/{{encoder}}/{{slide}}.h5",
+        facts=f"{FEATURES}/{{encoder}}/{{slide}}.json",
     log:
-        f"{OUT}/logs/extract/{{slide}}.log",
+        f"{OUT}/logs/extract/{{encoder}}/{{slide}}.log",
     group:
         "slides"
     conda:
@@ -28,11 +28,17 @@ rule extract:
         "--config {input.settings:q} --skip-errors > {log:q} 2>&1"
 
 
+# The slides that made it through tiling and extraction with every encoder (comparisons of encoders need the
+# same patients), and the failures of the others.
 rule collect:
     input:
         table=f"{OUT}/cohort.csv",
-        facts=lambda wildcards: [f"{FEATURES}/{s}.json" for s in slide_ids()],
-        bags=lambda wildcards: [f"{FEATURES}/{s}.h5" for s in slide_ids()],
+        facts=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.json" for e in ENCODERS for s in slide_ids()
+        ],
+        bags=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.h5" for e in ENCODERS for s in slide_ids()
+        ],
     output:
         table=f"{OUT}/cohort_ok.csv",
         failures=f"{OUT}/failures.csv",
@@ -41,7 +47,7 @@ rule collect:
     conda:
         ENV
     params:
-        facts_dir=FEATURES,
+        facts_dirs=[f"{FEATURES}/{e}" for e in ENCODERS],
     shell:
-        "pathmil cohort --cohort {input.table:q} --facts-dir {params.facts_dir:q} "
+        "pathmil cohort --cohort {input.table:q} --facts-dir {params.facts_dirs:q} "
         "--out {output.table:q} --failures {output.failures:q} > {log:q} 2>&1"

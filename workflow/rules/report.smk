@@ -3,7 +3,7 @@
 
 rule summary:
     input:
-        evals=[f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS],
+        evals=[f"{eval_dir(*c)}/metrics.json" for c in configurations()],
         failures=f"{OUT}/failures.csv",
     output:
         summary=report(

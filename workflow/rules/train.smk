@@ -1,6 +1,9 @@
-# One run per task x aggregator x fold. Its settings file (task, labels, aggregator, model, loop) is an
-# input, so a changed setting reruns exactly the runs it affects. MHIM-MIL runs start their teacher from the
-# plain model of the same task and fold, so those runs come first.
+# One run per task x encoder x aggregator x seed x fold. Its settings file (task, labels, aggregator,
+# model, loop, seed) is an input, so a changed setting reruns exactly the runs it affects. MHIM-MIL runs
+# start their teacher from the plain model of the same task, encoder, seed and fold, so those come first.
+
+
+RUN = run_dir("{task}", "{encoder}", "{aggregator}", "{seed}", "{fold}")
 
 
 rule train:
@@ -10,11 +13,11 @@ rule train:
         settings=train_settings_file,
         baseline=baseline_checkpoint,
     output:
-        metrics=f"{OUT}/models/{{task}}/{{aggregator}}/fold{{fold}}/metrics.json",
-        checkpoint=f"{OUT}/models/{{task}}/{{aggregator}}/fold{{fold}}/best.pt",
-        predictions=f"{OUT}/models/{{task}}/{{aggregator}}/fold{{fold}}/predictions.csv",
+        metrics=f"{RUN}/metrics.json",
+        checkpoint=f"{RUN}/best.pt",
+        predictions=f"{RUN}/predictions.csv",
     log:
-        f"{OUT}/logs/train/{{task}}/{{aggregator}}/fold{{fold}}.log",
+        f"{OUT}/logs/train/{{task}}/{{encoder}}/{{aggregator}}/seed{{seed}}/fold{{fold}}.log",
     conda:
         ENV
     threads: 1
@@ -22,7 +25,7 @@ rule train:
         gpu=config["train"]["gpus"],
     params:
         run=lambda wildcards, output: os.path.dirname(output.metrics),
-        features=FEATURES,
+        features=f"{FEATURES}/{{encoder}}",
         teacher=teacher_args,
     shell:
         "pathmil --threads {threads} train --features {params.features:q} --cohort {input.table:q} "
