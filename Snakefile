@@ -37,6 +37,7 @@ localrules:
     cohort,
     collect,
     split,
+    search,
     summary,
 
 

@@ -27,7 +27,12 @@ TASKS = ("classification", "survival", "regression")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file of settings (see config/README.md)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="YAML file of settings (see config/README.md); repeat it to merge several, later ones winning",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -417,6 +422,45 @@ def run_train(args: argparse.Namespace) -> None:
     )
 
 
+def add_search_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="folder of bag files")
+    p.add_argument(
+        "--cohort", type=Path, required=True, help="cohort table with slide_id, patient_id, labels"
+    )
+    p.add_argument("--splits", type=Path, required=True, help="splits CSV from `pathmil split`")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--teacher-init", help="MHIM-MIL: the baseline run's best.pt that starts the teacher")
+    p.add_argument(
+        "--n-trials", type=int, help="trials to add in this call (default: search.n_trials in all)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="search folder (study.journal, best.yaml, trials.csv)"
+    )
+    _add_config_args(p)
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from pathmil.config import deep_merge, load_settings
+    from pathmil.training.run import TrainConfig
+    from pathmil.training.search import SearchConfig, search_fold
+
+    config = _settings(args, TrainConfig)
+    if args.teacher_init:
+        config = TrainConfig.build(
+            deep_merge(config.to_dict(), {"mhim": {"teacher_init": args.teacher_init}})
+        )
+    search = load_settings(SearchConfig, args.config)
+    if args.n_trials is None and search.n_trials < 1:
+        raise PathmilError("nothing to search: set search.n_trials (or --n-trials) to at least 1")
+    best = search_fold(
+        config, search, args.features, args.cohort, args.splits, args.fold, args.out, args.n_trials
+    )
+    print(
+        f"fold {args.fold}: best validation {best['value']:.4f} after {best['trials']} trials with "
+        f"{best['settings']} -> {args.out / 'best.yaml'}"
+    )
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 
 
@@ -648,6 +692,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     ),
     "split": ("patient-level cross-validation folds of a cohort", add_split_parser, run_split),
     "train": ("train a MIL aggregator on one fold", add_train_parser, run_train),
+    "search": (
+        "search hyperparameters on one fold's training and validation parts (never its test part)",
+        add_search_parser,
+        run_search,
+    ),
     "evaluate": (
         "per-fold and pooled metrics of runs, with bootstrap CIs",
         add_evaluate_parser,

@@ -39,6 +39,7 @@ SECTIONS = (
     "aggregators",
     "seeds",
     "train",
+    "search",
     "models",
     "evaluate",
     "plots",
@@ -106,12 +107,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_settings(
     cls: type[S],
-    path: str | Path | None = None,
+    path: str | Path | list[str | Path] | None = None,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     section: str | None = None,
 ) -> S:
-    """Defaults, then the YAML file's section (``cls.section`` unless named), then ``--set``, then flags.
+    """Defaults, then the YAML files' sections (``cls.section`` unless named; later files win), then
+    ``--set``, then flags.
 
     ``flags`` holds values given as dedicated command-line flags (those not given are left out).
 
@@ -119,12 +121,14 @@ def load_settings(
         PathmilError: an unreadable file, an unknown section or key, or a bad value (one line naming it).
     """
     section = section or cls.section
-    data = read_yaml(path)
-    if path is not None:
-        check_sections(data, path)
-    data = data.get(section) or {}
-    if not isinstance(data, dict):
-        raise PathmilError(f"config file {path}: section '{section}' must be a mapping of settings")
+    data: dict[str, Any] = {}
+    for one in [] if path is None else path if isinstance(path, list) else [path]:
+        content = read_yaml(one)
+        check_sections(content, one)
+        part = content.get(section) or {}
+        if not isinstance(part, dict):
+            raise PathmilError(f"config file {one}: section '{section}' must be a mapping of settings")
+        data = deep_merge(data, part)
     data = deep_merge(data, parse_overrides(overrides))
     data = deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
     return cls.build(data, section)
@@ -147,6 +151,7 @@ def run_config_class() -> type[Settings]:
     from pathmil.features.extract import ExtractConfig
     from pathmil.slide.tile import TileConfig
     from pathmil.training.run import TrainConfig
+    from pathmil.training.search import SearchConfig
 
     class SlidesConfig(Settings):
         """Where the slides come from: exactly one of demo, table, dir."""
@@ -169,16 +174,18 @@ def run_config_class() -> type[Settings]:
                 raise ValueError(f"slides must name exactly one of demo, table, dir (got {given or 'none'})")
             return self
 
-    ExtractOverrides = partial(ExtractConfig, "ExtractOverrides")  # noqa: N806 (a class)
+    ExtractOverrides = partial(ExtractConfig, "ExtractOverrides")
 
     class ExtractJob(ExtractConfig):
         """``extract`` settings plus the workflow's per-job resources and its encoder grid."""
 
         encoder: str | list[str] = Field(  # type: ignore[assignment]
-            "resnet50_trunc", description="encoder (registry name or timm:<model_name>), or a list of them (a grid)"
+            "resnet50_trunc",
+            description="encoder (registry name or timm:<model_name>), or a list of them (a grid)",
         )
         per_encoder: dict[str, ExtractOverrides] = Field(  # type: ignore[valid-type]
-            default_factory=dict, description="settings of one encoder of the list (e.g. its weights, random_init)"
+            default_factory=dict,
+            description="settings of one encoder of the list (e.g. its weights, random_init)",
         )
         threads: int = Field(2, ge=1, description="compute threads per extraction job (the rule's threads)")
         gpus: int = Field(0, ge=0, description="GPUs per extraction job (on SLURM: --gpus)")
@@ -239,6 +246,7 @@ def run_config_class() -> type[Settings]:
             [0], min_length=1, description="training seeds: each configuration is trained once per seed"
         )
         train: TrainJob = Field(default_factory=TrainJob)  # type: ignore[valid-type]
+        search: SearchConfig = Field(default_factory=SearchConfig)
         models: dict[str, ModelEntry] = Field(
             default_factory=dict, description="per-aggregator settings merged over train"
         )
@@ -406,6 +414,7 @@ def markdown_tables() -> dict[str, str]:
         "plots": settings_table(fields["plots"].annotation),
         "heatmap": settings_table(fields["heatmap"].annotation),
         "report": settings_table(fields["report"].annotation),
+        "search": settings_table(fields["search"].annotation),
         "mhim": settings_table(MHIMConfig),
     }
     for name, cls in TASKS.items():

@@ -83,6 +83,18 @@ def test_a_grid_of_encoders_and_seeds_plans_every_configuration(tmp_path, mobile
     assert "results/mini/features/timm-resnet18-random/" in dry.stdout + dry.stderr
 
 
+def test_a_search_runs_inside_each_fold_before_its_training(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, tasks={"classification": None}, search={"n_trials": 4, "jobs": 2})
+    work = workflow_copy(tmp_path / "w")
+    dry = snakemake(work, "-n", "-p", "--configfile", str(write_config(tmp_path / "c.yaml", config)))
+    counts = job_counts(dry.stdout + dry.stderr)
+    runs = len(AGGREGATORS) * 2  # aggregator x fold
+    assert counts["search_trials"] == 2 * runs and counts["search"] == runs and counts["train"] == runs
+    assert (
+        "--config results/mini/search/classification/mobilenet_v2/abmil/seed0/fold0/best.yaml" in dry.stdout
+    )
+
+
 def test_only_the_tasks_the_config_names_are_trained(tmp_path, mobilenet_weights):
     config = mini_config(mobilenet_weights, tasks={"survival": None})
     dry = snakemake(

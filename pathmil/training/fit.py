@@ -94,8 +94,12 @@ def load_fold(
     cohort_path: str | os.PathLike,
     splits_path: str | os.PathLike,
     fold: int,
+    parts: tuple[str, ...] = SPLITS,
 ) -> FoldData:
-    """Read and check the cohort and splits, build bags per split and fit the task on the training bags."""
+    """Read and check the cohort and splits, build bags per split and fit the task on the training bags.
+
+    ``parts`` limits the splits read (a hyperparameter search reads train and val, never test).
+    """
     cohort = read_labelled_table(cohort_path, task.label_columns)
     task.check_labels(cohort)
     rows = read_splits(splits_path, fold)
@@ -110,7 +114,7 @@ def load_fold(
     )
     tables = {
         s: make_bag_table(rows[rows["split"] == s], features_dir, task.label_columns, config.bag_level)
-        for s in SPLITS
+        for s in parts
     }
     if tables["train"].bags.empty:
         raise PathmilError(f"fold {fold} of {splits_path} has no training slides")
@@ -386,14 +390,19 @@ def train(
     fold: int,
     out_dir: str | os.PathLike,
     progress: bool = True,
+    parts: tuple[str, ...] = SPLITS,
 ) -> dict[str, Any]:
-    """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics."""
+    """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics.
+
+    ``parts`` limits the splits used: ``("train", "val")`` for a hyperparameter search, whose trials must
+    never see the fold's test bags.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     start = time.perf_counter()
     task = create_task(config.task, target=config.target, **config.task_options)
-    data = load_fold(config, task, features_dir, cohort, splits, fold)
+    data = load_fold(config, task, features_dir, cohort, splits, fold, parts)
     trainer = Trainer(config, task, data, out_dir, progress)
     for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
         (out_dir / name).unlink(missing_ok=True)

@@ -393,7 +393,11 @@ SETTINGS_FILES = {
         "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
     ),
     "heatmap": settings_file("heatmap", {"heatmap": config["heatmap"]}),
+    "search": settings_file("search", {"search": config["search"]}),
 }
+SEARCH = (
+    config["search"]["n_trials"] > 0
+)  # a hyperparameter search inside each fold before its training
 for _encoder, _settings in ENCODERS.items():
     SETTINGS_FILES[f"extract/{_encoder}"] = settings_file(
         f"extract-{_encoder}", {"extract": _settings}
@@ -414,6 +418,18 @@ def extract_settings_file(wildcards):
 def train_settings_file(wildcards):
     w = wildcards
     return SETTINGS_FILES[f"train/{w.task}/{w.aggregator}/{w.seed}"]
+
+
+def search_dir(task, encoder, aggregator, seed, fold):
+    return f"{OUT}/search/{task}/{encoder}/{aggregator}/seed{seed}/fold{fold}"
+
+
+def searched_settings(wildcards):
+    """The best settings the fold's search found, when the config asks for a search."""
+    w = wildcards
+    if not SEARCH:
+        return []
+    return [f"{search_dir(w.task, w.encoder, w.aggregator, w.seed, w.fold)}/best.yaml"]
 
 
 def run_dir(task, encoder, aggregator, seed, fold):
