@@ -64,7 +64,7 @@ def add_caption(image: np.ndarray, text: str) -> np.ndarray:
 
     scale = max(1.0, image.shape[1] / 600)
     font_scale, line_px = 0.45 * scale, round(CAPTION_PX * scale)
-    chars = max(20, int(image.shape[1] / (9 * scale)))
+    chars = max(20, int(image.shape[1] / (7 * scale)))  # Hershey simplex: about 6.5 px a character
     lines = [part for paragraph in text.splitlines() for part in textwrap.wrap(paragraph, chars)]
     band = np.full((line_px * len(lines) + line_px // 3, image.shape[1], 3), 255, np.uint8)
     for i, line in enumerate(lines):

@@ -309,11 +309,17 @@ def tile_slide(
 
     Nothing is written when any step fails, so a rerun never finds half an output.
     """
-    with Slide(path, slide_id=slide_id, mpp=mpp, mpp_source=mpp_source) as slide:
-        tissue = tissue if tissue is not None else given_tissue(slide.slide_id, config)
-        result = compute_tiles(slide, config, qc=qc is not None, tissue_file=tissue)
     facts_path = Path(facts) if facts is not None else Path(out).with_suffix(".json")
     geojson_path = Path(geojson) if geojson is not None else Path(out).with_suffix(".geojson")
+    with Slide(path, slide_id=slide_id, mpp=mpp, mpp_source=mpp_source) as slide:
+        tissue = tissue if tissue is not None else given_tissue(slide.slide_id, config)
+        if tissue is not None and Path(tissue).resolve() == geojson_path.resolve():
+            raise SlideError(
+                slide.slide_id,
+                f"the given tissue outline {tissue} is the GeoJSON this run writes (--geojson, by default "
+                "the tiles file's name with .geojson); keep corrected outlines in another file or folder",
+            )
+        result = compute_tiles(slide, config, qc=qc is not None, tissue_file=tissue)
     write_start = time.perf_counter()
     if qc is not None and result.qc_image is not None:
         with atomic_output(qc) as tmp:
