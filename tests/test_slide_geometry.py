@@ -164,8 +164,9 @@ def test_outlines_from_the_table_column_or_a_folder(scans, tmp_path):
         (json.dumps({"type": "FeatureCollection", "features": [], "pathmil": {"slide_id": "other"}}),
          "was written for slide other, not x20"),
         (json.dumps({"type": "FeatureCollection", "features": []}), "holds no polygon"),
+        (json.dumps({"type": "Polygon", "coordinates": [[1, 2, 3]]}), "malformed coordinates (a ring of shape (3,))"),
     ],
-    ids=["not-json", "point", "outside", "other-slide", "empty"],
+    ids=["not-json", "point", "outside", "other-slide", "empty", "malformed"],
 )  # fmt: skip
 def test_bad_outlines_are_one_line(scans, tmp_path, capsys, content, message):
     given = tmp_path / "given.geojson"

@@ -271,7 +271,7 @@ def tissue_geojson(tissue: TissueMask, slide_facts: dict[str, Any]) -> dict[str,
     return {"type": "FeatureCollection", "features": features, "pathmil": slide_facts}
 
 
-def _polygons(geometry: dict[str, Any], where: str) -> list[list[list[list[float]]]]:
+def _polygons(geometry: Any, where: str) -> list[list[Any]]:
     """The polygons (each a list of rings) of a GeoJSON geometry; points and lines are refused."""
     kind = geometry.get("type") if isinstance(geometry, dict) else None
     if kind == "Polygon":
@@ -281,6 +281,14 @@ def _polygons(geometry: dict[str, Any], where: str) -> list[list[list[list[float
     if kind == "GeometryCollection":
         return [p for g in geometry.get("geometries", []) for p in _polygons(g, where)]
     raise PathmilError(f"{where}: a {kind} geometry has no area; draw tissue and regions as polygons")
+
+
+def _ring_array(ring: Any) -> np.ndarray:
+    """A GeoJSON ring as K x 2 floats (x, y; a third coordinate is dropped)."""
+    array = np.asarray(ring, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] < 2:
+        raise ValueError(f"a ring of shape {array.shape}")
+    return array[:, :2]
 
 
 def read_geojson_polygons(path: str | os.PathLike, slide_id: str) -> list[list[np.ndarray]]:
@@ -302,22 +310,18 @@ def read_geojson_polygons(path: str | os.PathLike, slide_id: str) -> list[list[n
         raise PathmilError(f"{where} is not JSON (line {err.lineno}: {err.msg}); export it as GeoJSON") from None
     if not isinstance(data, dict) or "type" not in data:
         raise PathmilError(f"{where} is not GeoJSON: expected an object with a 'type'")
-    written_for = (data.get("pathmil") or {}).get("slide_id") if isinstance(data.get("pathmil"), dict) else None
+    written_for = data["pathmil"].get("slide_id") if isinstance(data.get("pathmil"), dict) else None
     if written_for is not None and str(written_for) != slide_id:
         raise PathmilError(f"{where} was written for slide {written_for}, not {slide_id}; give this slide's file")
     if data["type"] == "FeatureCollection":
         geometries = [f.get("geometry") for f in data.get("features", []) if isinstance(f, dict)]
-    elif data["type"] == "Feature":
-        geometries = [data.get("geometry")]
     else:
-        geometries = [data]
+        geometries = [data.get("geometry") if data["type"] == "Feature" else data]
     polygons = []
     try:
-        for geometry in geometries:
-            if geometry is None:
-                continue
+        for geometry in filter(None, geometries):
             for polygon in _polygons(geometry, where):
-                rings = [np.asarray(r, dtype=np.float64).reshape(-1, np.asarray(r).shape[-1])[:, :2] for r in polygon]
+                rings = [_ring_array(r) for r in polygon]
                 if rings and len(rings[0]) >= 3:
                     polygons.append(rings)
     except (KeyError, TypeError, ValueError, IndexError) as err:
@@ -343,8 +347,9 @@ def read_geojson_mask(
     polygons = read_geojson_polygons(path, slide_id)
     width, height = level0_size
     inside = [
-        p for p in polygons if p[0][:, 0].max() > 0 and p[0][:, 1].max() > 0 and p[0][:, 0].min() < width
-        and p[0][:, 1].min() < height
+        p
+        for p in polygons
+        if (p[0].max(axis=0) > 0).all() and p[0][:, 0].min() < width and p[0][:, 1].min() < height
     ]
     if not inside:
         raise PathmilError(
