@@ -117,19 +117,25 @@ def mpp_warning(slide: Slide) -> str | None:
 
 
 def mask_of(
-    slide: Slide, thumbnail: np.ndarray, downsample: float, config: TileConfig, geometry: TileGeometry,
+    slide: Slide,
+    thumbnail: np.ndarray,
+    downsample: float,
+    config: TileConfig,
+    geometry: TileGeometry,
     given: str | os.PathLike | None,
-) -> TissueMask:  # fmt: skip
-    """The given tissue outline (GeoJSON) drawn at the segmentation level, else the automatic mask."""
+) -> TissueMask:
+    """The given tissue outline (GeoJSON) drawn at the segmentation level, else the automatic mask.
+
+    Raises:
+        SlideError: the given outline cannot be used (naming the file and why).
+    """
     if given is None:
         return segment_tissue(
             thumbnail, downsample, config.tissue_params(), slide.mpp_x * slide.mpp_y, geometry.size_um**2
         )
     try:
         return read_geojson_mask(given, slide.slide_id, thumbnail.shape[:2], downsample, slide.dimensions)
-    except SlideError:
-        raise
-    except PathmilError as err:
+    except PathmilError as err:  # name the slide, as every tiling failure does
         raise SlideError(slide.slide_id, str(err)) from None
 
 
