@@ -150,6 +150,14 @@ def add_tile_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="tiles HDF5 of the one slide")
     p.add_argument("--qc", type=Path, help="QC picture (PNG) of the one slide")
     p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
+    p.add_argument(
+        "--geojson", type=Path, help="tissue outline written as GeoJSON (default: --out with .geojson)"
+    )
+    p.add_argument(
+        "--tissue-geojson",
+        type=Path,
+        help="given tissue outline or region (GeoJSON, level-0 px) used instead of the automatic mask",
+    )
     p.add_argument("--slide-id", help="slide id (default: the file name without extension)")
     _add_batch_args(p)
     p.add_argument("--out-dir", type=Path, help="batch mode: tiles files go here")
@@ -175,8 +183,11 @@ def run_tile(args: argparse.Namespace) -> None:
 
 
 def _tile_batch(args: argparse.Namespace, config: Any) -> None:
-    if args.slide is not None or args.out_dir is None:
-        raise PathmilError("batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE")
+    if args.slide is not None or args.out_dir is None or args.tissue_geojson or args.geojson:
+        raise PathmilError(
+            "batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE, --geojson or "
+            "--tissue-geojson (give outlines in the table's 'tissue' column or tile.tissue_dir)"
+        )
     from pathmil.cohort import load_slides
     from pathmil.slide.tile import tile_cohort
 
@@ -216,13 +227,15 @@ def _tile_one(args: argparse.Namespace, config: Any) -> None:
             facts=args.facts,
             slide_id=slide_id,
             mpp=config.default_mpp,
+            tissue=args.tissue_geojson,
+            geojson=args.geojson,
         ),
         "tile",
         slide_id,
         args.slide,
         args.facts or args.out.with_suffix(".json"),
         args.skip_errors,
-        outputs=[args.out, args.qc],
+        outputs=[args.out, args.qc, args.geojson or args.out.with_suffix(".geojson")],
     )
     if facts is None:
         return
@@ -567,6 +580,12 @@ def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--features", type=Path, required=True, help="the slide's bag file (with coords)")
     p.add_argument("--slide", type=Path, required=True, help="the slide file")
+    p.add_argument("--slide-id", help="the slide's id, which the bag must name (default: the file name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="paint a bag whose slide id, level-0 size or slide fingerprint disagree with the slide",
+    )
     p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
     p.add_argument("--montage", type=Path, help="PNG of the top-k and bottom-k tiles")
     p.add_argument("--scores", type=Path, help="CSV of every tile's x, y, score and percentile")
@@ -595,11 +614,15 @@ def run_heatmap(args: argparse.Namespace) -> None:
         config=config,
         mpp=args.mpp,
         expected_task=args.task,
+        slide_id=args.slide_id,
+        force=args.force,
     )
     print(
         f"{facts['slide_id']}: {facts['n_tiles']} tiles, slide score {facts['score']:.4g} -> {args.out} "
         f"in {facts['seconds']:.2f} s"
     )
+    for warning in facts["warnings"]:
+        print(f"warning: painted although {warning} (--force)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- config

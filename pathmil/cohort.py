@@ -1,7 +1,8 @@
 """The cohort table: which slides exist, where their files are, whose they are, and their labels.
 
 Columns: ``slide_id`` (unique), ``patient_id``, ``path`` (absolute, or relative to the table's folder),
-optional ``mpp`` (um/px for slides whose metadata lacks it) and label columns. Tiling and extraction need
+optional ``mpp`` (um/px for slides whose metadata lacks it), optional ``tissue`` (a GeoJSON outline that
+replaces the slide's automatic tissue mask) and label columns. Tiling and extraction need
 ``slide_id`` and ``path``; training needs ``slide_id``, ``patient_id`` and the labels. A slide directory
 without a table also works for tiling and extraction: :func:`cohort_from_dir` names slides by file name.
 """
@@ -21,7 +22,8 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
     """Read a cohort table (CSV, or TSV by extension), check required columns and unique slide ids.
 
     ``slide_id`` and ``patient_id`` are read as text so ids such as ``007`` keep their zeros. A relative
-    ``path`` is resolved against the table's folder, so a cohort folder can be moved as a whole.
+    ``path`` (and ``tissue`` file) is resolved against the table's folder, so a cohort folder can be moved
+    as a whole.
     """
     path = Path(path)
     if not path.is_file():
@@ -44,8 +46,9 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
         check_slide_ids(table, f"cohort table {path}")
     if "patient_id" in table.columns:
         table["patient_id"] = table["patient_id"].str.strip()
-    if "path" in table.columns:
-        table["path"] = [_resolve(path.parent, p) for p in table["path"]]
+    for column in ("path", "tissue"):
+        if column in table.columns:
+            table[column] = [_resolve(path.parent, p) for p in table[column]]
     return table
 
 

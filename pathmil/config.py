@@ -154,8 +154,8 @@ def run_config_class() -> type[Settings]:
         demo: DemoConfig | None = Field(None, description="make the synthetic demo cohort")
         table: str | None = Field(
             None,
-            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp, "
-            "and the label columns of the tasks",
+            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp "
+            "and tissue (a GeoJSON outline), and the label columns of the tasks",
         )
         dir: str | None = Field(
             None, description="folder of slides (ids from file names; tiling and extraction only)"

@@ -130,9 +130,11 @@ SAME_FILE = {**GOOD, "slide_id": "s2", "patient_id": "p2"}  # a.svs again, under
         ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
         ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([{**GOOD, "mpp": 352.8}], {}, "mpp: 352.8 is greater than the maximum of 20"),
+        ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
     ],
     ids=["event", "time", "conflict", "empty-label", "same-file", "fractions", "range", "escape", "aggregator",
-         "model-key", "task-option", "lr", "encoder"],
+         "model-key", "task-option", "lr", "encoder", "mpp", "tissue"],
 )  # fmt: skip
 def test_bad_tables_and_settings_fail_when_the_workflow_parses(
     tmp_path, mobilenet_weights, rows, changes, message
@@ -162,6 +164,21 @@ def test_unreadable_tables_are_one_line(tmp_path, mobilenet_weights, text, messa
         check=False,
     )
     assert done.returncode != 0 and message in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
+    """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
+    slide only; each tile job declares the GeoJSON it writes."""
+    (tmp_path / "s1 outline.geojson").write_text("{}")
+    rows = [{**GOOD, "tissue": "s1 outline.geojson"}, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"}]
+    configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
+    lines = (done.stdout + done.stderr).splitlines()
+    tile_jobs = [line for line in lines if line.removeprefix("Shell command: ").startswith("pathmil tile ")]
+    assert len(tile_jobs) == 2 and all("--geojson results/mini/tiles/" in line for line in tile_jobs)
+    given = [line for line in tile_jobs if "--tissue-geojson" in line]
+    assert len(given) == 1 and f"--tissue-geojson '{tmp_path / 's1 outline.geojson'}'" in given[0]
+    assert "--slide-id=s1" in given[0]
 
 
 def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):
@@ -319,6 +336,11 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights, slides={"dir": str(folder)}, tasks={})
     config["tile"]["default_mpp"] = 0.5
+    outlines = tmp_path / "outlines"  # a corrected tissue outline for one slide (tile.tissue_dir)
+    outlines.mkdir()
+    square = [[[200, 200], [1200, 200], [1200, 1200], [200, 1200], [200, 200]]]
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    config["tile"]["tissue_dir"] = str(outlines)
     configfile = str(write_config(tmp_path / "c.yaml", config))
     snakemake(work, "--cores", "2", "--configfile", configfile)
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*")), "a slide name ran"
@@ -333,11 +355,21 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     for slide in HOSTILE:
         assert (results / "features" / "mobilenet_v2" / f"{slide}.h5").is_file()
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()
+        facts = json.loads((results / "tiles" / f"{slide}.json").read_text())
+        assert facts["mask_source"] == ("given" if slide == "it's" else "automatic"), slide
+        assert json.loads((results / "tiles" / f"{slide}.geojson").read_text())["features"]
+    outline = json.loads((results / "tiles" / "unreadable.geojson").read_text())  # a failed slide's stand-in
+    assert outline["features"] == [] and outline["pathmil"]["status"] == "failed"
     time.sleep(1)
+    square[0][1][0] = 1300  # an edited outline reruns its slide's chain (a touch alone does not: Snakemake
+    # compares the checksums of small input files)
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    dry = snakemake(work, "-n", "--configfile", configfile)
+    assert job_counts(dry.stdout + dry.stderr) == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
     os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
+    assert counts == {"tile": 2, "extract": 2, "collect": 1, "all": 1}
 
 
 def test_lint_and_format():

@@ -19,9 +19,15 @@ A model trained on patient bags (a patient's slides joined) scores one slide's b
 heatmap shows where, within this slide, the model looks.
 
 Coordinates: level-0 pixels of the tiles' top-left corners, with the tile size from the bag's
-``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and ``patch_level`` (CLAM), or from the
-coordinate spacing. STAMP's coordinates and ``tile_size_um`` are micrometres, converted with the slide's
-um/px (``--mpp`` when its metadata has none).
+``patch_size_level0_xy`` or ``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and
+``patch_level`` (CLAM), or from the coordinate spacing. STAMP's coordinates and ``tile_size_um`` are
+micrometres, converted with the slide's um/px along x and y (``--mpp`` when its metadata has none). Tiles
+crossing the slide's right or bottom edge are painted up to the edge, and montage tiles show white beyond
+it, as tiling and extraction read them.
+
+A bag painted on another slide is a silent wrong answer: a bag whose slide id, level-0 size or slide
+fingerprint (OpenSlide's ``quickhash-1``, recorded at tiling and extraction) disagrees with the slide file
+is refused in one line, unless ``force`` is set (then it is painted with a warning).
 """
 
 from __future__ import annotations
@@ -95,8 +101,13 @@ class TileLayout:
     """Where the tiles of a bag lie: level-0 top-left corners (N x 2, x, y) and the tile side."""
 
     coords: np.ndarray
-    size0: float
+    size0: float  # the tile's level-0 width
     size_inferred: bool = False
+    size0_y: float | None = None  # its height, where it differs (non-square pixels)
+
+    @property
+    def size_xy(self) -> tuple[float, float]:
+        return self.size0, self.size0 if self.size0_y is None else self.size0_y
 
 
 def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> TileLayout:
@@ -112,11 +123,13 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         )
     coords = np.asarray(bag.coords, dtype=np.float64).reshape(-1, 2)
     attrs = {**bag.attrs, **bag.coords_attrs}
-    size0, inferred = None, False
+    size0, size0_y, inferred = None, None, False
     if bag.coords_unit == "um":
-        coords = coords / slide.mpp
+        coords = coords / np.array(slide.mpp_xy)
         if attrs.get("tile_size_um"):
-            size0 = float(attrs["tile_size_um"]) / slide.mpp
+            size0, size0_y = (float(attrs["tile_size_um"]) / m for m in slide.mpp_xy)
+    elif attrs.get("patch_size_level0_xy") is not None:
+        size0, size0_y = (float(v) for v in attrs["patch_size_level0_xy"])
     elif attrs.get("patch_size_level0"):
         size0 = float(attrs["patch_size_level0"])
     elif attrs.get("patch_size") and attrs.get("patch_level") is not None:
@@ -135,7 +148,48 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
             f"first at {x:.0f}, {y:.0f}); is it this slide's bag"
             + (", and is its um/px right (--mpp)?" if bag.coords_unit == "um" else "?")
         )
-    return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred)
+    return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred, size0_y=size0_y)
+
+
+def bag_mismatches(bag: Bag, slide: Slide) -> list[str]:
+    """How ``bag`` disagrees with ``slide``: its slide id, level-0 size, slide fingerprint (what it records
+    of them; a CLAM bag records none)."""
+    problems = []
+    bag_id = bag.attrs.get("slide_id")
+    if bag_id is not None and str(bag_id) != slide.slide_id:
+        problems.append(
+            f"it was made for slide {bag_id}, not {slide.slide_id} (--slide-id gives the id of a slide file "
+            "named otherwise)"
+        )
+    size = bag.attrs.get("level0_size")
+    if size is None and bag.coords_attrs.get("level0_width") is not None:
+        size = (bag.coords_attrs["level0_width"], bag.coords_attrs.get("level0_height"))
+    if size is not None and tuple(int(v) for v in size) != tuple(slide.dimensions):
+        problems.append(
+            f"its slide was {int(size[0])} x {int(size[1])} px, {slide.path.name} is "
+            f"{slide.dimensions[0]} x {slide.dimensions[1]}"
+        )
+    recorded = bag.attrs.get("slide_quickhash")
+    if recorded and slide.quickhash and recorded != slide.quickhash:
+        problems.append(f"its slide fingerprint (openslide.quickhash-1) differs from {slide.path.name}'s")
+    return problems
+
+
+def check_bag_matches_slide(bag: Bag, slide: Slide, source: str | os.PathLike, force: bool) -> list[str]:
+    """Refuse a bag made for another slide (one line), or with ``force`` return the warnings.
+
+    Raises:
+        PathmilError: the bag's slide id, level-0 size or slide fingerprint disagree with ``slide``.
+    """
+    problems = bag_mismatches(bag, slide)
+    if problems and not force:
+        raise PathmilError(
+            f"{source} is not the bag of {slide.path}: {'; '.join(problems)}; give this slide's bag, or "
+            "--force to paint it anyway"
+        )
+    for problem in problems:
+        log.warning("%s painted on %s although %s (--force)", source, slide.path, problem)
+    return problems
 
 
 def grid_step(coords: np.ndarray, source: str | os.PathLike = "bag") -> float:
@@ -172,10 +226,11 @@ def tile_rectangles(
     height, width = shape
     sx, sy = width / level0_size[0], height / level0_size[1]
     x, y = layout.coords[:, 0], layout.coords[:, 1]
+    size_x, size_y = layout.size_xy
     c0 = np.clip(np.rint(x * sx), 0, width - 1).astype(np.int64)
     r0 = np.clip(np.rint(y * sy), 0, height - 1).astype(np.int64)
-    c1 = np.clip(np.maximum(np.rint((x + layout.size0) * sx), c0 + 1), 0, width).astype(np.int64)
-    r1 = np.clip(np.maximum(np.rint((y + layout.size0) * sy), r0 + 1), 0, height).astype(np.int64)
+    c1 = np.clip(np.maximum(np.rint((x + size_x) * sx), c0 + 1), 0, width).astype(np.int64)
+    r1 = np.clip(np.maximum(np.rint((y + size_y) * sy), r0 + 1), 0, height).astype(np.int64)
     return r0, r1, c0, c1
 
 
@@ -296,18 +351,18 @@ def montage_tiles(
     slide: Slide, layout: TileLayout, scores: np.ndarray, k: int, px: int
 ) -> tuple[list[MontageTile], list[MontageTile]]:
     """The ``k`` tiles with the highest and the ``k`` with the lowest scores, read at ``px`` pixels from
-    the coarsest pyramid level still as fine as that (ties keep bag order)."""
+    the coarsest pyramid level still as fine as that (ties keep bag order); white beyond the slide's edge."""
     k = min(k, len(scores))
     percentiles = rank_normalise(scores)
     order = np.argsort(-np.asarray(scores), kind="stable")
-    downsample = layout.size0 / px
+    downsample = min(layout.size_xy) / px
     fine = [i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.01]
     level = max(fine, key=lambda i: slide.level_downsamples[i]) if fine else 0
-    read_px = max(1, round(layout.size0 / slide.level_downsamples[level]))
+    read_w, read_h = (max(1, round(s / slide.level_downsamples[level])) for s in layout.size_xy)
 
     def tile(i: int) -> MontageTile:
         x, y = (round(float(v)) for v in layout.coords[i])
-        image = resize(slide.read_region(x, y, level, read_px, read_px), px)
+        image = resize(slide.read_region(x, y, level, read_w, read_h), px)
         return MontageTile(int(i), float(scores[i]), float(percentiles[i]), x, y, image)
 
     top = [tile(i) for i in order[:k]]
@@ -486,10 +541,17 @@ def make_heatmap(
     config: HeatmapConfig | None = None,
     mpp: float | None = None,
     expected_task: str | None = None,
+    slide_id: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Score one slide's bag, write the heatmap PNG (and the montage and per-tile scores if asked).
 
-    Returns facts: slide id, tiles, the slide score, seconds per step.
+    ``slide_id`` names the slide file (default: its file name); a bag made for another slide is refused
+    unless ``force`` (:func:`check_bag_matches_slide`). Returns facts: slide id, tiles, the slide score,
+    seconds per step, warnings.
+
+    Raises:
+        PathmilError: the bag does not fit the model or the slide.
     """
     config = config or HeatmapConfig()
     seconds: dict[str, float] = {}
@@ -505,7 +567,8 @@ def make_heatmap(
     bag = read_bag(features)
     check_bag(loaded, features, bag.dim, bag.attrs)
     lap("load")
-    with Slide(slide_path, mpp=mpp) as slide:
+    with Slide(slide_path, slide_id=slide_id, mpp=mpp) as slide:
+        warnings = check_bag_matches_slide(bag, slide, features, force)
         layout = tile_layout(bag, slide, features)
         scores, score = instance_scores(loaded, bag, features)
         lap("model")
@@ -545,6 +608,7 @@ def make_heatmap(
         "tile_size_level0": layout.size0,
         "tile_size_inferred": layout.size_inferred,
         "downsample": heatmap.level0_size[0] / thumbnail.shape[1],
+        "warnings": warnings,
         "seconds": round(time.perf_counter() - start, 3),
         "steps": seconds,
         "heatmap": heatmap,

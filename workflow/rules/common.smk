@@ -110,9 +110,10 @@ def read_cohort_table(path):
     rows = []
     for raw in reader:
         row = {k.strip(): _value(k.strip(), v) for k, v in raw.items() if k is not None}
-        if row.get("path"):
-            p = Path(str(row["path"])).expanduser()
-            row["path"] = str(p if p.is_absolute() else (path.parent / p).resolve())
+        for column in ("path", "tissue"):  # files named relative to the table's folder
+            if row.get(column):
+                p = Path(str(row[column])).expanduser()
+                row[column] = str(p if p.is_absolute() else (path.parent / p).resolve())
         rows.append(row)
     if not rows:
         raise WorkflowError(
@@ -172,6 +173,12 @@ def check_cohort_table(path, columns, rows):
                 )
             raise WorkflowError(
                 f"cohort table {path}, line {number} (slide {row.get('slide_id')}): {field}: {error.message}"
+            )
+    for number, row in enumerate(rows, start=2):
+        if row.get("tissue") and not os.path.isfile(row["tissue"]):
+            raise WorkflowError(
+                f"cohort table {path}, line {number} (slide {row['slide_id']}): tissue file {row['tissue']} "
+                "does not exist; fix the 'tissue' column or leave it empty for the automatic mask"
             )
     check_unique(path, rows, "slide_id", "every slide needs a unique id")
     check_unique(
@@ -383,7 +390,12 @@ def all_targets(wildcards):
     aggregator and the report. The per-slide files are named here so that a deleted one is made again with
     everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it).
     """
-    per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png", f"{FEATURES}/{{s}}.h5"]
+    per_slide = [
+        f"{OUT}/tiles/{{s}}.h5",
+        f"{OUT}/tiles/{{s}}.geojson",
+        f"{OUT}/qc/{{s}}.png",
+        f"{FEATURES}/{{s}}.h5",
+    ]
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
@@ -430,6 +442,23 @@ def slide_path(wildcards):
 def slide_mpp_args(wildcards):
     mpp = SLIDES[wildcards.slide].get("mpp")
     return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
+
+
+def slide_tissue(wildcards):
+    """The slide's given tissue outline (GeoJSON): the table's `tissue` column, else tile.tissue_dir's
+    SLIDE.geojson when it exists. An input of the slide's tile job: editing it reruns that slide's chain.
+    """
+    given = SLIDES[wildcards.slide].get("tissue")
+    if not given and config["tile"].get("tissue_dir"):
+        candidate = os.path.join(
+            config["tile"]["tissue_dir"], f"{wildcards.slide}.geojson"
+        )
+        given = candidate if os.path.isfile(candidate) else None
+    return [given] if given else []
+
+
+def slide_tissue_args(wildcards, input):
+    return ["--tissue-geojson", input.tissue[0]] if input.tissue else []
 
 
 def baseline_checkpoint(wildcards):

@@ -67,5 +67,6 @@ rule heatmap:
         mpp=slide_mpp_args,
     shell:
         "pathmil --threads {threads} heatmap --model {input.models:q} --splits {input.splits:q} "
-        "--features {input.bag:q} --slide {params.path:q} {params.mpp:q} --config {input.settings:q} "
+        "--features {input.bag:q} --slide {params.path:q} --slide-id={wildcards.slide:q} {params.mpp:q} "
+        "--config {input.settings:q} "
         "--out {output.heatmap:q} --montage {output.montage:q} > {log:q} 2>&1"
