@@ -13,7 +13,12 @@ def test_defaults_and_presets():
     """pathmil's default preset: CLAM's tcga thresholds, area filters of one default tile (a 128 um reference
     patch); CLAM's presets keep CLAM's values (areas in 128 um reference patches, CLAM's 512 px at 40x)."""
     config = TileConfig()
-    assert (config.target_mpp, config.tile_px, config.min_tissue, config.preset) == (0.5, 256, 0.25, "pathmil")
+    assert (config.target_mpp, config.tile_px, config.min_tissue, config.preset) == (
+        0.5,
+        256,
+        0.25,
+        "pathmil",
+    )
     default = config.tissue_params()
     assert (default.sthresh, default.mthresh, default.close, default.a_t, default.a_h, default.max_n_holes) == (
         8, 7, 4, 1, 1, 8,
@@ -56,7 +61,10 @@ def test_yaml_then_overrides_then_flags(tmp_path):
         (["tile_pxx=3"], "unknown setting tile.tile_pxx; allowed: "),
         (["tissue.sthres=3"], "unknown setting tile.tissue.sthres; allowed: a_h, a_t, close"),
         (["tile_px=big"], "setting tile.tile_px: Input should be a valid integer"),
-        (["preset=nope"], "setting tile.preset: Input should be 'pathmil', 'tcga', 'bwh_biopsy' or 'bwh_resection'"),
+        (
+            ["preset=nope"],
+            "setting tile.preset: Input should be 'pathmil', 'tcga', 'bwh_biopsy' or 'bwh_resection'",
+        ),
         (["overlap=1.5"], "setting tile.overlap: Input should be less than 1 (got 1.5)"),
         (["tissue.sthresh=300"], "setting tile.tissue.sthresh: Input should be less than or equal to 255"),
     ],

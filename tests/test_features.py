@@ -521,8 +521,12 @@ def test_tiles_of_another_slide_are_refused(cmu_tiles, slides_dir, tmp_path, mob
     tiles = read_tiles(tiles_path)
     other = dataclasses.replace(tiles, attrs={**tiles.attrs, "slide_quickhash": "0" * 64})
     write_tiles(tmp_path / "other.h5", other)
-    with pytest.raises(SlideError, match=r"was made from another file than cmu_small_region\.svs \(its slide"):
-        extract_slide(slides_dir / "cmu_small_region.svs", tmp_path / "other.h5", tmp_path / "b.h5", mobilenet)
+    with pytest.raises(
+        SlideError, match=r"was made from another file than cmu_small_region\.svs \(its slide"
+    ):
+        extract_slide(
+            slides_dir / "cmu_small_region.svs", tmp_path / "other.h5", tmp_path / "b.h5", mobilenet
+        )
     assert not (tmp_path / "b.h5").exists()
 
 

@@ -285,11 +285,16 @@ def test_bags_that_do_not_fit_are_refused(slide, bag, flag_model, tmp_path, caps
     [
         ({"slide_id": "other"}, "it was made for slide other, not hot (--slide-id gives the id"),
         ({"level0_size": np.array([1000, 1000])}, "its slide was 1000 x 1000 px, hot.tiff is 2048 x 1536"),
-        ({"slide_quickhash": "0" * 64}, "its slide fingerprint (openslide.quickhash-1) differs from hot.tiff's"),
+        (
+            {"slide_quickhash": "0" * 64},
+            "its slide fingerprint (openslide.quickhash-1) differs from hot.tiff's",
+        ),
     ],
     ids=["slide-id", "size", "fingerprint"],
 )
-def test_a_bag_of_another_slide_is_refused_unless_forced(slide, bag, flag_model, tmp_path, capsys, attrs, message):
+def test_a_bag_of_another_slide_is_refused_unless_forced(
+    slide, bag, flag_model, tmp_path, capsys, attrs, message
+):
     """Painting one slide's bag on another slide is refused in one line; --force paints it and says why."""
     pixels = read_bag(bag)
     other = tmp_path / "other.h5"

@@ -77,7 +77,9 @@ def test_20x_and_40x_scans_keep_the_same_pieces_and_tiles(scans, preset):
     else:
         for facts in (facts20, facts40):
             (warning,) = facts["warnings"]
-            assert warning.startswith("no tissue piece reaches a_t = 16 reference patches (0.262 mm^2); kept ")
+            assert warning.startswith(
+                "no tissue piece reaches a_t = 16 reference patches (0.262 mm^2); kept "
+            )
             assert "the 2 of 3 pieces that can hold a tile (0.0164 mm^2 or more)" in warning
 
 
@@ -114,7 +116,9 @@ def test_a_given_outline_replaces_the_automatic_mask(scans, tmp_path):
         scans["x20"], tmp_path / "back.h5", TileConfig(), slide_id="x20", tissue=tmp_path / "auto.geojson"
     )
     assert back["mask_source"] == "given" and back["mask_file"] == str(tmp_path / "auto.geojson")
-    np.testing.assert_array_equal(read_tiles(tmp_path / "back.h5").coords, read_tiles(tmp_path / "auto.h5").coords)
+    np.testing.assert_array_equal(
+        read_tiles(tmp_path / "back.h5").coords, read_tiles(tmp_path / "auto.h5").coords
+    )
     outline = json.loads((tmp_path / "auto.geojson").read_text())
     only_b = {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
         [[[640, 640], [960, 640], [960, 960], [640, 960], [640, 640]]]]}}  # fmt: skip
@@ -139,12 +143,17 @@ def test_a_given_outline_replaces_the_automatic_mask(scans, tmp_path):
 
 
 def test_outlines_from_the_table_column_or_a_folder(scans, tmp_path):
-    square_b = {"type": "Polygon", "coordinates": [[[640, 640], [960, 640], [960, 960], [640, 960], [640, 640]]]}
+    square_b = {
+        "type": "Polygon",
+        "coordinates": [[[640, 640], [960, 640], [960, 960], [640, 960], [640, 640]]],
+    }
     (tmp_path / "outlines").mkdir()
     (tmp_path / "outlines" / "x20.geojson").write_text(json.dumps(square_b))
     (tmp_path / "mine.geojson").write_text(json.dumps(square_b))
     table = pd.DataFrame({"slide_id": ["x20", "x40"], "path": [str(scans["x20"]), str(scans["x40"])]})
-    folder = tile_cohort(table, tmp_path / "a", TileConfig(tissue_dir=str(tmp_path / "outlines")), progress=False)
+    folder = tile_cohort(
+        table, tmp_path / "a", TileConfig(tissue_dir=str(tmp_path / "outlines")), progress=False
+    )
     assert folder.set_index("slide_id")["mask_source"].to_dict() == {"x20": "given", "x40": "automatic"}
     cohort = tmp_path / "cohort.csv"
     table.assign(tissue=["", "mine.geojson"]).to_csv(cohort, index=False)  # relative to the table's folder
@@ -249,7 +258,10 @@ def test_slides_without_tissue_or_with_a_placeholder_resolution(tmp_path, capsys
     blank = tmp_path / "blank.tiff"
     write_pyramidal_tiff(blank, np.full((600, 600, 3), GLASS, np.uint8), 0.5, compression="zlib")
     assert main(["tile", str(blank), "--out", str(tmp_path / "b.h5")]) == 1
-    assert "no tissue found (no saturation above sthresh=8); if the slide holds tissue" in capsys.readouterr().err
+    assert (
+        "no tissue found (no saturation above sthresh=8); if the slide holds tissue"
+        in capsys.readouterr().err
+    )
     per_cm = tmp_path / "per_cm.tiff"  # 1 pixel/cm: OpenSlide says 10,000 um/px
     with tifffile.TiffWriter(per_cm) as tif:
         tif.write(tissue_image((600, 600), [(0, 0, 600, 600)]), tile=(256, 256), compression="zlib",

@@ -170,7 +170,10 @@ def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mob
     """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
     slide only; each tile job declares the GeoJSON it writes."""
     (tmp_path / "s1 outline.geojson").write_text("{}")
-    rows = [{**GOOD, "tissue": "s1 outline.geojson"}, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"}]
+    rows = [
+        {**GOOD, "tissue": "s1 outline.geojson"},
+        {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"},
+    ]
     configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
     done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
     lines = (done.stdout + done.stderr).splitlines()

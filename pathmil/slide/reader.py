@@ -163,7 +163,9 @@ class Slide:
                 "352.8 one at 72 dpi)"
             )
         if fallback is not None and not (isinstance(fallback, float) and math.isnan(fallback)):
-            pair = (float(fallback), float(fallback)) if np.isscalar(fallback) else tuple(map(float, fallback))
+            pair = (
+                (float(fallback), float(fallback)) if np.isscalar(fallback) else tuple(map(float, fallback))
+            )
             if not all(plausible_mpp(v) for v in pair):
                 raise SlideError(
                     self.slide_id,

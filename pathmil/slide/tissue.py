@@ -58,7 +58,9 @@ class TissueConfig(Settings):
         ge=0,
         description="minimum tissue area (minus holes) of a kept piece, in reference patches of 128 x 128 um",
     )
-    a_h: float = Field(1, ge=0, description="minimum area of a kept hole, in reference patches of 128 x 128 um")
+    a_h: float = Field(
+        1, ge=0, description="minimum area of a kept hole, in reference patches of 128 x 128 um"
+    )
     max_n_holes: int = Field(8, ge=0, description="keep at most this many (largest) holes per tissue piece")
     seg_downsample: float = Field(
         64, gt=0, description="segment at the pyramid level closest to this downsample"
@@ -166,7 +168,9 @@ def segment_tissue(
     )
 
 
-def fill_mask(shape: tuple[int, ...], contours: list[np.ndarray], holes: list[list[np.ndarray]]) -> np.ndarray:
+def fill_mask(
+    shape: tuple[int, ...], contours: list[np.ndarray], holes: list[list[np.ndarray]]
+) -> np.ndarray:
     """1 inside the contours, 0 in their holes and elsewhere (uint8, ``shape``).
 
     Each piece is filled, then its own holes cut, before the next piece: a piece lying in another piece's
@@ -307,12 +311,16 @@ def read_geojson_polygons(path: str | os.PathLike, slide_id: str) -> list[list[n
     except (OSError, UnicodeDecodeError) as err:
         raise PathmilError(f"{where} cannot be read: {err}") from None
     except json.JSONDecodeError as err:
-        raise PathmilError(f"{where} is not JSON (line {err.lineno}: {err.msg}); export it as GeoJSON") from None
+        raise PathmilError(
+            f"{where} is not JSON (line {err.lineno}: {err.msg}); export it as GeoJSON"
+        ) from None
     if not isinstance(data, dict) or "type" not in data:
         raise PathmilError(f"{where} is not GeoJSON: expected an object with a 'type'")
     written_for = data["pathmil"].get("slide_id") if isinstance(data.get("pathmil"), dict) else None
     if written_for is not None and str(written_for) != slide_id:
-        raise PathmilError(f"{where} was written for slide {written_for}, not {slide_id}; give this slide's file")
+        raise PathmilError(
+            f"{where} was written for slide {written_for}, not {slide_id}; give this slide's file"
+        )
     if data["type"] == "FeatureCollection":
         geometries = [f.get("geometry") for f in data.get("features", []) if isinstance(f, dict)]
     else:
