@@ -359,7 +359,7 @@ def add_split_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
-    add_flags(p, SplitConfig, list(SplitConfig.model_fields))
+    add_flags(p, SplitConfig, [name for name in SplitConfig.model_fields if name != "task_options"])
     p.add_argument("--out", type=Path, required=True, help="splits CSV (slide_id, patient_id, fold, split)")
     _add_config_args(p)
 
@@ -371,18 +371,23 @@ def run_split(args: argparse.Namespace) -> None:
     from pathmil.tasks import create_task
 
     config = _settings(args, SplitConfig)
-    task = create_task(args.task, target=args.target)
-    table = read_labelled_table(args.cohort, task.label_columns)
+    task = create_task(args.task, target=args.target, **config.task_options)
+    table = read_labelled_table(args.cohort, task.label_columns, config.bag_level)
     task.check_labels(table)
-    patients = table.groupby("patient_id", sort=True).first().reset_index()
-    strata = task.stratify_labels(patients)
+    if config.bag_level == "patient":
+        bags = table.groupby("patient_id", sort=True).first().reset_index()
+    else:
+        bags = table.sort_values("slide_id").reset_index(drop=True)
     splits = make_splits(
-        patients, table, strata, config.folds, config.val_frac, config.test_frac, config.seed
+        bags, table, task.stratify_labels(bags), config.folds, config.val_frac, config.test_frac, config.seed
     )
     with atomic_output(args.out) as tmp:
         splits.to_csv(tmp, index=False)
     counts = splits.groupby(["fold", "split"])["patient_id"].nunique().unstack(fill_value=0)
-    print(f"{config.folds} folds of {len(patients)} patients ({len(table)} slides) -> {args.out}")
+    print(
+        f"{config.folds} folds of {table['patient_id'].nunique()} patients ({len(table)} slides, "
+        f"{config.bag_level} bags) -> {args.out}"
+    )
     print(counts.to_string())
 
 
@@ -625,6 +630,27 @@ def run_heatmap(args: argparse.Namespace) -> None:
         print(f"warning: painted although {warning} (--force)", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------- export
+
+
+def add_export_parser(p: argparse.ArgumentParser) -> None:
+    from pathmil.features.export import FORMATS
+
+    p.add_argument(
+        "--features", type=Path, nargs="+", required=True, help="bag files, or folders of them (any layout)"
+    )
+    p.add_argument("--format", choices=FORMATS, required=True, help="layout to write")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--mpp", type=float, help="um/px of the slides, for bags with micrometre or centre coords")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from pathmil.features.export import export_bags
+
+    written = export_bags(args.features, args.out, args.format, args.mpp)
+    print(f"wrote {len(written)} file(s) in {args.format}'s layout under {args.out}")
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -690,6 +716,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "paint a model's instance scores over a slide, with a montage of its top and bottom tiles",
         add_heatmap_parser,
         run_heatmap,
+    ),
+    "export": (
+        "write bags in the layouts CLAM and TRIDENT train on (float32 features)",
+        add_export_parser,
+        run_export,
     ),
     "config": (
         "every setting with its default, the workflow schema, the config docs",

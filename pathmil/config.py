@@ -174,6 +174,12 @@ def run_config_class() -> type[Settings]:
         threads: int = Field(2, ge=1, description="compute threads per extraction job (the rule's threads)")
         gpus: int = Field(0, ge=0, description="GPUs per extraction job (on SLURM: --gpus)")
 
+    SplitJob = subset(
+        SplitConfig,
+        "SplitJob",
+        [n for n in SplitConfig.model_fields if n not in WORKFLOW_OWNED_SPLIT_FIELDS],
+        "patient-level folds of every task (bag_level and task_options come from each task's train settings)",
+    )
     run_fields = [n for n in TrainConfig.model_fields if n not in WORKFLOW_OWNED_TRAIN_FIELDS]
     TrainJob = subset(
         TrainConfig,
@@ -214,7 +220,7 @@ def run_config_class() -> type[Settings]:
         slides: SlidesConfig
         tile: TileConfig = Field(default_factory=TileConfig)
         extract: ExtractJob = Field(default_factory=ExtractJob)
-        split: SplitConfig = Field(default_factory=SplitConfig)
+        split: SplitJob = Field(default_factory=SplitJob)  # type: ignore[valid-type]
         tasks: dict[Literal["classification", "survival", "regression"], TaskEntry | None] = Field(
             default_factory=dict, description="the tasks to train, each with its label columns and options"
         )
@@ -233,6 +239,8 @@ def run_config_class() -> type[Settings]:
 
 # train settings the workflow sets per job from its own sections (tasks, aggregators, models)
 WORKFLOW_OWNED_TRAIN_FIELDS = ("task", "target", "task_options", "aggregator", "model", "mhim")
+# split settings the workflow sets per task from the task's train settings and options (one fact, one place)
+WORKFLOW_OWNED_SPLIT_FIELDS = ("bag_level", "task_options")
 
 
 def defaults_yaml() -> str:

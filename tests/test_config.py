@@ -171,3 +171,41 @@ def test_a_config_file_with_an_unknown_section_or_bad_yaml_is_one_line(tmp_path)
     (tmp_path / "bad.yaml").write_text("tile:\n  tile_px: 256\n   min_tissue: 0.3\n")
     with pytest.raises(PathmilError, match=r"bad.yaml is not valid YAML at line 3, column"):
         load_settings(TileConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "lr=0"], "setting train.lr: Input should be greater than 0 (got 0)"),
+        (["--set", "weight_decay=-1e-5"], "setting train.weight_decay: Input should be greater than or equal to 0"),
+        (["--config", "typo.yaml"], "typo.yaml: unknown section 'trian'; sections: cohort, slides, tile"),
+        (["--config", "bad.yaml"], "bad.yaml is not valid YAML at line 3, column"),
+    ],
+    ids=["lr", "weight-decay", "section", "yaml"],
+)  # fmt: skip
+def test_train_refuses_bad_settings_in_one_line_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, argv, message
+):
+    """Checked before anything runs: no torch traceback, no empty run folder, no silent 50 default epochs."""
+    from pathmil.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("trian:\n  epochs: 3\n")
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    args = [
+        "train",
+        "--features",
+        "f",
+        "--cohort",
+        "c.csv",
+        "--splits",
+        "s.csv",
+        "--fold",
+        "0",
+        "--out",
+        "run",
+    ]
+    assert main([*args, *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

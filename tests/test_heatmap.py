@@ -253,7 +253,7 @@ def test_attention_scores_come_from_the_model(slide, bag, tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ("short", "has 176 feature rows but 175 coordinates"),
+        ("short", "has 176 feature rows but 175 coords"),
         ("outside", "tile(s) of"),
         ("wide", "holds 6-dimensional features but model"),
     ],

@@ -111,59 +111,30 @@ GOOD = {
     "event": 1,
     "stil": 40,
 }
-SAME_FILE = {**GOOD, "slide_id": "s2", "patient_id": "p2"}  # a.svs again, under another id
 
 
+# Bad tables are refused here and by the CLI with the same words: tests/test_bad_tables.py feeds each kind
+# to both. These are the settings the dry run checks against the package's registries and declarations.
 @pytest.mark.parametrize(
     ("rows", "changes", "message"),
     [
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "event": 2}], {}, "line 3 (slide s2): event: 2 is not one of [0, 1]"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "time": -1}], {}, "time: -1 is less than the minimum of 0"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}], {}, "patient p1 has conflicting labels"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "label": None}], {}, "slide s2 has no value in column 'label'"),
-        ([GOOD, SAME_FILE], {}, "appears twice"),
-        ([{**GOOD, "stil": 0.4}, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "stil": 0.1}], {}, "percentages given as fractions"),
-        ([{**GOOD, "stil": 140}], {}, "value(s) outside [0.0, 100.0]"),
-        ([{**GOOD, "slide_id": "../escaped"}], {}, "slide_id '../escaped' is not allowed: a plain file name"),
         ([GOOD], {"aggregators": ["abmill"]}, "'abmill' is not one of ['abmil'"),
         ([GOOD], {"models": {"mambamil": {"model": {"d_modl": 64}}}}, "('d_modl' was unexpected) (in models.mambamil.model)"),
         ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
         ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
         ([{**GOOD, "mpp": 352.8}], {}, "mpp: 352.8 is greater than the maximum of 20"),
         ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
     ],
-    ids=["event", "time", "conflict", "empty-label", "same-file", "fractions", "range", "escape", "aggregator",
-         "model-key", "task-option", "lr", "encoder", "mpp", "tissue"],
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue"],
 )  # fmt: skip
-def test_bad_tables_and_settings_fail_when_the_workflow_parses(
-    tmp_path, mobilenet_weights, rows, changes, message
-):
+def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):
     """Everything a later stage would refuse is refused by the dry run, before any slide is tiled."""
     configfile = table_config(tmp_path, mobilenet_weights, rows, **changes)
     done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile", configfile, check=False)
     assert done.returncode != 0
     assert message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [("", "is empty"), ("slide_id;patient_id;path\ns1;p1;a.svs\n", "looks ';'-separated"),
-     ("slide_id,patient_id,path,label,time,event,stil\n", "has no rows")],
-    ids=["empty", "semicolons", "header-only"],
-)  # fmt: skip
-def test_unreadable_tables_are_one_line(tmp_path, mobilenet_weights, text, message):
-    table = tmp_path / "cohort.csv"
-    table.write_text(text)
-    config = mini_config(mobilenet_weights, slides={"table": str(table)})
-    done = snakemake(
-        workflow_copy(tmp_path / "w"),
-        "-n",
-        "--configfile",
-        str(write_config(tmp_path / "c.yaml", config)),
-        check=False,
-    )
-    assert done.returncode != 0 and message in done.stdout + done.stderr, done.stdout + done.stderr
 
 
 def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
@@ -185,10 +156,13 @@ def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mob
 
 
 def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):
+    """train.bag_level is the one fact: the dry run skips the patient-label check and each task's split
+    settings file carries the bag level (so `pathmil split` stratifies per slide)."""
     rows = [GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}]
     configfile = table_config(tmp_path, mobilenet_weights, rows, train={"bag_level": "slide"})
-    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile", configfile)
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
     assert job_counts(done.stdout + done.stderr)["tile"] == 2
+    assert (done.stdout + done.stderr).count("printf '%s' 'split:\n  bag_level: slide\n") == 3  # one per task
 
 
 def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):

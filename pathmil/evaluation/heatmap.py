@@ -21,7 +21,7 @@ heatmap shows where, within this slide, the model looks.
 Coordinates: level-0 pixels of the tiles' top-left corners, with the tile size from the bag's
 ``patch_size_level0_xy`` or ``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and
 ``patch_level`` (CLAM), or from the coordinate spacing. STAMP's coordinates and ``tile_size_um`` are
-micrometres, converted with the slide's um/px along x and y (``--mpp`` when its metadata has none). Tiles
+micrometres, converted with the slide's um/px along x and y (``--mpp`` when its metadata has none); slideflow's are tile centres, its tile size ``tile_um``. Tiles
 crossing the slide's right or bottom edge are painted up to the edge, and montage tiles show white beyond
 it, as tiling and extraction read them.
 
@@ -42,12 +42,12 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field, field_validator
 from scipy import stats
 
+from pathmil.data.bags import model_input
 from pathmil.errors import PathmilError
-from pathmil.evaluation.predict import check_bag, forward
+from pathmil.evaluation.predict import check_bag
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
 from pathmil.fileio import atomic_output, write_png
 from pathmil.settings import Settings
@@ -116,11 +116,6 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         raise PathmilError(
             f"{source} has no tile coordinates (a CLAM .pt file?); heatmaps need the .h5 bag with coords"
         )
-    if len(bag.coords) != bag.n_instances:
-        raise PathmilError(
-            f"{source} has {bag.n_instances} feature rows but {len(bag.coords)} coordinates; "
-            "the file is inconsistent, extract the slide again"
-        )
     coords = np.asarray(bag.coords, dtype=np.float64).reshape(-1, 2)
     attrs = {**bag.attrs, **bag.coords_attrs}
     size0, size0_y, inferred = None, None, False
@@ -136,9 +131,13 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         level = int(attrs["patch_level"])
         if level < len(slide.level_downsamples):
             size0 = float(attrs["patch_size"]) * slide.level_downsamples[level]
+    if bag.coords_origin == "centre" and attrs.get("tile_um"):  # slideflow: centres, tile size in um
+        size0 = float(attrs["tile_um"]) / slide.mpp
     if size0 is None:
         size0, inferred = grid_step(coords, source), True
         log.warning("%s names no tile size: using the coordinate spacing, %.1f level-0 px", source, size0)
+    if bag.coords_origin == "centre":
+        coords = coords - size0 / 2
     width, height = slide.dimensions
     outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
     if outside.any():
@@ -512,11 +511,10 @@ def instance_scores(
 ) -> tuple[np.ndarray, float]:
     """(instance scores, slide score) of one bag under a trained run (:func:`pathmil.training.run.load_run`).
 
-    The features are rounded to float16 as for training and prediction, so the slide score is the one
-    ``pathmil predict`` gives this bag.
+    The bag is scored as training and prediction score it (:meth:`TrainedRun.score`), so the slide score is
+    the one ``pathmil predict`` gives this bag.
     """
-    features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).half().float()
-    output = forward(loaded, features)
+    output = loaded.score(model_input(bag.features))
     scores = output.instance_scores.float().cpu().numpy().reshape(-1)
     if len(scores) != bag.n_instances:
         raise PathmilError(

@@ -493,7 +493,7 @@ def bag_is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
         return False
     try:
         attrs = read_bag_attrs(out)
-    except OSError:  # unreadable: extract again
+    except PathmilError:  # empty, truncated or damaged: extract again
         return False
     return all(attrs.get(key) == value for key, value in identity.items())
 
@@ -537,6 +537,7 @@ def extract_slide(
             f"none of its {len(tiles.coords)} tiles could be read (first error: {result.failed[0][1]}); "
             "the file is damaged: copy or scan it again",
         )
+    _check_finite(slide_id, result.features, runner.precision, config.dtype)
     failed_coords = tiles.coords[[i for i, _ in result.failed]].reshape(-1, 2).astype(np.int64)
     warnings_list = _failure_warnings(slide_id, len(tiles.coords), failed_coords, result.failed)
     # what is known about this bag, written once: the HDF5 attributes and the facts JSON come from it
@@ -591,6 +592,23 @@ def extract_slide(
     }
     write_json(facts_path, facts_data)
     return facts_data
+
+
+def _check_finite(slide_id: str, features: np.ndarray, precision: str, dtype: str) -> None:
+    """Refuse features with NaN or inf (an encoder that overflows in half precision, or float16 storage of
+    values beyond its range): readers refuse such bags, so none is written.
+
+    Raises:
+        SlideError: naming how many tiles and what to change.
+    """
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise SlideError(
+            slide_id,
+            f"the encoder gave NaN or inf features for {int(bad.sum())} of {len(features)} tiles (precision "
+            f"{precision}, stored as {dtype}); extract it with --precision fp32 (pathmil holds features as "
+            "float16: values beyond 65504 cannot be used)",
+        )
 
 
 def _failure_warnings(

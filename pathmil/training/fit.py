@@ -30,14 +30,14 @@ import yaml
 
 from pathmil.cohort import read_labelled_table
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
-from pathmil.data.splits import read_splits
+from pathmil.data.splits import check_patient_level, read_splits
 from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.run import TrainConfig, build_model
+from pathmil.training.run import TrainConfig, build_model, score_bag, scoring_model
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def load_fold(
     fold: int,
 ) -> FoldData:
     """Read and check the cohort and splits, build bags per split and fit the task on the training bags."""
-    cohort = read_labelled_table(cohort_path, task.label_columns)
+    cohort = read_labelled_table(cohort_path, task.label_columns, config.bag_level)
     task.check_labels(cohort)
     rows = read_splits(splits_path, fold)
     unknown = sorted(set(rows["slide_id"]) - set(cohort["slide_id"]))
@@ -108,6 +108,7 @@ def load_fold(
     rows = rows.drop(columns="patient_id").merge(
         cohort[["slide_id", "patient_id", *task.label_columns]], on="slide_id"
     )
+    check_patient_level(rows, f"splits table {splits_path}")
     tables = {
         s: make_bag_table(rows[rows["split"] == s], features_dir, task.label_columns, config.bag_level)
         for s in SPLITS
@@ -124,8 +125,7 @@ def load_fold(
     files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
-    first = files[0]
-    attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
+    attrs = read_bag_attrs(files[0])
     feature_info = {
         "dim": datasets["train"].dim,
         "encoder": attrs.get("encoder"),
@@ -178,10 +178,14 @@ class Trainer:
             aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
             if aux:
                 loss = loss + torch.stack(aux).float().mean()
+            if not torch.isfinite(loss):
+                raise PathmilError(self._diverged(epoch, group, f"the loss is {float(loss.detach())}"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
+                raise PathmilError(self._diverged(epoch, group, "the gradient holds NaN or inf"))
             self.optimizer.step()
             self.scheduler.step()
             self.state.step += 1
@@ -189,15 +193,33 @@ class Trainer:
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
 
+    def _diverged(self, epoch: int, group: np.ndarray, what: str) -> str:
+        """The one line of a training step that went non-finite: epoch, step, its bags and what to change."""
+        bags = self.data.tables["train"].bags["bag_id"].iloc[group].astype(str).tolist()
+        return (
+            f"training diverged at epoch {epoch + 1}, step {self.state.step + 1}: {what} on bag(s) "
+            f"{', '.join(bags)}; nothing of this epoch was saved. Lower the learning rate (lr, now "
+            f"{self.config.lr:g}), set grad_clip, or check those bags"
+        )
+
     @torch.inference_mode()
-    def logits(self, split: str) -> torch.Tensor:
-        """Logits of every bag of ``split`` (eval mode, all instances)."""
+    def logits(self, split: str, final: bool = False) -> torch.Tensor:
+        """Logits of every bag of ``split`` (eval mode, all instances). ``final``: as the written scores are
+        made (:func:`pathmil.training.run.score_bag`, float64 on the CPU) rather than the float32 pass
+        validation uses to pick the best epoch."""
         self.model.eval()
         dataset = self.data.datasets[split]
-        out = []
-        for i in range(len(dataset)):
-            with self.autocast():
-                out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
+        if final:
+            model = scoring_model(self.model, self.device)
+            out = [
+                score_bag(model, dataset.features(i), self.device, self.config.amp).logits.cpu()
+                for i in range(len(dataset))
+            ]
+        else:
+            out = []
+            for i in range(len(dataset)):
+                with self.autocast():
+                    out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.task.n_outputs)
 
     def predictions(self, split: str, logits: torch.Tensor, fold: int) -> pd.DataFrame:
@@ -407,7 +429,9 @@ def train(
     if not trainer._best_file_is_current():
         trainer.save_best()
     trainer.model.load_state_dict(best["model"])
-    tables = [trainer.predictions(s, trainer.logits(s), fold) for s in SPLITS if s in data.datasets]
+    tables = [
+        trainer.predictions(s, trainer.logits(s, final=True), fold) for s in SPLITS if s in data.datasets
+    ]
     predictions = pd.concat(tables, ignore_index=True)
     train_rows = predictions[predictions["split"] == "train"]
     metrics = {

@@ -148,21 +148,21 @@ def check_cohort_table(path, columns, rows):
             f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}"
         )
     validator = jsonschema.Draft202012Validator(COHORT_SCHEMA)
+    own_name = {  # a task's own label columns are checked as its default ones; messages name the own
+        default: own
+        for task, cols in targets.items()
+        for own, default in zip(cols, FACTS["default_targets"][task])
+    }
     for number, row in enumerate(rows, start=2):
+        for column in dict.fromkeys(required):
+            if row.get(column) is None:
+                raise WorkflowError(
+                    f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in column "
+                    f"'{column}'; fill it in or drop the slide"
+                )
         renamed = dict(row)
-        for (
-            task,
-            cols,
-        ) in targets.items():  # a task's own label columns are checked as its defaults
-            for own, default in zip(cols, FACTS["default_targets"][task]):
-                renamed[default] = row.get(own)
-        for task in TASKS:
-            for column in targets[task]:
-                if row.get(column) is None:
-                    raise WorkflowError(
-                        f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in "
-                        f"column '{column}' ({task}); fill it in or drop the slide"
-                    )
+        for default, own in own_name.items():
+            renamed[default] = row.get(own)
         error = jsonschema.exceptions.best_match(validator.iter_errors(renamed))
         if error is not None:
             field = ".".join(map(str, error.absolute_path)) or "row"
@@ -171,8 +171,10 @@ def check_cohort_table(path, columns, rows):
                     f"cohort table {path}, line {number}: {field} {error.instance!r} is not allowed: "
                     f"{error.schema.get('description', error.message)}"
                 )
+            must = COHORT_SCHEMA["properties"].get(field, {}).get("x-must") or error.message
             raise WorkflowError(
-                f"cohort table {path}, line {number} (slide {row.get('slide_id')}): {field}: {error.message}"
+                f"cohort table {path}, line {number}: slide {row.get('slide_id')}: {own_name.get(field, field)} "
+                f"is {error.instance!r}; it must be {must}"
             )
     for number, row in enumerate(rows, start=2):
         if row.get("tissue") and not os.path.isfile(row["tissue"]):
@@ -188,8 +190,9 @@ def check_cohort_table(path, columns, rows):
         "the same slide file under two slide ids would land in train and test",
     )
     check_value_ranges(path, rows, targets)
-    if config["train"]["bag_level"] == "patient":
-        check_patient_labels(path, rows, [c for cols in targets.values() for c in cols])
+    for task, cols in targets.items():
+        if split_bag_level(task) == "patient":
+            check_patient_labels(path, rows, cols)
 
 
 def check_unique(path, rows, column, why):
@@ -219,18 +222,18 @@ def check_value_ranges(path, rows, targets):
     outside = [v for v in values if not low <= v <= high]
     if outside:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low}, {high}] "
+            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low:g}, {high:g}] "
             f"(first: {outside[0]}); fix them or set tasks.regression.task_options.value_range"
         )
     if high >= 50 and max(values) <= 1 and len(values) > 1:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low}, {high}]: "
+            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: "
             "percentages given as fractions? multiply them by 100 (or set task_options.value_range)"
         )
 
 
 def check_patient_labels(path, rows, label_columns):
-    """A patient's slides share the patient's labels when bags are patients (train.bag_level: patient)."""
+    """A patient's slides share the patient's labels when bags are patients (bag_level: patient)."""
     labels = {}
     for row in rows:
         key = tuple(row.get(c) for c in label_columns)
@@ -247,6 +250,35 @@ def label_columns(task):
     return list(
         (config["tasks"][task] or {}).get("target") or FACTS["default_targets"][task]
     )
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def train_settings(task, aggregator):
+    """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
+    entry = config["tasks"][task] or {}
+    model = dict((config["models"].get(aggregator) or {}))
+    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
+    settings.update(without(model, "model", "mhim"))
+    settings.update(
+        task=task,
+        target=label_columns(task),
+        task_options=entry.get("task_options") or {},
+        aggregator=aggregator,
+        model=model.get("model") or {},
+    )
+    if "mhim" in model:
+        settings["mhim"] = model["mhim"]
+    return {"train": settings}
+
+
+def split_bag_level(task):
+    """The bag level the task's splits are made for: patient when any of its runs joins a patient's slides
+    (their labels must then agree), else slide (slide-level labels, stratified per slide)."""
+    levels = {train_settings(task, a)["train"]["bag_level"] for a in AGGREGATORS}
+    return "patient" if "patient" in levels else "slide"
 
 
 def slides_of_dir(directory):
@@ -337,41 +369,28 @@ def settings_file(name, sections):
     return path
 
 
-def without(section, *keys):
-    return {k: v for k, v in section.items() if k not in keys}
-
-
-def train_settings(task, aggregator):
-    """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
-    entry = config["tasks"][task] or {}
-    model = dict((config["models"].get(aggregator) or {}))
-    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
-    settings.update(without(model, "model", "mhim"))
-    settings.update(
-        task=task,
-        target=label_columns(task),
-        task_options=entry.get("task_options") or {},
-        aggregator=aggregator,
-        model=model.get("model") or {},
-    )
-    if "mhim" in model:
-        settings["mhim"] = model["mhim"]
-    return {"train": settings}
-
-
 SETTINGS_FILES = {
     "demo": settings_file("demo", {"demo": config["slides"].get("demo") or {}}),
     "tile": settings_file("tile", {"tile": config["tile"]}),
     "extract": settings_file(
         "extract", {"extract": without(config["extract"], "threads", "gpus")}
     ),
-    "split": settings_file("split", {"split": config["split"]}),
     "evaluate": settings_file(
         "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
     ),
     "heatmap": settings_file("heatmap", {"heatmap": config["heatmap"]}),
 }
 for _task in TASKS:
+    SETTINGS_FILES[f"split/{_task}"] = settings_file(
+        f"split-{_task}",
+        {
+            "split": {
+                **config["split"],
+                "bag_level": split_bag_level(_task),
+                "task_options": (config["tasks"][_task] or {}).get("task_options") or {},
+            }
+        },
+    )
     for _aggregator in AGGREGATORS:
         SETTINGS_FILES[f"train/{_task}/{_aggregator}"] = settings_file(
             f"train-{_task}-{_aggregator}", train_settings(_task, _aggregator)
@@ -380,6 +399,10 @@ for _task in TASKS:
 
 def train_settings_file(wildcards):
     return SETTINGS_FILES[f"train/{wildcards.task}/{wildcards.aggregator}"]
+
+
+def split_settings_file(wildcards):
+    return SETTINGS_FILES[f"split/{wildcards.task}"]
 
 
 # ------------------------------------------------------------------------------------------- inputs
