@@ -124,7 +124,7 @@ GOOD = {
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
         ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
         ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
-        ([{**GOOD, "mpp": 352.8}], {}, "mpp: 352.8 is greater than the maximum of 20"),
+        ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
         ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
     ],
     ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue"],
