@@ -50,7 +50,19 @@ def check_config():
 check_config()
 
 OUT = f"results/{config['cohort']}"
+# Conda environments for `--sdm conda`: rules that ask for GPUs get the CUDA build. Their post-deploy scripts
+# install pathmil from this checkout, which they find through PATHMIL_SOURCE (Snakemake runs them from a copy
+# under .snakemake/conda/).
 ENV = "../../envs/pathmil.yaml"
+ENV_CUDA = "../../envs/pathmil-cuda.yaml"
+os.environ.setdefault("PATHMIL_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+def conda_env(gpus):
+    """The conda environment of a rule that asks for ``gpus`` GPUs."""
+    return ENV_CUDA if gpus else ENV
+
+
 ENCODER = config["extract"]["encoder"].replace(":", "-")
 FEATURES = f"{OUT}/features/{ENCODER}"
 SETTINGS = f"{OUT}/settings"

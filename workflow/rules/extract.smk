@@ -16,7 +16,7 @@ rule extract:
     group:
         "slides"
     conda:
-        ENV
+        conda_env(config["extract"]["gpus"])
     threads: config["extract"]["threads"]
     resources:
         gpu=config["extract"]["gpus"],
