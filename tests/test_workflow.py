@@ -20,6 +20,7 @@ RULES = [
     "cohort",
     "tile",
     "extract",
+    "batch",
     "collect",
     "split",
     "train",
@@ -337,7 +338,7 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
+    assert counts == {"tile": 1, "extract": 1, "batch": 1, "collect": 1, "all": 1}
 
 
 def test_lint_and_format():

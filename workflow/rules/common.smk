@@ -77,6 +77,7 @@ wildcard_constraints:
     task="|".join(TASKS) or "none",
     aggregator="|".join(AGGREGATORS),
     fold=r"\d+",
+    batch=r"\d+",
 
 
 # ------------------------------------------------------------------------------------------ slides
@@ -399,6 +400,7 @@ def all_targets(wildcards):
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
+    targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
     targets += [f"{OUT}/cohort_ok.csv"]
     if TASKS:
         targets += [
