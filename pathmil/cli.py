@@ -95,6 +95,7 @@ def run_demo(args: argparse.Namespace) -> None:
         size_px=config.size,
         seed=config.seed,
         workers=config.workers,
+        progress=sys.stderr.isatty(),
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 
@@ -189,6 +190,7 @@ def _tile_batch(args: argparse.Namespace, config: Any) -> None:
         skip_errors=args.skip_errors,
         failures=args.failures,
         default_mpp=config.default_mpp,
+        progress=sys.stderr.isatty(),
     )
     print(
         f"tiled {len(facts)} of {len(slides)} slides into {args.out_dir}"
@@ -282,7 +284,13 @@ def _extract_batch(args: argparse.Namespace, config: Any) -> None:
 
     slides = load_slides(args.cohort, args.slide_dir)
     facts = extract_cohort(
-        slides, args.tiles_dir, args.out_dir, config, skip_errors=args.skip_errors, failures=args.failures
+        slides,
+        args.tiles_dir,
+        args.out_dir,
+        config,
+        skip_errors=args.skip_errors,
+        failures=args.failures,
+        progress=sys.stderr.isatty(),
     )
     done = int(facts["skipped"].sum()) if len(facts) else 0
     print(
@@ -389,7 +397,9 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
     p.add_argument("--teacher-init", help="MHIM-MIL: the baseline run's best.pt that starts the teacher")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs only; none when stderr is a file)"
+    )
     _add_config_args(p)
 
 
@@ -404,9 +414,8 @@ def run_train(args: argparse.Namespace) -> None:
         config = TrainConfig.build(
             deep_merge(config.to_dict(), {"mhim": {"teacher_init": args.teacher_init}})
         )
-    summary = train(
-        config, args.features, args.cohort, args.splits, args.fold, args.out, progress=not args.no_progress
-    )
+    progress = not args.no_progress and sys.stderr.isatty()  # a bar in a log file is noise
+    summary = train(config, args.features, args.cohort, args.splits, args.fold, args.out, progress=progress)
     test = summary["metrics"].get("test", {})
     main_metric = summary["main_metric"]
     print(
@@ -744,7 +753,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2
-        return int(args.handler(args) or 0)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bars, never through them
+            return int(args.handler(args) or 0)
     except PathmilError as err:
         print(f"pathmil: error: {err}", file=sys.stderr)
         return 1

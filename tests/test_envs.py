@@ -78,7 +78,8 @@ def test_every_dependency_of_pyproject_is_in_the_env_with_its_bounds(env):
         assert SpecifierSet(specs[name][0]) == requirement.specifier, (name, specs[name], requirement)
     build_tools = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
     setuptools = next(r for r in build_tools if r.name == "setuptools")
-    assert SpecifierSet(specs["setuptools"][0]) == setuptools.specifier  # the post-deploy script builds offline
+    # the post-deploy script builds pathmil offline, with the env's setuptools
+    assert SpecifierSet(specs["setuptools"][0]) == setuptools.specifier
 
 
 def test_pytorch_build_and_python(env):

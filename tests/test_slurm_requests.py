@@ -103,7 +103,8 @@ def test_batches_of_a_120_slide_cohort_ask_for_no_more_than_the_cap(tmp_path):
     for batch, requests in sorted(attempts.items()):
         assert len(requests) == retries + 1  # the first attempt and the profile's retries
         minutes = [r["minutes"] for r in requests]
-        summary.append(f"{batch}: {len(requests[0]['slides'])} slides, -t {minutes}, --mem {requests[0]['mem_mb']}")
+        size, memory = len(requests[0]["slides"]), requests[0]["mem_mb"]
+        summary.append(f"{batch}: {size} slides, -t {minutes}, --mem {memory}")
         if len(requests[0]["slides"]) > 1:  # filled to half the cap: a retry can double
             assert minutes[0] <= MAX_MINUTES // 2, summary[-1]
         assert all(m <= MAX_MINUTES for m in minutes), summary[-1]
@@ -116,8 +117,8 @@ def test_batches_of_a_120_slide_cohort_ask_for_no_more_than_the_cap(tmp_path):
     every_slide = [slide for slides in batches for slide in slides]
     assert sorted(every_slide) == [f"S{i:03d}" for i in range(120)]  # each slide in exactly one batch
     huge = next(requests for requests in attempts.values() if "S119" in requests[0]["slides"])
-    assert huge[0]["slides"] == {"S119"}  # the 150 GB slide fills a batch alone ...
-    assert huge[0]["minutes"] > MAX_MINUTES // 2 and huge[1]["minutes"] == MAX_MINUTES - 1  # ... capped on retry
+    assert huge[0]["slides"] == {"S119"}  # the 150 GB slide fills a batch alone, capped on its retries
+    assert huge[0]["minutes"] > MAX_MINUTES // 2 and huge[1]["minutes"] == MAX_MINUTES - 1
     assert 3 <= len(batches) <= 12, summary  # not one job per slide, nor one for all
     print("\n".join(summary))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,6 +266,12 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
         assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
+    for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log
+        assert "\r" not in log.read_text(errors="replace"), log
+    history = pd.read_csv(results / "models" / "survival" / "mambamil" / "fold1" / "history.csv")
+    train_log = (results / "logs" / "train" / "survival" / "mambamil" / "fold1.log").read_text()
+    logged = re.findall(r"fold 1 epoch (\d+)/3: train_loss \S+ val_loss \S+ val_c_index \S+", train_log)
+    assert [int(epoch) for epoch in logged] == history["epoch"].tolist()  # a line per epoch, for tail -f
     again = snakemake(work, "--cores", "2", "--configfile", configfile)
     assert "Nothing to be done" in again.stdout + again.stderr
 
