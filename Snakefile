@@ -39,6 +39,7 @@ localrules:
     collect,
     split,
     summary,
+    qc_gallery,
 
 
 rule all:

@@ -432,7 +432,7 @@ def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     from pathmil.settings import add_flags
 
     add_flags(p, EvaluateConfig, ["n_bootstrap"])
-    add_flags(p, PlotConfig, ["time_unit"])
+    add_flags(p, PlotConfig, ["time_unit", "value_label"])
     _add_config_args(p)
 
 
@@ -499,6 +499,9 @@ def add_summary_parser(p: argparse.ArgumentParser) -> None:
         "--evals", type=Path, nargs="+", required=True, help="folders written by `pathmil evaluate`"
     )
     p.add_argument("--out", type=Path, required=True, help="summary CSV")
+    p.add_argument("--html", type=Path, help="also the report's summary page (HTML): task x aggregator")
+    p.add_argument("--cohort", type=Path, help="the cohort table of every slide (its count on the page)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort` (its count on the page)")
 
 
 def run_summary(args: argparse.Namespace) -> None:
@@ -508,10 +511,35 @@ def run_summary(args: argparse.Namespace) -> None:
     table = summarise_evaluations(args.evals)
     with atomic_output(args.out) as tmp:
         table.to_csv(tmp, index=False)
+    if args.html:
+        import pandas as pd
+
+        from pathmil.evaluation.report import summary_page, write_page
+
+        n_slides = len(pd.read_csv(args.cohort)) if args.cohort else None
+        n_failed = len(pd.read_csv(args.failures)) if args.failures and args.failures.stat().st_size else 0
+        write_page(args.html, summary_page(args.evals, n_slides, n_failed))
     for row in table[table["main"]].itertuples():
         print(
             f"{row.task:>15} {row.aggregator:>15} {row.metric}: {row.pooled:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
         )
+
+
+def add_qc_gallery_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cohort", type=Path, required=True, help="cohort table of every slide (slide_id)")
+    p.add_argument("--qc-dir", type=Path, required=True, help="QC pictures of `pathmil tile` (SLIDE.png)")
+    p.add_argument("--tiles-dir", type=Path, required=True, help="tiling facts (SLIDE.json)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort`: stage and reason")
+    p.add_argument("--max-slides", type=int, help="thumbnails at most, failed slides first (default 500)")
+    p.add_argument("--out", type=Path, required=True, help="the gallery page (HTML)")
+
+
+def run_qc_gallery(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.report import MAX_THUMBNAILS, qc_gallery, write_page
+
+    limit = MAX_THUMBNAILS if args.max_slides is None else args.max_slides
+    write_page(args.out, qc_gallery(args.cohort, args.qc_dir, args.tiles_dir, args.failures, limit))
+    print(f"QC gallery -> {args.out}")
 
 
 def add_models_parser(p: argparse.ArgumentParser) -> None:
@@ -666,6 +694,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         run_compare,
     ),
     "summary": ("one table of several `pathmil evaluate` outputs", add_summary_parser, run_summary),
+    "qc-gallery": (
+        "a page of every slide's QC picture, failed slides first with the reason",
+        add_qc_gallery_parser,
+        run_qc_gallery,
+    ),
     "models": ("list the MIL aggregators", add_models_parser, run_models),
     "predict": (
         "score slides with trained models (one checkpoint, or several as an ensemble)",

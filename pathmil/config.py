@@ -200,11 +200,16 @@ def run_config_class() -> type[Settings]:
         model: dict[str, Any] = Field(default_factory=dict, description="the aggregator's settings")
         mhim: dict[str, Any] = Field(default_factory=dict, description="MHIM-MIL settings (mhim_* only)")
 
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
     class ReportConfig(Settings):
         """What ``snakemake --report`` shows."""
 
         section = "report"
         heatmaps: int = Field(2, ge=0, description="slides per task and aggregator with a heatmap")
+        qc_thumbnails: int = Field(
+            MAX_THUMBNAILS, ge=0, description="slides in the QC gallery at most (failed slides first)"
+        )
 
     class SlurmConfig(Settings):
         """What the workflow asks SLURM for (workflow/rules/resources.smk; the profile sets the rest)."""

@@ -401,14 +401,14 @@ def all_targets(wildcards):
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
     targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
-    targets += [f"{OUT}/cohort_ok.csv"]
+    targets += [f"{OUT}/cohort_ok.csv", f"{OUT}/report/qc_gallery.html"]
     if TASKS:
         targets += [
             f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
         ]
-        targets += [f"{OUT}/report/summary.csv"]
+        targets += [f"{OUT}/report/summary.html"]
         targets += [
-            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.jpg"
             for t in TASKS
             for a in AGGREGATORS
             for s in heatmap_slides()
