@@ -117,7 +117,7 @@ def test_demo_workflow_runs_as_slurm_jobs(node, tmp_path, mobilenet_weights):
     for tres in ["ReqTRES", "AllocTRES"]:
         assert "gres/gpu=1" in slides_job[tres].split(",")
     # the bookkeeping rules ran where snakemake runs, not as cluster jobs
-    assert set(re.findall(r"localrule (\w+):", output)) == {"all", "settings", "cohort", "collect"}
+    assert set(re.findall(r"localrule (\w+):", output)) == {"all", "settings", "cohort", "collect", "qc_gallery"}
 
     results = work / "results" / "slurm_demo"
     table = pd.read_csv(results / "cohort.csv", dtype={"slide_id": str})
