@@ -604,8 +604,8 @@ def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--features", type=Path, required=True, help="the slide's bag file (with coords)")
     p.add_argument("--slide", type=Path, required=True, help="the slide file")
-    p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
-    p.add_argument("--montage", type=Path, help="PNG of the top-k and bottom-k tiles")
+    p.add_argument("--out", type=Path, required=True, help="the heatmap picture: JPEG for .jpg, else PNG")
+    p.add_argument("--montage", type=Path, help="picture of the top-k and bottom-k tiles (JPEG for .jpg, else PNG)")
     p.add_argument("--scores", type=Path, help="CSV of every tile's x, y, score and percentile")
     add_flags(p, HeatmapConfig, ["top_k", "smooth", "max_px"])
     p.add_argument(
