@@ -95,6 +95,7 @@ def run_demo(args: argparse.Namespace) -> None:
         size_px=config.size,
         seed=config.seed,
         workers=config.workers,
+        progress=sys.stderr.isatty(),
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 
@@ -200,6 +201,7 @@ def _tile_batch(args: argparse.Namespace, config: Any) -> None:
         skip_errors=args.skip_errors,
         failures=args.failures,
         default_mpp=config.default_mpp,
+        progress=sys.stderr.isatty(),
     )
     print(
         f"tiled {len(facts)} of {len(slides)} slides into {args.out_dir}"
@@ -295,7 +297,13 @@ def _extract_batch(args: argparse.Namespace, config: Any) -> None:
 
     slides = load_slides(args.cohort, args.slide_dir)
     facts = extract_cohort(
-        slides, args.tiles_dir, args.out_dir, config, skip_errors=args.skip_errors, failures=args.failures
+        slides,
+        args.tiles_dir,
+        args.out_dir,
+        config,
+        skip_errors=args.skip_errors,
+        failures=args.failures,
+        progress=sys.stderr.isatty(),
     )
     done = int(facts["skipped"].sum()) if len(facts) else 0
     print(
@@ -407,7 +415,9 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
     p.add_argument("--teacher-init", help="MHIM-MIL: the baseline run's best.pt that starts the teacher")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs only; none when stderr is a file)"
+    )
     _add_config_args(p)
 
 
@@ -422,9 +432,8 @@ def run_train(args: argparse.Namespace) -> None:
         config = TrainConfig.build(
             deep_merge(config.to_dict(), {"mhim": {"teacher_init": args.teacher_init}})
         )
-    summary = train(
-        config, args.features, args.cohort, args.splits, args.fold, args.out, progress=not args.no_progress
-    )
+    progress = not args.no_progress and sys.stderr.isatty()  # a bar in a log file is noise
+    summary = train(config, args.features, args.cohort, args.splits, args.fold, args.out, progress=progress)
     test = summary["metrics"].get("test", {})
     main_metric = summary["main_metric"]
     print(
@@ -441,7 +450,7 @@ def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     from pathmil.settings import add_flags
 
     add_flags(p, EvaluateConfig, ["n_bootstrap"])
-    add_flags(p, PlotConfig, ["time_unit"])
+    add_flags(p, PlotConfig, ["time_unit", "value_label"])
     _add_config_args(p)
 
 
@@ -508,6 +517,9 @@ def add_summary_parser(p: argparse.ArgumentParser) -> None:
         "--evals", type=Path, nargs="+", required=True, help="folders written by `pathmil evaluate`"
     )
     p.add_argument("--out", type=Path, required=True, help="summary CSV")
+    p.add_argument("--html", type=Path, help="also the report's summary page (HTML): task x aggregator")
+    p.add_argument("--cohort", type=Path, help="the cohort table of every slide (its count on the page)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort` (its count on the page)")
 
 
 def run_summary(args: argparse.Namespace) -> None:
@@ -517,10 +529,35 @@ def run_summary(args: argparse.Namespace) -> None:
     table = summarise_evaluations(args.evals)
     with atomic_output(args.out) as tmp:
         table.to_csv(tmp, index=False)
+    if args.html:
+        import pandas as pd
+
+        from pathmil.evaluation.report import summary_page, write_page
+
+        n_slides = len(pd.read_csv(args.cohort)) if args.cohort else None
+        n_failed = len(pd.read_csv(args.failures)) if args.failures and args.failures.stat().st_size else 0
+        write_page(args.html, summary_page(args.evals, n_slides, n_failed))
     for row in table[table["main"]].itertuples():
         print(
             f"{row.task:>15} {row.aggregator:>15} {row.metric}: {row.pooled:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
         )
+
+
+def add_qc_gallery_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cohort", type=Path, required=True, help="cohort table of every slide (slide_id)")
+    p.add_argument("--qc-dir", type=Path, required=True, help="QC pictures of `pathmil tile` (SLIDE.png)")
+    p.add_argument("--tiles-dir", type=Path, required=True, help="tiling facts (SLIDE.json)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort`: stage and reason")
+    p.add_argument("--max-slides", type=int, help="thumbnails at most, failed slides first (default 500)")
+    p.add_argument("--out", type=Path, required=True, help="the gallery page (HTML)")
+
+
+def run_qc_gallery(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.report import MAX_THUMBNAILS, qc_gallery, write_page
+
+    limit = MAX_THUMBNAILS if args.max_slides is None else args.max_slides
+    write_page(args.out, qc_gallery(args.cohort, args.qc_dir, args.tiles_dir, args.failures, limit))
+    print(f"QC gallery -> {args.out}")
 
 
 def add_models_parser(p: argparse.ArgumentParser) -> None:
@@ -591,8 +628,10 @@ def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="paint a bag whose slide id, level-0 size or slide fingerprint disagree with the slide",
     )
-    p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
-    p.add_argument("--montage", type=Path, help="PNG of the top-k and bottom-k tiles")
+    p.add_argument("--out", type=Path, required=True, help="the heatmap picture: JPEG for .jpg, else PNG")
+    p.add_argument(
+        "--montage", type=Path, help="picture of the top-k and bottom-k tiles (JPEG for .jpg, else PNG)"
+    )
     p.add_argument("--scores", type=Path, help="CSV of every tile's x, y, score and percentile")
     add_flags(p, HeatmapConfig, ["top_k", "smooth", "max_px"])
     p.add_argument(
@@ -706,6 +745,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         run_compare,
     ),
     "summary": ("one table of several `pathmil evaluate` outputs", add_summary_parser, run_summary),
+    "qc-gallery": (
+        "a page of every slide's QC picture, failed slides first with the reason",
+        add_qc_gallery_parser,
+        run_qc_gallery,
+    ),
     "models": ("list the MIL aggregators", add_models_parser, run_models),
     "predict": (
         "score slides with trained models (one checkpoint, or several as an ensemble)",
@@ -798,7 +842,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2
-        return int(args.handler(args) or 0)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bars, never through them
+            return int(args.handler(args) or 0)
     except PathmilError as err:
         print(f"pathmil: error: {err}", file=sys.stderr)
         return 1

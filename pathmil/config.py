@@ -43,6 +43,7 @@ SECTIONS = (
     "plots",
     "heatmap",
     "report",
+    "slurm",
 )
 
 
@@ -205,11 +206,33 @@ def run_config_class() -> type[Settings]:
         model: dict[str, Any] = Field(default_factory=dict, description="the aggregator's settings")
         mhim: dict[str, Any] = Field(default_factory=dict, description="MHIM-MIL settings (mhim_* only)")
 
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
     class ReportConfig(Settings):
         """What ``snakemake --report`` shows."""
 
         section = "report"
         heatmaps: int = Field(2, ge=0, description="slides per task and aggregator with a heatmap")
+        qc_thumbnails: int = Field(
+            MAX_THUMBNAILS, ge=0, description="slides in the QC gallery at most (failed slides first)"
+        )
+
+    class SlurmConfig(Settings):
+        """What the workflow asks SLURM for (workflow/rules/resources.smk; the profile sets the rest)."""
+
+        section = "slurm"
+        max_runtime: float = Field(
+            24.0,
+            gt=0,
+            description="hours one SLURM job may ask for at most: per-slide batches (tiling and extraction) are "
+            "filled to half of it, so a retry can double its time and no attempt asks for more",
+        )
+        seconds_per_tile: float | None = Field(
+            None,
+            gt=0,
+            description="extraction seconds per tile (a bag's facts JSON gives tiles_per_second); none: "
+            "estimated from the encoder's FLOPs and the device",
+        )
 
     class RunConfig(Settings):
         """A whole run of the workflow: one cohort, its tasks and aggregators, and every stage's settings."""
@@ -233,6 +256,7 @@ def run_config_class() -> type[Settings]:
         plots: PlotConfig = Field(default_factory=PlotConfig)
         heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
         report: ReportConfig = Field(default_factory=ReportConfig)
+        slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     return RunConfig
 
@@ -266,9 +290,9 @@ def workflow_schema() -> dict[str, Any]:
     what a config leaves out. Aggregator, encoder and task names are enumerated from the registries; each
     task's ``task_options`` and each aggregator's ``model``/``mhim`` are checked against their own
     declarations. ``x-pathmil`` carries facts the workflow needs without importing pathmil: each wrapper's
-    baseline aggregator and each task's default label columns.
+    baseline aggregator, each task's default label columns, each encoder's GFLOP per tile.
     """
-    from pathmil.features.encoders import list_encoders
+    from pathmil.features.encoders import encoder_gflops, list_encoders
     from pathmil.ids import SLIDE_EXTENSIONS
     from pathmil.models.mhim import MHIMConfig
     from pathmil.models.registry import baselines, list_models, model_entry
@@ -311,6 +335,7 @@ def workflow_schema() -> dict[str, Any]:
         "baselines": baselines(),
         "slide_extensions": list(SLIDE_EXTENSIONS),
         "default_targets": {name: list(cls.default_columns) for name, cls in TASKS.items()},
+        "encoder_gflops": {name: round(encoder_gflops(name), 1) for name in list_encoders()},
     }
     return schema
 
@@ -394,6 +419,7 @@ def markdown_tables() -> dict[str, str]:
         "plots": settings_table(fields["plots"].annotation),
         "heatmap": settings_table(fields["heatmap"].annotation),
         "report": settings_table(fields["report"].annotation),
+        "slurm": settings_table(fields["slurm"].annotation),
         "mhim": settings_table(MHIMConfig),
     }
     for name, cls in TASKS.items():

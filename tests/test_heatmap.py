@@ -195,6 +195,15 @@ def test_real_slide_tiles_light_up_where_they_are_dark(slides_dir, flag_model, t
     hot, cold = heatmap.values >= 0.9, heatmap.values <= 0.1
     assert grey[hot].mean() < grey[cold].mean() - 20  # the hottest pixels lie on the darkest tissue
 
+    # a .jpg path gives JPEG (the workflow's): the same picture, a fraction of the PNG's bytes
+    jpeg, montage = tmp_path / "cmu.jpg", tmp_path / "cmu_montage.jpg"
+    make_heatmap(flag_model, bag, slide_path, jpeg, montage=montage, config=HeatmapConfig(max_px=512))
+    png_picture, jpeg_picture = cv2.imread(str(tmp_path / "cmu.png")), cv2.imread(str(jpeg))
+    assert jpeg.read_bytes()[:3] == montage.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG's start of image
+    assert jpeg_picture.shape == png_picture.shape
+    assert np.abs(jpeg_picture.astype(int) - png_picture.astype(int)).mean() < 4
+    assert jpeg.stat().st_size < (tmp_path / "cmu.png").stat().st_size / 3
+
 
 def test_montage_shows_the_top_and_bottom_tiles_from_the_slide(slide, bag, flag_model):
     loaded = load_run(flag_model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ RULES = [
     "cohort",
     "tile",
     "extract",
+    "batch",
     "collect",
     "split",
     "train",
@@ -258,6 +260,12 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
         assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
+    for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log
+        assert "\r" not in log.read_text(errors="replace"), log
+    history = pd.read_csv(results / "models" / "survival" / "mambamil" / "fold1" / "history.csv")
+    train_log = (results / "logs" / "train" / "survival" / "mambamil" / "fold1.log").read_text()
+    logged = re.findall(r"fold 1 epoch (\d+)/3: train_loss \S+ val_loss \S+ val_c_index \S+", train_log)
+    assert [int(epoch) for epoch in logged] == history["epoch"].tolist()  # a line per epoch, for tail -f
     again = snakemake(work, "--cores", "2", "--configfile", configfile)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -342,11 +350,17 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     # compares the checksums of small input files)
     (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
     dry = snakemake(work, "-n", "--configfile", configfile)
-    assert job_counts(dry.stdout + dry.stderr) == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "tile": 1,
+        "extract": 1,
+        "batch": 1,
+        "collect": 1,
+        "all": 1,
+    }
     os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 2, "extract": 2, "collect": 1, "all": 1}
+    assert counts == {"tile": 2, "extract": 2, "batch": 1, "collect": 1, "all": 1}
 
 
 def test_lint_and_format():

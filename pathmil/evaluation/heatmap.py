@@ -49,7 +49,7 @@ from pathmil.data.bags import model_input
 from pathmil.errors import PathmilError
 from pathmil.evaluation.predict import check_bag
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
-from pathmil.fileio import atomic_output, write_png
+from pathmil.fileio import atomic_output, write_picture
 from pathmil.settings import Settings
 from pathmil.slide.reader import Slide, resize
 from pathmil.training.run import TrainedRun, load_run
@@ -71,6 +71,9 @@ class HeatmapConfig(Settings):
         8, ge=1, description="tiles with the highest and with the lowest scores in the montage"
     )
     montage_px: int = Field(192, ge=16, description="side of each montage tile in pixels")
+    jpeg_quality: int = Field(
+        85, ge=1, le=100, description="JPEG quality of pictures written as .jpg (the workflow's)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the model runs")
 
     @field_validator("cmap")
@@ -463,9 +466,14 @@ def compose(thumbnail: np.ndarray, overlay: np.ndarray, cmap: str, title: str) -
 
 
 def save_montage(
-    path: str | os.PathLike, top: list[MontageTile], bottom: list[MontageTile], title: str
+    path: str | os.PathLike,
+    top: list[MontageTile],
+    bottom: list[MontageTile],
+    title: str,
+    jpeg_quality: int = 85,
 ) -> None:
-    """Two rows of tiles, highest scores above, lowest below, each titled with its score and percentile."""
+    """Two rows of tiles, highest scores above, lowest below, each titled with its score and percentile;
+    JPEG for a .jpg path, else PNG."""
     from matplotlib.figure import Figure
 
     k = max(len(top), 1)
@@ -485,8 +493,11 @@ def save_montage(
                 )
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.02, top=0.82, wspace=0.08, hspace=0.45)
+    jpeg = str(path).lower().endswith((".jpg", ".jpeg"))
     with atomic_output(path) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(
+            tmp, format="jpeg" if jpeg else "png", pil_kwargs={"quality": jpeg_quality} if jpeg else None
+        )
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -542,7 +553,8 @@ def make_heatmap(
     slide_id: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Score one slide's bag, write the heatmap PNG (and the montage and per-tile scores if asked).
+    """Score one slide's bag, write the heatmap (JPEG for a .jpg path, else PNG; the montage likewise, and
+    the per-tile scores, if asked).
 
     ``slide_id`` names the slide file (default: its file name); a bag made for another slide is refused
     unless ``force`` (:func:`check_bag_matches_slide`). Returns facts: slide id, tiles, the slide score,
@@ -582,11 +594,12 @@ def make_heatmap(
         )
         picture = compose(thumbnail, overlay, config.cmap, title)
         with atomic_output(out) as tmp:
-            write_png(str(tmp), picture)
+            write_picture(str(tmp), picture, config.jpeg_quality)
         lap("write")
         if montage is not None:
             top, bottom = montage_tiles(slide, layout, scores, config.top_k, config.montage_px)
-            save_montage(montage, top, bottom, f"{slide.slide_id}: {loaded.aggregator} instance scores")
+            title = f"{slide.slide_id}: {loaded.aggregator} instance scores"
+            save_montage(montage, top, bottom, title, config.jpeg_quality)
             lap("montage")
     if scores_csv is not None:
         table = pd.DataFrame(

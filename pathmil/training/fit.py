@@ -343,7 +343,8 @@ class Trainer:
                 "seconds": time.perf_counter() - start,
             }
             self.state.history.append(row)
-            self._track(row, epoch)
+            improved = self._track(row, epoch)
+            log.info(epoch_line(row, self.config.epochs, fold, improved))
             self.state.epoch = epoch + 1
             stop = epoch + 1 >= self.config.min_epochs and self.state.bad_epochs >= self.config.patience
             self.state.stopped = stop
@@ -362,8 +363,9 @@ class Trainer:
                 )
                 break
 
-    def _track(self, row: dict[str, Any], epoch: int) -> None:
-        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined).
+    def _track(self, row: dict[str, Any], epoch: int) -> bool:
+        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined); return
+        whether this epoch is the new best.
 
         Small validation sets often saturate the metric (an AUC of 1.0 on a few patients); a tie is then
         broken by the validation loss, so the checkpoint still follows real progress.
@@ -380,8 +382,9 @@ class Trainer:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
             self.state.best_loss = loss
             self._keep_best(epoch + 1)
-        else:
-            self.state.bad_epochs += 1
+            return True
+        self.state.bad_epochs += 1
+        return False
 
     def _monitor(self, row: dict[str, Any]) -> str:
         """What early stopping follows: the validation main metric where defined, else a loss."""
@@ -395,6 +398,19 @@ class Trainer:
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.best = {"model": weights, "epoch": epoch}
         self.save_best()
+
+
+def epoch_line(row: dict[str, Any], epochs: int, fold: int, best: bool) -> str:
+    """One log line per epoch, for following a run with ``tail -f``:
+    ``fold 0 epoch 3/20: train_loss 0.5123 val_loss 0.4876 val_auc 0.9120 lr 1.2e-04 3.2 s (best)``."""
+    values = " ".join(
+        f"{key} {value:.4g}" if key == "lr" else f"{key} {value:.4f}"
+        for key, value in row.items()
+        if key not in ("epoch", "seconds")
+    )
+    return f"fold {fold} epoch {row['epoch']}/{epochs}: {values} {row['seconds']:.1f} s" + (
+        " (best)" if best else ""
+    )
 
 
 # ------------------------------------------------------------------------------------------- a run

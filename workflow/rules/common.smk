@@ -50,7 +50,19 @@ def check_config():
 check_config()
 
 OUT = f"results/{config['cohort']}"
+# Conda environments for `--sdm conda`: rules that ask for GPUs get the CUDA build. Their post-deploy scripts
+# install pathmil from this checkout, which they find through PATHMIL_SOURCE (Snakemake runs them from a copy
+# under .snakemake/conda/).
 ENV = "../../envs/pathmil.yaml"
+ENV_CUDA = "../../envs/pathmil-cuda.yaml"
+os.environ.setdefault("PATHMIL_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+def conda_env(gpus):
+    """The conda environment of a rule that asks for ``gpus`` GPUs."""
+    return ENV_CUDA if gpus else ENV
+
+
 ENCODER = config["extract"]["encoder"].replace(":", "-")
 FEATURES = f"{OUT}/features/{ENCODER}"
 SETTINGS = f"{OUT}/settings"
@@ -65,6 +77,7 @@ wildcard_constraints:
     task="|".join(TASKS) or "none",
     aggregator="|".join(AGGREGATORS),
     fold=r"\d+",
+    batch=r"\d+",
 
 
 # ------------------------------------------------------------------------------------------ slides
@@ -422,14 +435,15 @@ def all_targets(wildcards):
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
-    targets += [f"{OUT}/cohort_ok.csv"]
+    targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
+    targets += [f"{OUT}/cohort_ok.csv", f"{OUT}/report/qc_gallery.html"]
     if TASKS:
         targets += [
             f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
         ]
-        targets += [f"{OUT}/report/summary.csv"]
+        targets += [f"{OUT}/report/summary.html"]
         targets += [
-            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.jpg"
             for t in TASKS
             for a in AGGREGATORS
             for s in heatmap_slides()

@@ -44,14 +44,14 @@ rule heatmap:
         settings=SETTINGS_FILES["heatmap"],
     output:
         heatmap=report(
-            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}.png",
+            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}.jpg",
             caption="../report/heatmap.rst",
             category="{task}",
             subcategory="{aggregator}",
             labels={"slide": "{slide}", "picture": "heatmap"},
         ),
         montage=report(
-            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}_montage.png",
+            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}_montage.jpg",
             caption="../report/montage.rst",
             category="{task}",
             subcategory="{aggregator}",

@@ -17,10 +17,12 @@ rule tile:
     log:
         f"{OUT}/logs/tile/{{slide}}.log",
     group:
-        "slides"
+        slide_group
     conda:
         ENV
     threads: 1
+    resources:
+        runtime=slide_runtime("tile"),
     params:
         path=slide_path,
         mpp=slide_mpp_args,

@@ -16,7 +16,7 @@ rule train:
     log:
         f"{OUT}/logs/train/{{task}}/{{aggregator}}/fold{{fold}}.log",
     conda:
-        ENV
+        conda_env(config["train"]["gpus"])
     threads: 1
     resources:
         gpu=config["train"]["gpus"],
