@@ -45,6 +45,7 @@ SECTIONS = (
     "plots",
     "heatmap",
     "report",
+    "slurm",
 )
 
 
@@ -160,8 +161,8 @@ def run_config_class() -> type[Settings]:
         demo: DemoConfig | None = Field(None, description="make the synthetic demo cohort")
         table: str | None = Field(
             None,
-            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp, "
-            "and the label columns of the tasks",
+            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp "
+            "and tissue (a GeoJSON outline), and the label columns of the tasks",
         )
         dir: str | None = Field(
             None, description="folder of slides (ids from file names; tiling and extraction only)"
@@ -197,6 +198,12 @@ def run_config_class() -> type[Settings]:
                 ExtractConfig._known_encoder(name)
             return value
 
+    SplitJob = subset(
+        SplitConfig,
+        "SplitJob",
+        [n for n in SplitConfig.model_fields if n not in WORKFLOW_OWNED_SPLIT_FIELDS],
+        "patient-level folds of every task (bag_level and task_options come from each task's train settings)",
+    )
     run_fields = [n for n in TrainConfig.model_fields if n not in WORKFLOW_OWNED_TRAIN_FIELDS]
     TrainJob = subset(
         TrainConfig,
@@ -222,11 +229,33 @@ def run_config_class() -> type[Settings]:
         model: dict[str, Any] = Field(default_factory=dict, description="the aggregator's settings")
         mhim: dict[str, Any] = Field(default_factory=dict, description="MHIM-MIL settings (mhim_* only)")
 
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
     class ReportConfig(Settings):
         """What ``snakemake --report`` shows."""
 
         section = "report"
         heatmaps: int = Field(2, ge=0, description="slides per task and aggregator with a heatmap")
+        qc_thumbnails: int = Field(
+            MAX_THUMBNAILS, ge=0, description="slides in the QC gallery at most (failed slides first)"
+        )
+
+    class SlurmConfig(Settings):
+        """What the workflow asks SLURM for (workflow/rules/resources.smk; the profile sets the rest)."""
+
+        section = "slurm"
+        max_runtime: float = Field(
+            24.0,
+            gt=0,
+            description="hours one SLURM job may ask for at most: per-slide batches (tiling and extraction) are "
+            "filled to half of it, so a retry can double its time and no attempt asks for more",
+        )
+        seconds_per_tile: float | None = Field(
+            None,
+            gt=0,
+            description="extraction seconds per tile (a bag's facts JSON gives tiles_per_second); none: "
+            "estimated from the encoder's FLOPs and the device",
+        )
 
     class RunConfig(Settings):
         """A whole run of the workflow: one cohort, its tasks and aggregators, and every stage's settings."""
@@ -237,7 +266,7 @@ def run_config_class() -> type[Settings]:
         slides: SlidesConfig
         tile: TileConfig = Field(default_factory=TileConfig)
         extract: ExtractJob = Field(default_factory=ExtractJob)
-        split: SplitConfig = Field(default_factory=SplitConfig)
+        split: SplitJob = Field(default_factory=SplitJob)  # type: ignore[valid-type]
         tasks: dict[Literal["classification", "survival", "regression"], TaskEntry | None] = Field(
             default_factory=dict, description="the tasks to train, each with its label columns and options"
         )
@@ -254,12 +283,15 @@ def run_config_class() -> type[Settings]:
         plots: PlotConfig = Field(default_factory=PlotConfig)
         heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
         report: ReportConfig = Field(default_factory=ReportConfig)
+        slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     return RunConfig
 
 
 # train settings the workflow sets per job from its own sections (tasks, aggregators, models)
 WORKFLOW_OWNED_TRAIN_FIELDS = ("task", "target", "task_options", "aggregator", "model", "mhim")
+# split settings the workflow sets per task from the task's train settings and options (one fact, one place)
+WORKFLOW_OWNED_SPLIT_FIELDS = ("bag_level", "task_options")
 
 
 def defaults_yaml() -> str:
@@ -285,9 +317,9 @@ def workflow_schema() -> dict[str, Any]:
     what a config leaves out. Aggregator, encoder and task names are enumerated from the registries; each
     task's ``task_options`` and each aggregator's ``model``/``mhim`` are checked against their own
     declarations. ``x-pathmil`` carries facts the workflow needs without importing pathmil: each wrapper's
-    baseline aggregator and each task's default label columns.
+    baseline aggregator, each task's default label columns, each encoder's GFLOP per tile.
     """
-    from pathmil.features.encoders import list_encoders
+    from pathmil.features.encoders import encoder_gflops, list_encoders
     from pathmil.ids import SLIDE_EXTENSIONS
     from pathmil.models.mhim import MHIMConfig
     from pathmil.models.registry import baselines, list_models, model_entry
@@ -331,6 +363,7 @@ def workflow_schema() -> dict[str, Any]:
         "baselines": baselines(),
         "slide_extensions": list(SLIDE_EXTENSIONS),
         "default_targets": {name: list(cls.default_columns) for name, cls in TASKS.items()},
+        "encoder_gflops": {name: round(encoder_gflops(name), 1) for name in list_encoders()},
     }
     return schema
 
@@ -415,6 +448,7 @@ def markdown_tables() -> dict[str, str]:
         "heatmap": settings_table(fields["heatmap"].annotation),
         "report": settings_table(fields["report"].annotation),
         "search": settings_table(fields["search"].annotation),
+        "slurm": settings_table(fields["slurm"].annotation),
         "mhim": settings_table(MHIMConfig),
     }
     for name, cls in TASKS.items():

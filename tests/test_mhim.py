@@ -236,11 +236,16 @@ def test_batches_with_padding_train_bag_by_bag():
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def with_baseline(*args, **settings) -> torch.nn.Module:
-    """An MHIM model as a new training run gets it: built, then its teacher loaded from the baseline."""
-    model = create_model(*args, **settings)
-    model.prepare_training()
-    return model
+def with_baseline(aggregator: str, in_dim: int, n_outputs: int, mhim=None, **model) -> torch.nn.Module:
+    """An MHIM model as a new training run gets it: built by the training stage (which hands it the run
+    loader, pathmil.training.run.load_run), then its teacher loaded from the baseline."""
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1]}))
+    assert task.n_outputs == n_outputs
+    config = TrainConfig(aggregator=aggregator, model=model, mhim=mhim or {})
+    built = build_model(config, in_dim, task)
+    built.prepare_training()
+    return built
 
 
 def baseline_checkpoint(path: Path, aggregator: str = "abmil", hidden: int = 32) -> torch.nn.Module:

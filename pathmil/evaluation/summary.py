@@ -34,10 +34,26 @@ def configuration(run: TrainedRun) -> tuple[str, str | None, str, int]:
 
 
 def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A run's ``predictions.csv``; a bag without a score (NaN or empty) is refused, naming it.
+
+    Raises:
+        PathmilError: no predictions, or a missing or non-finite score.
+    """
     path = Path(run_dir) / "predictions.csv"
     if not path.is_file():
         raise PathmilError(f"run {run_dir} has no predictions.csv; is training finished?")
-    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    scores = [c for c in table.columns if c == "score" or c.startswith(("score_", "surv_"))]
+    if "score" not in scores:
+        raise PathmilError(f"{path} has no score column; train the run again")
+    values = table[scores].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise PathmilError(
+            f"{path} has no finite score for {int(bad.sum())} bag(s) (first: {table['slide_id'].iloc[bad.argmax()]}); "
+            "a diverged or damaged run: train it again"
+        )
+    return table
 
 
 def pool_test(predictions: pd.DataFrame) -> pd.DataFrame:

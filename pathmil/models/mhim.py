@@ -57,7 +57,6 @@ from torch import nn
 from pathmil.errors import PathmilError
 from pathmil.models.abmil import ABMIL, ABMILConfig, GatedABMILConfig
 from pathmil.models.base import MILModel, MILOutput
-from pathmil.models.checkpoint import load_checkpoint
 from pathmil.models.registry import model_entry, register_model
 from pathmil.models.transmil import TransMIL, TransMILConfig
 from pathmil.settings import Settings
@@ -264,11 +263,13 @@ class MHIM(MILModel):
         student_name: str,
         settings: MHIMConfig,
         saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        load_baseline: Callable[[str], Any] | None = None,
     ):
         super().__init__(student.in_dim, student.n_outputs)
         check_student(student)
         self.student_name, self.settings = student_name, settings
         self.saliency = saliency or max_class_probability
+        self._load_baseline = load_baseline
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         width = student.classifier.in_features
@@ -301,8 +302,10 @@ class MHIM(MILModel):
                 self.student_name,
             )
             return
-        checkpoint = load_checkpoint(path)
-        found = (checkpoint.get("aggregator"), checkpoint.get("in_dim"), checkpoint.get("n_outputs"))
+        if self._load_baseline is None:
+            raise RuntimeError("MHIM-MIL needs load_baseline (pathmil.training.run.build_model passes it)")
+        baseline = self._load_baseline(path)  # as predict and heatmaps load a run: one loader, same checks
+        found = (baseline.aggregator, baseline.in_dim, baseline.task.n_outputs)
         wanted = (self.student_name, self.in_dim, self.n_outputs)
         if found != wanted:
             raise PathmilError(
@@ -311,12 +314,12 @@ class MHIM(MILModel):
                 f"features and {wanted[2]} outputs; train that baseline on the same features and task first"
             )
         try:
-            self.teacher.load_state_dict(checkpoint["model"])
+            self.teacher.load_state_dict(baseline.model.state_dict())
         except RuntimeError as err:
             detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise PathmilError(
                 f"mhim.teacher_init {path}: its {found[0]} architecture differs from the student's "
-                f"({detail}); use the baseline's model settings {checkpoint['config'].get('model', {})}"
+                f"({detail}); use the baseline's model settings {baseline.config.model}"
             ) from None
         if self.settings.student_init != "none":
             state = self.teacher.state_dict()
@@ -421,27 +424,36 @@ def build_mhim(
     settings: Settings,
     mhim: dict[str, Any] | MHIMConfig | None = None,
     saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    load_baseline: Callable[[str], Any] | None = None,
 ) -> MHIM:
     """MHIM-MIL ``name`` around its student built with ``settings`` (the ``model`` section); ``mhim`` holds
-    the masking settings and ``saliency`` the task's instance score (version 2)."""
+    the masking settings, ``saliency`` the task's instance score (version 2) and ``load_baseline`` the
+    loader of the baseline run (``pathmil.training.run.load_run``)."""
     mhim_settings = mhim if isinstance(mhim, MHIMConfig) else MHIMConfig.build(mhim)
     student_name = model_entry(name).wraps
     student = model_entry(student_name).build(in_dim, n_outputs, settings)
-    return MHIM(student, student_name, mhim_settings, saliency)
+    return MHIM(student, student_name, mhim_settings, saliency, load_baseline)
 
 
-@register_model("mhim_abmil", settings=ABMILConfig, wraps="abmil", inputs=("mhim", "saliency"))
+@register_model(
+    "mhim_abmil", settings=ABMILConfig, wraps="abmil", inputs=("mhim", "saliency", "load_baseline")
+)
 def mhim_abmil(in_dim: int, n_outputs: int, settings: ABMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_abmil", in_dim, n_outputs, settings, **inputs)
 
 
 @register_model(
-    "mhim_abmil_gated", settings=GatedABMILConfig, wraps="abmil_gated", inputs=("mhim", "saliency")
+    "mhim_abmil_gated",
+    settings=GatedABMILConfig,
+    wraps="abmil_gated",
+    inputs=("mhim", "saliency", "load_baseline"),
 )
 def mhim_abmil_gated(in_dim: int, n_outputs: int, settings: GatedABMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_abmil_gated", in_dim, n_outputs, settings, **inputs)
 
 
-@register_model("mhim_transmil", settings=TransMILConfig, wraps="transmil", inputs=("mhim", "saliency"))
+@register_model(
+    "mhim_transmil", settings=TransMILConfig, wraps="transmil", inputs=("mhim", "saliency", "load_baseline")
+)
 def mhim_transmil(in_dim: int, n_outputs: int, settings: TransMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_transmil", in_dim, n_outputs, settings, **inputs)

@@ -22,8 +22,9 @@ from pathmil.models.base import MILModel
 from pathmil.settings import Settings
 
 # Inputs a model may take besides its settings (``ModelEntry.inputs``): the ``mhim`` section of a training
-# run, and the task's instance saliency function (MHIM-MIL v2's class-aware instance score).
-INPUTS = ("mhim", "saliency")
+# run, the task's instance saliency function (MHIM-MIL v2's class-aware instance score), and the function
+# that loads a trained run (``pathmil.training.run.load_run``, bound to the task) for a wrapper's baseline.
+INPUTS = ("mhim", "saliency", "load_baseline")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,19 @@ def check_config():
 check_config()
 
 OUT = f"results/{config['cohort']}"
+# Conda environments for `--sdm conda`: rules that ask for GPUs get the CUDA build. Their post-deploy scripts
+# install pathmil from this checkout, which they find through PATHMIL_SOURCE (Snakemake runs them from a copy
+# under .snakemake/conda/).
 ENV = "../../envs/pathmil.yaml"
+ENV_CUDA = "../../envs/pathmil-cuda.yaml"
+os.environ.setdefault("PATHMIL_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+def conda_env(gpus):
+    """The conda environment of a rule that asks for ``gpus`` GPUs."""
+    return ENV_CUDA if gpus else ENV
+
+
 FEATURES = (
     f"{OUT}/features"  # one folder of bags per encoder: features/{encoder}/{slide}.h5
 )
@@ -101,6 +113,7 @@ wildcard_constraints:
     aggregator="|".join(AGGREGATORS),
     seed=r"\d+",
     fold=r"\d+",
+    batch=r"\d+",
 
 
 # ------------------------------------------------------------------------------------------ slides
@@ -146,9 +159,10 @@ def read_cohort_table(path):
     rows = []
     for raw in reader:
         row = {k.strip(): _value(k.strip(), v) for k, v in raw.items() if k is not None}
-        if row.get("path"):
-            p = Path(str(row["path"])).expanduser()
-            row["path"] = str(p if p.is_absolute() else (path.parent / p).resolve())
+        for column in ("path", "tissue"):  # files named relative to the table's folder
+            if row.get(column):
+                p = Path(str(row[column])).expanduser()
+                row[column] = str(p if p.is_absolute() else (path.parent / p).resolve())
         rows.append(row)
     if not rows:
         raise WorkflowError(
@@ -183,21 +197,21 @@ def check_cohort_table(path, columns, rows):
             f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}"
         )
     validator = jsonschema.Draft202012Validator(COHORT_SCHEMA)
+    own_name = {  # a task's own label columns are checked as its default ones; messages name the own
+        default: own
+        for task, cols in targets.items()
+        for own, default in zip(cols, FACTS["default_targets"][task])
+    }
     for number, row in enumerate(rows, start=2):
+        for column in dict.fromkeys(required):
+            if row.get(column) is None:
+                raise WorkflowError(
+                    f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in column "
+                    f"'{column}'; fill it in or drop the slide"
+                )
         renamed = dict(row)
-        for (
-            task,
-            cols,
-        ) in targets.items():  # a task's own label columns are checked as its defaults
-            for own, default in zip(cols, FACTS["default_targets"][task]):
-                renamed[default] = row.get(own)
-        for task in TASKS:
-            for column in targets[task]:
-                if row.get(column) is None:
-                    raise WorkflowError(
-                        f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in "
-                        f"column '{column}' ({task}); fill it in or drop the slide"
-                    )
+        for default, own in own_name.items():
+            renamed[default] = row.get(own)
         error = jsonschema.exceptions.best_match(validator.iter_errors(renamed))
         if error is not None:
             field = ".".join(map(str, error.absolute_path)) or "row"
@@ -206,8 +220,19 @@ def check_cohort_table(path, columns, rows):
                     f"cohort table {path}, line {number}: {field} {error.instance!r} is not allowed: "
                     f"{error.schema.get('description', error.message)}"
                 )
+            must = (
+                COHORT_SCHEMA["properties"].get(field, {}).get("x-must")
+                or error.message
+            )
             raise WorkflowError(
-                f"cohort table {path}, line {number} (slide {row.get('slide_id')}): {field}: {error.message}"
+                f"cohort table {path}, line {number}: slide {row.get('slide_id')}: {own_name.get(field, field)} "
+                f"is {error.instance!r}; it must be {must}"
+            )
+    for number, row in enumerate(rows, start=2):
+        if row.get("tissue") and not os.path.isfile(row["tissue"]):
+            raise WorkflowError(
+                f"cohort table {path}, line {number} (slide {row['slide_id']}): tissue file {row['tissue']} "
+                "does not exist; fix the 'tissue' column or leave it empty for the automatic mask"
             )
     check_unique(path, rows, "slide_id", "every slide needs a unique id")
     check_unique(
@@ -217,8 +242,9 @@ def check_cohort_table(path, columns, rows):
         "the same slide file under two slide ids would land in train and test",
     )
     check_value_ranges(path, rows, targets)
-    if config["train"]["bag_level"] == "patient":
-        check_patient_labels(path, rows, [c for cols in targets.values() for c in cols])
+    for task, cols in targets.items():
+        if split_bag_level(task) == "patient":
+            check_patient_labels(path, rows, cols)
 
 
 def check_unique(path, rows, column, why):
@@ -248,18 +274,18 @@ def check_value_ranges(path, rows, targets):
     outside = [v for v in values if not low <= v <= high]
     if outside:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low}, {high}] "
+            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low:g}, {high:g}] "
             f"(first: {outside[0]}); fix them or set tasks.regression.task_options.value_range"
         )
     if high >= 50 and max(values) <= 1 and len(values) > 1:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low}, {high}]: "
+            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: "
             "percentages given as fractions? multiply them by 100 (or set task_options.value_range)"
         )
 
 
 def check_patient_labels(path, rows, label_columns):
-    """A patient's slides share the patient's labels when bags are patients (train.bag_level: patient)."""
+    """A patient's slides share the patient's labels when bags are patients (bag_level: patient)."""
     labels = {}
     for row in rows:
         key = tuple(row.get(c) for c in label_columns)
@@ -276,6 +302,38 @@ def label_columns(task):
     return list(
         (config["tasks"][task] or {}).get("target") or FACTS["default_targets"][task]
     )
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def train_settings(task, aggregator, seed=0):
+    """The `train` section of one task x aggregator x seed's runs: train, then the task's, then the
+    aggregator's."""
+    entry = config["tasks"][task] or {}
+    model = dict((config["models"].get(aggregator) or {}))
+    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
+    settings.update(without(model, "model", "mhim"))
+    settings.update(
+        task=task,
+        seed=seed,
+        target=label_columns(task),
+        task_options=entry.get("task_options") or {},
+        aggregator=aggregator,
+        model=model.get("model") or {},
+    )
+    if "mhim" in model:
+        settings["mhim"] = model["mhim"]
+    return {"train": settings}
+
+
+def split_bag_level(task):
+    """The bag level the task's splits are made for: patient when any of its runs joins a patient's slides
+    (their labels must then agree), else slide (slide-level labels, stratified per slide).
+    """
+    levels = {train_settings(task, a)["train"]["bag_level"] for a in AGGREGATORS}
+    return "patient" if "patient" in levels else "slide"
 
 
 def slides_of_dir(directory):
@@ -366,29 +424,9 @@ def settings_file(name, sections):
     return path
 
 
-def train_settings(task, aggregator, seed):
-    """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
-    entry = config["tasks"][task] or {}
-    model = dict((config["models"].get(aggregator) or {}))
-    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
-    settings.update(without(model, "model", "mhim"))
-    settings.update(
-        task=task,
-        seed=seed,
-        target=label_columns(task),
-        task_options=entry.get("task_options") or {},
-        aggregator=aggregator,
-        model=model.get("model") or {},
-    )
-    if "mhim" in model:
-        settings["mhim"] = model["mhim"]
-    return {"train": settings}
-
-
 SETTINGS_FILES = {
     "demo": settings_file("demo", {"demo": config["slides"].get("demo") or {}}),
     "tile": settings_file("tile", {"tile": config["tile"]}),
-    "split": settings_file("split", {"split": config["split"]}),
     "evaluate": settings_file(
         "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
     ),
@@ -403,6 +441,17 @@ for _encoder, _settings in ENCODERS.items():
         f"extract-{_encoder}", {"extract": _settings}
     )
 for _task in TASKS:
+    SETTINGS_FILES[f"split/{_task}"] = settings_file(
+        f"split-{_task}",
+        {
+            "split": {
+                **config["split"],
+                "bag_level": split_bag_level(_task),
+                "task_options": (config["tasks"][_task] or {}).get("task_options")
+                or {},
+            }
+        },
+    )
     for _aggregator in AGGREGATORS:
         for _seed in SEEDS:
             SETTINGS_FILES[f"train/{_task}/{_aggregator}/{_seed}"] = settings_file(
@@ -451,6 +500,10 @@ def configurations():
     ]
 
 
+def split_settings_file(wildcards):
+    return SETTINGS_FILES[f"split/{wildcards.task}"]
+
+
 # ------------------------------------------------------------------------------------------- inputs
 
 
@@ -460,18 +513,23 @@ def all_targets(wildcards):
     The per-slide files are named here so that a deleted one is made again with everything that depends
     on it (Snakemake remakes a missing intermediate file only when asked for it).
     """
-    per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png"]
+    per_slide = [
+        f"{OUT}/tiles/{{s}}.h5",
+        f"{OUT}/tiles/{{s}}.geojson",
+        f"{OUT}/qc/{{s}}.png",
+    ]
     per_slide += [f"{FEATURES}/{e}/{{s}}.h5" for e in ENCODERS]
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
-    targets += [f"{OUT}/cohort_ok.csv"]
+    targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
+    targets += [f"{OUT}/cohort_ok.csv", f"{OUT}/report/qc_gallery.html"]
     if TASKS:
         targets += [f"{eval_dir(*c)}/metrics.json" for c in configurations()]
         targets += [f"{OUT}/eval/{t}/comparison/comparison.json" for t in TASKS]
-        targets += [f"{OUT}/report/summary.csv"]
+        targets += [f"{OUT}/report/summary.html"]
         targets += [
-            f"{OUT}/eval/{t}/{e}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{e}/{a}/heatmaps/{s}.jpg"
             for t in TASKS
             for e in ENCODERS
             for a in AGGREGATORS
@@ -508,6 +566,23 @@ def slide_path(wildcards):
 def slide_mpp_args(wildcards):
     mpp = SLIDES[wildcards.slide].get("mpp")
     return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
+
+
+def slide_tissue(wildcards):
+    """The slide's given tissue outline (GeoJSON): the table's `tissue` column, else tile.tissue_dir's
+    SLIDE.geojson when it exists. An input of the slide's tile job: editing it reruns that slide's chain.
+    """
+    given = SLIDES[wildcards.slide].get("tissue")
+    if not given and config["tile"].get("tissue_dir"):
+        candidate = os.path.join(
+            config["tile"]["tissue_dir"], f"{wildcards.slide}.geojson"
+        )
+        given = candidate if os.path.isfile(candidate) else None
+    return [given] if given else []
+
+
+def slide_tissue_args(wildcards, input):
+    return ["--tissue-geojson", input.tissue[0]] if input.tissue else []
 
 
 def baseline_checkpoint(wildcards):

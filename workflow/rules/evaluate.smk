@@ -81,14 +81,14 @@ rule heatmap:
         settings=SETTINGS_FILES["heatmap"],
     output:
         heatmap=report(
-            f"{OUT}/eval/{CONFIG}/heatmaps/{{slide}}.png",
+            f"{OUT}/eval/{CONFIG}/heatmaps/{{slide}}.jpg",
             caption="../report/heatmap.rst",
             category="{task}",
             subcategory="{encoder} {aggregator} heatmaps",
             labels={"slide": "{slide}", "picture": "heatmap"},
         ),
         montage=report(
-            f"{OUT}/eval/{CONFIG}/heatmaps/{{slide}}_montage.png",
+            f"{OUT}/eval/{CONFIG}/heatmaps/{{slide}}_montage.jpg",
             caption="../report/montage.rst",
             category="{task}",
             subcategory="{encoder} {aggregator} heatmaps",
@@ -104,5 +104,6 @@ rule heatmap:
         mpp=slide_mpp_args,
     shell:
         "pathmil --threads {threads} heatmap --model {input.models:q} --splits {input.splits:q} "
-        "--features {input.bag:q} --slide {params.path:q} {params.mpp:q} --config {input.settings:q} "
+        "--features {input.bag:q} --slide {params.path:q} --slide-id={wildcards.slide:q} {params.mpp:q} "
+        "--config {input.settings:q} "
         "--out {output.heatmap:q} --montage {output.montage:q} > {log:q} 2>&1"

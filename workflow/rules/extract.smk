@@ -14,18 +14,45 @@ rule extract:
     log:
         f"{OUT}/logs/extract/{{encoder}}/{{slide}}.log",
     group:
-        "slides"
+        slide_group
     conda:
-        ENV
+        conda_env(config["extract"]["gpus"])
     threads: config["extract"]["threads"]
     resources:
         gpu=config["extract"]["gpus"],
+        runtime=slide_runtime("extract"),
     params:
         path=slide_path,
     shell:
         "pathmil --threads {threads} extract {params.path:q} --slide-id={wildcards.slide:q} "
         "--tiles {input.tiles:q} --out {output.bag:q} --facts {output.facts:q} "
         "--config {input.settings:q} --skip-errors > {log:q} 2>&1"
+
+
+rule batch:
+    """One SLURM job per batch of slides: this record joins the batch's tiling and extraction jobs into one
+    group (a group is what depends on one another) and lists what each slide asked for.
+    """
+    input:
+        bags=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.h5"
+            for e in ENCODERS
+            for s in BATCHES[int(wildcards.batch)]
+        ],
+    output:
+        f"{OUT}/batches/{{batch}}.tsv",
+    log:
+        f"{OUT}/logs/batches/{{batch}}.log",
+    group:
+        "slides_{batch}"
+    conda:
+        ENV
+    resources:
+        runtime=RECORD_MINUTES,
+    params:
+        text=lambda wildcards: batch_record(int(wildcards.batch)),
+    shell:
+        "printf '%s' {params.text:q} > {output:q} 2> {log:q}"
 
 
 # The slides that made it through tiling and extraction with every encoder (comparisons of encoders need the

@@ -21,7 +21,7 @@ rule train:
     log:
         f"{OUT}/logs/train/{{task}}/{{encoder}}/{{aggregator}}/seed{{seed}}/fold{{fold}}.log",
     conda:
-        ENV
+        conda_env(config["train"]["gpus"])
     threads: 1
     resources:
         gpu=config["train"]["gpus"],
