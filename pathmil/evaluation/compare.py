@@ -528,8 +528,9 @@ def compare_runs(
     IQM with its interval, calibration), ``pairs.csv`` (every ordered pair A, B: difference A - B with
     its paired interval, P(A > B), whether the interval excludes zero, the verdict), ``verdicts.txt``
     (one line per pair), ``comparison.json`` (all of it, with the performance profiles and calibration
-    tables) and ``plots/*.png``. Returns what ``comparison.json`` holds. Settings: ``n_bootstrap``,
-    ``confidence`` and ``seed`` of ``config``; ``calibration_bins`` and ``time_unit`` of ``plots``.
+    tables), ``plots/*.png`` and ``comparison.html`` (the report's page,
+    :func:`pathmil.evaluation.report.comparison_page`). Returns what ``comparison.json`` holds. Settings:
+    ``n_bootstrap``, ``confidence`` and ``seed`` of ``config``; ``calibration_bins`` and ``time_unit`` of ``plots``.
     """
     config, plots = config or EvaluateConfig(), plots or PlotConfig()
     configurations = load_configurations(run_paths)
@@ -542,7 +543,9 @@ def compare_runs(
     with atomic_output(out_dir / "verdicts.txt") as tmp:
         tmp.write_text("".join(f"{line}\n" for line in result["verdicts"]))
     from pathmil.evaluation.plots import write_comparison_plots  # lazy: matplotlib
+    from pathmil.evaluation.report import comparison_page, write_page
 
     result["plots"] = write_comparison_plots(result, out_dir, config, plots)
+    write_page(out_dir / "comparison.html", comparison_page(result, out_dir))
     write_json(out_dir / "comparison.json", result)
     return result

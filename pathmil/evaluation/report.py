@@ -12,7 +12,11 @@ Pages:
   test folds with its bootstrap confidence interval, and the mean +- SD over folds (``pathmil summary
   --html``);
 - :func:`qc_gallery`: a thumbnail of every slide's QC picture, failed slides first with the stage and
-  reason (``pathmil qc-gallery``).
+  reason (``pathmil qc-gallery``);
+- :func:`comparison_page`: one task's configurations (encoder x aggregator over seeds x folds) on the same
+  patients: main metric and IQM with their intervals, the matrix of paired differences with intervals and
+  probabilities of improvement, verdicts only where an interval excludes zero, and the performance profile
+  (``pathmil compare`` writes it as comparison.html).
 
 To add a page: a function here that returns ``page(title, body)``, a command (or flag) that writes it, and a
 rule in ``workflow/rules/report.smk`` whose output is flagged with ``report(..., category=...)``.
@@ -51,6 +55,11 @@ STYLE = """
 .pathmil-page figure img { display: block; max-width: 256px; max-height: 256px; margin: auto; }
 .pathmil-page figcaption { font-size: 12px; margin-top: 4px; word-wrap: break-word; }
 .pathmil-page figcaption .reason { color: #a61b1b; }
+.pathmil-page td.better { background: #e3f9e5; }
+.pathmil-page td.worse { background: #ffe3e3; }
+.pathmil-page td.same { color: #7b8794; }
+.pathmil-page ul.verdicts li.called { font-weight: 600; }
+.pathmil-page img.plot { max-width: 100%; border: 1px solid #cbd2d9; margin: 6px 0; }
 """
 
 
@@ -204,3 +213,92 @@ def qc_gallery(
         note += f" {len(order) - len(shown)} more slides are not shown (report.qc_thumbnails)."
     body = '<div class="gallery">\n' + "\n".join(figures) + "\n</div>"
     return page("Quality control: every slide's tiling", body, note)
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+
+def _interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    number = f"{value:+.3f}" if signed and math.isfinite(value) else _number(value)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"<b>{number}</b>"
+    return f'<b>{number}</b> <span class="ci">[{_number(low)}, {_number(high)}]</span>'
+
+
+def _configuration_table(result: dict) -> str:
+    metric = METRIC_NAMES.get(result["main_metric"], result["main_metric"])
+    lines = [
+        f'<table>\n<tr><th class="row">configuration</th><th>{metric} (pooled, CI)</th>'
+        "<th>IQM over runs (CI)</th><th>runs (seeds x folds)</th></tr>"
+    ]
+    for row in sorted(result["configurations"], key=lambda r: -r["value"]):
+        lines.append(
+            f'<tr><th class="row">{html.escape(row["configuration"])}</th>'
+            f"<td>{_interval(row['value'], row['ci_low'], row['ci_high'])}</td>"
+            f"<td>{_interval(row['iqm'], row['iqm_low'], row['iqm_high'])}</td>"
+            f"<td>{row['n_runs']} ({row['n_seeds']} x {row['n_folds']})</td></tr>"
+        )
+    return "\n".join([*lines, "</table>"])
+
+
+def _difference_matrix(result: dict) -> str:
+    labels = [row["configuration"] for row in result["configurations"]]
+    pairs = {(p["a"], p["b"]): p for p in result["pairs"]}
+    header = "".join(f"<th>{html.escape(b)}</th>" for b in labels)
+    lines = [f'<table>\n<tr><th class="row">row &minus; column</th>{header}</tr>']
+    for a in labels:
+        cells = []
+        for b in labels:
+            pair = pairs.get((a, b))
+            if pair is None:
+                cells.append("<td>&ndash;</td>")
+                continue
+            kind = "same" if not pair["significant"] else ("better" if pair["difference"] > 0 else "worse")
+            text = _interval(pair["difference"], pair["ci_low"], pair["ci_high"], signed=True)
+            cells.append(
+                f'<td class="{kind}">{text}<br><span class="folds">P(row &gt; column) '
+                f"{pair['p_improvement']:.2f}</span></td>"
+            )
+        lines.append(f'<tr><th class="row">{html.escape(a)}</th>{"".join(cells)}</tr>')
+    return "\n".join([*lines, "</table>"])
+
+
+def _plot(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def comparison_page(result: dict, out_dir: str | os.PathLike) -> str:
+    """One task's comparison (what ``pathmil compare`` returns, its plots in ``out_dir/plots``): the
+    configurations with main metric and IQM and their intervals, the matrix of paired differences (row
+    minus column, green where the interval lies above zero, red below), the verdicts (a difference is called
+    only where its interval excludes zero) and the performance profile (Agarwal et al., NeurIPS 2021)."""
+    level = 100 * float(result["evaluate"].get("confidence", 0.95))
+    n_boot = result["evaluate"].get("n_bootstrap", "?")
+    metric = METRIC_NAMES.get(result["main_metric"], result["main_metric"])
+    verdicts = "".join(
+        f'<li class="{"same" if "no detectable difference" in line else "called"}">{html.escape(line)}</li>'
+        for line in result["verdicts"]
+    )
+    body = "\n".join(
+        [
+            _configuration_table(result),
+            "<h3>Paired differences</h3>",
+            _difference_matrix(result),
+            "<h3>Verdicts</h3>",
+            f'<ul class="verdicts">{verdicts or "<li>one configuration: nothing to compare</li>"}</ul>',
+            "<h3>Performance profile</h3>",
+            _plot(Path(out_dir) / "plots" / "performance_profile.png", "performance profile"),
+        ]
+    )
+    note = (
+        f"{result['task']}: {metric} of the pooled held-out predictions of {result['n_patients']} patients, the "
+        f"same patients for every configuration. Intervals are {level:g} % stratified bootstrap intervals "
+        f"({n_boot} resamples of patients, paired: each resample scores every configuration on the same "
+        "patients). IQM: the interquartile mean of the per-run values (seeds x folds). P(row &gt; column): "
+        "the share of fold-matched run pairs in which the row scores higher. A difference is called only where "
+        "its interval excludes zero; otherwise: no detectable difference."
+    )
+    return page(f"Comparison: {result['task']}", body, note)

@@ -48,6 +48,13 @@ rule compare:
     output:
         comparison=f"{OUT}/eval/{{task}}/comparison/comparison.json",
         table=f"{OUT}/eval/{{task}}/comparison/comparison.csv",
+        page=report(
+            f"{OUT}/eval/{{task}}/comparison/comparison.html",
+            caption="../report/comparison.rst",
+            category="{task}",
+            subcategory="comparison",
+            labels={"page": "configurations, paired differences, verdicts"},
+        ),
         plots=report(
             directory(f"{OUT}/eval/{{task}}/comparison/plots"),
             patterns=["{name}.png"],
