@@ -594,15 +594,21 @@ def add_qc_gallery_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qc-dir", type=Path, required=True, help="QC pictures of `pathmil tile` (SLIDE.png)")
     p.add_argument("--tiles-dir", type=Path, required=True, help="tiling facts (SLIDE.json)")
     p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort`: stage and reason")
-    p.add_argument("--max-slides", type=int, help="thumbnails at most, failed slides first (default 500)")
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
+    p.add_argument(
+        "--max-slides",
+        type=int,
+        default=MAX_THUMBNAILS,
+        help="thumbnails at most, failed slides first (default %(default)s)",
+    )
     p.add_argument("--out", type=Path, required=True, help="the gallery page (HTML)")
 
 
 def run_qc_gallery(args: argparse.Namespace) -> None:
-    from pathmil.evaluation.report import MAX_THUMBNAILS, qc_gallery, write_page
+    from pathmil.evaluation.report import qc_gallery, write_page
 
-    limit = MAX_THUMBNAILS if args.max_slides is None else args.max_slides
-    write_page(args.out, qc_gallery(args.cohort, args.qc_dir, args.tiles_dir, args.failures, limit))
+    write_page(args.out, qc_gallery(args.cohort, args.qc_dir, args.tiles_dir, args.failures, args.max_slides))
     print(f"QC gallery -> {args.out}")
 
 
