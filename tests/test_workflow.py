@@ -302,8 +302,12 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
     for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log
         assert "\r" not in log.read_text(errors="replace"), log
-    history = pd.read_csv(results / "models" / "survival" / "mambamil" / "fold1" / "history.csv")
-    train_log = (results / "logs" / "train" / "survival" / "mambamil" / "fold1.log").read_text()
+    history = pd.read_csv(
+        results / "models" / "survival" / "mobilenet_v2" / "mambamil" / "seed0" / "fold1" / "history.csv"
+    )
+    train_log = (
+        results / "logs" / "train" / "survival" / "mobilenet_v2" / "mambamil" / "seed0" / "fold1.log"
+    ).read_text()
     logged = re.findall(r"fold 1 epoch (\d+)/3: train_loss \S+ val_loss \S+ val_c_index \S+", train_log)
     assert [int(epoch) for epoch in logged] == history["epoch"].tolist()  # a line per epoch, for tail -f
     again = snakemake(work, "--cores", "2", "--configfile", configfile)
@@ -337,7 +341,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):
         assert (
-            results / "eval" / task / "mobilenet_v2" / "abmil" / "heatmaps" / f"{first_slide}.png"
+            results / "eval" / task / "mobilenet_v2" / "abmil" / "heatmaps" / f"{first_slide}.jpg"
         ).stat().st_size > 1000
         assert (results / "eval" / task / "mobilenet_v2" / "abmil" / "seed0" / "plots").is_dir()
         assert "heatmap" in html and "roc" in html
@@ -397,12 +401,13 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
         "extract": 1,
         "batch": 1,
         "collect": 1,
+        "qc_gallery": 1,
         "all": 1,
     }
     os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 2, "extract": 2, "batch": 1, "collect": 1, "all": 1}
+    assert counts == {"tile": 2, "extract": 2, "batch": 1, "collect": 1, "qc_gallery": 1, "all": 1}
 
 
 def test_lint_and_format():
