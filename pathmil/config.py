@@ -157,7 +157,10 @@ class MambaMILConfig:
     dropout: float = 0.25  # after the input projection
     variant: str = "sr"  # sr (SR-Mamba), plain (Mamba) or bi (bidirectional Mamba)
     sr_rate: int = 10  # SR-Mamba's reordering stride R
-    token_reorder: bool = False  # sort instances by a learned importance score first (Vo et al., ICLR 2025)
+    token_reorder: bool = False  # each layer scans its tokens softly sorted by learned importance (Vo et al.)
+    reorder_tau: float = 1.0  # SoftSort temperature of token_reorder (-> 0: a hard sort)
+    reorder_window: int = 64  # SoftSort mixes tokens within this many ranks (exact for bags up to window + 1)
+    positive_definite: bool = False  # S_B = diag(softplus(s)) S_C, so S_C^T S_B >= 0 (Vo et al., ICLR 2025)
     attn_dim: int = 128  # hidden size of the attention pooling
     backend: str = "auto"  # selective scan: auto (mamba-ssm kernels on a GPU if installed), torch, cuda
 
@@ -167,11 +170,14 @@ class MambaMILConfig:
             raise PathmilError(
                 f"model.variant '{self.variant}' unknown; choose one of {', '.join(MAMBA_VARIANTS)}"
             )
-        for name in ("d_model", "n_layers", "d_state", "d_conv", "expand", "sr_rate", "attn_dim"):
+        sizes = ("d_model", "n_layers", "d_state", "d_conv", "expand", "sr_rate", "attn_dim")
+        for name in (*sizes, "reorder_window"):
             if getattr(self, name) < 1:
                 raise PathmilError(f"model.{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise PathmilError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not self.reorder_tau > 0:
+            raise PathmilError(f"model.reorder_tau must be positive, got {self.reorder_tau}")
         if self.backend not in ("auto", "torch", "cuda"):
             raise PathmilError(f"model.backend '{self.backend}' unknown; choose auto, torch or cuda")
 
