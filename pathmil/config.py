@@ -377,8 +377,11 @@ class MHIMConfig:
     momentum: float = 0.9999  # teacher EMA after every step: theta_t <- m theta_t + (1 - m) theta_s
     momentum_cosine: bool = False  # raise m from `momentum` to 1 along a cosine over the run
     high_ratio: float = 0.01  # h: share of the bag masked from the top of the teacher's ranking
-    high_random: float = 0.5  # hr: mask a random share hr of the top ceil(N h / hr); 1 masks the top N h
+    high_random: float = 0.5  # hr: the N h masked are drawn from the top ceil(N h / hr); 1 masks the top N h
     high_decay: bool = True  # cosine decay of h from high_ratio to 0 over the run
+    high_rounding: str = (
+        "stochastic"  # N h masked: stochastic (expected share h) or ceil (authors: >= 1 always)
+    )
     low_ratio: float | None = None  # share masked from the bottom of the ranking (None: v1 0.2, v2 0)
     random_ratio: float | None = None  # share of the rest masked at random (None: v1 0.5, v2 0)
     merge_ratio: float = 0.8  # v2: share of the unmasked instances the student sees as they are
@@ -399,6 +402,8 @@ class MHIMConfig:
         """Refuse settings MHIM-MIL cannot run with, naming the setting."""
         if self.version not in (1, 2):
             raise PathmilError(f"mhim.version must be 1 or 2, got {self.version}")
+        if self.high_rounding not in ("stochastic", "ceil"):
+            raise PathmilError(f"mhim.high_rounding must be stochastic or ceil, got '{self.high_rounding}'")
         if self.student_init not in ("none", "embed", "all"):
             raise PathmilError(f"mhim.student_init must be none, embed or all, got '{self.student_init}'")
         if self.student_init != "none" and not self.teacher_init:
