@@ -1,0 +1,96 @@
+"""The reduced MIL quality suite (benchmarks/mil_quality.py): one seed, one fold, small bags.
+
+It trains with pathmil's own loop on real digits and checks the two things the full benchmark's table
+rests on: on the order problem a sequence model (MambaMIL) beats ABMIL, which cannot see order; on a
+control no aggregator falls more than 0.02 below ABMIL. The full run and its table live in
+benchmarks/RESULTS.md; this test keeps the suite and the claims it measures from rotting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("mil_quality", ROOT / "benchmarks" / "mil_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mil_quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_problems_hold_what_they_claim(tmp_path):
+    """The order problem's classes hold the same digits in the same numbers; the hard problem's test bags
+    lack the easy 0; test folds draw on digit images no training bag uses."""
+    suite = load_suite()
+    X, y = suite.load_digits_01()
+    for bag in suite.make_order(np.random.default_rng(1), X, y, 20, sigma=0.0):
+        labels = y[[int(np.argmin(((X - row) ** 2).sum(1))) for row in bag.features]]  # noise-free: exact
+        assert (labels == 1).sum() == (labels == 7).sum() >= 2
+        pairs = sum({int(a), int(b)} == {1, 7} for a, b in itertools.pairwise(labels))
+        assert pairs == ((labels == 1).sum() if bag.labels["label"] else 0)
+    root = suite.make_data("hard", 0, 5, tmp_path / "hard", scale=0.25)
+    cohort, splits = pd.read_csv(root / "cohort.csv"), pd.read_csv(root / "splits.csv")
+    test = splits[(splits.fold == 0) & (splits.split == "test")]
+    assert (
+        test.slide_id.str.endswith("t").sum()
+        == (cohort.set_index("slide_id").loc[test.slide_id].label == 1).sum()
+    )
+    train = splits[(splits.fold == 0) & (splits.split != "test")]
+    assert not train.slide_id.str.startswith("g0").any() and test.slide_id.str.startswith("g0").all()
+    groups = suite.digit_groups(y, 5, np.random.default_rng(0))
+    assert sum(len(g) for g in groups) == len(y) and len(set().union(*map(set, groups))) == len(y)
+
+
+def run(suite, tmp_path, problem, methods, **options):
+    data = suite.make_data(problem, 0, 5, tmp_path / problem / "seed0" / "data", **options)
+    suite.run_fold(problem, 0, 0, methods, tmp_path, 5, 1.0, EPOCHS)
+    metric = suite.metric_fn(suite.PROBLEMS[problem].task)
+    scores = {}
+    for method in methods:
+        table = pd.read_csv(tmp_path / problem / "seed0" / "runs" / method / "fold0" / "predictions.csv")
+        scores[method] = metric(table[table.split == "test"])
+    assert data.is_dir()
+    return scores
+
+
+EPOCHS = 12
+
+
+def test_a_sequence_model_wins_on_order_and_no_method_loses_a_control(tmp_path, monkeypatch):
+    suite = load_suite()
+    small_mamba = {"d_model": 32, "d_state": 8}
+    monkeypatch.setitem(
+        suite.METHODS,
+        "mambamil_plain",
+        suite.Method("mambamil_plain", "mambamil", {**small_mamba, "variant": "plain"}),
+    )
+    monkeypatch.setitem(
+        suite.METHODS,
+        "mambamil_sr",
+        suite.Method("mambamil_sr", "mambamil", {**small_mamba, "variant": "sr"}),
+    )
+    order = run(suite, tmp_path, "order", ["abmil", "mambamil_plain"], scale=0.75, sizes=(8, 16))
+    assert order["abmil"] < 0.7  # blind to order: near chance
+    assert order["mambamil_plain"] > order["abmil"] + 0.15, order
+    control = run(
+        suite,
+        tmp_path,
+        "plain",
+        ["abmil", "mean_pool", "abmil_gated", "mhim_abmil_v2", "mambamil_sr"],
+        sizes=(8, 16),
+    )
+    assert control["abmil"] > 0.9, control
+    for method, score in control.items():
+        assert score >= control["abmil"] - 0.02, (method, control)
