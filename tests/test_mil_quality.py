@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,25 @@ def test_problems_hold_what_they_claim(tmp_path):
     assert sum(len(g) for g in groups) == len(y) and len(set().union(*map(set, groups))) == len(y)
 
 
+def test_paired_statistics_on_known_cases():
+    """Identical predictions: difference 0 with a zero-width interval and P(improvement) 0.5; a perfect
+    ranking against a useless one: the whole interval above 0 and P(improvement) 1."""
+    suite = load_suite()
+    rng = np.random.default_rng(0)
+    target = np.repeat([0, 1], 30)
+    base = pd.DataFrame({"target": target, "score": rng.random(60), "fold": np.tile([0, 1, 2], 20)})
+    perfect = base.assign(score=target + 0.1 * rng.random(60))
+    auc = suite.metric_fn("classification")
+    strata = {0: target}
+    assert suite.paired_bootstrap({0: (base, base)}, auc, strata, n_boot=200) == (0.0, 0.0, 0.0)
+    diff, low, high = suite.paired_bootstrap({0: (perfect, base)}, auc, strata, n_boot=200)
+    assert diff == pytest.approx(1 - auc(base)) and 0 < low <= diff <= high
+    folds = suite.fold_scores({0: base}, auc)
+    assert suite.probability_of_improvement(folds, folds) == 0.5
+    assert suite.probability_of_improvement(suite.fold_scores({0: perfect}, auc), folds) == 1.0
+    assert suite.probability_of_improvement({0: np.array([0.7, 0.9])}, {0: np.array([0.8])}) == 0.5
+
+
 def run(suite, tmp_path, problem, methods, **options):
     data = suite.make_data(problem, 0, 5, tmp_path / problem / "seed0" / "data", **options)
     suite.run_fold(problem, 0, 0, methods, tmp_path, 5, 1.0, EPOCHS)
@@ -68,6 +87,7 @@ def run(suite, tmp_path, problem, methods, **options):
 EPOCHS = 12
 
 
+@pytest.mark.slow
 def test_a_sequence_model_wins_on_order_and_no_method_loses_a_control(tmp_path, monkeypatch):
     suite = load_suite()
     small_mamba = {"d_model": 32, "d_state": 8}
