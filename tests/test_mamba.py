@@ -723,3 +723,27 @@ def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu():
     torch.testing.assert_close(results["cuda"][0], results["torch"][0], rtol=1e-3, atol=1e-3)
     for cuda_grad, torch_grad in zip(results["cuda"][1], results["torch"][1], strict=True):
         torch.testing.assert_close(cuda_grad, torch_grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here")
+def test_token_reorder_and_positive_definite_on_a_gpu():
+    """The SoftSort reordering (exact, and banded past reorder_window) and the tied projections run on a
+    GPU with the PyTorch scan and give the CPU's outputs and gradients; under bf16 autocast they stay finite."""
+    for n in (40, 300):
+        torch.manual_seed(0)
+        settings = {"d_model": 32, "d_state": 8, "dropout": 0.0, "backend": "torch"}
+        model = mambamil(in_dim=32, n_outputs=2, token_reorder=True, positive_definite=True, **settings)
+        x = torch.randn(1, n, 32)
+        results = []
+        for device in ("cpu", "cuda"):
+            model.to(device).zero_grad()
+            out = model(x.to(device))
+            out.logits.sum().backward()
+            results.append((out.logits.detach().cpu(), [p.grad.detach().cpu() for p in model.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+        for gpu_grad, cpu_grad in zip(results[1][1], results[0][1], strict=True):
+            torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-3, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x.cuda())
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.instance_scores).all()
