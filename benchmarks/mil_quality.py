@@ -612,7 +612,8 @@ def markdown(table: pd.DataFrame) -> str:
                 + (" *" if r["lo"] > 0 or r["hi"] < 0 else "")
             )
             poi = "" if r["method"] == BASELINE else f"{r['p_improve']:.2f}"
-            lines.append(f"| {r['method']} | {r['metric']:.3f} ({r['sd']:.3f}) | {diff} | {poi} |")
+            sd = "" if math.isnan(r["sd"]) else f" ({r['sd']:.3f})"  # one seed: no sd
+            lines.append(f"| {r['method']} | {r['metric']:.3f}{sd} | {diff} | {poi} |")
         lines.append("")
     lines.append("`*`: the CI excludes 0.")
     return "\n".join(lines)
