@@ -1,9 +1,8 @@
 # pathmil workflow: slides in, tiles, features, trained MIL models and a report out.
 # Settings: config/config.yaml (the demo); a real cohort: --configfile config/cohorts/NAME.yaml.
-# Every rule calls the `pathmil` command, so the logic lives in the package; see workflow/rules/.
+# Every rule calls the `pathmil` command with quoted arguments and a settings file, so the logic lives in
+# the package; see workflow/rules/. Parsing needs only Snakemake (the demo's plan also needs pathmil).
 from snakemake.utils import min_version
-
-from pathmil.schema import validate_config, validate_table_columns
 
 min_version("9.0")
 
@@ -16,13 +15,12 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
-
-
 report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
+include: "workflow/rules/settings.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/tile.smk"
@@ -31,6 +29,17 @@ include: "workflow/rules/split.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+
+
+# Small bookkeeping jobs run where snakemake runs, not as cluster jobs.
+localrules:
+    all,
+    settings,
+    cohort,
+    collect,
+    split,
+    summary,
+    qc_gallery,
 
 
 rule all:

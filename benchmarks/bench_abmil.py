@@ -55,9 +55,9 @@ def case_single_bag(n: int) -> dict:
 
 
 def case_epoch(data_dir: str, bags: int, instances: int) -> dict:
-    from pathmil.config import TrainConfig
     from pathmil.tasks import create_task
     from pathmil.training.fit import Trainer, load_fold
+    from pathmil.training.run import TrainConfig
 
     root = Path(data_dir)
     config = TrainConfig(task="classification", aggregator="abmil", epochs=1)

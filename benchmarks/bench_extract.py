@@ -45,17 +45,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pathmil.config import ExtractConfig, TileConfig  # noqa: E402
 from pathmil.features.bagfile import read_bag  # noqa: E402
 from pathmil.features.encoders import Encoder, create_encoder  # noqa: E402
 from pathmil.features.extract import (  # noqa: E402
     EncoderRunner,
+    ExtractConfig,
     FeatureExtractor,
     TileBatches,
     cpu_has_fast_bf16,
     extract_slide,
     resolve_device,
 )
+from pathmil.slide.tile import TileConfig  # noqa: E402
 from pathmil.slide.tilefile import TileSet, read_tiles, write_tiles  # noqa: E402
 
 WEIGHTS = {"mobilenet_v2": ROOT / ".testdata" / "weights" / "mobilenet_v2-b0353104.pth"}
@@ -105,8 +106,10 @@ def timed(tiles: int, work: Callable[[], object]) -> Timing:
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def make_slide(work: Path) -> tuple[Path, Path]:
-    """The real H&E region tiled up 3 x 3 (mirrored copies) into a pyramidal JPEG TIFF, and its tiles file."""
+def make_slide(work: Path, repeat: int = 3, compression: str = "jpeg") -> tuple[Path, Path]:
+    """The real H&E region tiled up ``repeat`` x ``repeat`` (mirrored copies) into a pyramidal TIFF
+    (``compression`` as ``write_pyramidal_tiff``: jpeg, or zlib where imagecodecs is missing), and its
+    tiles file."""
     from pathmil.demo import write_pyramidal_tiff
     from pathmil.slide.reader import Slide
     from pathmil.slide.tile import tile_slide
@@ -114,11 +117,13 @@ def make_slide(work: Path) -> tuple[Path, Path]:
     with Slide(ROOT / ".testdata" / "slides" / "cmu_small_region.svs") as region:
         rgb = region.read_level(0)
         mpp = region.mpp
-    row = np.concatenate([rgb, rgb[:, ::-1], rgb], axis=1)
-    mosaic = np.ascontiguousarray(np.concatenate([row, row[::-1], row], axis=0))
-    slide = work / "cmu_3x3.tiff"
-    write_pyramidal_tiff(slide, mosaic, mpp, quality=90)
-    tiles = work / "cmu_3x3_tiles.h5"
+    row = np.concatenate([rgb if i % 2 == 0 else rgb[:, ::-1] for i in range(repeat)], axis=1)
+    mosaic = np.ascontiguousarray(
+        np.concatenate([row if i % 2 == 0 else row[::-1] for i in range(repeat)], axis=0)
+    )
+    slide = work / f"cmu_{repeat}x{repeat}.tiff"
+    write_pyramidal_tiff(slide, mosaic, mpp, quality=90, compression=compression)
+    tiles = work / f"cmu_{repeat}x{repeat}_tiles.h5"
     tile_slide(slide, tiles, TileConfig(preset="bwh_biopsy", min_tissue=0.25))
     return slide, tiles
 

@@ -71,16 +71,15 @@ def write_slide(path: Path, side: int) -> None:
 
 def make_data(root: Path, side: int) -> dict[str, str]:
     """The slide, a bag of every tile of its grid, and an ABMIL checkpoint (made once)."""
-    import dataclasses
 
     import numpy as np
     import pandas as pd
 
-    from pathmil.config import TrainConfig
     from pathmil.features.bagfile import write_bag
     from pathmil.models import create_model
     from pathmil.models.checkpoint import save_checkpoint
     from pathmil.tasks import create_task
+    from pathmil.training.run import TrainConfig
 
     paths = {k: root / f"{side}{ext}" for k, ext in (("slide", ".tiff"), ("bag", ".h5"), ("model", ".pt"))}
     root.mkdir(parents=True, exist_ok=True)
@@ -103,7 +102,7 @@ def make_data(root: Path, side: int) -> dict[str, str]:
         task.fit(pd.DataFrame({"label": [0, 1]}))
         model = create_model("abmil", in_dim=1024, n_outputs=2)
         payload = {
-            "config": dataclasses.asdict(TrainConfig(aggregator="abmil")),
+            "config": TrainConfig(aggregator="abmil").to_dict(),
             "task": task.state_dict(),
             "model": model.state_dict(),
             "aggregator": "abmil",
@@ -117,8 +116,7 @@ def make_data(root: Path, side: int) -> dict[str, str]:
 
 def case_heatmap(data: dict[str, str], out_dir: str, smooth: float, repeats: int) -> dict:
     """Cold run, then the best of ``repeats`` warm runs, of the whole heatmap stage."""
-    from pathmil.config import HeatmapConfig
-    from pathmil.evaluation.heatmap import make_heatmap
+    from pathmil.evaluation.heatmap import HeatmapConfig, make_heatmap
 
     config = HeatmapConfig(smooth=smooth)
     out = Path(out_dir)

@@ -40,10 +40,10 @@ def peak_rss_mb() -> float:
 def _model():
     import torch
 
-    from pathmil.models.mambamil import mambamil
+    from pathmil.models import create_model
 
     torch.manual_seed(0)
-    return mambamil(in_dim=1024, n_outputs=2)
+    return create_model("mambamil", in_dim=1024, n_outputs=2)
 
 
 def case_baseline() -> dict:

@@ -75,9 +75,9 @@ def case_epoch(data_dir: str, aggregator: str, repeats: int, threads: int, mhim:
     """Best of ``repeats`` training epochs of ``aggregator`` (run in its own process; threads 0: torch's)."""
     import torch
 
-    from pathmil.config import TrainConfig
     from pathmil.tasks import create_task
     from pathmil.training.fit import Trainer, load_fold
+    from pathmil.training.run import TrainConfig
 
     if threads:
         torch.set_num_threads(threads)
@@ -208,8 +208,8 @@ def run_decoys(args: argparse.Namespace) -> str:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from test_mhim import make_decoy_cohort
 
-    from pathmil.config import TrainConfig
     from pathmil.training.fit import train
+    from pathmil.training.run import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -393,8 +393,8 @@ def run_one(
 ) -> dict:
     """Train ``method`` on one fold with pathmil's loop; keeps predictions, metrics and history only
     (and best.pt of the baselines MHIM-MIL starts from)."""
-    from pathmil.config import TrainConfig
     from pathmil.training.fit import train as fit
+    from pathmil.training.run import TrainConfig
 
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())

@@ -28,14 +28,31 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from pathmil.fileio import atomic_output
+from pathmil.settings import Settings
+
+
+class DemoConfig(Settings):
+    """The demo cohort to make (``slides.demo`` in the workflow, ``pathmil demo``'s flags)."""
+
+    section = "demo"
+    n_slides: int = Field(40, ge=2, description="number of slides")
+    n_patients: int | None = Field(None, ge=2, description="number of patients; none: 3/4 of the slides")
+    seed: int = Field(0, description="seed of the patients, their labels and the painting")
+    size: tuple[int, int] = Field(
+        (3072, 3584), description="height and width of a slide in pixels at 0.5 um/px (40x slides: twice)"
+    )
+    workers: int = Field(1, ge=1, description="processes painting slides (the result does not depend on it)")
+
 
 STROMA_RGB = np.array([236, 170, 200], np.float32)  # eosin pink
 TUMOUR_RGB = np.array([205, 150, 205], np.float32)  # purple-tinted cytoplasm
 GLASS_RGB = np.array([242, 240, 244], np.float32)
 NUCLEUS_RGB = np.array([70, 35, 120], np.float32)  # haematoxylin
 LYMPHOCYTE_RGB = np.array([45, 25, 95], np.float32)
+DEMO_COMPRESSIONS = ("jpeg", "zlib")
 
 
 @dataclass
@@ -150,10 +167,24 @@ def render_slide(rng: np.random.Generator, patient: Patient, shape: tuple[int, i
 
 
 def write_pyramidal_tiff(
-    path: str | os.PathLike, rgb: np.ndarray, mpp: float | None, tile: int = 256, quality: int = 85
+    path: str | os.PathLike,
+    rgb: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    quality: int = 85,
+    compression: str = "jpeg",
 ) -> None:
-    """A tiled JPEG TIFF with a 2x pyramid down to ~512 px, resolution tags giving ``mpp`` (if any)."""
+    """A tiled TIFF with a 2x pyramid down to ~512 px, resolution tags giving ``mpp`` (if any).
+
+    ``compression``: ``jpeg`` (at ``quality``; tifffile needs imagecodecs for it) or ``zlib`` (lossless
+    deflate, about 12x larger; tifffile writes it with Python's zlib alone, for machines without
+    imagecodecs). OpenSlide reads both as generic TIFF.
+    """
     import tifffile
+
+    if compression not in DEMO_COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(DEMO_COMPRESSIONS)}, got '{compression}'")
+    codec = {"compressionargs": {"level": quality}} if compression == "jpeg" else {}
 
     with atomic_output(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as tif:
         level, downsample = rgb, 1
@@ -165,10 +196,10 @@ def write_pyramidal_tiff(
             tif.write(
                 level,
                 tile=(tile, tile),
-                compression="jpeg",
-                compressionargs={"level": quality},
+                compression=compression,
                 photometric="rgb",
                 subfiletype=1 if downsample > 1 else 0,
+                **codec,
                 **extra,
             )
             if min(level.shape[:2]) < 1024:
@@ -214,13 +245,15 @@ def plan_demo(n_slides: int = 40, n_patients: int | None = None, seed: int = 0) 
     return plan
 
 
-def write_demo_slide(spec: DemoSlide, out_dir: Path, size_px: tuple[int, int], seed: int) -> dict:
+def write_demo_slide(
+    spec: DemoSlide, out_dir: Path, size_px: tuple[int, int], seed: int, compression: str = "jpeg"
+) -> dict:
     """Paint and write one planned slide; return its row of the cohort table."""
     rgb = render_slide(np.random.default_rng([seed, spec.index]), spec.patient, size_px)
     if (spec.mpp or spec.table_mpp) == 0.25:  # the same tissue at twice the pixel density
         rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
     path = out_dir / "slides" / f"{spec.slide_id}.tiff"
-    write_pyramidal_tiff(path, rgb, spec.mpp)
+    write_pyramidal_tiff(path, rgb, spec.mpp, compression=compression)
     patient = spec.patient
     return {
         "slide_id": spec.slide_id,
@@ -242,11 +275,13 @@ def make_demo_cohort(
     seed: int = 0,
     progress: bool = True,
     workers: int = 1,
+    compression: str = "jpeg",
 ) -> pd.DataFrame:
     """Write the demo slides and ``cohort.csv`` into ``out_dir``; return the table.
 
     ``size_px`` is (height, width) at 0.5 um/px; 40x slides are twice that in each direction. Slides are
     painted by ``workers`` processes; each slide has its own seed, so the result does not depend on them.
+    ``compression`` as :func:`write_pyramidal_tiff` (``zlib`` where imagecodecs is missing).
     """
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
@@ -256,7 +291,7 @@ def make_demo_cohort(
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     plan = plan_demo(n_slides, n_patients, seed)
-    paint = partial(write_demo_slide, out_dir=out_dir, size_px=size_px, seed=seed)
+    paint = partial(write_demo_slide, out_dir=out_dir, size_px=size_px, seed=seed, compression=compression)
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.map(paint, plan) if pool is not None else map(paint, plan)
         rows = list(tqdm(results, total=len(plan), desc="demo", unit="slide", disable=not progress))

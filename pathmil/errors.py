@@ -17,3 +17,11 @@ class SlideError(PathmilError):
         self.slide = slide
         self.cause = cause
         super().__init__(f"slide {slide}: {cause}")
+
+
+class UpstreamFailure(PathmilError):
+    """An earlier stage failed for this slide; ``stage`` keeps its name for the failures table."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage

@@ -3,11 +3,12 @@
 import numpy as np
 import openslide
 import pandas as pd
+import pytest
 
 from pathmil.cli import main
-from pathmil.config import TileConfig
+from pathmil.demo import write_pyramidal_tiff
 from pathmil.slide.reader import Slide
-from pathmil.slide.tile import tile_slide
+from pathmil.slide.tile import TileConfig, tile_slide
 from pathmil.slide.tilefile import read_tiles
 
 
@@ -57,3 +58,15 @@ def test_demo_command(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--n-slides", "3", "--size", "1024", "1024"]) == 0
     table = pd.read_csv(tmp_path / "cohort.csv")
     assert len(table) == 3 and all((tmp_path / p).is_file() for p in table["path"])
+
+
+def test_zlib_slides_are_lossless_and_keep_their_mpp(tmp_path):
+    """`compression="zlib"` (for machines without imagecodecs) writes a pyramid OpenSlide reads back exactly."""
+    rgb = np.random.default_rng(0).integers(0, 256, (1100, 1300, 3), dtype=np.uint8)
+    write_pyramidal_tiff(tmp_path / "z.tiff", rgb, mpp=0.5, compression="zlib")
+    handle = openslide.OpenSlide(str(tmp_path / "z.tiff"))
+    assert handle.level_count == 2 and float(handle.properties["openslide.mpp-x"]) == 0.5
+    level0 = np.asarray(handle.read_region((0, 0), 0, (1300, 1100)).convert("RGB"))
+    assert np.array_equal(level0, rgb)
+    with pytest.raises(ValueError, match="compression must be one of"):
+        write_pyramidal_tiff(tmp_path / "w.tiff", rgb, mpp=0.5, compression="webp")

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from pathmil.errors import PathmilError
-from pathmil.models import registry, ssm
+from pathmil.models import create_model, registry, ssm
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba, inverse_order, stride_order
-from pathmil.models.mambamil import MambaMIL, mambamil
+from pathmil.models.mambamil import MambaMIL
 from pathmil.models.softsort import SoftPermutation
 from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan, torch_scan
 from pathmil.models.ssm.conv import causal_conv1d_torch
@@ -414,7 +414,7 @@ def test_fused_branch_gradcheck():
 def small_model(n_outputs=3, seed=0, **settings):
     torch.manual_seed(seed)
     defaults = {"d_model": 16, "d_state": 4, "attn_dim": 8, "sr_rate": 5, "dropout": 0.0}
-    return mambamil(in_dim=12, n_outputs=n_outputs, **{**defaults, **settings}).eval()
+    return create_model("mambamil", in_dim=12, n_outputs=n_outputs, **{**defaults, **settings}).eval()
 
 
 VARIANTS = [
@@ -504,7 +504,10 @@ def test_mambamil_gradients_reach_every_parameter(settings):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if name == "attention.2.bias":
-            continue  # a shift of all attention logits: softmax makes its gradient exactly zero
+            # the score layer's bias shifts every instance's score alike: softmax ignores it, so its
+            # gradient is zero up to rounding (exactly zero on some draws)
+            assert p.grad.abs().sum() < 1e-6, name
+            continue
         if settings.get("positive_definite") and ".x_proj" in name:
             rank, n = model.layers[0][1].dt_rank, 4
             assert p.grad[rank : rank + n].abs().sum() == 0, name  # S_B rows: tied to S_C, unused
@@ -667,8 +670,7 @@ def test_mambamil_parameter_gradients_match_finite_differences(settings):
         assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic)), (numeric, analytic)
 
 
-def test_create_model_builds_mambamil_from_settings(monkeypatch):
-    monkeypatch.setattr(registry, "MODEL_MODULES", ["pathmil.models.mambamil"])
+def test_create_model_builds_mambamil_from_settings():
     model = registry.create_model("mambamil", in_dim=12, n_outputs=4, d_model=16, variant="bi", sr_rate=5)
     assert isinstance(model, MambaMIL) and isinstance(model.layers[0][1], BiMamba)
     assert model(torch.randn(1, 6, 12)).logits.shape == (1, 4)
@@ -701,28 +703,57 @@ def test_default_mambamil_has_the_papers_shape_and_the_authors_names():
 # ------------------------------------------------------------------------------------------ on a GPU
 
 
+def scan_outputs(
+    model: torch.nn.Module, x: torch.Tensor, backend: str, bf16: bool
+) -> dict[str, torch.Tensor]:
+    """What the scan backend decides: MambaMIL's logits, the input's gradient and the gradients of the
+    Mamba blocks' parameters (float32). Gradients outside the blocks (layer norms, the attention's bias,
+    whose true gradient is zero) depend on the scan only through these."""
+    for layer in model.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = backend
+    model.zero_grad()
+    x = x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x).logits
+    logits.float().sum().backward()
+    blocks = {
+        f"{name}.{p}": param.grad.float().clone()
+        for name, block in model.named_modules()
+        if isinstance(block, Mamba)
+        for p, param in block.named_parameters()
+    }
+    return {"logits": logits.detach().float(), "x.grad": x.grad.float(), **blocks}
+
+
+def relative_errors(result: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float((result[k] - r).norm() / r.norm().clamp_min(1e-12)) for k, r in reference.items()}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda.scan_available()),
     reason="needs a CUDA GPU with mamba-ssm installed (pip install 'pathmil[mamba]'); none here",
 )
-def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu():
-    """MambaMIL on the GPU: mamba-ssm's kernels and the PyTorch scan give the same outputs and gradients."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu(precision):
+    """MambaMIL on the GPU: mamba-ssm's kernels and the PyTorch scan give the same outputs and gradients.
+
+    5,000 instances span several of the kernels' 2,048-token chunks. In float32 the backends agree to 1e-3
+    (relative norm of the difference); under bf16 autocast, as training runs on CUDA, each backend stays
+    within 5e-2 of the float32 result (the PyTorch scan under CPU bf16 autocast: at most 2e-2).
+    """
     torch.manual_seed(0)
-    model = mambamil(in_dim=64, n_outputs=2, d_model=64, d_state=8, dropout=0.0).cuda()
-    x = torch.randn(1, 500, 64, device="cuda")
-    results = {}
-    for backend in ("torch", "cuda"):
-        for layer in model.modules():
-            if hasattr(layer, "backend"):
-                layer.backend = backend
-        model.zero_grad()
-        logits = model(x).logits
-        logits.sum().backward()
-        results[backend] = (logits.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(results["cuda"][0], results["torch"][0], rtol=1e-3, atol=1e-3)
-    for cuda_grad, torch_grad in zip(results["cuda"][1], results["torch"][1], strict=True):
-        torch.testing.assert_close(cuda_grad, torch_grad, rtol=1e-2, atol=1e-3)
+    model = create_model("mambamil", in_dim=64, n_outputs=2, d_model=64, d_state=8, dropout=0.0).cuda()
+    x = torch.randn(1, 5000, 64, device="cuda")
+    reference = scan_outputs(model, x, "torch", bf16=False)
+    assert len(reference) > 20  # logits, x.grad and the blocks' parameters
+    backends = ["cuda"] if precision == "fp32" else ["torch", "cuda"]
+    bound = 1e-3 if precision == "fp32" else 5e-2
+    for backend in backends:
+        errors = relative_errors(scan_outputs(model, x, backend, bf16=precision == "bf16"), reference)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < bound, (backend, worst, errors[worst])
 
 
 @pytest.mark.gpu
@@ -733,7 +764,9 @@ def test_token_reorder_and_positive_definite_on_a_gpu():
     for n in (40, 300):
         torch.manual_seed(0)
         settings = {"d_model": 32, "d_state": 8, "dropout": 0.0, "backend": "torch"}
-        model = mambamil(in_dim=32, n_outputs=2, token_reorder=True, positive_definite=True, **settings)
+        model = create_model(
+            "mambamil", in_dim=32, n_outputs=2, token_reorder=True, positive_definite=True, **settings
+        )
         x = torch.randn(1, n, 32)
         results = []
         for device in ("cpu", "cuda"):

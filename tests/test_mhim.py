@@ -3,7 +3,6 @@ learnable problem with decoys where it is compared with its plain student."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -16,7 +15,6 @@ import torch
 from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
-from pathmil.config import TrainConfig
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.models import create_model
@@ -24,6 +22,7 @@ from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.models.mhim import GlobalRecycle, embed_instances, plan_masks, pool_instances
 from pathmil.tasks import create_task, task_from_state
 from pathmil.training.fit import build_model
+from pathmil.training.run import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -263,14 +262,28 @@ def test_batches_with_padding_train_bag_by_bag():
 # ----------------------------------------------------------------------------------- checkpoints
 
 
+def with_baseline(aggregator: str, in_dim: int, n_outputs: int, mhim=None, **model) -> torch.nn.Module:
+    """An MHIM model as a new training run gets it: built by the training stage (which hands it the run
+    loader, pathmil.training.run.load_run), then its teacher loaded from the baseline."""
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1]}))
+    assert task.n_outputs == n_outputs
+    config = TrainConfig(aggregator=aggregator, model=model, mhim=mhim or {})
+    built = build_model(config, in_dim, task)
+    built.prepare_training()
+    return built
+
+
 def baseline_checkpoint(path: Path, aggregator: str = "abmil", hidden: int = 32) -> torch.nn.Module:
     torch.manual_seed(5)
     model = create_model(aggregator, in_dim=16, n_outputs=2, hidden=hidden)
     config = TrainConfig(aggregator=aggregator, model={"hidden": hidden})
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1]}))
     save_checkpoint(
         path,
-        {"config": dataclasses.asdict(config), "model": model.state_dict(), "aggregator": aggregator}
-        | {"in_dim": 16, "n_outputs": 2},
+        {"config": config.to_dict(), "model": model.state_dict(), "aggregator": aggregator}
+        | {"in_dim": 16, "n_outputs": 2, "task": task.state_dict()},
     )
     return model
 
@@ -278,7 +291,7 @@ def baseline_checkpoint(path: Path, aggregator: str = "abmil", hidden: int = 32)
 def test_teacher_and_student_init_from_a_baseline(tmp_path):
     baseline = baseline_checkpoint(tmp_path / "best.pt")
     settings = {"teacher_init": str(tmp_path / "best.pt"), "student_init": "embed"}
-    model = create_model("mhim_abmil", in_dim=16, n_outputs=2, hidden=32, mhim=settings, load_baseline=True)
+    model = with_baseline("mhim_abmil", in_dim=16, n_outputs=2, hidden=32, mhim=settings)
     for key, value in baseline.state_dict().items():
         assert torch.equal(model.teacher.state_dict()[key], value)
         assert torch.equal(model.student.state_dict()[key], value) == key.startswith("encoder.")
@@ -291,34 +304,20 @@ def test_a_mismatched_baseline_fails_clearly(tmp_path):
     baseline_checkpoint(tmp_path / "transmil.pt", aggregator="transmil")
     baseline_checkpoint(tmp_path / "wide.pt", hidden=64)
     with pytest.raises(PathmilError, match=r"holds model 'transmil'.*must be model 'abmil'"):
-        create_model(
-            "mhim_abmil",
-            16,
-            2,
-            hidden=32,
-            mhim={"teacher_init": str(tmp_path / "transmil.pt")},
-            load_baseline=True,
-        )
+        with_baseline("mhim_abmil", 16, 2, hidden=32, mhim={"teacher_init": str(tmp_path / "transmil.pt")})
     with pytest.raises(PathmilError, match=r"architecture differs.*size mismatch.*'hidden': 64"):
-        create_model(
-            "mhim_abmil",
-            16,
-            2,
-            hidden=32,
-            mhim={"teacher_init": str(tmp_path / "wide.pt")},
-            load_baseline=True,
-        )
+        with_baseline("mhim_abmil", 16, 2, hidden=32, mhim={"teacher_init": str(tmp_path / "wide.pt")})
     with pytest.raises(PathmilError, match="does not exist"):
-        create_model("mhim_abmil", 16, 2, mhim={"teacher_init": str(tmp_path / "no.pt")}, load_baseline=True)
+        with_baseline("mhim_abmil", 16, 2, mhim={"teacher_init": str(tmp_path / "no.pt")})
     with pytest.raises(PathmilError, match=r"unknown setting mhim.ratio"):
         create_model("mhim_abmil", 16, 2, mhim={"ratio": 0.1})
-    with pytest.raises(PathmilError, match=r"mhim.high_ratio must be in"):
+    with pytest.raises(PathmilError, match=r"setting mhim.high_ratio: Input should be less than 1"):
         create_model("mhim_abmil", 16, 2, mhim={"high_ratio": 1.5})
 
 
 def test_without_a_baseline_the_teacher_starts_as_the_student(caplog):
     with caplog.at_level(logging.WARNING):
-        model = create_model("mhim_transmil", in_dim=16, n_outputs=2, hidden=32, load_baseline=True)
+        model = with_baseline("mhim_transmil", in_dim=16, n_outputs=2, hidden=32)
     assert "expects a teacher from a trained baseline" in caplog.text
     for a, b in zip(model.teacher.parameters(), model.student.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -10,18 +10,24 @@ from pathmil.tasks import create_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASE_MODELS = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor", "transmil", "mambamil"]
-
+# Every registered aggregator keeps the contract: a new one is tested here without edits.
+ALL_MODELS = list_models()
+CORE = ["mean_pool", "max_pool", "abmil", "abmil_gated", "instance_regressor", "transmil", "mambamil"]
+CORE += ["mhim_abmil", "mhim_abmil_gated", "mhim_transmil"]
 
 # The sequence models at a size that learns this toy problem in seconds (their own tests cover full size).
-SMALL = {"mambamil": {"d_model": 32, "n_layers": 1}, "transmil": {"hidden": 64}}
+SMALL = {
+    "mambamil": {"d_model": 32, "n_layers": 1},
+    "transmil": {"hidden": 64},
+    "mhim_transmil": {"hidden": 64},
+}
 
 
 def test_registry_lists_the_core_aggregators():
-    assert set(BASE_MODELS) <= set(list_models())
+    assert set(CORE) <= set(ALL_MODELS)
 
 
-@pytest.mark.parametrize("name", BASE_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_contract_and_mask(name):
     torch.manual_seed(0)
     model = create_model(name, in_dim=32, n_outputs=3).eval()
@@ -40,6 +46,30 @@ def test_output_contract_and_mask(name):
     assert torch.all(out.instance_scores[1, 7:] == 0)
     # a bag of one instance works
     assert model(x[:1, :1]).logits.shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_float64_scoring_agrees_across_thread_counts(name):
+    """Written scores are computed in float64 on the CPU (pathmil.device.scoring_dtype): every aggregator
+    runs in float64, close to its float32 self, and gives the same logits to 1e-12 on one or two threads
+    (float32 differs by ~1e-7 there, which a regression target's scale turns into 1e-5 and more)."""
+    from pathmil.training.run import scoring_model
+
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=64, n_outputs=3, **SMALL.get(name, {})).eval()
+    x = torch.randn(1, 300, 64).half().float()
+    wide = scoring_model(model, torch.device("cpu"))
+    assert next(wide.parameters()).dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+    outputs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            outputs.append(wide(x.double()).logits)
+    torch.set_num_threads(1)
+    assert outputs[0].dtype == torch.float64
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    with torch.inference_mode():
+        assert torch.allclose(model(x).logits.double(), outputs[0], atol=1e-4)
 
 
 def test_attention_sums_to_one_and_marks_the_evidence():
@@ -77,7 +107,7 @@ def make_problem(task_name: str, n_bags: int = 48, n: int = 30, dim: int = 16, s
 
 
 @pytest.mark.parametrize("task_name", ["classification", "survival", "regression"])
-@pytest.mark.parametrize("name", BASE_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     torch.manual_seed(0)
     bags, labels = make_problem(task_name)
@@ -85,24 +115,33 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     task.fit(labels)
     targets = task.targets(labels)
     model = create_model(name, in_dim=16, n_outputs=task.n_outputs, dropout=0.0, **SMALL.get(name, {}))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
 
     def epoch_loss(train: bool) -> float:
         model.train(train)
         total = []
         for start in range(0, len(bags), 8):
-            logits = torch.cat([model(b[None]).logits for b in bags[start : start + 8]])
-            loss = task.loss(logits, targets[start : start + 8])
+            forward = model.training_forward if train else model
+            outputs = [forward(b[None]) for b in bags[start : start + 8]]
+            loss = task.loss(torch.cat([o.logits for o in outputs]), targets[start : start + 8])
+            aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+            if aux:
+                loss = loss + torch.stack(aux).mean()
             if train:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                model.after_step(1, 100)
             total.append(float(loss.detach()))
         return sum(total) / len(total)
 
-    logits = torch.cat([model(b[None]).logits for b in bags[:8]])
-    task.loss(logits, targets[:8]).backward()
-    silent = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    model.train()
+    outputs = [model.training_forward(b[None]) for b in bags[:8]]
+    loss = task.loss(torch.cat([o.logits for o in outputs]), targets[:8])
+    aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
+    (loss + (torch.stack(aux).mean() if aux else 0)).backward()
+    learnable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    silent = [n for n, p in learnable if p.grad is None or not torch.any(p.grad != 0)]
     assert not silent, f"no gradient reaches {silent}"
     optimizer.zero_grad()
     with torch.no_grad():

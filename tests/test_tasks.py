@@ -246,6 +246,20 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == pytest.approx(0.0)
 
 
+def test_adaptive_expected_calibration_error_by_hand():
+    # positive-class probabilities 0.95, 0.85, 0.25, 0.65: top-class confidences 0.95 (right), 0.85
+    # (wrong), 0.75 (wrong: predicts 0 for a 1), 0.65 (right)
+    p, y = np.array([0.95, 0.85, 0.25, 0.65]), np.array([1, 0, 1, 1])
+    # 15 equal-width bins: each alone, (0.05 + 0.85 + 0.75 + 0.35) / 4
+    assert expected_calibration_error(y, p, 15) == pytest.approx(0.5)
+    # 3 equal-width bins: {0.65} accuracy 1 vs 0.65; {0.75, 0.85, 0.95} accuracy 1/3 vs 0.85
+    assert expected_calibration_error(y, p, 3) == pytest.approx(0.25 * 0.35 + 0.75 * (0.85 - 1 / 3))
+    # 2 equal-mass bins: {0.65, 0.75} accuracy 0.5 vs 0.70; {0.85, 0.95} accuracy 0.5 vs 0.90
+    assert expected_calibration_error(y, p, 2, "quantile") == pytest.approx(0.5 * 0.2 + 0.5 * 0.4)
+    with pytest.raises(ValueError, match="binning"):
+        expected_calibration_error(y, p, 2, "kmeans")
+
+
 def test_class_weights_survive_one_bag_batches():
     labels = pd.DataFrame({"label": ["a"] * 6 + ["b"] * 2})
     task = create_task("classification", class_weights="balanced")
@@ -339,6 +353,19 @@ def test_state_dict_round_trip_reproduces_predict(name, settings, labels):
 
 
 @pytest.mark.parametrize(("name", "settings", "labels"), TASK_CASES)
+def test_main_score_equals_the_main_metric(name, settings, labels):
+    """Bootstrap comparisons call main_score instead of metrics: both must give the same number."""
+    task = create_task(name, **settings)
+    task.fit(labels)
+    logits = torch.randn(len(labels), task.n_outputs, generator=torch.Generator().manual_seed(3))
+    table = predictions(task, labels, logits)
+    expected = task.metrics(table)[task.main_metric]
+    assert math.isfinite(expected)
+    assert task.main_score(table) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(task.main_score(table.iloc[:1]))  # one bag: undefined, as the metric
+
+
+@pytest.mark.parametrize(("name", "settings", "labels"), TASK_CASES)
 def test_instance_saliency_is_a_probability_per_instance(name, settings, labels):
     task = create_task(name, **settings)
     task.fit(labels)
@@ -416,13 +443,11 @@ def test_unknown_class_and_unknown_settings():
     task.fit(pd.DataFrame({"label": ["a", "b"]}))
     with pytest.raises(PathmilError, match=r"slide s9: class 'c' .* not among the training classes"):
         task.targets(pd.DataFrame({"slide_id": ["s9"], "label": ["c"]}))
-    with pytest.raises(
-        PathmilError, match=r"unknown setting task\.n_bin for the survival task; allowed: alpha"
-    ):
+    with pytest.raises(PathmilError, match=r"unknown setting task_options\.n_bin; allowed: alpha, eps, loss"):
         create_task("survival", n_bin=4)
     with pytest.raises(PathmilError, match="unknown task 'segmentation'"):
         create_task("segmentation")
-    with pytest.raises(PathmilError, match=r"task\.loss for survival must be one of nll, cox"):
+    with pytest.raises(PathmilError, match=r"setting task_options\.loss: Input should be 'nll' or 'cox'"):
         create_task("survival", loss="ce")
 
 

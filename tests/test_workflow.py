@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from workflow_helpers import ROOT, job_counts, snakemake, workflow_copy, write_config
 
 RULES = [
+    "settings",
     "demo",
     "cohort",
     "tile",
     "extract",
+    "batch",
     "collect",
     "split",
     "train",
@@ -61,15 +65,23 @@ def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     assert counts["train"] == 3 * 3 * 3  # tasks x aggregators x folds of config/config.yaml
 
 
+def test_only_the_tasks_the_config_names_are_trained(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, tasks={"survival": None})
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["train"] == len(AGGREGATORS) * 2 and counts["split"] == 1, counts
+
+
 def test_bad_config_key_fails_at_validation(tmp_path, mobilenet_weights):
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights)
     config["tile"]["tile_pxx"] = 256
     done = snakemake(work, "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config)), check=False)
     assert done.returncode != 0
-    assert (
-        "config: unknown key 'tile.tile_pxx'; allowed: default_mpp, min_tissue, overlap"
-        in done.stdout + done.stderr
+    assert "config: Additional properties are not allowed ('tile_pxx' was unexpected) (in tile)" in (
+        done.stdout + done.stderr
     )
 
 
@@ -83,12 +95,157 @@ def test_cohort_table_without_a_column_fails_at_validation(tmp_path, mobilenet_w
     assert f"cohort table {table} lacks column(s) patient_id" in done.stdout + done.stderr
 
 
+def table_config(tmp_path, weights, rows: list[dict], **changes) -> str:
+    table = tmp_path / "cohort.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    for row in rows:
+        (tmp_path / str(row["path"])).write_bytes(b"")
+    config = mini_config(weights, slides={"table": str(table)}, **changes)
+    return str(write_config(tmp_path / "c.yaml", config))
+
+
+GOOD = {
+    "slide_id": "s1",
+    "patient_id": "p1",
+    "path": "a.svs",
+    "label": 1,
+    "time": 5.0,
+    "event": 1,
+    "stil": 40,
+}
+
+
+# Bad tables are refused here and by the CLI with the same words: tests/test_bad_tables.py feeds each kind
+# to both. These are the settings the dry run checks against the package's registries and declarations.
+@pytest.mark.parametrize(
+    ("rows", "changes", "message"),
+    [
+        ([GOOD], {"aggregators": ["abmill"]}, "'abmill' is not one of ['abmil'"),
+        ([GOOD], {"models": {"mambamil": {"model": {"d_modl": 64}}}}, "('d_modl' was unexpected) (in models.mambamil.model)"),
+        ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
+        ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
+        ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
+        ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
+        ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
+    ],
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue"],
+)  # fmt: skip
+def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):
+    """Everything a later stage would refuse is refused by the dry run, before any slide is tiled."""
+    configfile = table_config(tmp_path, mobilenet_weights, rows, **changes)
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile", configfile, check=False)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+
+
+def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
+    """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
+    slide only; each tile job declares the GeoJSON it writes."""
+    (tmp_path / "s1 outline.geojson").write_text("{}")
+    rows = [
+        {**GOOD, "tissue": "s1 outline.geojson"},
+        {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"},
+    ]
+    configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
+    lines = (done.stdout + done.stderr).splitlines()
+    tile_jobs = [line for line in lines if line.removeprefix("Shell command: ").startswith("pathmil tile ")]
+    assert len(tile_jobs) == 2 and all("--geojson results/mini/tiles/" in line for line in tile_jobs)
+    given = [line for line in tile_jobs if "--tissue-geojson" in line]
+    assert len(given) == 1 and f"--tissue-geojson '{tmp_path / 's1 outline.geojson'}'" in given[0]
+    assert "--slide-id=s1" in given[0]
+
+
+def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):
+    """train.bag_level is the one fact: the dry run skips the patient-label check and each task's split
+    settings file carries the bag level (so `pathmil split` stratifies per slide)."""
+    rows = [GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}]
+    configfile = table_config(tmp_path, mobilenet_weights, rows, train={"bag_level": "slide"})
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
+    assert job_counts(done.stdout + done.stderr)["tile"] == 2
+    assert (done.stdout + done.stderr).count("printf '%s' 'split:\n  bag_level: slide\n") == 3  # one per task
+
+
+def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):
+    """With `--sdm conda` the snakemake process has no pathmil and none of its dependencies (the SLURM
+    plugin brings pandas): the workflow must still parse, validate and plan every job."""
+    configfile = table_config(tmp_path, mobilenet_weights, [GOOD])
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('pathmil', 'torch', 'h5py', 'cv2', 'openslide', 'sklearn', 'timm')]"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{blocked}; from snakemake.cli import main; main()",
+            "-n",
+            "--configfile",
+            configfile,
+        ],
+        cwd=workflow_copy(tmp_path / "w"),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert job_counts(done.stdout + done.stderr)["train"] == 3 * 3 * 2
+
+
+def run_until_killed(work, configfile, run_dir, min_epoch: int = 2) -> subprocess.CompletedProcess:
+    """Run the workflow and SIGKILL the `pathmil train` job of ``run_dir`` once its last.pt holds
+    ``min_epoch`` epochs (as the out-of-memory killer or a SLURM time limit would); return the run."""
+    import signal
+
+    import torch
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile],
+        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline, killed = time.time() + 900, False
+    while time.time() < deadline and process.poll() is None and not killed:
+        try:
+            state = torch.load(run_dir / "last.pt", weights_only=True)["state"]
+        except (OSError, RuntimeError, EOFError, KeyError):
+            state = {"epoch": 0}
+        if state["epoch"] >= min_epoch and not (run_dir / "metrics.json").exists():
+            found = subprocess.run(
+                ["pgrep", "-f", f"train .*--out {run_dir.relative_to(work)}"], capture_output=True, text=True
+            )
+            for pid in found.stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
+                killed = True
+        time.sleep(0.02)
+    output = process.communicate(timeout=900)[0]
+    assert killed, "the train job was never caught mid-run: " + output[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
 @pytest.mark.slow
-def test_reduced_demo_runs_end_to_end_and_a_second_run_does_nothing(tmp_path, mobilenet_weights):
+def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, mobilenet_weights):
+    """The reduced demo: a train job killed by SIGKILL mid-run recovers on the rerun and ends as if never
+    killed; a second run does nothing; a changed setting or a deleted file reruns exactly what depends on it."""
     work = workflow_copy(tmp_path / "w")
-    configfile = str(write_config(tmp_path / "c.yaml", mini_config(mobilenet_weights)))
-    snakemake(work, "--cores", "2", "--configfile", configfile)
+    config = mini_config(mobilenet_weights)
+    config["models"]["abmil"] = {"epochs": 12, "min_epochs": 12}  # long enough to be caught mid-run
+    configfile = str(write_config(tmp_path / "c.yaml", config))
     results = work / "results" / "mini"
+    victim = results / "models" / "classification" / "abmil" / "fold0"
+    first = run_until_killed(work, configfile, victim)
+    assert first.returncode != 0 and not (victim / "best.pt").exists() and (victim / "last.pt").exists()
+    snakemake(work, "--cores", "2", "--configfile", configfile)  # recovers: resumes from last.pt
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(
+        [sys.executable, "-m", "pathmil", "train", "--features", str(results / "features" / "mobilenet_v2"),
+         "--cohort", str(results / "cohort_ok.csv"), "--splits", str(results / "splits" / "classification.csv"),
+         "--fold", "0", "--config", str(next((results / "settings").glob("train-classification-abmil.*.yaml"))),
+         "--out", str(reference), "--no-progress"], check=True, capture_output=True,
+    )  # fmt: skip
+    resumed, clean = (json.loads((r / "metrics.json").read_text()) for r in (victim, reference))
+    assert resumed["metrics"] == clean["metrics"] and resumed["best_epoch"] == clean["best_epoch"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(victim / "predictions.csv"), pd.read_csv(reference / "predictions.csv")
+    )
+
     summary = pd.read_csv(results / "report" / "summary.csv")
     assert set(summary["task"]) == {"classification", "survival", "regression"}
     assert set(summary["aggregator"]) == set(AGGREGATORS)
@@ -103,47 +260,107 @@ def test_reduced_demo_runs_end_to_end_and_a_second_run_does_nothing(tmp_path, mo
         assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
+    for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log
+        assert "\r" not in log.read_text(errors="replace"), log
+    history = pd.read_csv(results / "models" / "survival" / "mambamil" / "fold1" / "history.csv")
+    train_log = (results / "logs" / "train" / "survival" / "mambamil" / "fold1.log").read_text()
+    logged = re.findall(r"fold 1 epoch (\d+)/3: train_loss \S+ val_loss \S+ val_c_index \S+", train_log)
+    assert [int(epoch) for epoch in logged] == history["epoch"].tolist()  # a line per epoch, for tail -f
     again = snakemake(work, "--cores", "2", "--configfile", configfile)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    def planned(changed: dict) -> dict[str, int]:
+        path = write_config(tmp_path / "changed.yaml", changed)
+        dry = snakemake(work, "-n", "--configfile", str(path))
+        text = dry.stdout + dry.stderr
+        return {} if "Nothing to be done" in text else job_counts(text)
+
+    longer = json.loads(json.dumps(config))
+    longer["train"]["epochs"] = 4
+    counts = planned(longer)  # every run but abmil's (whose own epochs win), and what reads them
+    assert counts["train"] == 3 * 2 * 2 and "tile" not in counts and "extract" not in counts, counts
+    wider = json.loads(json.dumps(config))
+    wider["models"]["mambamil"]["model"]["d_model"] = 48
+    assert planned(wider)["train"] == 3 * 2  # mambamil's runs only
+    assert planned(config) == {}  # settings changed back are the old settings files: nothing to do
+    bag = next((results / "features" / "mobilenet_v2").glob("*.h5"))
+    bag.unlink()
+    counts = planned(config)
+    assert counts["extract"] == 1 and counts["collect"] == 1 and counts["train"] == 3 * 3 * 2, counts
+    assert "tile" not in counts
+    snakemake(work, "--cores", "2", "--configfile", configfile)
+
     report = work / "report.html"
     snakemake(work, "--configfile", configfile, "--report", str(report))
     html = report.read_text(errors="ignore")
     assert report.stat().st_size > 10_000 and "summary.csv" in html
-    first = pd.read_csv(results / "cohort.csv")["slide_id"][0]
+    first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):
-        assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first}.png").stat().st_size > 1000
+        assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first_slide}.png").stat().st_size > 1000
         assert (results / "eval" / task / "abmil" / "plots").is_dir()
         assert "heatmap" in html and "roc" in html
 
 
+# Names users give slides: spaces, quotes, shell syntax, non-ASCII letters, a leading dash. Each must be
+# tiled and extracted and nothing may run: the names reach the shell only quoted.
+HOSTILE = ["case 01 (re-scan)", "it's", 'say "hi"', "$(touch PWNED1)", "`touch PWNED2`", "a;touch PWNED3",
+           "b&touch PWNED4", "Ünïcødé-Ø", "-rf"]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_slide_folder_failures_are_recorded_and_touching_a_slide_reruns_its_chain(
+def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_reruns_its_chain(
     tmp_path, demo_cohort, slides_dir, mobilenet_weights
 ):
     folder = tmp_path / "slides"
     folder.mkdir()
-    for path in sorted((demo_cohort / "slides").iterdir())[:2]:
-        shutil.copy(path, folder / path.name)
+    source = sorted((demo_cohort / "slides").iterdir())[2]
+    for name in HOSTILE:
+        shutil.copy(source, folder / f"{name}.tiff")
     for bad in ("unreadable.svs", "unopenable.tiff"):
         shutil.copy(slides_dir / bad, folder / bad)
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights, slides={"dir": str(folder)}, tasks={})
     config["tile"]["default_mpp"] = 0.5
+    outlines = tmp_path / "outlines"  # a corrected tissue outline for one slide (tile.tissue_dir)
+    outlines.mkdir()
+    square = [[[200, 200], [1200, 200], [1200, 1200], [200, 1200], [200, 200]]]
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    config["tile"]["tissue_dir"] = str(outlines)
     configfile = str(write_config(tmp_path / "c.yaml", config))
     snakemake(work, "--cores", "2", "--configfile", configfile)
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*")), "a slide name ran"
     results = work / "results" / "mini"
     failures = pd.read_csv(results / "failures.csv")
     assert sorted(failures["slide_id"]) == ["unopenable", "unreadable"]
     assert set(failures["stage"]) == {"tile"}
-    ok = pd.read_csv(results / "cohort_ok.csv")
-    assert len(ok) == 2
-    for slide in ok["slide_id"]:
+    for bad in ("unopenable", "unreadable"):  # the QC picture of a failed slide says why
+        assert (results / "qc" / f"{bad}.png").stat().st_size > 1000
+    ok = pd.read_csv(results / "cohort_ok.csv", dtype={"slide_id": str})
+    assert sorted(ok["slide_id"]) == sorted(HOSTILE)
+    for slide in HOSTILE:
         assert (results / "features" / "mobilenet_v2" / f"{slide}.h5").is_file()
+        assert (results / "logs" / "tile" / f"{slide}.log").is_file()
+        facts = json.loads((results / "tiles" / f"{slide}.json").read_text())
+        assert facts["mask_source"] == ("given" if slide == "it's" else "automatic"), slide
+        assert json.loads((results / "tiles" / f"{slide}.geojson").read_text())["features"]
+    outline = json.loads((results / "tiles" / "unreadable.geojson").read_text())  # a failed slide's stand-in
+    assert outline["features"] == [] and outline["pathmil"]["status"] == "failed"
     time.sleep(1)
-    os.utime(folder / f"{ok['slide_id'][0]}.tiff")
+    square[0][1][0] = 1300  # an edited outline reruns its slide's chain (a touch alone does not: Snakemake
+    # compares the checksums of small input files)
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    dry = snakemake(work, "-n", "--configfile", configfile)
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "tile": 1,
+        "extract": 1,
+        "batch": 1,
+        "collect": 1,
+        "all": 1,
+    }
+    os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
+    assert counts == {"tile": 2, "extract": 2, "batch": 1, "collect": 1, "all": 1}
 
 
 def test_lint_and_format():

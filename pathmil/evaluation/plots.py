@@ -24,13 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from pathmil.config import EvaluateConfig, PlotConfig
+from pathmil.evaluation.bootstrap import bootstrap_distribution, percentile_interval
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
@@ -84,18 +86,10 @@ def bootstrap_interval(
     """Percentile interval of ``statistic(rows)`` over stratified resamples of the rows (as evaluate's)."""
     if evaluate.n_bootstrap <= 0:
         return None
-    rng = np.random.default_rng(evaluate.seed)
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    values = np.array(
-        [
-            statistic(np.concatenate([rng.choice(g, len(g), replace=True) for g in groups]))
-            for _ in range(evaluate.n_bootstrap)
-        ]
-    )
+    values = bootstrap_distribution(statistic, strata, evaluate.n_bootstrap, evaluate.seed)[:, 0]
     if not np.isfinite(values).any():
         return None
-    alpha = (1 - evaluate.confidence) / 2
-    return [float(np.nanquantile(values, alpha)), float(np.nanquantile(values, 1 - alpha))]
+    return percentile_interval(values, evaluate.confidence)
 
 
 def fold_colour(index: int) -> str:
@@ -238,9 +232,14 @@ def _outcome(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return rows["time"].to_numpy(dtype=float), rows["event"].to_numpy(dtype=float).astype(bool)
 
 
+def time_label(config: PlotConfig, column: str) -> str:
+    """The time axis: its unit from the config, else the cohort table's time column (never a guessed unit)."""
+    return f"time ({config.time_unit})" if config.time_unit else f"time (column {column})"
+
+
 def kaplan_meier_plot(data: PlotData) -> Figure:
     """Kaplan-Meier curves (95 % log-log bands, + at censoring) of the pooled test bags split at the
-    median predicted risk, with the log-rank test of the two groups."""
+    median predicted risk, with the log-rank test of the two groups and the numbers at risk below."""
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
     from sksurv.util import Surv
@@ -248,9 +247,10 @@ def kaplan_meier_plot(data: PlotData) -> Figure:
     time, event = _outcome(data.pooled)
     risk = data.pooled["score"].to_numpy(dtype=float)
     high = risk > np.median(risk)
-    fig = data.figure()
-    ax = fig.subplots()
-    for group, name, colour in ((~high, "low risk", "C0"), (high, "high risk", "C3")):
+    groups = [(~high, "low risk", "C0"), (high, "high risk", "C3")]
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), dpi=data.config.dpi, layout="constrained")
+    ax, at_risk = fig.subplots(2, 1, height_ratios=[4, 1])
+    for group, name, colour in groups:
         if not group.any():
             continue
         t, s, (low, up) = kaplan_meier_estimator(event[group], time[group], conf_type="log-log")
@@ -266,10 +266,29 @@ def kaplan_meier_plot(data: PlotData) -> Figure:
     if high.any() and (~high).any():
         _, p_value = compare_survival(Surv.from_arrays(event, time), np.where(high, "high", "low"))
     ax.set_ylim(0, 1.02)
-    finish(ax, f"time ({data.config.time_unit})", "survival probability", unit_square=False)
+    ax.set_xlim(0, float(time.max()) * 1.02 if len(time) else 1.0)
+    finish(ax, time_label(data.config, data.task.label_columns[0]), "survival probability", unit_square=False)
+    numbers_at_risk(at_risk, ax, time, groups)
     p_text = "log-rank p undefined" if not math.isfinite(p_value) else f"log-rank p = {p_value:.2g}"
     title(fig, f"Predicted risk groups (median split): {p_text}", data.with_ci("c-index", "c_index"))
     return fig
+
+
+def numbers_at_risk(table, curves, time: np.ndarray, groups: list[tuple[np.ndarray, str, str]]) -> None:
+    """The table under a Kaplan-Meier plot: per group, the bags still followed (time >= t) at the curve
+    axis's ticks, in the group's colour."""
+    table.set_xlim(curves.get_xlim())
+    ticks = [t for t in curves.get_xticks() if curves.get_xlim()[0] <= t <= curves.get_xlim()[1]]
+    for row, (group, _, colour) in enumerate(groups):
+        for t in ticks:
+            table.text(t, row, str(int(np.sum(time[group] >= t))), ha="center", va="center", color=colour)
+    table.set_yticks(range(len(groups)), [name for _, name, _ in groups])
+    table.set_ylim(len(groups) - 0.5, -0.5)
+    table.set_xticks([])
+    for side in table.spines.values():
+        side.set_visible(False)
+    table.tick_params(left=False)
+    table.set_title("number at risk", fontsize="small", loc="left")
 
 
 def time_auc_plot(data: PlotData) -> Figure:
@@ -292,7 +311,10 @@ def time_auc_plot(data: PlotData) -> Figure:
     ax.axhline(0.5, **CHANCE)
     ax.set_ylim(0, 1.02)
     finish(
-        ax, f"time ({data.config.time_unit})", "time-dependent AUC (cumulative/dynamic)", unit_square=False
+        ax,
+        time_label(data.config, data.task.label_columns[0]),
+        "time-dependent AUC (cumulative/dynamic)",
+        unit_square=False,
     )
     title(fig, "Time-dependent AUC of the predicted risk", data.with_ci("mean AUC", "td_auc"))
     return fig
@@ -306,8 +328,13 @@ def unit(data: PlotData) -> str:
     return " %" if data.task.value_range == [0.0, 100.0] else ""
 
 
+def value_name(data: PlotData) -> str:
+    """What the regression values are: the config's label (e.g. "sTIL %"), else the target column."""
+    return data.config.value_label or data.task.column + (" (%)" if unit(data) else "")
+
+
 def _value_label(data: PlotData, prefix: str) -> str:
-    return f"{prefix} {data.task.column}" + (" (%)" if unit(data) else "")
+    return f"{prefix} {value_name(data)}"
 
 
 def scatter_plot(data: PlotData) -> Figure:
@@ -352,7 +379,7 @@ def high_low_roc_plot(data: PlotData) -> Figure:
     finish(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
     title(
         fig,
-        f"ROC of {data.task.column}-high (>= {threshold:g}{unit(data)}) vs low",
+        f"ROC of high {value_name(data)} (>= {threshold:g}{unit(data)}) vs low",
         data.with_ci("AUC", "auc_high"),
     )
     return fig
@@ -404,5 +431,166 @@ def write_plots(
         figure = plot(data)
         with atomic_output(Path(out_dir) / PLOT_DIR / name) as tmp:
             figure.savefig(tmp, dpi=data.config.dpi)
+        names.append(f"{PLOT_DIR}/{name}")
+    return names
+
+
+# ------------------------------------------------------------------------------------- comparisons
+
+
+def _panel_grid(n: int, dpi: int, columns: int = 3) -> tuple[Figure, list]:
+    """A figure of ``n`` panels, at most ``columns`` to a row (unused panels hidden)."""
+    ncols = min(columns, max(n, 1))
+    nrows = math.ceil(max(n, 1) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 4.0 * nrows), dpi=dpi, layout="constrained")
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def performance_profile_plot(comparison: dict, evaluate: EvaluateConfig, config: PlotConfig) -> Figure:
+    """The share of each configuration's runs scoring above each threshold, with bootstrap bands over runs
+    (Agarwal et al., NeurIPS 2021): a curve further right is better at every level."""
+    fig = Figure(figsize=FIGSIZE, dpi=config.dpi, layout="constrained")
+    ax = fig.subplots()
+    runs = {row["configuration"]: row["n_runs"] for row in comparison["configurations"]}
+    for index, (label, rows) in enumerate(comparison["profiles"].items()):
+        profile = pd.DataFrame(rows)
+        colour = fold_colour(index)
+        name = f"{label} ({runs[label]} runs)"
+        ax.step(profile["threshold"], profile["share"], where="post", color=colour, linewidth=1.8, label=name)
+        if profile["low"].notna().any():
+            ax.fill_between(
+                profile["threshold"], profile["low"], profile["high"], step="post", color=colour, alpha=0.15
+            )
+    ax.set_ylim(-0.02, 1.02)
+    metric = comparison["main_metric"]
+    finish(ax, f"{metric} threshold τ", f"share of runs with {metric} > τ", unit_square=False)
+    title(
+        fig,
+        f"Performance profiles, {comparison['task']}: runs = seeds x folds",
+        f"bands: {100 * evaluate.confidence:g} % bootstrap over runs",
+    )
+    return fig
+
+
+def difference_matrix_plot(comparison: dict, evaluate: EvaluateConfig, config: PlotConfig) -> Figure:
+    """Paired differences of the main metric, row minus column, with their bootstrap intervals over
+    patients and P(row > column) over runs. Only differences whose interval excludes zero are coloured
+    (and bold); the others stay grey, so a large but uncertain difference does not look like a finding."""
+    order = [row["configuration"] for row in sorted(comparison["configurations"], key=lambda r: -r["value"])]
+    n = len(order)
+    pairs = {(p["a"], p["b"]): p for p in comparison["pairs"]}
+    values = np.full((n, n), np.nan)  # coloured cells: the significant differences
+    for i, a in enumerate(order):
+        for j, b in enumerate(order):
+            if i != j and pairs[(a, b)]["significant"]:
+                values[i, j] = pairs[(a, b)]["difference"]
+    differences = [abs(p["difference"]) for p in comparison["pairs"] if math.isfinite(p["difference"])]
+    limit = max(max(differences, default=0.0), 1e-6)
+    fig = Figure(
+        figsize=(max(4.5, 1.9 * n + 2.2), max(3.8, 1.5 * n + 1.8)), dpi=config.dpi, layout="constrained"
+    )
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-limit, vmax=limit)
+    for i, a in enumerate(order):
+        for j, b in enumerate(order):
+            if i == j:
+                ax.text(j, i, "—", ha="center", va="center", color="grey")
+                continue
+            pair = pairs[(a, b)]
+            text = f"{pair['difference']:+.3f}\n[{pair['ci_low']:.3f}, {pair['ci_high']:.3f}]\nP = {pair['p_improvement']:.2f}"
+            strong = pair["significant"] and abs(pair["difference"]) > 0.6 * limit
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if strong else "black",
+                fontweight="bold" if pair["significant"] else "normal",
+            )
+    ax.set_xticks(range(n), order, rotation=30, ha="right")
+    ax.set_yticks(range(n), order)
+    ax.set_xlabel("column (B)")
+    ax.set_ylabel("row (A)")
+    metric = comparison["main_metric"]
+    fig.colorbar(image, ax=ax, shrink=0.8, label=f"{metric} difference, A - B")
+    title(
+        fig,
+        f"{comparison['task']}: {metric} of A - B on the same {comparison['n_patients']} patients",
+        f"[{100 * evaluate.confidence:g} % paired bootstrap CI]; P = P(A > B) over runs; "
+        "coloured: CI excludes 0",
+    )
+    return fig
+
+
+def comparison_calibration_plot(comparison: dict, evaluate: EvaluateConfig, config: PlotConfig) -> Figure:
+    """One panel per configuration. Classification: reliability diagram (observed frequency against mean
+    predicted probability per equal-width bin, marker area by bag count). Survival: mean predicted
+    survival at the horizon against the Kaplan-Meier estimate per group of predicted survival, with 95 %
+    intervals, and the D-calibration test."""
+    diagrams = comparison["calibration"]
+    rows = {row["configuration"]: row for row in comparison["configurations"]}
+    fig, axes = _panel_grid(len(diagrams), config.dpi)
+    survival = comparison["task"] == "survival"
+    for ax, (label, diagram) in zip(axes, diagrams.items()):
+        ax.plot([0, 1], [0, 1], **CHANCE)
+        table = pd.DataFrame(diagram.get("table", []))
+        row = rows[label]
+        if table.empty:
+            no_data(ax, "no calibration data")
+        elif survival:
+            below = (table["observed"] - table["observed_low"]).clip(lower=0)
+            above = (table["observed_high"] - table["observed"]).clip(lower=0)
+            ax.errorbar(
+                table["predicted"], table["observed"], yerr=[below, above], fmt="o", color="C0", capsize=3
+            )
+            p = diagram["d_calibration"]["p_value"]
+            ax.set_title(f"{label}\nD-calibration p = {p:.2g} (seed {diagram['seed']})", fontsize="medium")
+        else:
+            sizes = 300 * table["n"] / table["n"].max()
+            ax.plot(table["mean_predicted"], table["observed"], color="C0", linewidth=1)
+            ax.scatter(table["mean_predicted"], table["observed"], s=sizes, color="C0", alpha=0.7)
+            ax.set_title(
+                f"{label} (seed {diagram['seed']})\nECE {row['ece']:.3f}, adaptive {row['ece_adaptive']:.3f}, "
+                f"balance {row['balance']:+.3f}",
+                fontsize="medium",
+            )
+        if survival:
+            time = f"{comparison['horizon']:.3g} {config.time_unit or ''}".rstrip()
+            finish(ax, f"predicted survival at {time}", f"Kaplan-Meier survival at {time}")
+        else:
+            what = diagram.get("what", "")
+            finish(ax, f"predicted probability ({what})", "observed frequency")
+    if survival:
+        title(fig, "Calibration at the median follow-up: groups of predicted survival (mean over the group)")
+    else:
+        title(fig, f"Reliability diagrams, {config.calibration_bins} equal-width bins (marker area: bags)")
+    return fig
+
+
+COMPARISON_PLOTS: dict[str, Callable[[dict, EvaluateConfig, PlotConfig], Figure]] = {
+    "performance_profile.png": performance_profile_plot,
+    "differences.png": difference_matrix_plot,
+    "calibration.png": comparison_calibration_plot,
+}
+
+
+def write_comparison_plots(
+    comparison: dict, out_dir: str | os.PathLike, evaluate: EvaluateConfig, config: PlotConfig
+) -> list[str]:
+    """Write the comparison's plots (regression has no calibration plot) as PNG into ``out_dir/plots``;
+    return their paths relative to ``out_dir``."""
+    names = []
+    for name, plot in COMPARISON_PLOTS.items():
+        if name == "calibration.png" and comparison["task"] == "regression":
+            continue
+        figure = plot(comparison, evaluate, config)
+        with atomic_output(Path(out_dir) / PLOT_DIR / name) as tmp:
+            figure.savefig(tmp, dpi=config.dpi)
         names.append(f"{PLOT_DIR}/{name}")
     return names

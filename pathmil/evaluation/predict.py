@@ -1,11 +1,12 @@
 """Score new slides with trained models: one checkpoint, or the fold models of a run as an ensemble.
 
 A checkpoint (``best.pt``) carries the run's config, the fitted task and the weights, so it alone rebuilds
-the model (:func:`load_model`). Scores are made exactly as training made its ``predictions.csv``: the
-same bag joining (a patient's slides concatenated in slide-id order when the model was trained on patient
-bags, as :func:`pathmil.data.bags.make_bag_table` does), the same float16 rounding of the features (the
-training loop keeps bags in memory as float16), the same forward pass and ``task.predict``; so a fold's
-own test bags get back the very numbers training wrote.
+the model (:func:`pathmil.training.run.load_run`). Scores are made exactly as training made its
+``predictions.csv``: the same bag joining (a patient's slides concatenated in slide-id order when the model
+was trained on patient bags, as :func:`pathmil.data.bags.make_bag_table` does), the same features (the
+bag dataset, float16 values), the same scoring pass (:func:`pathmil.training.run.score_bag`: float64 on
+the CPU, so the thread count and the CPU's instruction set do not change a digit that matters) and
+``task.predict``; so a fold's own test bags get back the numbers training wrote, to 1e-6.
 
 Several checkpoints (the K fold models) make an ensemble: the mean of their scores, as a fixed test set
 is pooled by ``pathmil evaluate``. Derived columns follow from the mean probabilities with training's
@@ -17,10 +18,8 @@ model's, bags from another encoder (when both name theirs), or a model of anothe
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,13 @@ import pandas as pd
 import torch
 
 from pathmil.cohort import read_table
-from pathmil.config import TrainConfig, from_dict
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output
-from pathmil.models import MILModel
-from pathmil.models.base import MILOutput
-from pathmil.models.checkpoint import load_checkpoint
-from pathmil.slide.reader import slide_id_from_path
-from pathmil.tasks import Task, task_from_state
+from pathmil.ids import slide_id_from_path
 from pathmil.tasks.classification import ClassificationTask
-from pathmil.training.fit import build_model, pick_device
+from pathmil.training.run import TrainedRun, load_run
 
 log = logging.getLogger(__name__)
 
@@ -47,95 +41,28 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ the model
 
 
-@dataclass
-class LoadedModel:
-    """A trained model rebuilt from its checkpoint, with its task and what it expects as input."""
-
-    path: Path
-    model: MILModel
-    task: Task
-    config: TrainConfig
-    in_dim: int
-    encoder: str | None
-    random_init: bool
-    device: torch.device
-
-    @property
-    def aggregator(self) -> str:
-        return self.config.aggregator
-
-    def check_bag(self, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
-        """Refuse features the model was not trained on: another dimension, or another named encoder."""
-        if dim != self.in_dim:
-            raise PathmilError(
-                f"{source} holds {dim}-dimensional features but model {self.path} expects {self.in_dim} "
-                f"(encoder {self.encoder or 'unknown'}); extract the slides with the model's encoder"
-            )
-        encoder = (attrs or {}).get("encoder")
-        if encoder is None or self.encoder is None:
-            return
-        random_init = bool((attrs or {}).get("random_init", False))
-        if (str(encoder), random_init) != (self.encoder, self.random_init):
-            raise PathmilError(
-                f"{source} holds features of encoder {encoder_name(str(encoder), random_init)} but model "
-                f"{self.path} was trained on {encoder_name(self.encoder, self.random_init)}; extract the "
-                "slides with that encoder"
-            )
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on a GPU when the run used it (as training scored its bags), else nothing."""
-        enabled = self.device.type == "cuda" and self.config.amp
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
-    @torch.inference_mode()
-    def forward(self, features: torch.Tensor) -> MILOutput:
-        """The model's output for one bag (N x D float32), on the model's device."""
-        with self.autocast():
-            return self.model(features[None].to(self.device))
-
-
 def encoder_name(encoder: str, random_init: bool) -> str:
     """An encoder as messages name it (a randomly initialised one is a different feature space)."""
     return f"{encoder} (random init)" if random_init else encoder
 
 
-def load_model(path: str | os.PathLike, expected_task: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Rebuild the model and the fitted task of a checkpoint; refuse one of another task than expected.
-
-    Any aggregator the registry knows is rebuilt through :func:`pathmil.training.fit.build_model`, so new
-    ones (MHIM-MIL, MambaMIL) need nothing here; inference uses the plain ``forward``.
-    """
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    task = task_from_state(checkpoint["task"])
-    if expected_task is not None and task.name != expected_task:
+def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
+    """Refuse features the model was not trained on: another dimension, or another named encoder."""
+    if dim != run.in_dim:
         raise PathmilError(
-            f"model {path} is a {task.name} model, not {expected_task}; give a checkpoint of a "
-            f"{expected_task} run"
+            f"{source} holds {dim}-dimensional features but model {run.path} expects {run.in_dim} "
+            f"(encoder {run.encoder or 'unknown'}); extract the slides with the model's encoder"
         )
-    config = from_dict(TrainConfig, checkpoint["config"], where="train")
-    model = build_model(config, int(checkpoint["in_dim"]), task)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
+    encoder = (attrs or {}).get("encoder")
+    if encoder is None or run.encoder is None:
+        return
+    random_init = bool((attrs or {}).get("random_init", False))
+    if (str(encoder), random_init) != (run.encoder, run.random_init):
         raise PathmilError(
-            f"model {path}: weights do not fit aggregator {config.aggregator} ({first})"
-        ) from None
-    target = pick_device(device)
-    model.to(target).eval()
-    features = checkpoint.get("features") or {}
-    encoder = features.get("encoder")
-    return LoadedModel(
-        path=path,
-        model=model,
-        task=task,
-        config=config,
-        in_dim=int(checkpoint["in_dim"]),
-        encoder=None if encoder is None else str(encoder),
-        random_init=bool(features.get("random_init", False)),
-        device=target,
-    )
+            f"{source} holds features of encoder {encoder_name(str(encoder), random_init)} but model "
+            f"{run.path} was trained on {encoder_name(run.encoder, run.random_init)}; extract the "
+            "slides with that encoder"
+        )
 
 
 # ------------------------------------------------------------------------------------------- the bags
@@ -147,7 +74,7 @@ def bags_from_files(paths: list[str | os.PathLike]) -> BagTable:
     for path in map(Path, paths):
         if not path.is_file():
             raise PathmilError(f"feature file {path} does not exist")
-        attrs = read_bag_attrs(path) if path.suffix == ".h5" else {}
+        attrs = read_bag_attrs(path)
         slide_id = str(attrs.get("slide_id") or slide_id_from_path(path))
         records.append({"bag_id": slide_id, "patient_id": None, "slide_id": slide_id})
         files.append([path])
@@ -185,13 +112,8 @@ def bags_from_cohort(
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def bag_features(dataset: BagDataset, index: int) -> torch.Tensor:
-    """Bag ``index`` as training's in-memory cache holds it: float16, handed to the model as float32."""
-    return dataset.features(index).half().float()
-
-
 def score_bags(
-    loaded: LoadedModel, table: BagTable, label_columns: list[str] = (), progress: bool = False
+    loaded: TrainedRun, table: BagTable, label_columns: list[str] = (), progress: bool = False
 ) -> pd.DataFrame:
     """``slide_id`` (``;``-joined for patient bags), ``patient_id``, targets if labelled, and the task's
     prediction columns of every bag."""
@@ -200,12 +122,17 @@ def score_bags(
     dataset = BagDataset(table, memory_budget_gb=0.0)  # read each bag when it is scored
     for paths in table.files:
         for path in paths:
-            loaded.check_bag(path, dataset.dim, read_bag_attrs(path) if path.suffix == ".h5" else None)
+            check_bag(loaded, path, dataset.dim, read_bag_attrs(path))
     logits = [
-        loaded.forward(bag_features(dataset, i)).logits.float().cpu()
+        loaded.score(dataset.features(i)).logits.cpu()
         for i in tqdm(range(len(dataset)), desc=loaded.path.parent.name, unit="bag", disable=not progress)
     ]
     bags = table.bags
+    for bag_id, values in zip(bags["bag_id"], logits):
+        if not torch.isfinite(values).all():
+            raise PathmilError(
+                f"model {loaded.path} gives a non-finite score for bag {bag_id}; nothing written"
+            )
     out = pd.DataFrame({"slide_id": bags["slide_id"].to_numpy()})
     if bags["patient_id"].notna().all():
         out["patient_id"] = bags["patient_id"].to_numpy()
@@ -218,7 +145,7 @@ def score_bags(
     return out
 
 
-def check_ensemble(models: list[LoadedModel]) -> None:
+def check_ensemble(models: list[TrainedRun]) -> None:
     """Models whose scores can be averaged: one task with one setting (and one class list)."""
     first = models[0]
     for other in models[1:]:
@@ -235,7 +162,7 @@ def check_ensemble(models: list[LoadedModel]) -> None:
             )
 
 
-def ensemble_mean(tables: list[pd.DataFrame], models: list[LoadedModel]) -> pd.DataFrame:
+def ensemble_mean(tables: list[pd.DataFrame], models: list[TrainedRun]) -> pd.DataFrame:
     """The mean of the models' score columns; the predicted class follows from the mean probabilities.
 
     Survival curves (``surv_<j>``) are averaged only when every model has the same time bins; fold models
@@ -275,7 +202,7 @@ def predict(
         raise PathmilError("no model given; pass one checkpoint (best.pt) or several for an ensemble")
     if (features is None) == (cohort is None) or (cohort is not None and features_dir is None):
         raise PathmilError("give bag files (--features), or a cohort table with its features folder")
-    models = [load_model(p, expected_task, device) for p in checkpoints]
+    models = [load_run(p, device, expected_task) for p in checkpoints]
     check_ensemble(models)
     labels: list[str] = []
     if cohort is not None:

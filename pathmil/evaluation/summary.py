@@ -12,37 +12,43 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from pathmil.config import EvaluateConfig, PlotConfig
 from pathmil.errors import PathmilError
+from pathmil.evaluation.bootstrap import iqm, percentile_interval, stratified_resamples
+from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models.checkpoint import load_checkpoint
-from pathmil.tasks import Task, create_task
+from pathmil.tasks import Task
+from pathmil.training.run import load_run
 
 ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
 
 
-def load_task(run_dir: str | os.PathLike) -> tuple[Task, dict[str, Any]]:
-    """The fitted task of a run, rebuilt from its best checkpoint, and the run's config."""
-    checkpoint = load_checkpoint(Path(run_dir) / "best.pt")
-    config = checkpoint["config"]
-    task = create_task(config["task"], target=config.get("target"), **config.get("task_options", {}))
-    task.load_state_dict(checkpoint["task"])
-    return task, config
-
-
 def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A run's ``predictions.csv``; a bag without a score (NaN or empty) is refused, naming it.
+
+    Raises:
+        PathmilError: no predictions, or a missing or non-finite score.
+    """
     path = Path(run_dir) / "predictions.csv"
     if not path.is_file():
         raise PathmilError(f"run {run_dir} has no predictions.csv; is training finished?")
-    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    scores = [c for c in table.columns if c == "score" or c.startswith(("score_", "surv_"))]
+    if "score" not in scores:
+        raise PathmilError(f"{path} has no score column; train the run again")
+    values = table[scores].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise PathmilError(
+            f"{path} has no finite score for {int(bad.sum())} bag(s) (first: {table['slide_id'].iloc[bad.argmax()]}); "
+            "a diverged or damaged run: train it again"
+        )
+    return table
 
 
 def pool_test(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -85,34 +91,18 @@ def label_frame(task: Task, table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the mean of the middle 50 % (robust with few folds)."""
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    return float(stats.trim_mean(values, 0.25)) if len(values) else math.nan
-
-
 def bootstrap_ci(
     task: Task, test: pd.DataFrame, train: pd.DataFrame | None, config: EvaluateConfig
 ) -> dict[str, list[float]]:
     """Percentile confidence intervals of every metric, resampling test bags within strata."""
     strata = np.asarray(task.stratify_labels(label_frame(task, test)))
-    rng = np.random.default_rng(config.seed)
-    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
     draws: list[dict[str, float]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resamples without both classes or events yield NaN, not noise
-        for _ in range(config.n_bootstrap):
-            index = np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
+        for index in stratified_resamples(strata, config.n_bootstrap, config.seed):
             draws.append(task.metrics(test.iloc[index].reset_index(drop=True), train))
     table = pd.DataFrame(draws)
-    alpha = (1 - config.confidence) / 2
-    return {
-        m: [float(np.nanquantile(table[m], alpha)), float(np.nanquantile(table[m], 1 - alpha))]
-        if table[m].notna().any()
-        else [math.nan, math.nan]
-        for m in table.columns
-    }
+    return {m: percentile_interval(table[m].to_numpy(), config.confidence) for m in table.columns}
 
 
 def evaluate_runs(
@@ -126,16 +116,15 @@ def evaluate_runs(
     config = config or EvaluateConfig()
     if not run_dirs:
         raise PathmilError("no runs given to evaluate")
-    task, run_config = load_task(run_dirs[0])
+    first = load_run(run_dirs[0], with_model=False)
+    task, run_config = first.task, first.config
     predictions, fold_tasks = [], {}
     for run in run_dirs:
-        run_task, other_config = load_task(run)
-        if (other_config["task"], other_config.get("aggregator")) != (
-            run_config["task"],
-            run_config.get("aggregator"),
-        ):
+        loaded = load_run(run, with_model=False)
+        run_task, other_config = loaded.task, loaded.config
+        if (other_config.task, other_config.aggregator) != (run_config.task, run_config.aggregator):
             raise PathmilError(
-                f"run {run} is a {other_config['task']}/{other_config.get('aggregator')} run; "
+                f"run {run} is a {other_config.task}/{other_config.aggregator} run; "
                 f"evaluate runs of one task and aggregator together"
             )
         rows = read_run(run)
@@ -171,11 +160,11 @@ def evaluate_runs(
     summary = pd.DataFrame(summary_rows)
     result = {
         "task": task.name,
-        "aggregator": run_config.get("aggregator"),
+        "aggregator": run_config.aggregator,
         "main_metric": task.main_metric,
         "runs": [str(r) for r in run_dirs],
         "n_test_bags": len(pooled_test),
-        "evaluate": asdict(config),
+        "evaluate": config.to_dict(),
         "pooled": pooled,
         "ci": ci,
         "per_fold": per_fold.to_dict("records"),

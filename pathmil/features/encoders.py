@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from pathmil.errors import PathmilError
+from pathmil.fileio import load_tensors_safely
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -158,6 +159,20 @@ def create_encoder(
     )
 
 
+def encoder_gflops(name: str) -> float:
+    """Floating-point operations of encoding one tile, in GFLOP (a multiply-add counts two), as counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the architecture built on the meta device (no memory,
+    no weights). What the workflow's runtime model divides by a device's FLOP/s (``x-pathmil`` facts of the
+    generated schema). Raises PathmilError for an unknown name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = create_encoder(name, random_init=True, device="meta")
+    side = encoder.preprocess.input_px
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder.model(torch.empty(1, 3, side, side, device="meta"))
+    return counter.get_total_flops() / 1e9
+
+
 # ------------------------------------------------------------------------------------------ weights
 
 
@@ -220,15 +235,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, .pth, .pt or .bin; unwraps ``{"state_dict": ...}``/``{"model": ...}``."""
     path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any reader error means the file is not usable weights
-        raise PathmilError(f"weights file {path} cannot be read ({err}); download it again") from None
+        except Exception as err:  # any reader error means the file is not usable weights
+            raise PathmilError(f"weights file {path} cannot be read ({err}); download it again") from None
+    else:
+        state = load_tensors_safely(path, what="weights file")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict) and len(state) <= 3:
             state = state[key]

@@ -23,15 +23,17 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from pathmil.config import ExtractConfig
-from pathmil.errors import PathmilError, SlideError
+from pathmil.batch import run_batch
+from pathmil.device import autocast, resolve_device
+from pathmil.errors import PathmilError, SlideError, UpstreamFailure
 from pathmil.features.bagfile import read_bag_attrs, write_bag
 from pathmil.features.encoders import (
     Encoder,
@@ -42,7 +44,9 @@ from pathmil.features.encoders import (
     resolve_weights,
 )
 from pathmil.fileio import write_json
-from pathmil.slide.reader import Slide, resize, rgba_to_rgb, slide_id_from_path
+from pathmil.ids import slide_id_from_path
+from pathmil.settings import Settings
+from pathmil.slide.reader import Slide, resize, rgba_to_rgb
 from pathmil.slide.tilefile import TileSet, read_tiles
 
 log = logging.getLogger(__name__)
@@ -50,24 +54,61 @@ log = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class UpstreamFailure(PathmilError):
-    """An earlier stage failed for this slide; ``stage`` keeps its name for the failures table."""
+# -------------------------------------------------------------------------------------------- settings
 
-    def __init__(self, message: str, stage: str):
-        super().__init__(message)
-        self.stage = stage
+
+class ExtractConfig(Settings):
+    """How tiles become features: which frozen encoder, on what device, at what precision, into what file.
+
+    ``precision="auto"`` picks the fastest setting that keeps features faithful (per-tile cosine similarity
+    to fp32 of at least 0.999, benchmarks/RESULTS.md): the encoder's 16-bit autocast type (bf16; fp16 for
+    MobileNetV2) on CUDA and on CPUs with native support (AMX, AVX-512 BF16), fp32 elsewhere (16-bit types
+    are emulated there and several times slower). ``optimize="auto"`` fuses a CNN's layers for inference
+    on CPU in fp32 (TorchScript freezing; oneDNN conv + batch-norm + ReLU fusion), exact up to rounding.
+    """
+
+    section = "extract"
+    encoder: str = Field("resnet50_trunc", description="encoder: a registry name or timm:<model_name>")
+    weights: str | None = Field(None, description="weights file; none: the Hugging Face or torch hub cache")
+    random_init: bool = Field(
+        False, description="random weights, for tests and baselines (recorded in the bag)"
+    )
+    batch_size: int = Field(64, ge=1, description="tiles per forward pass")
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="tile-reading processes; none: torch's threads - 1, from 1 to 8; 0: main process",
+    )
+    prefetch: int = Field(4, ge=1, description="batches each reading process prepares ahead")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast type; auto: bf16 on CUDA and on CPUs with AMX/AVX-512 BF16, else fp32"
+    )
+    optimize: Literal["auto", "none", "jit", "compile"] = Field(
+        "auto", description="auto: fused TorchScript for CNNs in fp32 on CPU, else none"
+    )
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the features")
+    overwrite: bool = Field(
+        False, description="redo slides whose bag already matches encoder, weights and tiles"
+    )
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        try:
+            encoder_spec(name)
+        except PathmilError as err:  # names the registered encoders
+            raise ValueError(str(err)) from None
+        return name
+
+    @model_validator(mode="after")
+    def _weights_or_random(self) -> ExtractConfig:
+        if self.random_init and self.weights:
+            raise ValueError("give either weights (--weights) or random_init (--random-init), not both")
+        return self
 
 
 # ------------------------------------------------------------------------------ device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when a GPU is visible, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PathmilError("--device cuda, but no CUDA GPU is visible; use --device cpu (or auto)")
-    return torch.device(name)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -173,8 +214,7 @@ class EncoderRunner:
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Features of normalised images (on the device), in float32 on the device."""
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(self.device, AUTOCAST_DTYPES.get(self.precision)):
             return self.model(x).float()
 
     @torch.inference_mode()
@@ -220,7 +260,7 @@ class TileBatches(Dataset):
         self,
         slide_path: str | os.PathLike,
         slide_id: str,
-        slide_mpp: float | None,
+        slide_mpp: tuple[float, float] | None,
         tiles: TileSet,
         preprocess: Preprocess,
     ):
@@ -229,7 +269,7 @@ class TileBatches(Dataset):
         self.slide_mpp = slide_mpp
         self.coords = tiles.coords
         self.level = tiles.level
-        self.read_px = tiles.read_px
+        self.read_size = tiles.read_size
         self.preprocess = preprocess
         self._slide: Slide | None = None
         self._pid = -1
@@ -252,13 +292,15 @@ class TileBatches(Dataset):
         """One tile as the encoder sees it: read, resized to ``resize_px``, centre-cropped to ``input_px``.
 
         Opaque tiles (nearly all) are resized in OpenSlide's RGBA and the alpha dropped afterwards, which
-        saves a full-size copy; tiles touching transparent areas are composited on white first.
+        saves a full-size copy; tiles touching transparent areas (sparse scans, and the part of a tile
+        beyond the slide's right or bottom edge) are composited on white first, as tiling and heatmaps do.
+        A non-square read (non-square pixels) is resized to a square.
         """
         import openslide
 
         x, y = (int(v) for v in self.coords[index])
         try:
-            rgba = np.asarray(self._handle().handle.read_region((x, y), self.level, (self.read_px,) * 2))
+            rgba = np.asarray(self._handle().handle.read_region((x, y), self.level, self.read_size))
         except openslide.OpenSlideError as err:
             raise SlideError(
                 self.slide_id, f"cannot read region ({x}, {y}) at level {self.level}: {err}"
@@ -373,7 +415,6 @@ class FeatureExtractor:
     whose slides are all done already never loads it."""
 
     def __init__(self, config: ExtractConfig):
-        config.validate()
         self.config = config
         self.device = resolve_device(config.device)
         spec = encoder_spec(config.encoder)
@@ -425,6 +466,7 @@ class FeatureExtractor:
 def tiles_sha256(tiles: TileSet) -> str:
     """A fingerprint of what will be read: the coordinates and the read geometry (not the file's bytes)."""
     geometry = {k: tiles.coords_attrs.get(k) for k in ("patch_size", "patch_level", "tile_px", "target_mpp")}
+    geometry["read_size"] = list(tiles.read_size)
     digest = hashlib.sha256(np.ascontiguousarray(tiles.coords, dtype=np.int64).tobytes())
     digest.update(json.dumps(geometry, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -451,7 +493,7 @@ def bag_is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
         return False
     try:
         attrs = read_bag_attrs(out)
-    except OSError:  # unreadable: extract again
+    except PathmilError:  # empty, truncated or damaged: extract again
         return False
     return all(attrs.get(key) == value for key, value in identity.items())
 
@@ -481,9 +523,9 @@ def extract_slide(
         return _skipped_facts(out, facts_path, slide_id)
     if len(tiles.coords) == 0:
         raise SlideError(slide_id, f"tiles file {tiles_path} holds no tiles; tile the slide again")
-    with Slide(slide_path, slide_id, mpp=tiles.coords_attrs.get("slide_mpp"), mpp_source="tiles") as slide:
+    with Slide(slide_path, slide_id, mpp=tiles.slide_mpp, mpp_source="tiles") as slide:
         _check_tiles_match(slide, tiles, tiles_path)
-        dimensions, slide_mpp = slide.dimensions, slide.mpp
+        dimensions, slide_mpp, quickhash = slide.dimensions, slide.mpp_xy, slide.quickhash
     runner = extractor.runner
     dataset = TileBatches(slide_path, slide_id, slide_mpp, tiles, extractor.preprocess)
     result = encode_tiles(
@@ -495,27 +537,35 @@ def extract_slide(
             f"none of its {len(tiles.coords)} tiles could be read (first error: {result.failed[0][1]}); "
             "the file is damaged: copy or scan it again",
         )
+    _check_finite(slide_id, result.features, runner.precision, config.dtype)
     failed_coords = tiles.coords[[i for i, _ in result.failed]].reshape(-1, 2).astype(np.int64)
     warnings_list = _failure_warnings(slide_id, len(tiles.coords), failed_coords, result.failed)
-    attrs = {
+    # what is known about this bag, written once: the HDF5 attributes and the facts JSON come from it
+    record = {
         **identity,
         "slide_id": slide_id,
         "slide_path": str(slide_path),
-        "tiles_path": str(tiles_path),
         "encoder_dim": runner.encoder.dim,
+        "device": str(runner.device),
+        "precision": runner.precision,
+        "optimize": runner.optimize,
+        "n_tiles": len(result.kept),
+        "n_failed_tiles": len(failed_coords),
+    }
+    attrs = {
+        **record,
+        "tiles_path": str(tiles_path),
         "encoder_weights": str(extractor.weights_path or ""),
         "input_px": extractor.preprocess.input_px,
         "resize_px": extractor.preprocess.resize_px,
         "tile_px": tiles.tile_px,
         "target_mpp": tiles.coords_attrs.get("target_mpp"),
-        "slide_mpp": slide_mpp,
+        "slide_mpp": sum(slide_mpp) / 2,
+        "slide_mpp_x": slide_mpp[0],
+        "slide_mpp_y": slide_mpp[1],
+        "slide_quickhash": quickhash,
         "level0_size": np.asarray(dimensions, np.int64),
-        "device": str(runner.device),
-        "precision": runner.precision,
-        "optimize": runner.optimize,
         "dtype": config.dtype,
-        "n_tiles": len(result.kept),
-        "n_failed_tiles": len(failed_coords),
         "failed_tile_coords": failed_coords,
     }
     extra = {}
@@ -526,28 +576,39 @@ def extract_slide(
     seconds = {**result.seconds, "write": round(time.perf_counter() - write_start, 4)}
     seconds["all"] = round(time.perf_counter() - start, 4)
     facts_data = {
-        "slide_id": slide_id,
-        "path": str(slide_path),
+        **record,
+        "path": record["slide_path"],
         "status": "ok",
         "skipped": False,
         "out": str(out),
-        "encoder": config.encoder,
-        "dim": runner.encoder.dim,
-        "random_init": config.random_init,
-        "n_tiles": len(result.kept),
-        "n_failed": len(failed_coords),
+        "dim": record["encoder_dim"],
+        "n_failed": record["n_failed_tiles"],
         "failed_tile_coords": failed_coords.tolist(),
         "seconds": seconds,
         "tiles_per_second": round(len(tiles.coords) / max(result.seconds["total"], 1e-9), 2),
-        "device": str(runner.device),
-        "precision": runner.precision,
-        "optimize": runner.optimize,
         "workers": extractor.workers,
         "batch_size": config.batch_size,
         "warnings": warnings_list,
     }
     write_json(facts_path, facts_data)
     return facts_data
+
+
+def _check_finite(slide_id: str, features: np.ndarray, precision: str, dtype: str) -> None:
+    """Refuse features with NaN or inf (an encoder that overflows in half precision, or float16 storage of
+    values beyond its range): readers refuse such bags, so none is written.
+
+    Raises:
+        SlideError: naming how many tiles and what to change.
+    """
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise SlideError(
+            slide_id,
+            f"the encoder gave NaN or inf features for {int(bad.sum())} of {len(features)} tiles (precision "
+            f"{precision}, stored as {dtype}); extract it with --precision fp32 (pathmil holds features as "
+            "float16: values beyond 65504 cannot be used)",
+        )
 
 
 def _failure_warnings(
@@ -567,13 +628,21 @@ def _failure_warnings(
 
 
 def _check_tiles_match(slide: Slide, tiles: TileSet, tiles_path: str | os.PathLike) -> None:
-    """A tiles file made for another slide would read the wrong pixels: refuse it."""
+    """A tiles file made for another slide would read the wrong pixels: refuse it (its level-0 size or
+    OpenSlide's fingerprint of the slide differ)."""
     width, height = tiles.coords_attrs.get("level0_width"), tiles.coords_attrs.get("level0_height")
     if width is not None and height is not None and (int(width), int(height)) != tuple(slide.dimensions):
         raise SlideError(
             slide.slide_id,
             f"tiles file {tiles_path} was made for a {width}x{height} slide, but {slide.path.name} is "
             f"{slide.dimensions[0]}x{slide.dimensions[1]}; tile this slide again",
+        )
+    recorded = tiles.attrs.get("slide_quickhash")
+    if recorded and slide.quickhash and recorded != slide.quickhash:
+        raise SlideError(
+            slide.slide_id,
+            f"tiles file {tiles_path} was made from another file than {slide.path.name} (its slide "
+            "fingerprint, openslide.quickhash-1, differs); tile this slide again",
         )
     if tiles.level >= len(slide.level_dimensions):
         raise SlideError(slide.slide_id, f"tiles file {tiles_path} reads level {tiles.level}, which it lacks")
@@ -618,30 +687,15 @@ def extract_cohort(
     With ``skip_errors`` a failing slide is recorded (slide, path, stage, error) in the failures table
     (default ``out_dir/failures.csv``, always written) and the rest go on. Returns the facts of each slide.
     """
-    from tqdm import tqdm
-
-    from pathmil.slide.tile import write_failures
-
     out_dir = Path(out_dir)
-    failures_path = Path(failures) if failures else out_dir / "failures.csv"
     extractor = FeatureExtractor(config)
-    records, failed = [], []
-    rows = list(slides.itertuples(index=False))
-    for row in tqdm(rows, desc="extract", unit="slide", disable=not progress):
-        try:
-            records.append(
-                extract_slide(
-                    row.path,
-                    Path(tiles_dir) / f"{row.slide_id}.h5",
-                    out_dir / f"{row.slide_id}.h5",
-                    extractor,
-                    slide_id=row.slide_id,
-                )
-            )
-        except PathmilError as err:
-            if not skip_errors:
-                raise
-            stage = getattr(err, "stage", "extract")
-            failed.append({"slide_id": row.slide_id, "path": row.path, "stage": stage, "error": str(err)})
-    write_failures(failures_path, failed)
+
+    def work(row: Any) -> dict[str, Any]:
+        tiles = Path(tiles_dir) / f"{row.slide_id}.h5"
+        return extract_slide(
+            row.path, tiles, out_dir / f"{row.slide_id}.h5", extractor, slide_id=row.slide_id
+        )
+
+    failures_path = Path(failures) if failures else out_dir / "failures.csv"
+    records = run_batch(slides.itertuples(index=False), work, "extract", failures_path, skip_errors, progress)
     return pd.DataFrame(records)

@@ -10,10 +10,28 @@ painted in heatmaps, and MHIM-MIL's teacher ranks instances by them.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pathmil.models.base import MILModel, MILOutput, masked_softmax
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class ABMILConfig(Settings):
+    """ABMIL's settings (the ``model`` section of ``--aggregator abmil``)."""
+
+    section = "model"
+    hidden: int = Field(512, ge=1, description="width of the instance embedding h_k = ReLU(W x_k)")
+    attention_hidden: int = Field(128, ge=1, description="hidden size of the attention network")
+    gated: bool = Field(False, description="gated attention: tanh(V h) * sigmoid(U h)")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding and in the attention")
+
+
+class GatedABMILConfig(ABMILConfig):
+    """Gated ABMIL's settings (``--aggregator abmil_gated``): ABMIL's with gated attention on."""
+
+    gated: bool = Field(True, description="gated attention: tanh(V h) * sigmoid(U h)")
 
 
 class AttentionPool(nn.Module):
@@ -37,19 +55,12 @@ class AttentionPool(nn.Module):
 class ABMIL(MILModel):
     """Attention MIL: instance MLP, (gated) attention pooling, linear head."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_outputs: int,
-        hidden: int = 512,
-        attention_hidden: int = 128,
-        gated: bool = False,
-        dropout: float = 0.25,
-    ):
+    def __init__(self, in_dim: int, n_outputs: int, config: ABMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.attention = AttentionPool(hidden, attention_hidden, gated=gated, dropout=dropout)
-        self.classifier = nn.Linear(hidden, n_outputs)
+        c = config or ABMILConfig()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
+        self.attention = AttentionPool(c.hidden, c.attention_hidden, gated=c.gated, dropout=c.dropout)
+        self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Instance embeddings h_k = ReLU(W x_k) (B, N, hidden)."""
@@ -67,11 +78,11 @@ class ABMIL(MILModel):
         return self.aggregate(self.embed(x), mask)
 
 
-@register_model("abmil")
-def abmil(in_dim: int, n_outputs: int, **settings) -> ABMIL:
-    return ABMIL(in_dim, n_outputs, **settings)
+@register_model("abmil", settings=ABMILConfig)
+def abmil(in_dim: int, n_outputs: int, settings: ABMILConfig) -> ABMIL:
+    return ABMIL(in_dim, n_outputs, settings)
 
 
-@register_model("abmil_gated")
-def abmil_gated(in_dim: int, n_outputs: int, **settings) -> ABMIL:
-    return ABMIL(in_dim, n_outputs, **{"gated": True, **settings})
+@register_model("abmil_gated", settings=GatedABMILConfig)
+def abmil_gated(in_dim: int, n_outputs: int, settings: GatedABMILConfig) -> ABMIL:
+    return ABMIL(in_dim, n_outputs, settings)

@@ -7,8 +7,8 @@ heatmaps paint and what MHIM-MIL's teacher ranks). ``mask`` is True on real inst
 get no weight and never change the output.
 
 Training-time behaviour beyond a plain forward (MHIM-MIL's teacher, masking and consistency loss) goes
-through :meth:`MILModel.training_forward`, which may add an auxiliary loss, and :meth:`MILModel.after_step`,
-called after each optimiser step (for EMA updates). Inference always uses :meth:`forward`.
+through :meth:`MILModel.training_forward`, which may add an auxiliary loss, :meth:`MILModel.prepare_training`,
+called when a new run starts, and :meth:`MILModel.after_step`, called after each optimiser step (EMA). Inference always uses :meth:`forward`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class MILModel(nn.Module):
     def training_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """The forward pass used for training steps; the default is the plain forward."""
         return self(x, mask)
+
+    def prepare_training(self) -> None:
+        """Called once when a new training run starts (not on resume); e.g. MHIM-MIL loads its teacher.
+        The default does nothing."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step (``step`` counts from 1); the default does nothing."""

@@ -10,31 +10,42 @@ mean-of-instance-logits MIL; the instance score is then the mean over outputs.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pathmil.models.base import MILModel, MILOutput
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class InstanceRegressorConfig(Settings):
+    """The instance regressor's settings (the ``model`` section)."""
+
+    section = "model"
+    hidden: int = Field(256, ge=1, description="width of the per-tile MLP")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding")
 
 
 class InstanceRegressor(MILModel):
     """Per-tile MLP head, averaged over the real instances of the bag."""
 
-    def __init__(self, in_dim: int, n_outputs: int, hidden: int = 256, dropout: float = 0.25):
+    def __init__(self, in_dim: int, n_outputs: int, config: InstanceRegressorConfig | None = None):
         super().__init__(in_dim, n_outputs)
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.classifier = nn.Linear(hidden, n_outputs)
+        c = config or InstanceRegressorConfig()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
+        self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         h = self.encoder(x)
         per_instance = self.classifier(h)  # B x N x C
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
-        weights = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        weights = valid.to(h.dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1)
         logits = torch.einsum("bn,bnc->bc", weights, per_instance)
         z = torch.einsum("bn,bnh->bh", weights, h)
         scores = per_instance.mean(dim=-1).masked_fill(~valid, 0.0)
         return MILOutput(logits=logits, embedding=z, instance_scores=scores, instance_embeddings=h)
 
 
-@register_model("instance_regressor")
-def instance_regressor(in_dim: int, n_outputs: int, **settings) -> InstanceRegressor:
-    return InstanceRegressor(in_dim, n_outputs, **settings)
+@register_model("instance_regressor", settings=InstanceRegressorConfig)
+def instance_regressor(in_dim: int, n_outputs: int, settings: InstanceRegressorConfig) -> InstanceRegressor:
+    return InstanceRegressor(in_dim, n_outputs, settings)

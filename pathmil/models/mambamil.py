@@ -27,17 +27,54 @@ the residual stream and the heatmaps keep the slide's positions.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from pathmil.config import MambaMILConfig, from_dict
 from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel, MILOutput, masked_softmax
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba
 from pathmil.models.registry import register_model
 from pathmil.models.softsort import SoftPermutation
+from pathmil.settings import Settings
+
+
+class MambaMILConfig(Settings):
+    """MambaMIL's settings (Yang et al., MICCAI 2024): the ``model`` section for ``--aggregator mambamil``.
+
+    The defaults are the paper's; the authors' scripts use ``sr_rate: 5``.
+    """
+
+    section = "model"
+    d_model: int = Field(512, ge=1, description="width after the input projection")
+    n_layers: int = Field(2, ge=1, description="Mamba layers, each h <- h + block(LayerNorm(h))")
+    d_state: int = Field(16, ge=1, description="state size per channel of the selective scan")
+    d_conv: int = Field(4, ge=1, description="width of the causal depthwise convolution")
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the input projection")
+    variant: Literal["sr", "plain", "bi"] = Field(
+        "sr", description="sr (SR-Mamba), plain (Mamba) or bi (bidirectional Mamba)"
+    )
+    sr_rate: int = Field(10, ge=1, description="SR-Mamba's reordering stride R")
+    token_reorder: bool = Field(
+        False,
+        description="each layer scans its tokens softly sorted by learned importance (Vo et al., ICLR 2025)",
+    )
+    reorder_tau: float = Field(
+        1.0, gt=0, description="SoftSort temperature of token_reorder (-> 0: a hard sort)"
+    )
+    reorder_window: int = Field(
+        64, ge=1, description="SoftSort mixes tokens within this many ranks (exact for bags up to window + 1)"
+    )
+    positive_definite: bool = Field(
+        False, description="S_B = diag(softplus(s)) S_C, so S_C^T S_B >= 0 (Vo et al., ICLR 2025)"
+    )
+    attn_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
+    backend: Literal["auto", "torch", "cuda"] = Field(
+        "auto", description="selective scan: auto (mamba-ssm kernels on a GPU if installed), torch or cuda"
+    )
 
 
 class MambaMIL(MILModel):
@@ -46,7 +83,6 @@ class MambaMIL(MILModel):
     def __init__(self, in_dim: int, n_outputs: int, config: MambaMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
         config = config or MambaMILConfig()
-        config.validate()
         self.config = config
         width = config.d_model
         self._fc1 = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Dropout(config.dropout))
@@ -119,7 +155,7 @@ def _make_block(config: MambaMILConfig) -> Mamba:
     return Mamba(config.d_model, **kwargs)
 
 
-@register_model("mambamil")
-def mambamil(in_dim: int, n_outputs: int, **settings: Any) -> MambaMIL:
-    """MambaMIL with the settings of the ``model`` config section (:class:`~pathmil.config.MambaMILConfig`)."""
-    return MambaMIL(in_dim, n_outputs, from_dict(MambaMILConfig, settings, where="model"))
+@register_model("mambamil", settings=MambaMILConfig)
+def mambamil(in_dim: int, n_outputs: int, settings: MambaMILConfig) -> MambaMIL:
+    """MambaMIL with the settings of the ``model`` config section (:class:`MambaMILConfig`)."""
+    return MambaMIL(in_dim, n_outputs, settings)

@@ -49,23 +49,90 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
-from pathmil.config import MHIMConfig, from_dict
 from pathmil.errors import PathmilError
-from pathmil.models.abmil import ABMIL
+from pathmil.models.abmil import ABMIL, ABMILConfig, GatedABMILConfig
 from pathmil.models.base import MILModel, MILOutput
-from pathmil.models.checkpoint import load_checkpoint
-from pathmil.models.registry import create_model, register_model
-from pathmil.models.transmil import TransMIL
+from pathmil.models.registry import model_entry, register_model
+from pathmil.models.transmil import TransMIL, TransMILConfig
+from pathmil.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# the registered MHIM aggregators and the plain student each one wraps
-STUDENTS = {"mhim_abmil": "abmil", "mhim_abmil_gated": "abmil_gated", "mhim_transmil": "transmil"}
+
+class MHIMConfig(Settings):
+    """MHIM-MIL settings, the ``mhim`` section of a training run with an ``mhim_*`` aggregator.
+
+    Masked hard instance mining (Tang et al., ICCV 2023 = version 1; the 2025 extension = version 2): a
+    momentum teacher ranks the instances of a bag and masks the most salient ones, so the student learns
+    from the hard rest. ``random_ratio`` and ``low_ratio`` left at None take their version's default.
+    """
+
+    section = "mhim"
+    version: Literal[1, 2] = Field(
+        2, description="1: teacher attention, random + low + high masks; 2: class-aware score, recycling"
+    )
+    teacher_init: str | None = Field(
+        None, description="best.pt of the plain student trained on the same fold and features"
+    )
+    student_init: Literal["none", "embed", "all"] = Field(
+        "none",
+        description="copy from teacher_init into the student: none, embed (the instance embedding), all",
+    )
+    momentum: float = Field(
+        0.9999, ge=0, le=1, description="teacher EMA after every step: theta_t <- m theta_t + (1 - m) theta_s"
+    )
+    momentum_cosine: bool = Field(False, description="raise the momentum to 1 along a cosine over the run")
+    high_ratio: float = Field(
+        0.01, ge=0, lt=1, description="h: share of the bag masked from the top of the ranking"
+    )
+    high_random: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="hr: the N h masked are drawn from the top ceil(N h / hr); 1 masks the top N h",
+    )
+    high_decay: bool = Field(True, description="cosine decay of h from high_ratio to 0 over the run")
+    high_rounding: Literal["stochastic", "ceil"] = Field(
+        "stochastic",
+        description="N h masked: stochastic (expected share h) or ceil (the authors': at least 1 always)",
+    )
+    low_ratio: float | None = Field(
+        None, ge=0, lt=1, description="share masked from the bottom of the ranking (none: v1 0.2, v2 0)"
+    )
+    random_ratio: float | None = Field(
+        None, ge=0, lt=1, description="share of the rest masked at random (none: v1 0.5, v2 0)"
+    )
+    merge_ratio: float = Field(
+        0.8, gt=0, le=1, description="v2: share of the unmasked instances the student sees as they are"
+    )
+    n_recycle_tokens: int = Field(
+        1, ge=1, description="v2: k global queries recycling the other 1 - merge_ratio (paper: 1, 5, 10)"
+    )
+    recycle_heads: int = Field(8, ge=1, description="v2: heads of the recycling cross-attention")
+    recycle_momentum: float = Field(
+        0.9998, ge=0, le=1, description="v2: EMA momentum of the global queries towards their outputs"
+    )
+    consistency_weight: float = Field(0.1, ge=0, description="lambda of the teacher-student consistency loss")
+    teacher_temperature: float = Field(0.1, gt=0, description="sharpening of the teacher's bag embedding")
+    student_temperature: float = Field(1.0, gt=0, description="temperature of the student's bag embedding")
+
+    @model_validator(mode="after")
+    def _student_init_needs_teacher(self) -> MHIMConfig:
+        if self.student_init != "none" and not self.teacher_init:
+            raise ValueError("mhim.student_init needs mhim.teacher_init (the baseline checkpoint to copy)")
+        return self
+
+    def resolved_ratios(self) -> tuple[float, float]:
+        """(low_ratio, random_ratio) with the version's defaults filled in."""
+        low = self.low_ratio if self.low_ratio is not None else (0.2 if self.version == 1 else 0.0)
+        rand = self.random_ratio if self.random_ratio is not None else (0.5 if self.version == 1 else 0.0)
+        return low, rand
 
 
 # ------------------------------------------------------------------------------------------ students
@@ -221,12 +288,13 @@ class MHIM(MILModel):
         student_name: str,
         settings: MHIMConfig,
         saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        load_baseline: Callable[[str], Any] | None = None,
     ):
         super().__init__(student.in_dim, student.n_outputs)
-        settings.validate()
         check_student(student)
         self.student_name, self.settings = student_name, settings
         self.saliency = saliency or max_class_probability
+        self._load_baseline = load_baseline
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         width = student.classifier.in_features
@@ -245,6 +313,10 @@ class MHIM(MILModel):
         self.teacher.eval()  # the teacher scores without dropout, always
         return self
 
+    def prepare_training(self) -> None:
+        """A new run: start the teacher (and per ``student_init`` the student) from the baseline."""
+        self.load_baseline()
+
     def load_baseline(self) -> None:
         """Initialise the teacher (and per ``student_init`` the student) from ``settings.teacher_init``."""
         path = self.settings.teacher_init
@@ -255,8 +327,10 @@ class MHIM(MILModel):
                 self.student_name,
             )
             return
-        checkpoint = load_checkpoint(path)
-        found = (checkpoint.get("aggregator"), checkpoint.get("in_dim"), checkpoint.get("n_outputs"))
+        if self._load_baseline is None:
+            raise RuntimeError("MHIM-MIL needs load_baseline (pathmil.training.run.build_model passes it)")
+        baseline = self._load_baseline(path)  # as predict and heatmaps load a run: one loader, same checks
+        found = (baseline.aggregator, baseline.in_dim, baseline.task.n_outputs)
         wanted = (self.student_name, self.in_dim, self.n_outputs)
         if found != wanted:
             raise PathmilError(
@@ -265,12 +339,12 @@ class MHIM(MILModel):
                 f"features and {wanted[2]} outputs; train that baseline on the same features and task first"
             )
         try:
-            self.teacher.load_state_dict(checkpoint["model"])
+            self.teacher.load_state_dict(baseline.model.state_dict())
         except RuntimeError as err:
             detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise PathmilError(
                 f"mhim.teacher_init {path}: its {found[0]} architecture differs from the student's "
-                f"({detail}); use the baseline's model settings {checkpoint['config'].get('model', {})}"
+                f"({detail}); use the baseline's model settings {baseline.config.model}"
             ) from None
         if self.settings.student_init != "none":
             state = self.teacher.state_dict()
@@ -373,30 +447,39 @@ def build_mhim(
     name: str,
     in_dim: int,
     n_outputs: int,
+    settings: Settings,
     mhim: dict[str, Any] | MHIMConfig | None = None,
     saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    load_baseline: bool = False,
-    **student_settings: Any,
+    load_baseline: Callable[[str], Any] | None = None,
 ) -> MHIM:
-    """MHIM-MIL around the student of ``name``; ``load_baseline`` (a new training run) loads teacher_init."""
-    settings = mhim if isinstance(mhim, MHIMConfig) else from_dict(MHIMConfig, mhim, where="mhim")
-    student = create_model(STUDENTS[name], in_dim=in_dim, n_outputs=n_outputs, **student_settings)
-    model = MHIM(student, STUDENTS[name], settings, saliency)
-    if load_baseline:
-        model.load_baseline()
-    return model
+    """MHIM-MIL ``name`` around its student built with ``settings`` (the ``model`` section); ``mhim`` holds
+    the masking settings, ``saliency`` the task's instance score (version 2) and ``load_baseline`` the
+    loader of the baseline run (``pathmil.training.run.load_run``)."""
+    mhim_settings = mhim if isinstance(mhim, MHIMConfig) else MHIMConfig.build(mhim)
+    student_name = model_entry(name).wraps
+    student = model_entry(student_name).build(in_dim, n_outputs, settings)
+    return MHIM(student, student_name, mhim_settings, saliency, load_baseline)
 
 
-@register_model("mhim_abmil")
-def mhim_abmil(in_dim: int, n_outputs: int, **settings) -> MHIM:
-    return build_mhim("mhim_abmil", in_dim, n_outputs, **settings)
+@register_model(
+    "mhim_abmil", settings=ABMILConfig, wraps="abmil", inputs=("mhim", "saliency", "load_baseline")
+)
+def mhim_abmil(in_dim: int, n_outputs: int, settings: ABMILConfig, **inputs: Any) -> MHIM:
+    return build_mhim("mhim_abmil", in_dim, n_outputs, settings, **inputs)
 
 
-@register_model("mhim_abmil_gated")
-def mhim_abmil_gated(in_dim: int, n_outputs: int, **settings) -> MHIM:
-    return build_mhim("mhim_abmil_gated", in_dim, n_outputs, **settings)
+@register_model(
+    "mhim_abmil_gated",
+    settings=GatedABMILConfig,
+    wraps="abmil_gated",
+    inputs=("mhim", "saliency", "load_baseline"),
+)
+def mhim_abmil_gated(in_dim: int, n_outputs: int, settings: GatedABMILConfig, **inputs: Any) -> MHIM:
+    return build_mhim("mhim_abmil_gated", in_dim, n_outputs, settings, **inputs)
 
 
-@register_model("mhim_transmil")
-def mhim_transmil(in_dim: int, n_outputs: int, **settings) -> MHIM:
-    return build_mhim("mhim_transmil", in_dim, n_outputs, **settings)
+@register_model(
+    "mhim_transmil", settings=TransMILConfig, wraps="transmil", inputs=("mhim", "saliency", "load_baseline")
+)
+def mhim_transmil(in_dim: int, n_outputs: int, settings: TransMILConfig, **inputs: Any) -> MHIM:
+    return build_mhim("mhim_transmil", in_dim, n_outputs, settings, **inputs)

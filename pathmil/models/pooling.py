@@ -8,28 +8,39 @@ an instance wins the maximum over embedding dimensions.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pathmil.models.base import MILModel, MILOutput
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class PoolingConfig(Settings):
+    """Mean and max pooling's settings (the ``model`` section)."""
+
+    section = "model"
+    hidden: int = Field(512, ge=1, description="width of the instance embedding")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding")
 
 
 class PoolingMIL(MILModel):
     """Instance MLP, then mean or max over the bag, then a linear head."""
 
-    def __init__(self, in_dim: int, n_outputs: int, pool: str, hidden: int = 512, dropout: float = 0.25):
+    def __init__(self, in_dim: int, n_outputs: int, pool: str, config: PoolingConfig | None = None):
         super().__init__(in_dim, n_outputs)
         if pool not in ("mean", "max"):
             raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+        c = config or PoolingConfig()
         self.pool = pool
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.classifier = nn.Linear(hidden, n_outputs)
+        self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
+        self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         h = self.encoder(x)  # B x N x H
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
         if self.pool == "mean":
-            weights = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+            weights = valid.to(h.dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1)
             z = torch.einsum("bn,bnh->bh", weights, h)
             scores = weights
         else:
@@ -44,11 +55,11 @@ class PoolingMIL(MILModel):
         )
 
 
-@register_model("mean_pool")
-def mean_pool(in_dim: int, n_outputs: int, **settings) -> PoolingMIL:
-    return PoolingMIL(in_dim, n_outputs, pool="mean", **settings)
+@register_model("mean_pool", settings=PoolingConfig)
+def mean_pool(in_dim: int, n_outputs: int, settings: PoolingConfig) -> PoolingMIL:
+    return PoolingMIL(in_dim, n_outputs, "mean", settings)
 
 
-@register_model("max_pool")
-def max_pool(in_dim: int, n_outputs: int, **settings) -> PoolingMIL:
-    return PoolingMIL(in_dim, n_outputs, pool="max", **settings)
+@register_model("max_pool", settings=PoolingConfig)
+def max_pool(in_dim: int, n_outputs: int, settings: PoolingConfig) -> PoolingMIL:
+    return PoolingMIL(in_dim, n_outputs, "max", settings)

@@ -28,10 +28,23 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pathmil.models.base import MILModel, MILOutput
 from pathmil.models.registry import register_model
+from pathmil.settings import Settings
+
+
+class TransMILConfig(Settings):
+    """TransMIL's settings (the ``model`` section of ``--aggregator transmil``; Shao et al., NeurIPS 2021)."""
+
+    section = "model"
+    hidden: int = Field(512, ge=1, description="token width after the input projection")
+    heads: int = Field(8, ge=1, description="attention heads of each TransLayer")
+    landmarks: int = Field(256, ge=1, description="Nystrom landmarks of each TransLayer")
+    pinv_iterations: int = Field(6, ge=1, description="iterations of the Moore-Penrose pseudo-inverse")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the attention output")
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -85,9 +98,10 @@ class NystromAttention(nn.Module):
         """``x`` (B, n, dim) -> (output (B, n, dim), first token's attention (B, heads, n))."""
         b, n, dim = x.shape
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # softmaxes and the pseudo-inverse iteration need float32 under mixed precision
+        # softmaxes and the pseudo-inverse iteration need float32 (or float64) under mixed precision
+        wide = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v = q.float() * (dim // self.heads) ** -0.5, k.float(), v.float()
+            q, k, v = q.to(wide) * (dim // self.heads) ** -0.5, k.to(wide), v.to(wide)
             if n <= self.landmarks:
                 attention = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
                 out, first = attention @ v, attention[..., 0, :]
@@ -141,24 +155,16 @@ class TransMIL(MILModel):
     teacher keeps and aggregates them with recycled tokens appended.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        n_outputs: int,
-        hidden: int = 512,
-        heads: int = 8,
-        landmarks: int = 256,
-        pinv_iterations: int = 6,
-        dropout: float = 0.1,
-    ):
+    def __init__(self, in_dim: int, n_outputs: int, config: TransMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
-        self.encoder = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
-        self.cls_token = nn.Parameter(torch.randn(1, 1, hidden))
-        self.layer1 = TransLayer(hidden, heads, landmarks, pinv_iterations, dropout)
-        self.ppeg = PPEG(hidden)
-        self.layer2 = TransLayer(hidden, heads, landmarks, pinv_iterations, dropout)
-        self.norm = nn.LayerNorm(hidden)
-        self.classifier = nn.Linear(hidden, n_outputs)
+        c = config or TransMILConfig()
+        self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, c.hidden))
+        self.layer1 = TransLayer(c.hidden, c.heads, c.landmarks, c.pinv_iterations, c.dropout)
+        self.ppeg = PPEG(c.hidden)
+        self.layer2 = TransLayer(c.hidden, c.heads, c.landmarks, c.pinv_iterations, c.dropout)
+        self.norm = nn.LayerNorm(c.hidden)
+        self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Instance embeddings (B, N, hidden)."""
@@ -204,6 +210,6 @@ class TransMIL(MILModel):
         )
 
 
-@register_model("transmil")
-def transmil(in_dim: int, n_outputs: int, **settings) -> TransMIL:
-    return TransMIL(in_dim, n_outputs, **settings)
+@register_model("transmil", settings=TransMILConfig)
+def transmil(in_dim: int, n_outputs: int, settings: TransMILConfig) -> TransMIL:
+    return TransMIL(in_dim, n_outputs, settings)

@@ -23,17 +23,23 @@ import pandas as pd
 import torch
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
 
 
 class Task(abc.ABC):
-    """Base class of the three tasks: label-column naming, label checks and the checkpoint state."""
+    """Base class of the three tasks: label-column naming, label checks and the checkpoint state.
+
+    A task's settings (``task_options`` in configs) are declared once, in its ``Options`` class.
+    """
 
     name: ClassVar[str]  # "classification" | "survival" | "regression"
     main_metric: ClassVar[str]  # higher is better; early stopping and model selection use it
     default_columns: ClassVar[tuple[str, ...]]  # the demo cohort's label columns
+    Options: ClassVar[type[Settings]]  # the task's settings
 
-    def __init__(self, target: str | list[str] | None = None):
+    def __init__(self, target: str | list[str] | None = None, **options: Any):
         self.label_columns: list[str] = self._columns(target)
+        self.options = self.Options.build(options, "task_options")
         self.fitted = False
 
     # ------------------------------------------------------------------------------- to implement
@@ -43,9 +49,9 @@ class Task(abc.ABC):
     def n_outputs(self) -> int:
         """Numbers the model outputs per bag (valid after :meth:`fit`)."""
 
-    @abc.abstractmethod
     def settings(self) -> dict[str, Any]:
-        """The constructor's keyword arguments (without ``target``), as plain data."""
+        """The task's options (the constructor's keyword arguments without ``target``), as plain data."""
+        return self.options.to_dict()
 
     @abc.abstractmethod
     def fit(self, labels: pd.DataFrame) -> None:
@@ -70,6 +76,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def metrics(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> dict[str, float]:
         """Metrics over a predictions table (rows = bags, the columns of predict and target_columns)."""
+
+    def main_score(self, test: pd.DataFrame) -> float:
+        """The main metric of a predictions table, equal to ``metrics(test)[main_metric]``. Bootstrap
+        comparisons call it thousands of times, so a task whose other metrics are slow computes it alone."""
+        return self.metrics(test)[self.main_metric]
 
     @abc.abstractmethod
     def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:

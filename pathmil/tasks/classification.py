@@ -8,17 +8,20 @@ class of that list and, in a binary problem, the positive class is the second on
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat
 from sklearn.utils.class_weight import compute_class_weight
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
 from pathmil.tasks.base import Task, bag_ids, full_precision
-from pathmil.tasks.metrics import classification_metrics
+from pathmil.tasks.metrics import classification_metrics, multiclass_auc
 
 
 def class_key(value: Any) -> int | float | str:
@@ -56,15 +59,17 @@ class ClassificationTask(Task):
     main_metric = "auc"
     default_columns = ("label",)
 
-    def __init__(self, target: str | list[str] | None = None, class_weights: str | list[float] | None = None):
-        super().__init__(target)
-        if isinstance(class_weights, str) and class_weights != "balanced":
-            raise PathmilError(
-                f"task.class_weights must be null, 'balanced' or a list, got '{class_weights}'"
-            )
-        if isinstance(class_weights, list | tuple) and not all(float(w) > 0 for w in class_weights):
-            raise PathmilError(f"task.class_weights must all be positive, got {list(class_weights)}")
-        self.class_weights = list(class_weights) if isinstance(class_weights, list | tuple) else class_weights
+    class Options(Settings):
+        """Options of the classification task."""
+
+        section = "task_options"
+        class_weights: Literal["balanced"] | list[PositiveFloat] | None = Field(
+            None, description="none (plain cross-entropy), balanced, or one positive weight per class"
+        )
+
+    def __init__(self, target: str | list[str] | None = None, **options: Any):
+        super().__init__(target, **options)
+        self.class_weights = self.options.class_weights
         self.classes: list[int | float | str] = []
         self.weights: list[float] | None = None
 
@@ -76,9 +81,6 @@ class ClassificationTask(Task):
     def n_outputs(self) -> int:
         self._require_fitted()
         return len(self.classes)
-
-    def settings(self) -> dict[str, Any]:
-        return {"class_weights": self.class_weights}
 
     # ------------------------------------------------------------------------------------- labels
 
@@ -186,6 +188,14 @@ class ClassificationTask(Task):
         self._require_fitted()
         y = [self.classes[i] for i in self._indices(test, column="target")]
         return classification_metrics(y, self.probabilities(test), self.classes)
+
+    def main_score(self, test: pd.DataFrame) -> float:
+        """The AUC alone (binary, or macro one-vs-rest), as :meth:`metrics` computes it."""
+        self._require_fitted()
+        proba = self.probabilities(test)
+        if len(test) == 0 or not np.isfinite(proba).all():
+            return math.nan
+        return multiclass_auc(self._indices(test, column="target"), proba)
 
     def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
         """The class (as an integer code) of every bag."""

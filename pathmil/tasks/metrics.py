@@ -47,12 +47,41 @@ def class_indices(y_true: Sequence[Any], classes: Sequence[Any]) -> np.ndarray:
         raise ValueError(f"label {err.args[0]!r} is not one of the classes {list(classes)}") from None
 
 
-def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
+CALIBRATION_BINNING = ("uniform", "quantile")
+
+
+def calibration_bins(p: np.ndarray, n_bins: int, strategy: str = "uniform") -> np.ndarray:
+    """The bin (0 .. n_bins - 1) of each probability in ``p``.
+
+    "uniform": ``n_bins`` equal-width bins (lo, hi] of [0, 1], the first closed at 0 (Guo et al. 2017).
+    "quantile": adaptive, equal-mass bins (Nixon et al., "Measuring calibration in deep learning", CVPR
+    Workshops 2019): the probabilities sorted (stably) and cut into ``n_bins`` runs of equal size (sizes
+    differ by at most one), so tied probabilities may fall into neighbouring bins. Fewer probabilities
+    than bins give one bin each. A ``strategy`` outside :data:`CALIBRATION_BINNING` is a ``ValueError``.
+    """
+    p = np.asarray(p, dtype=float)
+    if strategy == "uniform":
+        inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+        return np.searchsorted(inner_edges, p, side="left")  # bin b holds (edge_b, edge_b+1]
+    if strategy == "quantile":
+        bins = np.empty(len(p), dtype=np.int64)
+        for b, members in enumerate(
+            np.array_split(np.argsort(p, kind="stable"), min(n_bins, max(len(p), 1)))
+        ):
+            bins[members] = b
+        return bins
+    raise ValueError(f"calibration binning must be one of {CALIBRATION_BINNING}, got {strategy!r}")
+
+
+def expected_calibration_error(
+    y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15, strategy: str = "uniform"
+) -> float:
     """Expected calibration error of the top-class confidence (Guo et al., ICML 2017).
 
     ``y_true`` holds class indices, ``proba`` is (n, C) (or (n,), the positive-class probability of a
-    binary problem). Confidences fall in ``n_bins`` equal-width bins (lo, hi]; the ECE is the mean over
-    bins of |accuracy - mean confidence| weighted by the fraction of samples in the bin.
+    binary problem). Confidences fall in ``n_bins`` bins (:func:`calibration_bins`: equal-width by
+    default, or adaptive equal-mass with ``strategy="quantile"``); the ECE is the mean over bins of
+    |accuracy - mean confidence| weighted by the fraction of samples in the bin.
     """
     proba = np.asarray(proba, dtype=float)
     if proba.ndim == 1:
@@ -62,8 +91,7 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
         return NAN
     confidence = proba.max(axis=1)
     correct = (proba.argmax(axis=1) == y_true).astype(float)
-    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    bins = np.searchsorted(inner_edges, confidence, side="left")  # bin b holds (edge_b, edge_b+1]
+    bins = calibration_bins(confidence, n_bins, strategy)
     ece = 0.0
     for b in np.unique(bins):
         in_bin = bins == b
@@ -184,6 +212,17 @@ def time_dependent_auc(
     return np.asarray(times, float), np.asarray(auc, float), float(mean_auc)
 
 
+def harrell_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index of a risk score (higher = worse prognosis), scikit-survival's
+    ``concordance_index_censored``; NaN with fewer than two rows, no event or no comparable pair."""
+    from sksurv.metrics import concordance_index_censored
+
+    time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
+    if len(time) < 2 or not event.any():
+        return NAN
+    return _safe(lambda: concordance_index_censored(event, time, risk)[0])
+
+
 def survival_metrics(
     time: np.ndarray,
     event: np.ndarray,
@@ -199,14 +238,14 @@ def survival_metrics(
     truncated at the end of the training follow-up. ``survival(times) -> (n, len(times))`` gives each test
     row's survival probabilities for the integrated Brier score; without it, ``ibs`` is NaN.
     """
-    from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, integrated_brier_score
+    from sksurv.metrics import concordance_index_ipcw, integrated_brier_score
     from sksurv.util import Surv
 
     time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk, float)
     out = {"c_index": NAN, "c_index_ipcw": NAN, "td_auc": NAN, "ibs": NAN}
     if len(time) < 2 or not event.any():
         return out
-    out["c_index"] = _safe(lambda: concordance_index_censored(event, time, risk)[0])
+    out["c_index"] = harrell_c_index(time, event, risk)
     if train_time is None or train_event is None:
         train_time, train_event = time, event
     train_time, train_event = np.asarray(train_time, float), np.asarray(train_event, bool)

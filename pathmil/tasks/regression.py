@@ -7,18 +7,18 @@ last layer starts near the mean. Predictions are mapped back to the original uni
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
 from pathmil.tasks.base import Task, bag_ids, full_precision, numeric_column, quantile_strata
 from pathmil.tasks.metrics import regression_metrics
-
-LOSSES = ("mse", "huber")
 
 
 class RegressionTask(Task):
@@ -33,23 +33,31 @@ class RegressionTask(Task):
     main_metric = "r2"
     default_columns = ("stil",)
 
-    def __init__(
-        self,
-        target: str | list[str] | None = None,
-        loss: str = "mse",
-        huber_delta: float = 1.0,
-        threshold: float = 30.0,
-        value_range: list[float] | tuple[float, float] | None = (0.0, 100.0),
-    ):
-        super().__init__(target)
-        if loss not in LOSSES:
-            raise PathmilError(f"task.loss for regression must be one of {', '.join(LOSSES)}, got '{loss}'")
-        if not huber_delta > 0:
-            raise PathmilError(f"task.huber_delta must be positive, got {huber_delta}")
-        if value_range is not None and (len(value_range) != 2 or value_range[0] >= value_range[1]):
-            raise PathmilError(f"task.value_range must be [low, high] with low < high, got {value_range}")
-        self.loss_name, self.huber_delta, self.threshold = loss, float(huber_delta), float(threshold)
-        self.value_range = None if value_range is None else [float(v) for v in value_range]
+    class Options(Settings):
+        """Options of the regression task."""
+
+        section = "task_options"
+        loss: Literal["mse", "huber"] = Field("mse", description="mse or huber")
+        huber_delta: float = Field(1.0, gt=0, description="Huber's delta on the standardised scale")
+        threshold: float = Field(
+            30.0, description="value separating high from low (sTIL-high: 30 %) for auc_high"
+        )
+        value_range: tuple[float, float] | None = Field(
+            (0.0, 100.0), description="[low, high] labels must lie in (sTIL %); null: any value"
+        )
+
+        @field_validator("value_range")
+        @classmethod
+        def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+            if value is not None and value[0] >= value[1]:
+                raise ValueError(f"value_range must be [low, high] with low < high, got {list(value)}")
+            return value
+
+    def __init__(self, target: str | list[str] | None = None, **options: Any):
+        super().__init__(target, **options)
+        o = self.options
+        self.loss_name, self.huber_delta, self.threshold = o.loss, o.huber_delta, o.threshold
+        self.value_range = None if o.value_range is None else list(o.value_range)
         self.mean, self.std = 0.0, 1.0
 
     @property
@@ -59,14 +67,6 @@ class RegressionTask(Task):
     @property
     def n_outputs(self) -> int:
         return 1
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss_name,
-            "huber_delta": self.huber_delta,
-            "threshold": self.threshold,
-            "value_range": self.value_range,
-        }
 
     # ------------------------------------------------------------------------------------- labels
 
@@ -88,20 +88,30 @@ class RegressionTask(Task):
         return values
 
     def check_labels(self, labels: pd.DataFrame) -> None:
-        """Valid values, and at least two distinct ones (a constant cannot be standardised or ranked)."""
+        """Valid values, at least two distinct ones (a constant cannot be standardised or ranked), and not
+        percentages given as fractions (all values within [0, 1] for a range up to 50 or more)."""
+        values = self._varying_values(labels)
+        if self.value_range is not None and self.value_range[1] >= 50 and values.max() <= 1:
+            low, high = self.value_range
+            raise PathmilError(
+                f"column '{self.column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: percentages "
+                "given as fractions? multiply them by 100 (or set task_options.value_range)"
+            )
+
+    def _varying_values(self, labels: pd.DataFrame) -> np.ndarray:
         values = self._values(labels)
         if len(np.unique(values)) < 2:
             raise PathmilError(
                 f"column '{self.column}' has the same value {values[0]:g} in all {len(values)} bag(s); "
                 "regression needs varying targets"
             )
+        return values
 
     # ---------------------------------------------------------------------------------- training
 
     def fit(self, labels: pd.DataFrame) -> None:
         """Mean and (population) standard deviation of the training targets."""
-        self.check_labels(labels)
-        values = self._values(labels)
+        values = self._varying_values(labels)
         self.mean, self.std = float(values.mean()), float(values.std())
         self.fitted = True
 

@@ -11,19 +11,19 @@ batch, with Breslow's handling of tied times.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from pathmil.errors import PathmilError
+from pathmil.settings import Settings
 from pathmil.tasks.base import Task, bag_ids, full_precision, numeric_column, quantile_strata
-from pathmil.tasks.metrics import survival_metrics, time_dependent_auc
+from pathmil.tasks.metrics import harrell_c_index, survival_metrics, time_dependent_auc
 
 log = logging.getLogger(__name__)
-
-LOSSES = ("nll", "cox")
 
 
 def nll_survival_loss(
@@ -84,24 +84,21 @@ class SurvivalTask(Task):
     main_metric = "c_index"
     default_columns = ("time", "event")
 
-    def __init__(
-        self,
-        target: str | list[str] | None = None,
-        loss: str = "nll",
-        n_bins: int = 4,
-        alpha: float = 0.0,
-        eps: float = 1e-7,
-    ):
-        super().__init__(target)
-        if loss not in LOSSES:
-            raise PathmilError(f"task.loss for survival must be one of {', '.join(LOSSES)}, got '{loss}'")
-        if n_bins < 1:
-            raise PathmilError(f"task.n_bins must be at least 1, got {n_bins}")
-        if not 0 <= alpha <= 1:
-            raise PathmilError(f"task.alpha must be in [0, 1], got {alpha}")
-        if not 0 < eps < 1:
-            raise PathmilError(f"task.eps must be in (0, 1), got {eps}")
-        self.loss_name, self.n_bins, self.alpha, self.eps = loss, int(n_bins), float(alpha), float(eps)
+    class Options(Settings):
+        """Options of the survival task."""
+
+        section = "task_options"
+        loss: Literal["nll", "cox"] = Field(
+            "nll", description="nll (discrete-time likelihood over time bins) or cox (partial likelihood)"
+        )
+        n_bins: int = Field(4, ge=1, description="time bins of the nll loss (quantiles of event times)")
+        alpha: float = Field(0.0, ge=0, le=1, description="weight of the uncensored term in the nll loss")
+        eps: float = Field(1e-7, gt=0, lt=1, description="clamp of probabilities in the nll loss")
+
+    def __init__(self, target: str | list[str] | None = None, **options: Any):
+        super().__init__(target, **options)
+        o = self.options
+        self.loss_name, self.n_bins, self.alpha, self.eps = o.loss, o.n_bins, o.alpha, o.eps
         self.edges: np.ndarray = np.zeros(0)  # inner bin edges; bins are [0, e1), [e1, e2), ..., [e_k, inf)
 
     @property
@@ -116,9 +113,6 @@ class SurvivalTask(Task):
     def n_outputs(self) -> int:
         self._require_fitted()
         return 1 if self.loss_name == "cox" else len(self.edges) + 1
-
-    def settings(self) -> dict[str, Any]:
-        return {"loss": self.loss_name, "n_bins": self.n_bins, "alpha": self.alpha, "eps": self.eps}
 
     # ------------------------------------------------------------------------------------- labels
 
@@ -136,7 +130,7 @@ class SurvivalTask(Task):
         if negative.any():
             raise PathmilError(
                 f"slide {ids[negative.argmax()]}: follow-up time in column '{time_col}' is "
-                f"{time[negative.argmax()]}; times must be >= 0"
+                f"{time[negative.argmax()]:g}; it must be >= 0 (follow-up time)"
             )
         bad = ~np.isin(event, (0.0, 1.0))
         if bad.any():
@@ -249,6 +243,11 @@ class SurvivalTask(Task):
             train_event,
             self.survival_function(test, train),
         )
+
+    def main_score(self, test: pd.DataFrame) -> float:
+        """Harrell's c-index alone (it needs no training rows)."""
+        time, event = self._time_event(test, ("time", "event"))
+        return harrell_c_index(time, event, test["score"].to_numpy(dtype=float))
 
     def auc_curve(self, test: pd.DataFrame, train: pd.DataFrame | None = None) -> pd.DataFrame:
         """The time-dependent AUC at each evaluation time (columns ``time``, ``auc``), for plots."""

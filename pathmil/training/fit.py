@@ -29,19 +29,21 @@ import torch
 import yaml
 
 from pathmil.cohort import read_labelled_table
-from pathmil.config import TrainConfig
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
-from pathmil.data.splits import read_splits
+from pathmil.data.splits import check_patient_level, read_splits
+from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models import MILModel, create_model
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.checkpoint import rng_state, seed_everything, set_rng_state
+from pathmil.training.run import TrainConfig, build_model, score_bag, scoring_model
+from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+# What a finished run adds to its folder (metrics.json last): a folder without them is unfinished.
+FINISHED_MARKERS = ("metrics.json", "predictions.csv", "history.csv")
 
 
 @dataclass
@@ -57,29 +59,6 @@ class LoopState:
     monitor: str = ""  # the validation quantity early stopping follows
     stopped: bool = False  # early stopping ended the run (a restart must not train further)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PathmilError("device 'cuda' asked for, but torch sees no CUDA GPU; use --set device=auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_model(config: TrainConfig, in_dim: int, task: Task, for_training: bool = False) -> MILModel:
-    """The aggregator named in the config, sized for the features and the task.
-
-    MHIM-MIL aggregators (``mhim_*``) wrap the student of ``config.model`` and take ``config.mhim`` and the
-    task's ``instance_saliency`` (version 2's class-aware score). ``for_training`` (a new run) loads their
-    teacher from ``mhim.teacher_init``; a model rebuilt from a checkpoint gets its weights from there.
-    """
-    settings = dict(config.model)
-    if config.aggregator.startswith("mhim_"):
-        settings |= {"mhim": config.mhim, "saliency": task.instance_saliency, "load_baseline": for_training}
-    elif config.mhim:
-        log.warning("mhim settings are ignored: aggregator '%s' is not an mhim_* one", config.aggregator)
-    return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **settings)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -117,7 +96,7 @@ def load_fold(
     fold: int,
 ) -> FoldData:
     """Read and check the cohort and splits, build bags per split and fit the task on the training bags."""
-    cohort = read_labelled_table(cohort_path, task.label_columns)
+    cohort = read_labelled_table(cohort_path, task.label_columns, config.bag_level)
     task.check_labels(cohort)
     rows = read_splits(splits_path, fold)
     unknown = sorted(set(rows["slide_id"]) - set(cohort["slide_id"]))
@@ -129,6 +108,7 @@ def load_fold(
     rows = rows.drop(columns="patient_id").merge(
         cohort[["slide_id", "patient_id", *task.label_columns]], on="slide_id"
     )
+    check_patient_level(rows, f"splits table {splits_path}")
     tables = {
         s: make_bag_table(rows[rows["split"] == s], features_dir, task.label_columns, config.bag_level)
         for s in SPLITS
@@ -144,9 +124,8 @@ def load_fold(
     targets = {s: task.targets(t.bags) for s, t in tables.items() if not t.bags.empty}
     files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    blob = json.dumps([asdict(config), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
-    first = files[0]
-    attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
+    blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
+    attrs = read_bag_attrs(files[0])
     feature_info = {
         "dim": datasets["train"].dim,
         "encoder": attrs.get("encoder"),
@@ -163,8 +142,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, task: Task, data: FoldData, out_dir: Path, progress: bool = True):
         self.config, self.task, self.data, self.out_dir, self.progress = config, task, data, out_dir, progress
-        self.device = pick_device(config.device)
-        self.model = build_model(config, data.feature_info["dim"], task, for_training=True).to(self.device)
+        self.device = resolve_device(config.device)
+        self.model = build_model(config, data.feature_info["dim"], task).to(self.device)
         optimiser = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimiser(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(data.datasets["train"]) / config.accumulation)
@@ -174,10 +153,10 @@ class Trainer:
             self.optimizer, cosine_with_warmup(self.total_steps, warmup)
         )
         self.state = LoopState()
+        self.best: dict[str, Any] | None = None  # {"model": weights, "epoch": n} of the best epoch so far
 
     def autocast(self):
-        enabled = self.device.type == "cuda" and self.config.amp
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.device, mil_autocast_dtype(self.device, self.config.amp))
 
     # -------------------------------------------------------------------------------- steps
 
@@ -199,10 +178,14 @@ class Trainer:
             aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
             if aux:
                 loss = loss + torch.stack(aux).float().mean()
+            if not torch.isfinite(loss):
+                raise PathmilError(self._diverged(epoch, group, f"the loss is {float(loss.detach())}"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
+                raise PathmilError(self._diverged(epoch, group, "the gradient holds NaN or inf"))
             self.optimizer.step()
             self.scheduler.step()
             self.state.step += 1
@@ -210,15 +193,33 @@ class Trainer:
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
 
+    def _diverged(self, epoch: int, group: np.ndarray, what: str) -> str:
+        """The one line of a training step that went non-finite: epoch, step, its bags and what to change."""
+        bags = self.data.tables["train"].bags["bag_id"].iloc[group].astype(str).tolist()
+        return (
+            f"training diverged at epoch {epoch + 1}, step {self.state.step + 1}: {what} on bag(s) "
+            f"{', '.join(bags)}; nothing of this epoch was saved. Lower the learning rate (lr, now "
+            f"{self.config.lr:g}), set grad_clip, or check those bags"
+        )
+
     @torch.inference_mode()
-    def logits(self, split: str) -> torch.Tensor:
-        """Logits of every bag of ``split`` (eval mode, all instances)."""
+    def logits(self, split: str, final: bool = False) -> torch.Tensor:
+        """Logits of every bag of ``split`` (eval mode, all instances). ``final``: as the written scores are
+        made (:func:`pathmil.training.run.score_bag`, float64 on the CPU) rather than the float32 pass
+        validation uses to pick the best epoch."""
         self.model.eval()
         dataset = self.data.datasets[split]
-        out = []
-        for i in range(len(dataset)):
-            with self.autocast():
-                out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
+        if final:
+            model = scoring_model(self.model, self.device)
+            out = [
+                score_bag(model, dataset.features(i), self.device, self.config.amp).logits.cpu()
+                for i in range(len(dataset))
+            ]
+        else:
+            out = []
+            for i in range(len(dataset)):
+                with self.autocast():
+                    out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.task.n_outputs)
 
     def predictions(self, split: str, logits: torch.Tensor, fold: int) -> pd.DataFrame:
@@ -249,7 +250,7 @@ class Trainer:
 
     def payload(self) -> dict[str, Any]:
         return {
-            "config": asdict(self.config),
+            "config": self.config.to_dict(),
             "task": self.task.state_dict(),
             "model": self.model.state_dict(),
             "aggregator": self.config.aggregator,
@@ -268,8 +269,12 @@ class Trainer:
                 "state": asdict(self.state),
                 "rng": rng_state(),
                 "fingerprint": self.data.fingerprint,
+                "best": self.best,
             },
         )
+
+    def save_best(self) -> None:
+        save_checkpoint(self.out_dir / "best.pt", {**self.payload(), **self.best})
 
     def try_resume(self) -> bool:
         """Continue from ``last.pt`` if it belongs to this very run (same settings, splits and features)."""
@@ -285,15 +290,38 @@ class Trainer:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = LoopState(**checkpoint["state"])
         set_rng_state(checkpoint["rng"])
+        self.best = checkpoint.get("best") or self._best_from_file()
+        if self.best is not None and not self._best_file_is_current():
+            # a killed job's best.pt may be gone (Snakemake deletes a failed job's outputs) or older
+            log.info("restoring best.pt (epoch %d) from %s", self.best["epoch"], path)
+            self.save_best()
         log.info("resuming from %s after epoch %d", path, self.state.epoch)
         return True
+
+    def _best_from_file(self) -> dict[str, Any] | None:
+        """The best weights of a ``last.pt`` written before it carried them, from ``best.pt``."""
+        path = self.out_dir / "best.pt"
+        if not path.is_file():
+            return None
+        checkpoint = load_checkpoint(path)
+        return {"model": checkpoint["model"], "epoch": checkpoint["epoch"]}
+
+    def _best_file_is_current(self) -> bool:
+        path = self.out_dir / "best.pt"
+        if not path.is_file():
+            return False
+        try:
+            return load_checkpoint(path).get("epoch") == self.best["epoch"]
+        except PathmilError:
+            return False
 
     # ------------------------------------------------------------------------------ the loop
 
     def fit(self, fold: int) -> None:
         from tqdm import tqdm
 
-        self.try_resume()
+        if not self.try_resume():
+            self.model.prepare_training()
         if self.state.stopped:
             return
         bar = tqdm(
@@ -315,7 +343,8 @@ class Trainer:
                 "seconds": time.perf_counter() - start,
             }
             self.state.history.append(row)
-            self._track(row, epoch)
+            improved = self._track(row, epoch)
+            log.info(epoch_line(row, self.config.epochs, fold, improved))
             self.state.epoch = epoch + 1
             stop = epoch + 1 >= self.config.min_epochs and self.state.bad_epochs >= self.config.patience
             self.state.stopped = stop
@@ -334,19 +363,15 @@ class Trainer:
                 )
                 break
 
-    def _track(self, row: dict[str, Any], epoch: int) -> None:
-        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined).
+    def _track(self, row: dict[str, Any], epoch: int) -> bool:
+        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined); return
+        whether this epoch is the new best.
 
         Small validation sets often saturate the metric (an AUC of 1.0 on a few patients); a tie is then
         broken by the validation loss, so the checkpoint still follows real progress.
         """
         if not self.state.monitor:
-            metric = f"val_{self.task.main_metric}"
-            self.state.monitor = (
-                metric
-                if math.isfinite(row.get(metric, math.nan))
-                else ("val_loss" if "val_loss" in row else "train_loss")
-            )
+            self.state.monitor = self._monitor(row)
         value = row.get(self.state.monitor, math.nan)
         value = -value if self.state.monitor.endswith("loss") else value
         if not math.isfinite(value):
@@ -356,9 +381,36 @@ class Trainer:
         if value > self.state.best_metric or tie_better or self.state.best_epoch < 0:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
             self.state.best_loss = loss
-            save_checkpoint(self.out_dir / "best.pt", {**self.payload(), "epoch": epoch + 1})
-        else:
-            self.state.bad_epochs += 1
+            self._keep_best(epoch + 1)
+            return True
+        self.state.bad_epochs += 1
+        return False
+
+    def _monitor(self, row: dict[str, Any]) -> str:
+        """What early stopping follows: the validation main metric where defined, else a loss."""
+        metric = f"val_{self.task.main_metric}"
+        if math.isfinite(row.get(metric, math.nan)):
+            return metric
+        return "val_loss" if "val_loss" in row else "train_loss"
+
+    def _keep_best(self, epoch: int) -> None:
+        """Keep this epoch's weights as the best (in memory, in best.pt, and in the next last.pt)."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.best = {"model": weights, "epoch": epoch}
+        self.save_best()
+
+
+def epoch_line(row: dict[str, Any], epochs: int, fold: int, best: bool) -> str:
+    """One log line per epoch, for following a run with ``tail -f``:
+    ``fold 0 epoch 3/20: train_loss 0.5123 val_loss 0.4876 val_auc 0.9120 lr 1.2e-04 3.2 s (best)``."""
+    values = " ".join(
+        f"{key} {value:.4g}" if key == "lr" else f"{key} {value:.4f}"
+        for key, value in row.items()
+        if key not in ("epoch", "seconds")
+    )
+    return f"fold {fold} epoch {row['epoch']}/{epochs}: {values} {row['seconds']:.1f} s" + (
+        " (best)" if best else ""
+    )
 
 
 # ------------------------------------------------------------------------------------------- a run
@@ -374,7 +426,6 @@ def train(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics."""
-    config.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
@@ -382,13 +433,21 @@ def train(
     task = create_task(config.task, target=config.target, **config.task_options)
     data = load_fold(config, task, features_dir, cohort, splits, fold)
     trainer = Trainer(config, task, data, out_dir, progress)
+    for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
+        (out_dir / name).unlink(missing_ok=True)
     with atomic_output(out_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     trainer.fit(fold)
 
-    best = load_checkpoint(out_dir / "best.pt")
+    best = trainer.best
+    if best is None:
+        raise PathmilError(f"run {out_dir} ended without a best epoch; delete its last.pt and train again")
+    if not trainer._best_file_is_current():
+        trainer.save_best()
     trainer.model.load_state_dict(best["model"])
-    tables = [trainer.predictions(s, trainer.logits(s), fold) for s in SPLITS if s in data.datasets]
+    tables = [
+        trainer.predictions(s, trainer.logits(s, final=True), fold) for s in SPLITS if s in data.datasets
+    ]
     predictions = pd.concat(tables, ignore_index=True)
     train_rows = predictions[predictions["split"] == "train"]
     metrics = {

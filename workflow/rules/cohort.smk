@@ -10,11 +10,7 @@ rule cohort:
         f"{OUT}/logs/cohort.log",
     conda:
         ENV
-    threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 10 * attempt,
     params:
-        source=cohort_source_arg,
+        source=cohort_source_args,
     shell:
-        "pathmil cohort {params.source} --out {output.table} > {log} 2>&1"
+        "pathmil cohort {params.source:q} --out {output.table:q} > {log:q} 2>&1"

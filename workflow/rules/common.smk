@@ -1,114 +1,449 @@
-# Shared helpers: where outputs go, the cohort table, and settings passed on to `pathmil`.
-import json
+# Shared helpers: the checked config and cohort, where outputs go, and each rule's settings file.
+#
+# Plain Python and Snakemake only: a real cohort's workflow parses without pathmil installed (with
+# `--sdm conda` the rules run in envs/pathmil.yaml); pathmil is imported at parse time only to plan the
+# synthetic demo. Facts from the package (defaults, registries, each wrapper's baseline) come from the
+# generated schema (workflow/schemas/config.schema.yaml, `pathmil config --schema`).
+import csv
+import hashlib
 import os
-import shlex
+import re
+from pathlib import Path
 
-import pandas as pd
+import jsonschema
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
-from pathmil.cohort import cohort_from_dir, read_table
-from pathmil.demo import plan_demo
+SCHEMAS = Path(workflow.basedir) / "workflow" / "schemas"
+CONFIG_SCHEMA = yaml.safe_load((SCHEMAS / "config.schema.yaml").read_text())
+COHORT_SCHEMA = yaml.safe_load((SCHEMAS / "cohort.schema.yaml").read_text())
+FACTS = CONFIG_SCHEMA[
+    "x-pathmil"
+]  # each wrapper's baseline, each task's default label columns
+
+
+def check_config():
+    """Validate the config against the schema (defaults filled in); a problem is one line, naming the key."""
+    for task, entry in list((config.get("tasks") or {}).items()):
+        config["tasks"][task] = (
+            entry or {}
+        )  # `survival:` with nothing under it takes the defaults
+    try:
+        validate(config, str(SCHEMAS / "config.schema.yaml"))
+    except WorkflowError as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((l for l in lines if l.startswith("ValidationError")), lines[-1])
+        where = next((l for l in lines if l.startswith("Failed validating")), "")
+        section = re.findall(r"\['properties'\]\['([^']+)'\]", where)
+        raise WorkflowError(
+            f"config: {reason.removeprefix('ValidationError: ')}"
+            + (f" (in {'.'.join(section)})" if section else "")
+        ) from None
+    for name, entry in (config.get("models") or {}).items():
+        if name not in config["aggregators"]:
+            print(
+                f"warning: config models.{name} is set but {name} is not in aggregators"
+            )
+
+
+check_config()
 
 OUT = f"results/{config['cohort']}"
+# Conda environments for `--sdm conda`: rules that ask for GPUs get the CUDA build. Their post-deploy scripts
+# install pathmil from this checkout, which they find through PATHMIL_SOURCE (Snakemake runs them from a copy
+# under .snakemake/conda/).
 ENV = "../../envs/pathmil.yaml"
-ENCODER = config.get("extract", {}).get("encoder", "resnet50_trunc").replace(":", "-")
+ENV_CUDA = "../../envs/pathmil-cuda.yaml"
+os.environ.setdefault("PATHMIL_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+def conda_env(gpus):
+    """The conda environment of a rule that asks for ``gpus`` GPUs."""
+    return ENV_CUDA if gpus else ENV
+
+
+ENCODER = config["extract"]["encoder"].replace(":", "-")
 FEATURES = f"{OUT}/features/{ENCODER}"
-TASKS = (
-    list((config.get("tasks") or {}).keys())
-    if config["slides"].get("dir") is None
-    else []
-)
-AGGREGATORS = list(config.get("aggregators", ["abmil"]))
-FOLDS = list(range(config.get("split", {}).get("folds", 5)))
-# MHIM-MIL trains a student whose teacher starts from the plain model of the same fold.
-MHIM_BASELINE = {
-    "mhim_abmil": "abmil",
-    "mhim_abmil_gated": "abmil_gated",
-    "mhim_transmil": "transmil",
-}
+SETTINGS = f"{OUT}/settings"
+TASKS = [t for t in config["tasks"]] if "dir" not in config["slides"] else []
+AGGREGATORS = list(config["aggregators"])
+FOLDS = list(range(config["split"]["folds"]))
+BASELINES = FACTS["baselines"]  # MHIM-MIL trains after the plain model of the same fold
 
 
 wildcard_constraints:
     slide="[^/]+",
     task="|".join(TASKS) or "none",
-    aggregator="[A-Za-z0-9_]+",
+    aggregator="|".join(AGGREGATORS),
     fold=r"\d+",
+    batch=r"\d+",
 
 
-DEFAULT_TARGETS = {
-    "classification": ["label"],
-    "survival": ["time", "event"],
-    "regression": ["stil"],
-}
-if config["slides"].get("table"):
-    validate_table_columns(
-        config["slides"]["table"],
-        f"{workflow.basedir}/workflow/schemas/cohort.schema.yaml",
-        [
-            c
-            for t in TASKS
-            for c in ((config["tasks"][t] or {}).get("target") or DEFAULT_TARGETS[t])
-        ],
+# ------------------------------------------------------------------------------------------ slides
+
+
+def demo_slides():
+    """The demo's slides, known before they are painted (the demo needs pathmil at parse time)."""
+    from pathmil.demo import plan_demo
+
+    demo = config["slides"]["demo"]
+    plan = plan_demo(demo["n_slides"], demo.get("n_patients"), demo["seed"])
+    return [
+        {
+            "slide_id": s.slide_id,
+            "path": f"{OUT}/demo/slides/{s.slide_id}.tiff",
+            "mpp": s.table_mpp,
+        }
+        for s in plan
+    ]
+
+
+def read_cohort_table(path):
+    """The rows of a cohort table (CSV, or TSV by extension): text stripped, numbers as numbers, empty as
+    None, relative slide paths resolved against the table's folder. One line for what cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WorkflowError(
+            f"cohort table {path} does not exist (slides.table in the config)"
+        )
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        raise WorkflowError(
+            f"cohort table {path} is empty; it needs a header and one row per slide"
+        )
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if len(columns) == 1 and ";" in columns[0]:
+        raise WorkflowError(
+            f"cohort table {path} has one column '{columns[0]}': it looks ';'-separated; save it with commas"
+        )
+    rows = []
+    for raw in reader:
+        row = {k.strip(): _value(k.strip(), v) for k, v in raw.items() if k is not None}
+        for column in ("path", "tissue"):  # files named relative to the table's folder
+            if row.get(column):
+                p = Path(str(row[column])).expanduser()
+                row[column] = str(p if p.is_absolute() else (path.parent / p).resolve())
+        rows.append(row)
+    if not rows:
+        raise WorkflowError(
+            f"cohort table {path} has no rows (only a header); add one row per slide"
+        )
+    return columns, rows
+
+
+def _value(column, text):
+    text = (text or "").strip()
+    if column in ("slide_id", "patient_id", "path"):
+        return text or None
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() else number
+
+
+def check_cohort_table(path, columns, rows):
+    """The table's columns and values, checked before any job: the schema per row (ids, numbers, ranges)
+    and what spans rows (unique slides and files, one label per patient)."""
+    targets = {t: label_columns(t) for t in TASKS}
+    required = COHORT_SCHEMA["required"] + [
+        c for cols in targets.values() for c in cols
+    ]
+    missing = [c for c in dict.fromkeys(required) if c not in columns]
+    if missing:
+        raise WorkflowError(
+            f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}"
+        )
+    validator = jsonschema.Draft202012Validator(COHORT_SCHEMA)
+    own_name = {  # a task's own label columns are checked as its default ones; messages name the own
+        default: own
+        for task, cols in targets.items()
+        for own, default in zip(cols, FACTS["default_targets"][task])
+    }
+    for number, row in enumerate(rows, start=2):
+        for column in dict.fromkeys(required):
+            if row.get(column) is None:
+                raise WorkflowError(
+                    f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in column "
+                    f"'{column}'; fill it in or drop the slide"
+                )
+        renamed = dict(row)
+        for default, own in own_name.items():
+            renamed[default] = row.get(own)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(renamed))
+        if error is not None:
+            field = ".".join(map(str, error.absolute_path)) or "row"
+            if error.validator == "pattern":
+                raise WorkflowError(
+                    f"cohort table {path}, line {number}: {field} {error.instance!r} is not allowed: "
+                    f"{error.schema.get('description', error.message)}"
+                )
+            must = COHORT_SCHEMA["properties"].get(field, {}).get("x-must") or error.message
+            raise WorkflowError(
+                f"cohort table {path}, line {number}: slide {row.get('slide_id')}: {own_name.get(field, field)} "
+                f"is {error.instance!r}; it must be {must}"
+            )
+    for number, row in enumerate(rows, start=2):
+        if row.get("tissue") and not os.path.isfile(row["tissue"]):
+            raise WorkflowError(
+                f"cohort table {path}, line {number} (slide {row['slide_id']}): tissue file {row['tissue']} "
+                "does not exist; fix the 'tissue' column or leave it empty for the automatic mask"
+            )
+    check_unique(path, rows, "slide_id", "every slide needs a unique id")
+    check_unique(
+        path,
+        rows,
+        "path",
+        "the same slide file under two slide ids would land in train and test",
     )
+    check_value_ranges(path, rows, targets)
+    for task, cols in targets.items():
+        if split_bag_level(task) == "patient":
+            check_patient_labels(path, rows, cols)
+
+
+def check_unique(path, rows, column, why):
+    seen = {}
+    for row in rows:
+        value = row.get(column)
+        if value is not None and value in seen:
+            raise WorkflowError(
+                f"cohort table {path}: {column} {value} appears twice (slides {seen[value]} and "
+                f"{row['slide_id']}); {why}"
+            )
+        seen[value] = row["slide_id"]
+
+
+def check_value_ranges(path, rows, targets):
+    """Regression labels within the task's value_range; a 0-1 column given for a 0-100 range is flagged."""
+    if "regression" not in targets:
+        return
+    low, high = config["tasks"]["regression"]["task_options"].get("value_range") or (
+        None,
+        None,
+    )
+    column = targets["regression"][0]
+    values = [row[column] for row in rows if isinstance(row.get(column), (int, float))]
+    if low is None or not values:
+        return
+    outside = [v for v in values if not low <= v <= high]
+    if outside:
+        raise WorkflowError(
+            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low:g}, {high:g}] "
+            f"(first: {outside[0]}); fix them or set tasks.regression.task_options.value_range"
+        )
+    if high >= 50 and max(values) <= 1 and len(values) > 1:
+        raise WorkflowError(
+            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: "
+            "percentages given as fractions? multiply them by 100 (or set task_options.value_range)"
+        )
+
+
+def check_patient_labels(path, rows, label_columns):
+    """A patient's slides share the patient's labels when bags are patients (bag_level: patient)."""
+    labels = {}
+    for row in rows:
+        key = tuple(row.get(c) for c in label_columns)
+        first = labels.setdefault(row.get("patient_id"), (row["slide_id"], key))
+        if first[1] != key:
+            raise WorkflowError(
+                f"cohort table {path}: patient {row.get('patient_id')} has conflicting labels (slide "
+                f"{first[0]}: {first[1]}, slide {row['slide_id']}: {key}); give all slides of a patient "
+                "the same labels, or set train.bag_level: slide for slide-level labels"
+            )
+
+
+def label_columns(task):
+    return list(
+        (config["tasks"][task] or {}).get("target") or FACTS["default_targets"][task]
+    )
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def train_settings(task, aggregator):
+    """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
+    entry = config["tasks"][task] or {}
+    model = dict((config["models"].get(aggregator) or {}))
+    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
+    settings.update(without(model, "model", "mhim"))
+    settings.update(
+        task=task,
+        target=label_columns(task),
+        task_options=entry.get("task_options") or {},
+        aggregator=aggregator,
+        model=model.get("model") or {},
+    )
+    if "mhim" in model:
+        settings["mhim"] = model["mhim"]
+    return {"train": settings}
+
+
+def split_bag_level(task):
+    """The bag level the task's splits are made for: patient when any of its runs joins a patient's slides
+    (their labels must then agree), else slide (slide-level labels, stratified per slide)."""
+    levels = {train_settings(task, a)["train"]["bag_level"] for a in AGGREGATORS}
+    return "patient" if "patient" in levels else "slide"
+
+
+def slides_of_dir(directory):
+    """Slide files of a folder, ids from file names; a sub-folder of .dcm files is one DICOM slide, and the
+    loose .dcm files of the folder are one slide (OpenSlide reads a series from any of its files).
+    """
+    extensions = CONFIG_SCHEMA["x-pathmil"].get("slide_extensions") or []
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise WorkflowError(
+            f"slide directory {directory} does not exist (slides.dir in the config)"
+        )
+    rows, loose_dicom = [], []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name.lower()
+        if entry.is_dir() and any(entry.glob("*.dcm")):
+            rows.append(
+                {
+                    "slide_id": entry.name,
+                    "path": str(sorted(entry.glob("*.dcm"))[0].resolve()),
+                }
+            )
+        elif name.endswith(".dcm"):
+            loose_dicom.append(entry)
+        elif name.endswith(tuple(extensions)) and not name.startswith("."):
+            stem = next(entry.name[: -len(e)] for e in extensions if name.endswith(e))
+            rows.append({"slide_id": stem, "path": str(entry.resolve())})
+    if loose_dicom:
+        rows.append(
+            {"slide_id": loose_dicom[0].stem, "path": str(loose_dicom[0].resolve())}
+        )
+    if not rows:
+        raise WorkflowError(
+            f"slide directory {directory} holds no slide files ({', '.join(extensions)})"
+        )
+    return rows
 
 
 def parse_slides():
     """slide_id, path and mpp of every slide, known when the workflow is parsed (so a dry run lists every
-    job): the demo's plan, the user's table, or the files of a slide folder."""
+    job): the demo's plan, the user's table (checked), or the files of a slide folder.
+    """
     slides = config["slides"]
     if "demo" in slides:
-        demo = slides["demo"]
-        plan = plan_demo(demo["n_slides"], None, demo["seed"])
-        return pd.DataFrame(
-            {
-                "slide_id": [s.slide_id for s in plan],
-                "path": [f"{OUT}/demo/slides/{s.slide_id}.tiff" for s in plan],
-                "mpp": [s.table_mpp for s in plan],
-            }
-        )
-    if "table" in slides:
-        table = read_table(slides["table"], required=("slide_id", "path"))
-        return table if "mpp" in table.columns else table.assign(mpp=None)
-    return cohort_from_dir(slides["dir"]).assign(mpp=None)
+        rows = demo_slides()
+    elif "table" in slides:
+        columns, rows = read_cohort_table(slides["table"])
+        check_cohort_table(slides["table"], columns, rows)
+    else:
+        rows = slides_of_dir(slides["dir"])
+    pattern = re.compile(COHORT_SCHEMA["properties"]["slide_id"]["pattern"])
+    for row in rows:
+        if not pattern.fullmatch(str(row["slide_id"])):
+            raise WorkflowError(
+                f"slide id {row['slide_id']!r} is not allowed: {COHORT_SCHEMA['properties']['slide_id']['description']}"
+            )
+    return {row["slide_id"]: row for row in rows}
 
 
-SLIDES = parse_slides().set_index("slide_id", drop=False)
+SLIDES = parse_slides()
 
 
 def slide_ids():
-    return SLIDES["slide_id"].tolist()
-
-
-def slide_row(slide):
-    return SLIDES.loc[slide]
+    return list(SLIDES)
 
 
 def heatmap_slides():
     """The first slides of the cohort (as many as `report.heatmaps`) get heatmaps in the report."""
-    return slide_ids()[: (config.get("report") or {}).get("heatmaps", 2)]
+    return slide_ids()[: config["report"]["heatmaps"]]
 
 
-def set_args(settings, prefix=""):
-    """A settings mapping as `--set key=value` arguments (nested keys dotted), quoted for the shell."""
-    args = []
-    for key, value in (settings or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            args.append(set_args(value, f"{name}."))
-        elif not isinstance(value, dict):
-            args.append(f"--set {shlex.quote(f'{name}={json.dumps(value)}')}")
-    return " ".join(a for a in args if a)
+# ---------------------------------------------------------------------------------------- settings
+
+
+SETTINGS_TEXT = {}  # settings file -> its content
+
+
+def settings_file(name, sections):
+    """The file holding a rule's settings, named by a digest of its content (written by rule `settings`).
+
+    The file is an input of the rule's jobs: changed settings are a new file, which reruns exactly the
+    jobs that read it; settings changed back are the old file again, which reruns nothing. Nothing is
+    written when the workflow parses."""
+    text = yaml.safe_dump(sections, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = f"{SETTINGS}/{name}.{digest}.yaml"
+    SETTINGS_TEXT[path] = text
+    return path
+
+
+SETTINGS_FILES = {
+    "demo": settings_file("demo", {"demo": config["slides"].get("demo") or {}}),
+    "tile": settings_file("tile", {"tile": config["tile"]}),
+    "extract": settings_file(
+        "extract", {"extract": without(config["extract"], "threads", "gpus")}
+    ),
+    "evaluate": settings_file(
+        "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
+    ),
+    "heatmap": settings_file("heatmap", {"heatmap": config["heatmap"]}),
+}
+for _task in TASKS:
+    SETTINGS_FILES[f"split/{_task}"] = settings_file(
+        f"split-{_task}",
+        {
+            "split": {
+                **config["split"],
+                "bag_level": split_bag_level(_task),
+                "task_options": (config["tasks"][_task] or {}).get("task_options") or {},
+            }
+        },
+    )
+    for _aggregator in AGGREGATORS:
+        SETTINGS_FILES[f"train/{_task}/{_aggregator}"] = settings_file(
+            f"train-{_task}-{_aggregator}", train_settings(_task, _aggregator)
+        )
+
+
+def train_settings_file(wildcards):
+    return SETTINGS_FILES[f"train/{wildcards.task}/{wildcards.aggregator}"]
+
+
+def split_settings_file(wildcards):
+    return SETTINGS_FILES[f"split/{wildcards.task}"]
+
+
+# ------------------------------------------------------------------------------------------- inputs
 
 
 def all_targets(wildcards):
-    """Features of every slide; with tasks, the evaluation of every task x aggregator and the report."""
-    targets = [f"{OUT}/cohort_ok.csv"]
+    """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every task x
+    aggregator and the report. The per-slide files are named here so that a deleted one is made again with
+    everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it).
+    """
+    per_slide = [
+        f"{OUT}/tiles/{{s}}.h5",
+        f"{OUT}/tiles/{{s}}.geojson",
+        f"{OUT}/qc/{{s}}.png",
+        f"{FEATURES}/{{s}}.h5",
+    ]
+    targets = [
+        pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
+    ]
+    targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
+    targets += [f"{OUT}/cohort_ok.csv", f"{OUT}/report/qc_gallery.html"]
     if TASKS:
         targets += [
             f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
         ]
-        targets += [f"{OUT}/report/summary.csv"]
+        targets += [f"{OUT}/report/summary.html"]
         targets += [
-            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.jpg"
             for t in TASKS
             for a in AGGREGATORS
             for s in heatmap_slides()
@@ -118,56 +453,57 @@ def all_targets(wildcards):
 
 def cohort_source():
     slides = config["slides"]
-    if slides.get("demo") is not None:
+    if "demo" in slides:
         return {"table": f"{OUT}/demo/cohort.csv"}
-    if slides.get("table"):
+    if "table" in slides:
         return {"table": slides["table"]}
     return {}
 
 
-def cohort_source_arg(wildcards, input):
+def cohort_source_args(wildcards, input):
     if "table" in input.keys():
-        return f"--cohort {shlex.quote(input.table)}"
-    return f"--slide-dir {shlex.quote(config['slides']['dir'])}"
+        return ["--cohort", input.table]
+    return ["--slide-dir", config["slides"]["dir"]]
 
 
 def slide_input(wildcards):
     """The slide file; a missing one is no input but a recorded failure of that slide."""
-    path = slide_row(wildcards.slide)["path"]
+    path = SLIDES[wildcards.slide]["path"]
     return [path] if "demo" in config["slides"] or os.path.exists(path) else []
 
 
-def slide_mpp_arg(wildcards):
-    mpp = slide_row(wildcards.slide).get("mpp")
-    return f"--mpp {float(mpp)}" if pd.notna(mpp) else ""
+def slide_path(wildcards):
+    return SLIDES[wildcards.slide]["path"]
 
 
-def train_settings(task, aggregator):
-    """`train` settings, then the task's own, then the aggregator's (later ones win)."""
-    settings = {k: v for k, v in (config.get("train") or {}).items() if k != "gpus"}
-    task_config = config["tasks"][task] or {}
-    settings.update(task_config.get("train") or {})
-    if task_config.get("task_options"):
-        settings["task_options"] = task_config["task_options"]
-    for key, value in ((config.get("models") or {}).get(aggregator) or {}).items():
-        settings[key] = dict(value) if isinstance(value, dict) else value
-    return settings
+def slide_mpp_args(wildcards):
+    mpp = SLIDES[wildcards.slide].get("mpp")
+    return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
+
+
+def slide_tissue(wildcards):
+    """The slide's given tissue outline (GeoJSON): the table's `tissue` column, else tile.tissue_dir's
+    SLIDE.geojson when it exists. An input of the slide's tile job: editing it reruns that slide's chain.
+    """
+    given = SLIDES[wildcards.slide].get("tissue")
+    if not given and config["tile"].get("tissue_dir"):
+        candidate = os.path.join(
+            config["tile"]["tissue_dir"], f"{wildcards.slide}.geojson"
+        )
+        given = candidate if os.path.isfile(candidate) else None
+    return [given] if given else []
+
+
+def slide_tissue_args(wildcards, input):
+    return ["--tissue-geojson", input.tissue[0]] if input.tissue else []
 
 
 def baseline_checkpoint(wildcards):
-    base = MHIM_BASELINE.get(wildcards.aggregator)
+    base = BASELINES.get(wildcards.aggregator)
     if base is None:
         return []
     return [f"{OUT}/models/{wildcards.task}/{base}/fold{wildcards.fold}/best.pt"]
 
 
-def train_args(wildcards, input):
-    """`--set` arguments of a run, the MHIM teacher's baseline checkpoint, and the label columns."""
-    settings = train_settings(wildcards.task, wildcards.aggregator)
-    if input.baseline:
-        settings.setdefault("mhim", {})["teacher_init"] = input.baseline[0]
-    target = config["tasks"][wildcards.task].get("target") or []
-    target_arg = (
-        f"--target {' '.join(shlex.quote(t) for t in target)}" if target else ""
-    )
-    return f"{set_args(settings)} {target_arg}"
+def teacher_args(wildcards, input):
+    return ["--teacher-init", input.baseline[0]] if input.baseline else []

@@ -2,6 +2,8 @@
 
 
 rule demo:
+    input:
+        settings=SETTINGS_FILES["demo"],
     output:
         table=f"{OUT}/demo/cohort.csv",
         slides=(
@@ -14,16 +16,9 @@ rule demo:
     conda:
         ENV
     threads: 2
-    resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
-        n_slides=config["slides"].get("demo", {}).get("n_slides", 40),
-        seed=config["slides"].get("demo", {}).get("seed", 0),
-        size=" ".join(
-            str(v) for v in config["slides"].get("demo", {}).get("size", [3072, 3584])
-        ),
         out=lambda wildcards, output: os.path.dirname(output.table),
+        demo=config["slides"].get("demo") or {},
     shell:
-        "pathmil demo --out {params.out} --n-slides {params.n_slides} --seed {params.seed} "
-        "--size {params.size} --workers {threads} > {log} 2>&1"
+        "pathmil demo --out {params.out:q} --n-slides {params.demo[n_slides]} "
+        "--seed {params.demo[seed]} --size {params.demo[size]} --workers {threads} > {log:q} 2>&1"

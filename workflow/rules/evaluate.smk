@@ -1,4 +1,4 @@
-# Per task x aggregator: per-fold and pooled metrics with bootstrap CIs, and the plots.
+# Per task x aggregator: per-fold and pooled metrics with bootstrap CIs, the plots, and heatmaps.
 
 
 rule evaluate:
@@ -7,6 +7,7 @@ rule evaluate:
             f"{OUT}/models/{{{{task}}}}/{{{{aggregator}}}}/fold{{fold}}/metrics.json",
             fold=FOLDS,
         ),
+        settings=SETTINGS_FILES["evaluate"],
     output:
         metrics=f"{OUT}/eval/{{task}}/{{aggregator}}/metrics.json",
         summary=f"{OUT}/eval/{{task}}/{{aggregator}}/metrics_summary.csv",
@@ -23,16 +24,12 @@ rule evaluate:
     conda:
         ENV
     threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
     params:
-        runs=lambda wildcards, input: " ".join(os.path.dirname(p) for p in input.runs),
+        runs=lambda wildcards, input: [os.path.dirname(p) for p in input.runs],
         out=lambda wildcards, output: os.path.dirname(output.metrics),
-        settings=set_args(config.get("evaluate")),
     shell:
-        "pathmil --threads {threads} evaluate --runs {params.runs} --out {params.out} "
-        "{params.settings} > {log} 2>&1"
+        "pathmil --threads {threads} evaluate --runs {params.runs:q} --out {params.out:q} "
+        "--config {input.settings:q} > {log:q} 2>&1"
 
 
 rule heatmap:
@@ -43,16 +40,18 @@ rule heatmap:
         ),
         splits=f"{OUT}/splits/{{task}}.csv",
         table=f"{OUT}/cohort_ok.csv",
+        bag=f"{FEATURES}/{{slide}}.h5",
+        settings=SETTINGS_FILES["heatmap"],
     output:
         heatmap=report(
-            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}.png",
+            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}.jpg",
             caption="../report/heatmap.rst",
             category="{task}",
             subcategory="{aggregator}",
             labels={"slide": "{slide}", "picture": "heatmap"},
         ),
         montage=report(
-            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}_montage.png",
+            f"{OUT}/eval/{{task}}/{{aggregator}}/heatmaps/{{slide}}_montage.jpg",
             caption="../report/montage.rst",
             category="{task}",
             subcategory="{aggregator}",
@@ -63,14 +62,11 @@ rule heatmap:
     conda:
         ENV
     threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=lambda wildcards, attempt: 20 * attempt,
     params:
-        slide=lambda wildcards: shlex.quote(slide_row(wildcards.slide)["path"]),
-        features=f"{FEATURES}/{{slide}}.h5",
-        mpp=slide_mpp_arg,
+        path=slide_path,
+        mpp=slide_mpp_args,
     shell:
-        "pathmil --threads {threads} heatmap --model {input.models} --splits {input.splits} "
-        "--features {params.features} --slide {params.slide} {params.mpp} --out {output.heatmap} "
-        "--montage {output.montage} > {log} 2>&1"
+        "pathmil --threads {threads} heatmap --model {input.models:q} --splits {input.splits:q} "
+        "--features {input.bag:q} --slide {params.path:q} --slide-id={wildcards.slide:q} {params.mpp:q} "
+        "--config {input.settings:q} "
+        "--out {output.heatmap:q} --montage {output.montage:q} > {log:q} 2>&1"

@@ -1,49 +1,63 @@
 # Stage 2 per slide: features of every tile with the frozen encoder. A slide whose tiling failed, or whose
-# every tile fails to decode, is recorded as failed in its facts file; `collect` leaves it out later.
+# every tile fails to decode, gets a bag that records the failure and a facts JSON saying why; `collect`
+# leaves it out later.
 
 
 rule extract:
     input:
-        tiles=f"{OUT}/tiles/{{slide}}.json",
+        tiles=f"{OUT}/tiles/{{slide}}.h5",
+        tiles_facts=f"{OUT}/tiles/{{slide}}.json",
+        settings=SETTINGS_FILES["extract"],
     output:
+        bag=f"{FEATURES}/{{slide}}.h5",
         facts=f"{FEATURES}/{{slide}}.json",
     log:
         f"{OUT}/logs/extract/{{slide}}.log",
     group:
-        "slides"
+        slide_group
     conda:
-        ENV
+        conda_env(config["extract"]["gpus"])
     threads: config["extract"]["threads"]
     resources:
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=lambda wildcards, attempt: 120 * attempt,
-        gpu=config["extract"].get("gpus", 0),
+        gpu=config["extract"]["gpus"],
+        runtime=slide_runtime("extract"),
     params:
-        slide=lambda wildcards: shlex.quote(slide_row(wildcards.slide)["path"]),
-        tiles=f"{OUT}/tiles/{{slide}}.h5",
-        features=f"{FEATURES}/{{slide}}.h5",
-        encoder=config["extract"]["encoder"],
-        weights=(
-            f"--weights {shlex.quote(config['extract']['weights'])}"
-            if config["extract"].get("weights")
-            else ""
-        ),
-        options=" ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in config["extract"].items()
-            if k in ("batch_size", "workers", "precision", "dtype", "device")
-        )
-        + (" --random-init" if config["extract"].get("random_init") else ""),
+        path=slide_path,
     shell:
-        "pathmil --threads {threads} extract {params.slide} --tiles {params.tiles} "
-        "--encoder {params.encoder} {params.weights} --out {params.features} --facts {output.facts} "
-        "--skip-errors {params.options} > {log} 2>&1"
+        "pathmil --threads {threads} extract {params.path:q} --slide-id={wildcards.slide:q} "
+        "--tiles {input.tiles:q} --out {output.bag:q} --facts {output.facts:q} "
+        "--config {input.settings:q} --skip-errors > {log:q} 2>&1"
+
+
+rule batch:
+    """One SLURM job per batch of slides: this record joins the batch's tiling and extraction jobs into one
+    group (a group is what depends on one another) and lists what each slide asked for.
+    """
+    input:
+        bags=lambda wildcards: [
+            f"{FEATURES}/{s}.h5" for s in BATCHES[int(wildcards.batch)]
+        ],
+    output:
+        f"{OUT}/batches/{{batch}}.tsv",
+    log:
+        f"{OUT}/logs/batches/{{batch}}.log",
+    group:
+        "slides_{batch}"
+    conda:
+        ENV
+    resources:
+        runtime=RECORD_MINUTES,
+    params:
+        text=lambda wildcards: batch_record(int(wildcards.batch)),
+    shell:
+        "printf '%s' {params.text:q} > {output:q} 2> {log:q}"
 
 
 rule collect:
     input:
         table=f"{OUT}/cohort.csv",
         facts=lambda wildcards: [f"{FEATURES}/{s}.json" for s in slide_ids()],
+        bags=lambda wildcards: [f"{FEATURES}/{s}.h5" for s in slide_ids()],
     output:
         table=f"{OUT}/cohort_ok.csv",
         failures=f"{OUT}/failures.csv",
@@ -51,12 +65,8 @@ rule collect:
         f"{OUT}/logs/collect.log",
     conda:
         ENV
-    threads: 1
-    resources:
-        mem_mb=lambda wildcards, attempt: 2000 * attempt,
-        runtime=lambda wildcards, attempt: 10 * attempt,
     params:
         facts_dir=FEATURES,
     shell:
-        "pathmil cohort --cohort {input.table} --facts-dir {params.facts_dir} --out {output.table} "
-        "--failures {output.failures} > {log} 2>&1"
+        "pathmil cohort --cohort {input.table:q} --facts-dir {params.facts_dir:q} "
+        "--out {output.table:q} --failures {output.failures:q} > {log:q} 2>&1"

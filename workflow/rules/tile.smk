@@ -1,28 +1,33 @@
-# Stage 1 per slide: tissue segmentation and the tile grid. A slide that fails is recorded in its facts
-# file (status "failed") and later stages go on without it.
+# Stage 1 per slide: tissue segmentation (or the slide's given outline) and the tile grid. A slide that fails
+# still gets its four files: the facts JSON says "failed" and why, the tiles file records the failure
+# (readers refuse it, naming the reason), the GeoJSON holds no polygon and the QC picture shows the reason;
+# later stages go on without the slide.
 
 
 rule tile:
     input:
-        slide_input,
+        slide=slide_input,
+        tissue=slide_tissue,
+        settings=SETTINGS_FILES["tile"],
     output:
+        tiles=f"{OUT}/tiles/{{slide}}.h5",
         facts=f"{OUT}/tiles/{{slide}}.json",
+        geojson=f"{OUT}/tiles/{{slide}}.geojson",
+        qc=f"{OUT}/qc/{{slide}}.png",
     log:
         f"{OUT}/logs/tile/{{slide}}.log",
     group:
-        "slides"
+        slide_group
     conda:
         ENV
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 4000 * attempt,
-        runtime=lambda wildcards, attempt: 30 * attempt,
+        runtime=slide_runtime("tile"),
     params:
-        path=lambda wildcards: shlex.quote(slide_row(wildcards.slide)["path"]),
-        tiles=f"{OUT}/tiles/{{slide}}.h5",
-        qc=f"{OUT}/qc/{{slide}}.png",
-        mpp=slide_mpp_arg,
-        settings=set_args(config["tile"]),
+        path=slide_path,
+        mpp=slide_mpp_args,
+        tissue=slide_tissue_args,
     shell:
-        "pathmil tile {params.path} --slide-id {wildcards.slide} --out {params.tiles} --qc {params.qc} "
-        "--facts {output.facts} --skip-errors {params.mpp} {params.settings} > {log} 2>&1"
+        "pathmil tile {params.path:q} --slide-id={wildcards.slide:q} --out {output.tiles:q} "
+        "--qc {output.qc:q} --facts {output.facts:q} --geojson {output.geojson:q} "
+        "--config {input.settings:q} --skip-errors {params.mpp:q} {params.tissue:q} > {log:q} 2>&1"

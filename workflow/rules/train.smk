@@ -1,11 +1,13 @@
-# One run per task x aggregator x fold. MHIM-MIL runs start their teacher from the plain model of the same
-# task and fold, so those runs come first.
+# One run per task x aggregator x fold. Its settings file (task, labels, aggregator, model, loop) is an
+# input, so a changed setting reruns exactly the runs it affects. MHIM-MIL runs start their teacher from the
+# plain model of the same task and fold, so those runs come first.
 
 
 rule train:
     input:
         table=f"{OUT}/cohort_ok.csv",
         splits=f"{OUT}/splits/{{task}}.csv",
+        settings=train_settings_file,
         baseline=baseline_checkpoint,
     output:
         metrics=f"{OUT}/models/{{task}}/{{aggregator}}/fold{{fold}}/metrics.json",
@@ -14,18 +16,15 @@ rule train:
     log:
         f"{OUT}/logs/train/{{task}}/{{aggregator}}/fold{{fold}}.log",
     conda:
-        ENV
+        conda_env(config["train"]["gpus"])
     threads: 1
     resources:
-        mem_mb=lambda wildcards, attempt: 8000 * attempt,
-        runtime=lambda wildcards, attempt: 240 * attempt,
-        gpu=(config.get("train") or {}).get("gpus", 0),
+        gpu=config["train"]["gpus"],
     params:
-        run=f"{OUT}/models/{{task}}/{{aggregator}}/fold{{fold}}",
+        run=lambda wildcards, output: os.path.dirname(output.metrics),
         features=FEATURES,
-        settings=train_args,
+        teacher=teacher_args,
     shell:
-        "pathmil --threads {threads} train --features {params.features} --cohort {input.table} "
-        "--splits {input.splits} --fold {wildcards.fold} --task {wildcards.task} "
-        "--aggregator {wildcards.aggregator} --out {params.run} --no-progress {params.settings} "
-        "> {log} 2>&1"
+        "pathmil --threads {threads} train --features {params.features:q} --cohort {input.table:q} "
+        "--splits {input.splits:q} --fold {wildcards.fold} --config {input.settings:q} "
+        "{params.teacher:q} --out {params.run:q} --no-progress > {log:q} 2>&1"

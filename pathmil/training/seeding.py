@@ -1,5 +1,5 @@
-"""Random-number state and seeding for exact, resumable runs; the checkpoint file itself is
-`pathmil.models.checkpoint` (``save_checkpoint`` and ``load_checkpoint``)."""
+"""Seeding and random-number state, for exact and resumable runs (the checkpoint file itself is
+`pathmil.models.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ import torch
 
 def rng_state() -> dict[str, Any]:
     """The state of every random number generator a run draws from."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (libraries' global RNG)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (the legacy global RNG that libraries draw from)
+        # plain data and tensors only, so checkpoints load with weights_only=True
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -24,7 +32,16 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
+    numpy_state = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (
+            numpy_state["kind"],
+            numpy_state["key"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
