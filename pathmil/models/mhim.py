@@ -20,8 +20,9 @@ padded). One training step on a bag of N instances:
    relative risk for Cox), regression by its standardised value through a sigmoid (sTIL-rich tiles raise
    the slide score). In all three the masked instances are those the teacher's prediction rests on, which
    is what "salient" means in the paper; only the ranking matters for the masks.
-2. Masks (:func:`plan_masks`): from the top ceil(N h / hr) a random share hr is masked (h decays to 0 along
-   a cosine over the run when ``high_decay``); the low-score mask takes the lowest ``low_ratio`` N and the
+2. Masks (:func:`plan_masks`): k = N h instances, drawn at random from the top ceil(k / hr), are masked
+   (h decays to 0 along a cosine over the run when ``high_decay``; N h is rounded stochastically, so
+   small bags lose one instance with probability N h rather than always, see :func:`high_mask_count`); the low-score mask takes the lowest ``low_ratio`` N and the
    random mask ``random_ratio`` of what is left (version 1 defaults 0.2 and 0.5). At least one instance is
    always kept. Version 2 then shuffles the unmasked instances, keeps ``merge_ratio`` of them and hands
    the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
@@ -94,9 +95,13 @@ class MHIMConfig(Settings):
         0.5,
         gt=0,
         le=1,
-        description="hr: mask a random share hr of the top ceil(N h / hr); 1 masks the top N h",
+        description="hr: the N h masked are drawn from the top ceil(N h / hr); 1 masks the top N h",
     )
     high_decay: bool = Field(True, description="cosine decay of h from high_ratio to 0 over the run")
+    high_rounding: Literal["stochastic", "ceil"] = Field(
+        "stochastic",
+        description="N h masked: stochastic (expected share h) or ceil (the authors': at least 1 always)",
+    )
     low_ratio: float | None = Field(
         None, ge=0, lt=1, description="share masked from the bottom of the ranking (none: v1 0.2, v2 0)"
     )
@@ -170,6 +175,23 @@ def _ceil(value: float) -> int:
     return math.ceil(value - 1e-9)
 
 
+def high_mask_count(n: int, high_ratio: float, rounding: str = "stochastic") -> int:
+    """How many of ``n`` instances the high-score mask hides: N h rounded, never all of them.
+
+    ``stochastic``: floor(N h), plus one with probability frac(N h) (torch's RNG), so the expected share is
+    h whatever the bag's size. ``ceil``: ceil(N h), as the authors' code, which masks at least one instance
+    of every bag while h > 0: on bags of fewer than 1 / h instances that is always the teacher's top one,
+    the only witness of a single-witness bag (benchmarks/RESULTS.md, MIL quality).
+    """
+    exact = n * high_ratio
+    if rounding == "ceil":
+        count = _ceil(exact)
+    else:
+        whole = math.floor(exact + 1e-9)
+        count = whole + int(float(torch.rand(())) < exact - whole)
+    return max(0, min(count, n - 1))
+
+
 def plan_masks(
     scores: torch.Tensor,
     high_ratio: float,
@@ -177,19 +199,22 @@ def plan_masks(
     low_ratio: float = 0.0,
     random_ratio: float = 0.0,
     merge_ratio: float = 1.0,
+    high_rounding: str = "stochastic",
 ) -> MaskPlan:
     """The masks of one bag from the teacher's instance ``scores`` (N,); random draws use torch's RNG.
 
-    High: ceil(N h) instances drawn at random from the top ceil(N h / hr). Low: the lowest floor(N l) of
-    the rest. Random: floor(share * rest) of what remains. Every mask shrinks so that one instance stays.
-    Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n) stay (at least one) and the
-    others are to be recycled.
+    High: k = N h rounded (:func:`high_mask_count`) instances drawn at random from the top ceil(k / hr)
+    (``ceil`` rounding: the top ceil(N h / hr), as the authors' code).
+    Low: the lowest floor(N l) of the rest. Random: floor(share * rest) of what remains. Every mask shrinks
+    so that one instance stays. Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n)
+    stay (at least one) and the others are to be recycled.
     """
     n = scores.numel()
     device = scores.device
     order = torch.argsort(scores, descending=True)
-    n_high = min(_ceil(n * high_ratio), n - 1)
-    pool = min(n, max(n_high, _ceil(n * high_ratio / high_random)))
+    n_high = high_mask_count(n, high_ratio, high_rounding)
+    top = n * high_ratio if high_rounding == "ceil" else n_high  # the authors' pool: the top ceil(N h / hr)
+    pool = min(n, max(n_high, _ceil(top / high_random)))
     high = order[:pool][torch.randperm(pool, device=device)[:n_high]]
     rest = order[~torch.isin(order, high)]  # still ranked, best first
     n_low = min(int(n * low_ratio + 1e-9), len(rest) - 1)
@@ -395,6 +420,7 @@ class MHIM(MILModel):
             low,
             rand,
             s.merge_ratio if self.recycle is not None else 1.0,
+            s.high_rounding,
         )
         n_keep = len(plan.keep)
         h = embed_instances(self.student, x[:, torch.cat([plan.keep, plan.recycle])])
