@@ -19,6 +19,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/settings.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/cohort.smk"
@@ -38,7 +39,9 @@ localrules:
     cohort,
     collect,
     split,
+    search,
     summary,
+    qc_gallery,
 
 
 rule all:

@@ -238,9 +238,13 @@ def pathmil_cmd(*args: str, threads: int | None = None) -> list[str]:
 
 
 def demo_config() -> dict[str, Any]:
+    """config/config.yaml over pathmil's declared defaults: every section, as the workflow sees it."""
     import yaml
 
-    return yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    from pathmil.config import deep_merge, defaults_yaml
+
+    defaults = yaml.safe_load(defaults_yaml())
+    return deep_merge(defaults, yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
 
 
 def accelerator(dry_run: bool) -> str:

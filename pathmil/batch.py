@@ -43,11 +43,14 @@ def write_failure_outputs(
     paths: list[str | os.PathLike | None], slide_id: str, stage: str, error: Exception
 ) -> None:
     """Stand-ins for the per-slide outputs a failed slide cannot make, so a workflow job that declares
-    them still completes: an HDF5 file holding only the failure (readers refuse it, naming the reason)
-    and a PNG card that shows the reason in the QC gallery."""
+    them still completes: an HDF5 file holding only the failure (readers refuse it, naming the reason),
+    a PNG card that shows the reason in the QC gallery, and a GeoJSON without features that says why."""
     for path in (Path(p) for p in paths if p is not None):
         if path.suffix == ".h5":
             write_failure_record(path, slide_id, stage, str(error))
+        elif path.suffix == ".geojson":
+            failure = {"slide_id": slide_id, "status": "failed", "stage": stage, "error": str(error)}
+            write_json(path, {"type": "FeatureCollection", "features": [], "pathmil": failure})
         elif path.suffix == ".png":
             with atomic_output(path) as tmp:
                 write_png(tmp, failure_card(slide_id, stage, str(error)))

@@ -27,7 +27,12 @@ TASKS = ("classification", "survival", "regression")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file of settings (see config/README.md)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        help="YAML file of settings (see config/README.md); repeat it to merge several, later ones winning",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -101,6 +106,7 @@ def run_demo(args: argparse.Namespace) -> None:
         workers=config.workers,
         hue_shift=config.hue_shift,
         scale=config.scale,
+        progress=sys.stderr.isatty(),
     )
     print(f"wrote {len(table)} slides of {table['patient_id'].nunique()} patients to {args.out}/cohort.csv")
 
@@ -115,7 +121,9 @@ def add_cohort_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--facts-dir",
         type=Path,
-        help="keep only the slides whose facts JSON in this folder says ok (after tile/extract)",
+        nargs="+",
+        help="keep only the slides whose facts JSON says ok in every one of these folders (after "
+        "tile/extract; one folder per encoder)",
     )
     p.add_argument("--failures", type=Path, help="with --facts-dir: CSV of the dropped slides and why")
 
@@ -156,6 +164,14 @@ def add_tile_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="tiles HDF5 of the one slide")
     p.add_argument("--qc", type=Path, help="QC picture (PNG) of the one slide")
     p.add_argument("--facts", type=Path, help="facts JSON of the one slide (default: --out with .json)")
+    p.add_argument(
+        "--geojson", type=Path, help="tissue outline written as GeoJSON (default: --out with .geojson)"
+    )
+    p.add_argument(
+        "--tissue-geojson",
+        type=Path,
+        help="given tissue outline or region (GeoJSON, level-0 px) used instead of the automatic mask",
+    )
     p.add_argument("--slide-id", help="slide id (default: the file name without extension)")
     _add_batch_args(p)
     p.add_argument("--out-dir", type=Path, help="batch mode: tiles files go here")
@@ -181,8 +197,11 @@ def run_tile(args: argparse.Namespace) -> None:
 
 
 def _tile_batch(args: argparse.Namespace, config: Any) -> None:
-    if args.slide is not None or args.out_dir is None:
-        raise PathmilError("batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE")
+    if args.slide is not None or args.out_dir is None or args.tissue_geojson or args.geojson:
+        raise PathmilError(
+            "batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE, --geojson or "
+            "--tissue-geojson (give outlines in the table's 'tissue' column or tile.tissue_dir)"
+        )
     from pathmil.cohort import load_slides
     from pathmil.slide.tile import tile_cohort
 
@@ -195,6 +214,7 @@ def _tile_batch(args: argparse.Namespace, config: Any) -> None:
         skip_errors=args.skip_errors,
         failures=args.failures,
         default_mpp=config.default_mpp,
+        progress=sys.stderr.isatty(),
     )
     print(
         f"tiled {len(facts)} of {len(slides)} slides into {args.out_dir}"
@@ -222,13 +242,15 @@ def _tile_one(args: argparse.Namespace, config: Any) -> None:
             facts=args.facts,
             slide_id=slide_id,
             mpp=config.default_mpp,
+            tissue=args.tissue_geojson,
+            geojson=args.geojson,
         ),
         "tile",
         slide_id,
         args.slide,
         args.facts or args.out.with_suffix(".json"),
         args.skip_errors,
-        outputs=[args.out, args.qc],
+        outputs=[args.out, args.qc, args.geojson or args.out.with_suffix(".geojson")],
     )
     if facts is None:
         return
@@ -288,7 +310,13 @@ def _extract_batch(args: argparse.Namespace, config: Any) -> None:
 
     slides = load_slides(args.cohort, args.slide_dir)
     facts = extract_cohort(
-        slides, args.tiles_dir, args.out_dir, config, skip_errors=args.skip_errors, failures=args.failures
+        slides,
+        args.tiles_dir,
+        args.out_dir,
+        config,
+        skip_errors=args.skip_errors,
+        failures=args.failures,
+        progress=sys.stderr.isatty(),
     )
     done = int(facts["skipped"].sum()) if len(facts) else 0
     print(
@@ -352,7 +380,7 @@ def add_split_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
-    add_flags(p, SplitConfig, list(SplitConfig.model_fields))
+    add_flags(p, SplitConfig, [name for name in SplitConfig.model_fields if name != "task_options"])
     p.add_argument("--out", type=Path, required=True, help="splits CSV (slide_id, patient_id, fold, split)")
     _add_config_args(p)
 
@@ -364,18 +392,23 @@ def run_split(args: argparse.Namespace) -> None:
     from pathmil.tasks import create_task
 
     config = _settings(args, SplitConfig)
-    task = create_task(args.task, target=args.target)
-    table = read_labelled_table(args.cohort, task.label_columns)
+    task = create_task(args.task, target=args.target, **config.task_options)
+    table = read_labelled_table(args.cohort, task.label_columns, config.bag_level)
     task.check_labels(table)
-    patients = table.groupby("patient_id", sort=True).first().reset_index()
-    strata = task.stratify_labels(patients)
+    if config.bag_level == "patient":
+        bags = table.groupby("patient_id", sort=True).first().reset_index()
+    else:
+        bags = table.sort_values("slide_id").reset_index(drop=True)
     splits = make_splits(
-        patients, table, strata, config.folds, config.val_frac, config.test_frac, config.seed
+        bags, table, task.stratify_labels(bags), config.folds, config.val_frac, config.test_frac, config.seed
     )
     with atomic_output(args.out) as tmp:
         splits.to_csv(tmp, index=False)
     counts = splits.groupby(["fold", "split"])["patient_id"].nunique().unstack(fill_value=0)
-    print(f"{config.folds} folds of {len(patients)} patients ({len(table)} slides) -> {args.out}")
+    print(
+        f"{config.folds} folds of {table['patient_id'].nunique()} patients ({len(table)} slides, "
+        f"{config.bag_level} bags) -> {args.out}"
+    )
     print(counts.to_string())
 
 
@@ -395,7 +428,9 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", nargs="+", help="label column(s) (default: label | time event | stil)")
     p.add_argument("--teacher-init", help="MHIM-MIL: the baseline run's best.pt that starts the teacher")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs only; none when stderr is a file)"
+    )
     _add_config_args(p)
 
 
@@ -410,14 +445,52 @@ def run_train(args: argparse.Namespace) -> None:
         config = TrainConfig.build(
             deep_merge(config.to_dict(), {"mhim": {"teacher_init": args.teacher_init}})
         )
-    summary = train(
-        config, args.features, args.cohort, args.splits, args.fold, args.out, progress=not args.no_progress
-    )
+    progress = not args.no_progress and sys.stderr.isatty()  # a bar in a log file is noise
+    summary = train(config, args.features, args.cohort, args.splits, args.fold, args.out, progress=progress)
     test = summary["metrics"].get("test", {})
     main_metric = summary["main_metric"]
     print(
         f"{summary['task']}/{summary['aggregator']} fold {summary['fold']}: best epoch {summary['best_epoch']}, "
         f"test {main_metric} {test.get(main_metric, float('nan')):.4f} -> {args.out}"
+    )
+
+
+def add_search_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", type=Path, required=True, help="folder of bag files")
+    p.add_argument(
+        "--cohort", type=Path, required=True, help="cohort table with slide_id, patient_id, labels"
+    )
+    p.add_argument("--splits", type=Path, required=True, help="splits CSV from `pathmil split`")
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--teacher-init", help="MHIM-MIL: the baseline run's best.pt that starts the teacher")
+    p.add_argument(
+        "--n-trials", type=int, help="trials to add in this call (default: search.n_trials in all)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="search folder (study.journal, best.yaml, trials.csv)"
+    )
+    _add_config_args(p)
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from pathmil.config import deep_merge, load_settings
+    from pathmil.training.run import TrainConfig
+    from pathmil.training.search import SearchConfig, search_fold
+
+    config = _settings(args, TrainConfig)
+    if args.teacher_init:
+        config = TrainConfig.build(
+            deep_merge(config.to_dict(), {"mhim": {"teacher_init": args.teacher_init}})
+        )
+    search = load_settings(SearchConfig, args.config)
+    if args.n_trials is None and search.n_trials < 1:
+        raise PathmilError("nothing to search: set search.n_trials (or --n-trials) to at least 1")
+    best = search_fold(
+        config, search, args.features, args.cohort, args.splits, args.fold, args.out, args.n_trials
+    )
+    print(
+        f"fold {args.fold}: best validation {best['value']:.4f} after {best['trials']} trials with "
+        f"{best['settings']} -> {args.out / 'best.yaml'}"
     )
 
 
@@ -429,7 +502,7 @@ def _add_evaluate_flags(p: argparse.ArgumentParser) -> None:
     from pathmil.settings import add_flags
 
     add_flags(p, EvaluateConfig, ["n_bootstrap"])
-    add_flags(p, PlotConfig, ["time_unit"])
+    add_flags(p, PlotConfig, ["time_unit", "value_label"])
     _add_config_args(p)
 
 
@@ -531,6 +604,9 @@ def add_summary_parser(p: argparse.ArgumentParser) -> None:
         "--evals", type=Path, nargs="+", required=True, help="folders written by `pathmil evaluate`"
     )
     p.add_argument("--out", type=Path, required=True, help="summary CSV")
+    p.add_argument("--html", type=Path, help="also the report's summary page (HTML): task x aggregator")
+    p.add_argument("--cohort", type=Path, help="the cohort table of every slide (its count on the page)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort` (its count on the page)")
 
 
 def run_summary(args: argparse.Namespace) -> None:
@@ -540,10 +616,41 @@ def run_summary(args: argparse.Namespace) -> None:
     table = summarise_evaluations(args.evals)
     with atomic_output(args.out) as tmp:
         table.to_csv(tmp, index=False)
+    if args.html:
+        import pandas as pd
+
+        from pathmil.evaluation.report import summary_page, write_page
+
+        n_slides = len(pd.read_csv(args.cohort)) if args.cohort else None
+        n_failed = len(pd.read_csv(args.failures)) if args.failures and args.failures.stat().st_size else 0
+        write_page(args.html, summary_page(args.evals, n_slides, n_failed))
     for row in table[table["main"]].itertuples():
         print(
             f"{row.task:>15} {row.aggregator:>15} {row.metric}: {row.pooled:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}]"
         )
+
+
+def add_qc_gallery_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cohort", type=Path, required=True, help="cohort table of every slide (slide_id)")
+    p.add_argument("--qc-dir", type=Path, required=True, help="QC pictures of `pathmil tile` (SLIDE.png)")
+    p.add_argument("--tiles-dir", type=Path, required=True, help="tiling facts (SLIDE.json)")
+    p.add_argument("--failures", type=Path, help="failures.csv of `pathmil cohort`: stage and reason")
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
+    p.add_argument(
+        "--max-slides",
+        type=int,
+        default=MAX_THUMBNAILS,
+        help="thumbnails at most, failed slides first (default %(default)s)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the gallery page (HTML)")
+
+
+def run_qc_gallery(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.report import qc_gallery, write_page
+
+    write_page(args.out, qc_gallery(args.cohort, args.qc_dir, args.tiles_dir, args.failures, args.max_slides))
+    print(f"QC gallery -> {args.out}")
 
 
 def add_models_parser(p: argparse.ArgumentParser) -> None:
@@ -719,8 +826,16 @@ def add_heatmap_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--features", type=Path, required=True, help="the slide's bag file (with coords)")
     p.add_argument("--slide", type=Path, required=True, help="the slide file")
-    p.add_argument("--out", type=Path, required=True, help="heatmap PNG")
-    p.add_argument("--montage", type=Path, help="PNG of the top-k and bottom-k tiles")
+    p.add_argument("--slide-id", help="the slide's id, which the bag must name (default: the file name)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="paint a bag whose slide id, level-0 size or slide fingerprint disagree with the slide",
+    )
+    p.add_argument("--out", type=Path, required=True, help="the heatmap picture: JPEG for .jpg, else PNG")
+    p.add_argument(
+        "--montage", type=Path, help="picture of the top-k and bottom-k tiles (JPEG for .jpg, else PNG)"
+    )
     p.add_argument("--scores", type=Path, help="CSV of every tile's x, y, score and percentile")
     add_flags(p, HeatmapConfig, ["top_k", "smooth", "max_px"])
     p.add_argument(
@@ -755,11 +870,36 @@ def run_heatmap(args: argparse.Namespace) -> None:
         config=config,
         mpp=args.mpp,
         expected_task=args.task,
+        slide_id=args.slide_id,
+        force=args.force,
     )
     print(
         f"{facts['slide_id']}: {facts['n_tiles']} tiles, slide score {facts['score']:.4g} -> {args.out} "
         f"in {facts['seconds']:.2f} s"
     )
+    for warning in facts["warnings"]:
+        print(f"warning: painted although {warning} (--force)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def add_export_parser(p: argparse.ArgumentParser) -> None:
+    from pathmil.features.export import FORMATS
+
+    p.add_argument(
+        "--features", type=Path, nargs="+", required=True, help="bag files, or folders of them (any layout)"
+    )
+    p.add_argument("--format", choices=FORMATS, required=True, help="layout to write")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--mpp", type=float, help="um/px of the slides, for bags with micrometre or centre coords")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from pathmil.features.export import export_bags
+
+    written = export_bags(args.features, args.out, args.format, args.mpp)
+    print(f"wrote {len(written)} file(s) in {args.format}'s layout under {args.out}")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -806,6 +946,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     ),
     "split": ("patient-level cross-validation folds of a cohort", add_split_parser, run_split),
     "train": ("train a MIL aggregator on one fold", add_train_parser, run_train),
+    "search": (
+        "search hyperparameters on one fold's training and validation parts (never its test part)",
+        add_search_parser,
+        run_search,
+    ),
     "evaluate": (
         "per-fold and pooled metrics of runs, with bootstrap CIs",
         add_evaluate_parser,
@@ -817,6 +962,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         run_compare,
     ),
     "summary": ("one table of several `pathmil evaluate` outputs", add_summary_parser, run_summary),
+    "qc-gallery": (
+        "a page of every slide's QC picture, failed slides first with the reason",
+        add_qc_gallery_parser,
+        run_qc_gallery,
+    ),
     "models": ("list the MIL aggregators", add_models_parser, run_models),
     "predict": (
         "score bags or slides with trained models (checkpoints, or a package)",
@@ -832,6 +982,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "paint a model's instance scores over a slide, with a montage of its top and bottom tiles",
         add_heatmap_parser,
         run_heatmap,
+    ),
+    "export": (
+        "write bags in the layouts CLAM and TRIDENT train on (float32 features)",
+        add_export_parser,
+        run_export,
     ),
     "config": (
         "every setting with its default, the workflow schema, the config docs",
@@ -909,7 +1064,10 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help()
             return 2
-        return int(args.handler(args) or 0)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the progress bars, never through them
+            return int(args.handler(args) or 0)
     except PathmilError as err:
         print(f"pathmil: error: {err}", file=sys.stderr)
         return 1

@@ -37,12 +37,15 @@ SECTIONS = (
     "split",
     "tasks",
     "aggregators",
+    "seeds",
     "train",
+    "search",
     "models",
     "evaluate",
     "plots",
     "heatmap",
     "report",
+    "slurm",
     "package",
     "deploy",
     "transfer",
@@ -108,13 +111,13 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_settings(
     cls: type[S],
-    path: str | Path | None = None,
+    path: str | Path | list[str | Path] | None = None,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
     section: str | None = None,
 ) -> S:
-    """Defaults, then the YAML file's section (``cls.section`` unless named; dotted for a nested one, e.g.
-    ``slides.demo``), then ``--set``, then flags.
+    """Defaults, then the YAML files' sections (``cls.section`` unless named; dotted for a nested one,
+    e.g. ``slides.demo``; later files win), then ``--set``, then flags.
 
     ``flags`` holds values given as dedicated command-line flags (those not given are left out).
 
@@ -122,13 +125,16 @@ def load_settings(
         PathmilError: an unreadable file, an unknown section or key, or a bad value (one line naming it).
     """
     section = section or cls.section
-    data = read_yaml(path)
-    if path is not None:
-        check_sections(data, path)
-    for part in section.split("."):
-        data = (data.get(part) if isinstance(data, dict) else None) or {}
-    if not isinstance(data, dict):
-        raise PathmilError(f"config file {path}: section '{section}' must be a mapping of settings")
+    data: dict[str, Any] = {}
+    for one in [] if path is None else path if isinstance(path, list) else [path]:
+        content = read_yaml(one)
+        check_sections(content, one)
+        part: Any = content
+        for key in section.split("."):
+            part = (part.get(key) if isinstance(part, dict) else None) or {}
+        if not isinstance(part, dict):
+            raise PathmilError(f"config file {one}: section '{section}' must be a mapping of settings")
+        data = deep_merge(data, part)
     data = deep_merge(data, parse_overrides(overrides))
     data = deep_merge(data, {k: v for k, v in (flags or {}).items() if v is not None})
     return cls.build(data, section)
@@ -142,7 +148,7 @@ def run_config_class() -> type[Settings]:
     """The whole-run config (what ``config/config.yaml`` holds), assembled from the stages' settings."""
     from typing import Literal
 
-    from pydantic import Field, model_validator
+    from pydantic import Field, field_validator, model_validator
 
     from pathmil.data.splits import SplitConfig
     from pathmil.demo import DemoConfig
@@ -151,6 +157,7 @@ def run_config_class() -> type[Settings]:
     from pathmil.features.extract import ExtractConfig
     from pathmil.slide.tile import TileConfig
     from pathmil.training.run import TrainConfig
+    from pathmil.training.search import SearchConfig
 
     class SlidesConfig(Settings):
         """Where the slides come from: exactly one of demo, table, dir."""
@@ -159,8 +166,8 @@ def run_config_class() -> type[Settings]:
         demo: DemoConfig | None = Field(None, description="make the synthetic demo cohort")
         table: str | None = Field(
             None,
-            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp, "
-            "and the label columns of the tasks",
+            description="cohort table (CSV, or TSV by extension): slide_id, patient_id, path, optional mpp "
+            "and tissue (a GeoJSON outline), and the label columns of the tasks",
         )
         dir: str | None = Field(
             None, description="folder of slides (ids from file names; tiling and extraction only)"
@@ -173,12 +180,35 @@ def run_config_class() -> type[Settings]:
                 raise ValueError(f"slides must name exactly one of demo, table, dir (got {given or 'none'})")
             return self
 
-    class ExtractJob(ExtractConfig):
-        """``extract`` settings plus the workflow's per-job resources."""
+    ExtractOverrides = partial(ExtractConfig, "ExtractOverrides")
 
+    class ExtractJob(ExtractConfig):
+        """``extract`` settings plus the workflow's per-job resources and its encoder grid."""
+
+        encoder: str | list[str] = Field(  # type: ignore[assignment]
+            "resnet50_trunc",
+            description="encoder (registry name or timm:<model_name>), or a list of them (a grid)",
+        )
+        per_encoder: dict[str, ExtractOverrides] = Field(  # type: ignore[valid-type]
+            default_factory=dict,
+            description="settings of one encoder of the list (e.g. its weights, random_init)",
+        )
         threads: int = Field(2, ge=1, description="compute threads per extraction job (the rule's threads)")
         gpus: int = Field(0, ge=0, description="GPUs per extraction job (on SLURM: --gpus)")
 
+        @field_validator("encoder")
+        @classmethod
+        def _known_encoder(cls, value: str | list[str]) -> str | list[str]:  # each of the list
+            for name in [value] if isinstance(value, str) else value:
+                ExtractConfig._known_encoder(name)
+            return value
+
+    SplitJob = subset(
+        SplitConfig,
+        "SplitJob",
+        [n for n in SplitConfig.model_fields if n not in WORKFLOW_OWNED_SPLIT_FIELDS],
+        "patient-level folds of every task (bag_level and task_options come from each task's train settings)",
+    )
     run_fields = [n for n in TrainConfig.model_fields if n not in WORKFLOW_OWNED_TRAIN_FIELDS]
     TrainJob = subset(
         TrainConfig,
@@ -204,11 +234,33 @@ def run_config_class() -> type[Settings]:
         model: dict[str, Any] = Field(default_factory=dict, description="the aggregator's settings")
         mhim: dict[str, Any] = Field(default_factory=dict, description="MHIM-MIL settings (mhim_* only)")
 
+    from pathmil.evaluation.report import MAX_THUMBNAILS
+
     class ReportConfig(Settings):
         """What ``snakemake --report`` shows."""
 
         section = "report"
         heatmaps: int = Field(2, ge=0, description="slides per task and aggregator with a heatmap")
+        qc_thumbnails: int = Field(
+            MAX_THUMBNAILS, ge=0, description="slides in the QC gallery at most (failed slides first)"
+        )
+
+    class SlurmConfig(Settings):
+        """What the workflow asks SLURM for (workflow/rules/resources.smk; the profile sets the rest)."""
+
+        section = "slurm"
+        max_runtime: float = Field(
+            24.0,
+            gt=0,
+            description="hours one SLURM job may ask for at most: per-slide batches (tiling and extraction) are "
+            "filled to half of it, so a retry can double its time and no attempt asks for more",
+        )
+        seconds_per_tile: float | None = Field(
+            None,
+            gt=0,
+            description="extraction seconds per tile (a bag's facts JSON gives tiles_per_second); none: "
+            "estimated from the encoder's FLOPs and the device",
+        )
 
     class DeployConfig(Settings):
         """A package applied to this cohort's slides: an external test set, or new slides to score."""
@@ -251,12 +303,16 @@ def run_config_class() -> type[Settings]:
         slides: SlidesConfig
         tile: TileConfig = Field(default_factory=TileConfig)
         extract: ExtractJob = Field(default_factory=ExtractJob)
-        split: SplitConfig = Field(default_factory=SplitConfig)
+        split: SplitJob = Field(default_factory=SplitJob)  # type: ignore[valid-type]
         tasks: dict[Literal["classification", "survival", "regression"], TaskEntry | None] = Field(
             default_factory=dict, description="the tasks to train, each with its label columns and options"
         )
         aggregators: list[str] = Field(["abmil"], min_length=1, description="the aggregators to train")
+        seeds: list[int] = Field(
+            [0], min_length=1, description="training seeds: each configuration is trained once per seed"
+        )
         train: TrainJob = Field(default_factory=TrainJob)  # type: ignore[valid-type]
+        search: SearchConfig = Field(default_factory=SearchConfig)
         models: dict[str, ModelEntry] = Field(
             default_factory=dict, description="per-aggregator settings merged over train"
         )
@@ -264,10 +320,11 @@ def run_config_class() -> type[Settings]:
         plots: PlotConfig = Field(default_factory=PlotConfig)
         heatmap: HeatmapConfig = Field(default_factory=HeatmapConfig)
         report: ReportConfig = Field(default_factory=ReportConfig)
+        slurm: SlurmConfig = Field(default_factory=SlurmConfig)
         package: bool = Field(
             False,
             description="package every task x aggregator's fold models with a model card "
-            "(results/<cohort>/packages/<task>/<aggregator>.pathmil)",
+            "(results/<cohort>/packages/<task>/<encoder>/<aggregator>.pathmil; the first seed)",
         )
         deploy: DeployConfig | None = Field(None, description="apply a package to this cohort's slides")
         transfer: TransferConfig | None = Field(None, description="train this cohort from source models too")
@@ -277,6 +334,8 @@ def run_config_class() -> type[Settings]:
 
 # train settings the workflow sets per job from its own sections (tasks, aggregators, models)
 WORKFLOW_OWNED_TRAIN_FIELDS = ("task", "target", "task_options", "aggregator", "model", "mhim")
+# split settings the workflow sets per task from the task's train settings and options (one fact, one place)
+WORKFLOW_OWNED_SPLIT_FIELDS = ("bag_level", "task_options")
 
 
 def defaults_yaml() -> str:
@@ -302,9 +361,9 @@ def workflow_schema() -> dict[str, Any]:
     what a config leaves out. Aggregator, encoder and task names are enumerated from the registries; each
     task's ``task_options`` and each aggregator's ``model``/``mhim`` are checked against their own
     declarations. ``x-pathmil`` carries facts the workflow needs without importing pathmil: each wrapper's
-    baseline aggregator and each task's default label columns.
+    baseline aggregator, each task's default label columns, each encoder's GFLOP per tile.
     """
-    from pathmil.features.encoders import list_encoders
+    from pathmil.features.encoders import encoder_gflops, list_encoders
     from pathmil.ids import SLIDE_EXTENSIONS
     from pathmil.models.checkpoint import PACKAGE_FORMAT_VERSION
     from pathmil.models.mhim import MHIMConfig
@@ -317,8 +376,9 @@ def workflow_schema() -> dict[str, Any]:
     models = list_models()
     props["aggregators"]["items"] = {"enum": models}
     encoder = props["extract"]["properties"]["encoder"]
+    name = {"anyOf": [{"enum": list_encoders()}, {"type": "string", "pattern": "^timm:.+"}]}
     encoder.pop("type", None)
-    encoder["anyOf"] = [{"enum": list_encoders()}, {"type": "string", "pattern": "^timm:.+"}]
+    encoder["anyOf"] = [name, {"type": "array", "items": name, "minItems": 1}]
     task_entry = props["tasks"].pop("additionalProperties")
     props["tasks"]["properties"] = {}
     for name, cls in TASKS.items():
@@ -351,6 +411,7 @@ def workflow_schema() -> dict[str, Any]:
         "package_format_version": PACKAGE_FORMAT_VERSION,
         "slide_extensions": list(SLIDE_EXTENSIONS),
         "default_targets": {name: list(cls.default_columns) for name, cls in TASKS.items()},
+        "encoder_gflops": {name: round(encoder_gflops(name), 1) for name in list_encoders()},
     }
     return schema
 
@@ -435,6 +496,8 @@ def markdown_tables() -> dict[str, str]:
         "plots": settings_table(fields["plots"].annotation),
         "heatmap": settings_table(fields["heatmap"].annotation),
         "report": settings_table(fields["report"].annotation),
+        "search": settings_table(fields["search"].annotation),
+        "slurm": settings_table(fields["slurm"].annotation),
         "deploy": settings_table(settings_class_in(fields["deploy"].annotation)),
         "transfer": settings_table(settings_class_in(fields["transfer"].annotation)),
         "mhim": settings_table(MHIMConfig),

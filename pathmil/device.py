@@ -39,3 +39,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def mil_autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """MIL models run in bf16 autocast on a GPU when ``amp`` is on, in float32 on a CPU."""
     return torch.bfloat16 if amp and device.type == "cuda" else None
+
+
+def scoring_dtype(device: torch.device) -> torch.dtype:
+    """The precision written scores are computed in: float64 on the CPU, float32 on a GPU.
+
+    A float32 result depends on the order of its sums, which CPU kernels choose by instruction set (AVX2,
+    AVX-512, AMX) and thread count: a fold's ``predictions.csv`` written by a one-thread training job and
+    ``pathmil predict`` on all cores of an AVX-512 BF16 CPU differed by up to 1.9e-4 (sTIL %: a logit
+    difference of ~1e-6 times the target's standard deviation). In float64 such differences are ~1e-13,
+    so training's predictions, ``pathmil predict`` and heatmaps agree to 1e-6 on every CPU and thread
+    count. On a GPU, scores keep training's precision (bf16 autocast with ``amp``).
+    """
+    return torch.float64 if device.type == "cpu" else torch.float32

@@ -184,6 +184,25 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     Path(path).write_bytes(data.tobytes())
 
 
+def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 85) -> None:
+    """Write an RGB array as baseline JPEG of ``quality`` (1-100), encoded in memory and written with one
+    plain write, like :func:`write_png` (pictures of tissue: a tenth of the PNG's size at quality 85)."""
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"could not encode a {rgb.shape} picture as JPEG for {path}")
+    Path(path).write_bytes(data.tobytes())
+
+
+def write_picture(path: str | os.PathLike, rgb: np.ndarray, jpeg_quality: int = 85) -> None:
+    """JPEG for a ``.jpg``/``.jpeg`` path, else PNG."""
+    if str(path).lower().endswith((".jpg", ".jpeg")):
+        write_jpeg(path, rgb, jpeg_quality)
+    else:
+        write_png(path, rgb)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically; NaN and infinities become null (strict JSON)."""
     text = json.dumps(_finite(json.loads(json.dumps(data, default=_json_default))), indent=2)

@@ -201,7 +201,7 @@ def add_flags(
     for name in names:
         field = cls.model_fields[name]
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
-        help_text = f"{field.description or name} (default {describe_default(cls, name)})"
+        help_text = f"{field.description or name} (default {describe_default(cls, name)})".replace("%", "%%")
         kind = _scalar_type(field.annotation)
         if kind is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)

@@ -104,7 +104,7 @@ def test_batch_axis_is_dropped_and_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(PathmilError, match=r"neither 'features'.*nor 'feats'"):
         read_bag(tmp_path / "other.h5")
     (tmp_path / "text.h5").write_text("not hdf5")
-    with pytest.raises(PathmilError, match="not readable HDF5"):
+    with pytest.raises(PathmilError, match="is not an HDF5 file"):
         read_bag(tmp_path / "text.h5")
     with pytest.raises(PathmilError, match="does not exist"):
         read_bag(tmp_path / "missing.h5")

@@ -356,6 +356,13 @@ def test_compare_command_writes_tables_verdicts_and_plots(classification_runs, t
         f"plots/{p}" for p in ("performance_profile.png", "differences.png", "calibration.png")
     ]
 
+    # the report's page: the called difference in green in the matrix, its verdict, the profile inline
+    page = (out / "comparison.html").read_text(encoding="ascii")
+    assert page.count('<td class="better">') == 1 and page.count('<td class="worse">') == 1
+    assert f"<b>{forward['difference']:+.3f}</b>" in page and "P(row &gt; column)" in page
+    assert '<li class="called">mambamil &gt; abmil on classification: +' in page
+    assert page.count('src="data:image/png;base64,') == 1 and "48 patients" in page
+
 
 def test_mean_over_seeds_of_the_pooled_auc_and_fold_wise_probability_of_improvement(
     classification_runs, tmp_path
@@ -395,6 +402,8 @@ def test_identical_configurations_show_no_difference(tmp_path):
     assert pair["difference"] == 0 and pair["ci_low"] == 0 and pair["ci_high"] == 0
     assert pair["p_improvement"] == 0.5 and not pair["significant"]
     assert "no detectable difference" in result["verdicts"][0]
+    page = (tmp_path / "out" / "comparison.html").read_text(encoding="ascii")
+    assert 'class="better"' not in page and 'class="worse"' not in page and 'class="called"' not in page
 
 
 def test_compare_survival_with_encoders_and_aggregators(tmp_path):

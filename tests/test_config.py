@@ -10,9 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_presets():
+    """pathmil's default preset: CLAM's tcga thresholds, area filters of one default tile (a 128 um reference
+    patch); CLAM's presets keep CLAM's values (areas in 128 um reference patches, CLAM's 512 px at 40x)."""
     config = TileConfig()
-    assert (config.target_mpp, config.tile_px, config.min_tissue) == (0.5, 256, 0.25)
-    tcga = config.tissue_params()
+    assert (config.target_mpp, config.tile_px, config.min_tissue, config.preset) == (
+        0.5,
+        256,
+        0.25,
+        "pathmil",
+    )
+    default = config.tissue_params()
+    assert (default.sthresh, default.mthresh, default.close, default.a_t, default.a_h, default.max_n_holes) == (
+        8, 7, 4, 1, 1, 8,
+    )  # fmt: skip
+    tcga = TileConfig(preset="tcga").tissue_params()
     assert (tcga.sthresh, tcga.mthresh, tcga.close, tcga.a_t, tcga.a_h, tcga.max_n_holes) == (
         8,
         7,
@@ -50,7 +61,10 @@ def test_yaml_then_overrides_then_flags(tmp_path):
         (["tile_pxx=3"], "unknown setting tile.tile_pxx; allowed: "),
         (["tissue.sthres=3"], "unknown setting tile.tissue.sthres; allowed: a_h, a_t, close"),
         (["tile_px=big"], "setting tile.tile_px: Input should be a valid integer"),
-        (["preset=nope"], "setting tile.preset: Input should be 'tcga', 'bwh_biopsy' or 'bwh_resection'"),
+        (
+            ["preset=nope"],
+            "setting tile.preset: Input should be 'pathmil', 'tcga', 'bwh_biopsy' or 'bwh_resection'",
+        ),
         (["overlap=1.5"], "setting tile.overlap: Input should be less than 1 (got 1.5)"),
         (["tissue.sthresh=300"], "setting tile.tissue.sthresh: Input should be less than or equal to 255"),
     ],
@@ -157,3 +171,41 @@ def test_a_config_file_with_an_unknown_section_or_bad_yaml_is_one_line(tmp_path)
     (tmp_path / "bad.yaml").write_text("tile:\n  tile_px: 256\n   min_tissue: 0.3\n")
     with pytest.raises(PathmilError, match=r"bad.yaml is not valid YAML at line 3, column"):
         load_settings(TileConfig, tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "lr=0"], "setting train.lr: Input should be greater than 0 (got 0)"),
+        (["--set", "weight_decay=-1e-5"], "setting train.weight_decay: Input should be greater than or equal to 0"),
+        (["--config", "typo.yaml"], "typo.yaml: unknown section 'trian'; sections: cohort, slides, tile"),
+        (["--config", "bad.yaml"], "bad.yaml is not valid YAML at line 3, column"),
+    ],
+    ids=["lr", "weight-decay", "section", "yaml"],
+)  # fmt: skip
+def test_train_refuses_bad_settings_in_one_line_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, argv, message
+):
+    """Checked before anything runs: no torch traceback, no empty run folder, no silent 50 default epochs."""
+    from pathmil.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.yaml").write_text("trian:\n  epochs: 3\n")
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: 3\n   lr: 0.1\n")
+    args = [
+        "train",
+        "--features",
+        "f",
+        "--cohort",
+        "c.csv",
+        "--splits",
+        "s.csv",
+        "--fold",
+        "0",
+        "--out",
+        "run",
+    ]
+    assert main([*args, *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

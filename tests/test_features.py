@@ -369,6 +369,9 @@ def test_bag_shapes_dtypes_and_provenance(cmu_tiles, mobilenet, mobilenet_weight
     assert attrs["encoder"] == "mobilenet_v2" and not attrs["random_init"]
     assert attrs["encoder_weights_sha256"] == file_sha256(mobilenet_weights)
     assert attrs["slide_id"] == "cmu_small_region" and attrs["slide_mpp"] == pytest.approx(0.499)
+    assert attrs["slide_mpp_x"] == attrs["slide_mpp_y"] == pytest.approx(0.499)
+    assert attrs["slide_quickhash"] == tiles.attrs["slide_quickhash"] and len(attrs["slide_quickhash"]) == 64
+    assert list(attrs["level0_size"]) == [2220, 2967]
     assert attrs["tile_px"] == 256 and attrs["target_mpp"] == 0.5 and attrs["n_failed_tiles"] == 0
     assert attrs["precision"] == facts["precision"] and attrs["tiles_sha256"]
     assert np.isfinite(bag.features).all()
@@ -406,9 +409,9 @@ def test_real_weights_separate_tissue_from_glass(slides_dir, mobilenet, tmp_path
     slide_path = slides_dir / "cmu_small_region.svs"
     with Slide(slide_path) as slide:
         result = compute_tiles(slide, TileConfig(preset="bwh_biopsy", min_tissue=0.0))
-        size0 = result.facts["tile_size_level0"]
-        xs = grid_positions(slide.dimensions[0], size0, size0)
-        ys = grid_positions(slide.dimensions[1], size0, size0)
+        size_x, size_y = result.facts["tile_size_level0"]
+        xs = grid_positions(slide.dimensions[0], size_x, size_x)
+        ys = grid_positions(slide.dimensions[1], size_y, size_y)
     fraction = {tuple(c): f for c, f in zip(result.tiles.coords.tolist(), result.tiles.tissue_fraction)}
     coords = np.array([(x, y) for y in ys for x in xs], np.int64)
     tissue = np.array([fraction.get((x, y), 0.0) for x, y in coords.tolist()])
@@ -514,6 +517,17 @@ def test_tiles_of_another_slide_are_refused(cmu_tiles, slides_dir, tmp_path, mob
     _, tiles_path = cmu_tiles
     with pytest.raises(SlideError, match="was made for a 2220x2967 slide"):
         extract_slide(slides_dir / "small.svs", tiles_path, tmp_path / "bag.h5", mobilenet)
+    # the same size, another file: OpenSlide's fingerprint of the slide (recorded at tiling) differs
+    tiles = read_tiles(tiles_path)
+    other = dataclasses.replace(tiles, attrs={**tiles.attrs, "slide_quickhash": "0" * 64})
+    write_tiles(tmp_path / "other.h5", other)
+    with pytest.raises(
+        SlideError, match=r"was made from another file than cmu_small_region\.svs \(its slide"
+    ):
+        extract_slide(
+            slides_dir / "cmu_small_region.svs", tmp_path / "other.h5", tmp_path / "b.h5", mobilenet
+        )
+    assert not (tmp_path / "b.h5").exists()
 
 
 # ------------------------------------------------------------------------------------- command line

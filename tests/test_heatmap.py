@@ -182,16 +182,27 @@ def test_real_slide_tiles_light_up_where_they_are_dark(slides_dir, flag_model, t
         darkness = np.array([1 - s.read_tile(x, y, geometry).mean() / 255 for x, y in tiles.coords])
     features = np.column_stack([darkness, np.zeros((len(darkness), 2))]).astype(np.float16)
     bag = tmp_path / "cmu.h5"
-    write_bag(bag, features, tiles.coords, tiles.coords_attrs, {"slide_id": "cmu", "encoder": "synthetic"})
+    attrs = {"slide_id": "cmu_small_region", "encoder": "synthetic"}
+    write_bag(bag, features, tiles.coords, tiles.coords_attrs, attrs)
     facts = make_heatmap(flag_model, bag, slide_path, tmp_path / "cmu.png", config=HeatmapConfig(max_px=512))
     heatmap = facts["heatmap"]
-    assert len(darkness) > 20 and facts["tile_size_level0"] == tiles.coords_attrs["patch_size_level0"] == 257
+    assert len(darkness) > 20 and tiles.coords_attrs["patch_size_level0"] == 257
+    assert facts["tile_size_level0"] == pytest.approx(128 / 0.499)  # the exact size, not CLAM's rounded one
     centres = (tiles.coords + facts["tile_size_level0"] / 2) / facts["downsample"]
     painted = heatmap.values[centres[:, 1].astype(int), centres[:, 0].astype(int)]
     assert np.allclose(painted, rank_normalise(darkness.astype(np.float16).astype(float)), atol=1e-6)
     grey = heatmap.thumbnail.mean(axis=2)
     hot, cold = heatmap.values >= 0.9, heatmap.values <= 0.1
     assert grey[hot].mean() < grey[cold].mean() - 20  # the hottest pixels lie on the darkest tissue
+
+    # a .jpg path gives JPEG (the workflow's): the same picture, a fraction of the PNG's bytes
+    jpeg, montage = tmp_path / "cmu.jpg", tmp_path / "cmu_montage.jpg"
+    make_heatmap(flag_model, bag, slide_path, jpeg, montage=montage, config=HeatmapConfig(max_px=512))
+    png_picture, jpeg_picture = cv2.imread(str(tmp_path / "cmu.png")), cv2.imread(str(jpeg))
+    assert jpeg.read_bytes()[:3] == montage.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG's start of image
+    assert jpeg_picture.shape == png_picture.shape
+    assert np.abs(jpeg_picture.astype(int) - png_picture.astype(int)).mean() < 4
+    assert jpeg.stat().st_size < (tmp_path / "cmu.png").stat().st_size / 3
 
 
 def test_montage_shows_the_top_and_bottom_tiles_from_the_slide(slide, bag, flag_model):
@@ -251,7 +262,7 @@ def test_attention_scores_come_from_the_model(slide, bag, tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ("short", "has 176 feature rows but 175 coordinates"),
+        ("short", "has 176 feature rows but 175 coords"),
         ("outside", "tile(s) of"),
         ("wide", "holds 6-dimensional features but model"),
     ],
@@ -276,6 +287,56 @@ def test_bags_that_do_not_fit_are_refused(slide, bag, flag_model, tmp_path, caps
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"slide_id": "other"}, "it was made for slide other, not hot (--slide-id gives the id"),
+        ({"level0_size": np.array([1000, 1000])}, "its slide was 1000 x 1000 px, hot.tiff is 2048 x 1536"),
+        (
+            {"slide_quickhash": "0" * 64},
+            "its slide fingerprint (openslide.quickhash-1) differs from hot.tiff's",
+        ),
+    ],
+    ids=["slide-id", "size", "fingerprint"],
+)
+def test_a_bag_of_another_slide_is_refused_unless_forced(
+    slide, bag, flag_model, tmp_path, capsys, attrs, message
+):
+    """Painting one slide's bag on another slide is refused in one line; --force paints it and says why."""
+    pixels = read_bag(bag)
+    other = tmp_path / "other.h5"
+    write_bag(other, pixels.features, pixels.coords, pixels.coords_attrs, {**pixels.attrs, **attrs})
+    args = ["heatmap", "--model", str(flag_model), "--features", str(other), "--slide", str(slide),
+            "--out", str(tmp_path / "h.png"), "--max-px", "256"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"pathmil: error: {other} is not the bag of {slide}: ") and err.count("\n") == 1
+    assert message in err and err.rstrip().endswith("give this slide's bag, or --force to paint it anyway")
+    assert not (tmp_path / "h.png").exists()
+    assert main([*args, "--force"]) == 0 and (tmp_path / "h.png").is_file()
+    assert f"warning: painted although {message}" in capsys.readouterr().err
+    if "slide_id" in attrs:  # a slide file named otherwise than its id: --slide-id names it
+        assert main([*args, "--slide-id", "other"]) == 0
+
+
+def test_the_bag_of_the_slide_passes_with_all_it_records(slides_dir, flag_model, tmp_path):
+    """pathmil's own bag records the slide id, level-0 size and fingerprint; all agree with its slide."""
+    from pathmil.evaluation.heatmap import make_heatmap
+    from pathmil.slide.tile import TileConfig, tile_slide
+    from pathmil.slide.tilefile import read_tiles
+
+    slide_path = slides_dir / "cmu_small_region.svs"
+    tile_slide(slide_path, tmp_path / "t.h5", TileConfig(target_mpp=2.0, tile_px=64))
+    tiles = read_tiles(tmp_path / "t.h5")
+    assert tiles.attrs["slide_quickhash"] == Slide(slide_path).quickhash
+    attrs = {k: tiles.attrs[k] for k in ("slide_id", "slide_quickhash")}
+    bag = tmp_path / "b.h5"
+    features = np.zeros((len(tiles.coords), 3), np.float16)
+    write_bag(bag, features, tiles.coords, tiles.coords_attrs, {**attrs, "level0_size": [2220, 2967]})
+    facts = make_heatmap(flag_model, bag, slide_path, tmp_path / "h.png", config=HeatmapConfig(max_px=256))
+    assert facts["warnings"] == []
 
 
 def test_the_model_of_the_fold_that_tested_the_slide_is_chosen(tmp_path):

@@ -14,6 +14,7 @@ from pathmil.errors import PathmilError
 from pathmil.models import create_model, registry, ssm
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba, inverse_order, stride_order
 from pathmil.models.mambamil import MambaMIL
+from pathmil.models.softsort import SoftPermutation
 from pathmil.models.ssm import causal_conv1d, cuda, resolve_backend, selective_scan, torch_scan
 from pathmil.models.ssm.conv import causal_conv1d_torch
 from pathmil.models.ssm.torch_branch import mamba_branch_torch
@@ -416,7 +417,13 @@ def small_model(n_outputs=3, seed=0, **settings):
     return create_model("mambamil", in_dim=12, n_outputs=n_outputs, **{**defaults, **settings}).eval()
 
 
-VARIANTS = [{"variant": "sr"}, {"variant": "plain"}, {"variant": "bi"}, {"token_reorder": True}]
+VARIANTS = [
+    {"variant": "sr"},
+    {"variant": "plain"},
+    {"variant": "bi"},
+    {"token_reorder": True},
+    {"positive_definite": True},
+]
 
 
 @pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: "-".join(map(str, s.values())))
@@ -501,6 +508,11 @@ def test_mambamil_gradients_reach_every_parameter(settings):
             # gradient is zero up to rounding (exactly zero on some draws)
             assert p.grad.abs().sum() < 1e-6, name
             continue
+        if settings.get("positive_definite") and ".x_proj" in name:
+            rank, n = model.layers[0][1].dt_rank, 4
+            assert p.grad[rank : rank + n].abs().sum() == 0, name  # S_B rows: tied to S_C, unused
+            assert p.grad[:rank].abs().sum() > 0 and p.grad[rank + n :].abs().sum() > 0, name
+            continue
         assert p.grad.abs().sum() > 0, name
 
 
@@ -522,6 +534,75 @@ def test_token_reorder_makes_the_model_blind_to_input_order():
     torch.testing.assert_close(out_perm.instance_scores, out.instance_scores[:, perm])
     plain = small_model(variant="plain")
     assert not torch.allclose(plain(x[:, perm]).logits, plain(x).logits)
+
+
+def test_soft_sort_is_the_softsort_matrix_and_hardens_as_tau_falls():
+    """Full SoftSort (Prillo and Eisenschlos 2020) for short bags, its exact band for long ones, a hard
+    sort as tau -> 0, and gradients that reach the scores."""
+    torch.manual_seed(0)
+    scores = torch.randn(2, 30, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 30, 5, dtype=torch.float64)
+    ranked, order = scores.sort(dim=1)
+    dense = torch.softmax(-(ranked[:, :, None] - scores[:, None, :]).abs() / 0.5, dim=-1)
+    full = SoftPermutation(scores, tau=0.5, window=64)
+    torch.testing.assert_close(full.sort(x), dense @ x)
+    torch.testing.assert_close(full.unsort(x), dense.mT @ x)
+    band = torch.zeros(2, 30, 30, dtype=torch.float64)  # row i: ranks i - 4 ... i + 4 only
+    for b in range(2):
+        for i in range(30):
+            ranks = [r for r in range(i - 4, i + 5) if 0 <= r < 30]
+            weights = torch.softmax(
+                torch.stack([-(ranked[b, i] - ranked[b, r]).abs() / 0.5 for r in ranks]), 0
+            )
+            band[b, i, order[b, ranks]] = weights
+    banded = SoftPermutation(scores, tau=0.5, window=4)
+    torch.testing.assert_close(banded.sort(x), band @ x)
+    torch.testing.assert_close(banded.unsort(x), band.mT @ x)
+    hard = SoftPermutation(scores, tau=1e-4, window=4)
+    torch.testing.assert_close(hard.sort(x), x.gather(1, order[..., None].expand_as(x)))
+    torch.testing.assert_close(hard.unsort(hard.sort(x)), x)
+    (banded.sort(x).square().sum() + full.unsort(x).square().sum()).backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="tau"):
+        SoftPermutation(scores, tau=0.0)
+
+
+def test_token_reorder_scans_softly_sorted_tokens_and_puts_outputs_back():
+    """h <- h + P^T block(P LayerNorm(h)) in every layer, P the SoftSort of the layer's importance scores."""
+    model = small_model(token_reorder=True, variant="plain", n_layers=2, reorder_tau=0.3)
+    x = torch.randn(1, 20, 12)
+    h = model._fc1(x)
+    for i, (norm, block) in enumerate(model.layers):
+        u = norm(h)
+        p = SoftPermutation(model.importance[i](u).squeeze(-1), tau=0.3)
+        h = h + p.weights.mT @ block(p.weights @ u)
+    out = model(x)
+    torch.testing.assert_close(out.instance_embeddings, model.norm(h))
+    assert len(model.importance) == 2
+
+
+def test_positive_definite_keeps_the_input_output_projection_positive_semidefinite():
+    """Vo et al. (ICLR 2025): S_C^T S_B has no negative eigenvalue, before and after training steps."""
+    model = small_model(positive_definite=True, variant="sr").train()
+    block = model.layers[0][1]
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(2):
+        for x_proj, scale in ((block.x_proj, block.pd_scale), (block.x_proj_b, block.pd_scale_b)):
+            w = block._x_proj_weight(x_proj, scale).detach().double()
+            s_b, s_c = w[block.dt_rank : block.dt_rank + 4], w[block.dt_rank + 4 :]
+            product = s_c.T @ s_b
+            torch.testing.assert_close(product, product.T)
+            eigenvalues = torch.linalg.eigvalsh(product)
+            assert eigenvalues.min() > -1e-6 * eigenvalues.max()  # float32 rounding only
+        loss = F.cross_entropy(model(torch.randn(1, 15, 12)).logits, torch.tensor([1]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    plain = small_model(variant="sr").layers[0][1]
+    w = plain.x_proj.weight.detach().double()
+    product = w[plain.dt_rank + 4 :].T @ w[plain.dt_rank : plain.dt_rank + 4]
+    assert torch.linalg.eigvalsh(product + product.T).min() < -1e-3  # without the option: indefinite
+    assert not any("pd_scale" in k for k in small_model().state_dict())  # default: mamba-ssm's keys
 
 
 def test_mambamil_learns_a_marker_instance():
@@ -673,3 +754,29 @@ def test_cuda_kernels_equal_the_pytorch_scan_on_a_gpu(precision):
         errors = relative_errors(scan_outputs(model, x, backend, bf16=precision == "bf16"), reference)
         worst = max(errors, key=errors.get)
         assert errors[worst] < bound, (backend, worst, errors[worst])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here")
+def test_token_reorder_and_positive_definite_on_a_gpu():
+    """The SoftSort reordering (exact, and banded past reorder_window) and the tied projections run on a
+    GPU with the PyTorch scan and give the CPU's outputs and gradients; under bf16 autocast they stay finite."""
+    for n in (40, 300):
+        torch.manual_seed(0)
+        settings = {"d_model": 32, "d_state": 8, "dropout": 0.0, "backend": "torch"}
+        model = create_model(
+            "mambamil", in_dim=32, n_outputs=2, token_reorder=True, positive_definite=True, **settings
+        )
+        x = torch.randn(1, n, 32)
+        results = []
+        for device in ("cpu", "cuda"):
+            model.to(device).zero_grad()
+            out = model(x.to(device))
+            out.logits.sum().backward()
+            results.append((out.logits.detach().cpu(), [p.grad.detach().cpu() for p in model.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+        for gpu_grad, cpu_grad in zip(results[1][1], results[0][1], strict=True):
+            torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-3, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x.cuda())
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.instance_scores).all()

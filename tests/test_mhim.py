@@ -81,7 +81,16 @@ def test_v2_merge_split():
         (1, {"high_ratio": 0.5, "low_ratio": 0.5, "random_ratio": 0.9, "merge_ratio": 0.5}),
         (2, {"high_ratio": 0.5, "low_ratio": 0.5, "random_ratio": 0.9}),
         (3, {"high_ratio": 0.99, "high_random": 0.1}),
-        (5, {"high_ratio": 0.01, "high_random": 0.5, "low_ratio": 0.2, "random_ratio": 0.7}),
+        (
+            5,
+            {
+                "high_ratio": 0.01,
+                "high_random": 0.5,
+                "low_ratio": 0.2,
+                "random_ratio": 0.7,
+                "high_rounding": "ceil",
+            },
+        ),
         (7, {"high_ratio": 0.3, "low_ratio": 0.6, "random_ratio": 0.9, "merge_ratio": 0.1}),
     ],
 )
@@ -93,6 +102,23 @@ def test_tiny_bags_keep_at_least_one_instance(n, ratios):
         assert plan.keep.tolist() == [0]
     if n == 5:  # ceil(5 * 0.01) = 1 masked from the top ceil(0.05 / 0.5) = 1; floor(5 * 0.2) = 1 low
         assert (len(plan.high), len(plan.low), len(plan.random), len(plan.keep)) == (1, 1, 2, 1)
+
+
+def test_small_bags_lose_their_top_instance_only_in_proportion():
+    """N h masked instances in expectation, whatever N: a bag of 30 loses one with probability 0.3 (h 1 %),
+    drawn from its top 2 (hr 0.5), so the teacher's top instance is hidden in 15 % of the steps, not in
+    every step as with ceil (the authors' rounding, which hides a single witness all run long)."""
+    torch.manual_seed(0)
+    scores = torch.arange(30.0)  # instance 29 ranks first
+    plans = [plan_masks(scores, high_ratio=0.01, high_random=0.5) for _ in range(4000)]
+    counts = np.array([len(p.high) for p in plans])
+    assert set(counts) == {0, 1} and abs(counts.mean() - 0.3) < 0.03
+    top_hidden = np.mean([29 in p.high.tolist() for p in plans])
+    assert abs(top_hidden - 0.15) < 0.02 and all(set(p.high.tolist()) <= {28, 29} for p in plans)
+    ceil = [plan_masks(scores, high_ratio=0.01, high_random=0.5, high_rounding="ceil") for _ in range(50)]
+    assert all(p.high.tolist() == [29] for p in ceil)  # always the top one: the pool is ceil(0.3 / 0.5) = 1
+    assert len(plan_masks(torch.rand(2000), high_ratio=0.01).high) == 20  # N h whole: exact
+    assert len(plan_masks(scores, high_ratio=0.0).high) == 0
 
 
 def test_schedules():
@@ -224,7 +250,7 @@ def test_inference_is_the_unmasked_student_and_deterministic(name):
 
 
 def test_batches_with_padding_train_bag_by_bag():
-    model = small_mhim(high_ratio=0.2, merge_ratio=1.0)
+    model = small_mhim(high_ratio=0.2, merge_ratio=1.0, high_rounding="ceil")  # 6 real: ceil(1.2) = 2 masked
     x = torch.randn(2, 10, 16)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 6:] = False
@@ -236,11 +262,16 @@ def test_batches_with_padding_train_bag_by_bag():
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def with_baseline(*args, **settings) -> torch.nn.Module:
-    """An MHIM model as a new training run gets it: built, then its teacher loaded from the baseline."""
-    model = create_model(*args, **settings)
-    model.prepare_training()
-    return model
+def with_baseline(aggregator: str, in_dim: int, n_outputs: int, mhim=None, **model) -> torch.nn.Module:
+    """An MHIM model as a new training run gets it: built by the training stage (which hands it the run
+    loader, pathmil.training.run.load_run), then its teacher loaded from the baseline."""
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1]}))
+    assert task.n_outputs == n_outputs
+    config = TrainConfig(aggregator=aggregator, model=model, mhim=mhim or {})
+    built = build_model(config, in_dim, task)
+    built.prepare_training()
+    return built
 
 
 def baseline_checkpoint(path: Path, aggregator: str = "abmil", hidden: int = 32) -> torch.nn.Module:

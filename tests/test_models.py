@@ -63,6 +63,30 @@ def test_output_contract_and_mask(name):
     assert model(x[:1, :1]).logits.shape == (1, 3)
 
 
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_float64_scoring_agrees_across_thread_counts(name):
+    """Written scores are computed in float64 on the CPU (pathmil.device.scoring_dtype): every aggregator
+    runs in float64, close to its float32 self, and gives the same logits to 1e-12 on one or two threads
+    (float32 differs by ~1e-7 there, which a regression target's scale turns into 1e-5 and more)."""
+    from pathmil.training.run import scoring_model
+
+    torch.manual_seed(0)
+    model = create_model(name, in_dim=64, n_outputs=3, **SMALL.get(name, {})).eval()
+    x = torch.randn(1, 300, 64).half().float()
+    wide = scoring_model(model, torch.device("cpu"))
+    assert next(wide.parameters()).dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+    outputs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            outputs.append(wide(x.double()).logits)
+    torch.set_num_threads(1)
+    assert outputs[0].dtype == torch.float64
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    with torch.inference_mode():
+        assert torch.allclose(model(x).logits.double(), outputs[0], atol=1e-4)
+
+
 def test_attention_sums_to_one_and_marks_the_evidence():
     torch.manual_seed(0)
     model = create_model("abmil", in_dim=8, n_outputs=2).eval()

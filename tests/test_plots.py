@@ -69,7 +69,8 @@ def test_every_plot_is_written_listed_sized_and_not_blank(evaluated):
         panels = (
             3 if name == "multiclass" and plot in ("plots/roc.png", "plots/pr.png") else 1
         )  # one per class
-        assert image.shape[:2] == (round(FIGSIZE[1] * dpi), round(FIGSIZE[0] * dpi * panels)), plot
+        height = FIGSIZE[1] * (1.25 if plot == "plots/kaplan_meier.png" else 1)  # + the numbers at risk
+        assert image.shape[:2] == (round(height * dpi), round(FIGSIZE[0] * dpi * panels)), plot
         assert image.std() > 20, plot  # drawn on, not a blank canvas
         assert (image < 128).mean() > 0.005, plot  # lines and text, not just a background
 
@@ -91,20 +92,34 @@ def test_titles_state_the_metric_with_its_interval_and_axes_are_labelled(evaluat
         metrics={k: (float("nan") if v is None else v) for k, v in result["pooled"].items()},
         ci=result["ci"],
         evaluate=EvaluateConfig(n_bootstrap=50),
-        config=PlotConfig(),
+        config=PlotConfig(time_unit="days", value_label="sTIL %"),  # the labels come from the config
     )
     for plot, draw in PLOTS[task.name].items():
         figure = draw(data)
         title = figure.get_suptitle()
         assert "% CI" in title or "undefined" in title, (plot, title)
         for ax in figure.axes:
-            if ax.get_label() == "<colorbar>":
+            if ax.get_label() == "<colorbar>" or ax.get_title(loc="left") == "number at risk":
                 continue
             assert ax.get_xlabel() or ax.get_ylabel(), plot
         assert any(ax.lines or ax.collections for ax in figure.axes), plot
         if task.name == "survival":
-            assert figure.axes[0].get_xlabel() == "time (months)"
+            assert figure.axes[0].get_xlabel() == "time (days)"
+            data.config = PlotConfig()  # without a unit the axis names the column, never a guessed unit
+            assert draw(data).axes[0].get_xlabel() == "time (column time)"
+            data.config = PlotConfig(time_unit="days", value_label="sTIL %")
         if plot == "kaplan_meier.png":
             assert "log-rank p" in title
+            at_risk = figure.axes[1]
+            assert at_risk.get_title(loc="left") == "number at risk"
+            counts = {(round(text.get_position()[0], 6), round(text.get_position()[1])): int(text.get_text())
+                      for text in at_risk.texts}  # fmt: skip
+            time = data.pooled["time"].to_numpy()
+            high = data.pooled["score"].to_numpy() > data.pooled["score"].median()
+            for (x, row), n in counts.items():  # row 0: low risk, row 1: high risk; bags followed to x
+                group = high if row == 1 else ~high
+                assert n == int((time[group] >= x).sum()), (x, row)
+            assert {n for (x, _), n in counts.items() if x == 0} == {int((~high).sum()), int(high.sum())}
         if plot == "scatter.png":
-            assert figure.axes[0].get_xlabel() == "true stil (%)"
+            assert figure.axes[0].get_xlabel() == "true sTIL %"
+            assert figure.axes[0].get_ylabel() == "predicted sTIL %"

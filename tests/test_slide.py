@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import h5py
@@ -13,8 +14,8 @@ import pandas as pd
 import pytest
 
 from pathmil.cli import main
-from pathmil.errors import SlideError
-from pathmil.slide.reader import Slide, mpp_from_properties
+from pathmil.errors import PathmilError, SlideError
+from pathmil.slide.reader import MPP_RANGE, Slide, metadata_mpp, plausible_mpp
 from pathmil.slide.tile import TileConfig, tile_slide
 from pathmil.slide.tilefile import read_tiles
 from pathmil.slide.tiling import grid_positions, tile_grid
@@ -29,10 +30,30 @@ def saturation(rgb: np.ndarray) -> float:
 
 
 def test_mpp_from_metadata_and_placeholders():
-    assert mpp_from_properties({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.27"}) == pytest.approx(0.26)
-    # 72 dpi written by generic TIFF writers is not a measurement
-    assert mpp_from_properties({"openslide.mpp-x": "352.77777983377013"}) is None
-    assert mpp_from_properties({}) is None
+    assert metadata_mpp({"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.27"}) == (0.25, 0.27)  # both axes
+    assert metadata_mpp({"openslide.mpp-y": "0.5"}) == (0.5, 0.5)
+    assert metadata_mpp({}) is None and metadata_mpp({"openslide.mpp-x": "nan"}) is None
+    # 72 dpi, 300 dpi and 1 pixel/cm written by generic TIFF writers, and nonsense below 0.05, are no scans
+    for placeholder in (352.77777983377013, 84.67, 10_000.0, 0.01):
+        assert not plausible_mpp(placeholder)
+    assert plausible_mpp(0.05) and plausible_mpp(0.2465) and plausible_mpp(10.0)
+
+
+def test_mpp_bounds_are_the_cohort_schemas_and_the_settings():
+    """One range for the metadata, the table's mpp column (its schema checks it when the workflow parses)
+    and tile.default_mpp."""
+    import yaml
+
+    from pathmil.config import workflow_schema
+
+    root = Path(__file__).resolve().parents[1]
+    column = yaml.safe_load((root / "workflow" / "schemas" / "cohort.schema.yaml").read_text())["properties"]
+    assert (column["mpp"]["minimum"], column["mpp"]["maximum"]) == MPP_RANGE
+    setting = workflow_schema()["properties"]["tile"]["properties"]["default_mpp"]["anyOf"][0]
+    assert (setting["minimum"], setting["maximum"]) == MPP_RANGE
+    assert TileConfig(default_mpp=0.25).default_mpp == 0.25
+    with pytest.raises(ValueError):
+        TileConfig(default_mpp=352.8)
 
 
 def test_level_arithmetic_on_a_40x_pyramid(demo_cohort):
@@ -58,7 +79,8 @@ def test_level_arithmetic_on_a_40x_pyramid(demo_cohort):
 
 def test_non_integer_downsamples_and_mpp_argument(slides_dir):
     with Slide(slides_dir / "boxes.tiff", mpp=0.25) as slide:  # metadata says 72 dpi: ignored
-        assert slide.mpp_source == "argument" and slide.mpp == 0.25
+        assert slide.mpp_source == "argument" and slide.mpp == 0.25 and slide.mpp_xy == (0.25, 0.25)
+        assert "states 352.778 um/px, which is no plausible scan resolution" in slide.mpp_note
         assert slide.level_downsamples[2] == pytest.approx(4.016, abs=1e-3)
         geometry = slide.tile_geometry(1.0, 256)
         assert geometry.level == 2  # 1.004 um/px is within tolerance of 1.0
@@ -71,7 +93,9 @@ def test_table_mpp_for_slide_without_metadata(demo_cohort):
     with pytest.raises(SlideError, match="no microns-per-pixel"):
         Slide(demo_cohort / row["path"])
     with Slide(demo_cohort / row["path"], mpp=row["mpp"], mpp_source="table") as slide:
-        assert slide.mpp == row["mpp"] and slide.mpp_source == "table"
+        assert slide.mpp == row["mpp"] and slide.mpp_source == "table" and slide.mpp_note is None
+    with pytest.raises(SlideError, match=r"mpp 500 um/px from the table lies outside the plausible 0\.05-20"):
+        Slide(demo_cohort / row["path"], mpp=500.0, mpp_source="table")
 
 
 def test_dicom_and_svs_open_with_mpp(slides_dir):
@@ -84,9 +108,12 @@ def test_dicom_and_svs_open_with_mpp(slides_dir):
 
 
 def test_grid_positions_and_overlap():
-    assert grid_positions(1000, 256, 256).tolist() == [0, 256, 512]
-    assert grid_positions(1000, 256, 128).tolist() == [0, 128, 256, 384, 512, 640]
-    assert grid_positions(100, 256, 256).tolist() == []
+    """The grid covers the slide: the last tile may cross the edge (padded), none starts beyond it."""
+    assert grid_positions(1000, 256, 256).tolist() == [0, 256, 512, 768]  # 768 + 256 > 1000: padded
+    assert grid_positions(1024, 256, 256).tolist() == [0, 256, 512, 768]  # exactly covered
+    assert grid_positions(1000, 256, 128).tolist() == [0, 128, 256, 384, 512, 640, 768]
+    assert grid_positions(256, 256, 256).tolist() == [0]
+    assert grid_positions(100, 256, 256).tolist() == []  # shorter than a tile
 
 
 def test_tile_grid_fractions_from_a_known_mask():
@@ -103,14 +130,28 @@ def test_tile_grid_fractions_from_a_known_mask():
     assert len(found) == 9 + 3 + 3
 
 
+def test_tiles_crossing_the_edge_count_the_part_beyond_as_glass():
+    mask = np.ones((35, 35), np.uint8)  # all tissue, 350 level-0 px at downsample 10
+    tissue = TissueMask(mask=mask, contours=[], holes=[], downsample=10)
+    coords, fractions = tile_grid(tissue, (350, 350), size0=(100, 200), overlap=0.0, min_tissue=0.0)
+    found = dict(zip(map(tuple, coords.tolist()), fractions.tolist()))
+    assert sorted({x for x, _ in found}) == [0, 100, 200, 300] and sorted({y for _, y in found}) == [0, 200]
+    assert found[(0, 0)] == 1.0 and found[(300, 0)] == pytest.approx(0.5)  # 50 of 100 px inside
+    assert found[(0, 200)] == pytest.approx(0.75) and found[(300, 200)] == pytest.approx(0.5 * 0.75)
+    coords, _ = tile_grid(tissue, (350, 350), size0=(100, 200), overlap=0.0, min_tissue=0.6)
+    assert (300, 0) not in map(tuple, coords.tolist())  # half glass beyond the edge: below min_tissue
+
+
 def test_pen_marks_and_black_border_removed():
     rng = np.random.default_rng(0)
     image = np.full((400, 400, 3), 240, np.uint8)
     image[50:350, 50:350] = np.array([200, 120, 180]) + rng.integers(-10, 10, (300, 300, 3))  # tissue
     image[100:115, 20:380] = (30, 60, 200)  # blue pen stroke across the tissue
     image[:, 385:] = rng.integers(0, 40, (400, 15, 3))  # black scanner border: dark, noisy, saturated
-    plain = segment_tissue(image, 1.0, TissueConfig(a_t=0.01, a_h=0.01, close=0))
-    cleaned = segment_tissue(image, 1.0, TissueConfig(a_t=0.01, a_h=0.01, close=0, remove_artifacts=True))
+    plain = segment_tissue(image, 1.0, TissueConfig(a_t=0.01, a_h=0.01, close=0), pixel_um2=1.0)
+    cleaned = segment_tissue(
+        image, 1.0, TissueConfig(a_t=0.01, a_h=0.01, close=0, remove_artifacts=True), pixel_um2=1.0
+    )
     assert plain.mask[105, 200] == 1 and plain.mask[200, 390] == 1  # plain CLAM keeps ink and border
     assert cleaned.mask[105, 200] == 0 and cleaned.mask[200, 390] == 0
     assert cleaned.mask[200, 200] == 1  # the tissue stays
@@ -120,7 +161,9 @@ def test_otsu_and_holes():
     image = np.full((300, 300, 3), 245, np.uint8)
     image[30:270, 30:270] = (190, 100, 170)
     image[120:180, 120:180] = 245  # a hole in the tissue
-    tissue = segment_tissue(image, 1.0, TissueConfig(use_otsu=True, a_t=0.01, a_h=0.001, close=0))
+    tissue = segment_tissue(
+        image, 1.0, TissueConfig(use_otsu=True, a_t=0.01, a_h=0.001, close=0), pixel_um2=1.0
+    )
     assert len(tissue.contours) == 1 and len(tissue.holes[0]) == 1
     assert tissue.mask[150, 150] == 0 and tissue.mask[60, 60] == 1
 
@@ -129,12 +172,15 @@ def test_otsu_and_holes():
 
 
 def test_real_he_slide_kept_tiles_are_tissue(slides_dir, tmp_path):
+    """Default settings tile the real H&E biopsy region (0.61 mm^2 of tissue): CLAM's tcga preset, counting
+    areas in 512 px patches of level 0, dropped it whole; CLAM's bwh_biopsy kept 44 tiles."""
     out = tmp_path / "cmu.h5"
     qc = tmp_path / "cmu.png"
-    config = TileConfig(preset="bwh_biopsy")
+    config = TileConfig()
     facts = tile_slide(slides_dir / "cmu_small_region.svs", out, config, qc=qc)
     tiles = read_tiles(out)
-    assert facts["n_tiles"] == len(tiles.coords) > 10
+    assert facts["n_tiles"] == len(tiles.coords) >= 44
+    assert facts["preset"] == "pathmil" and facts["warnings"] == [] and facts["n_edge_tiles"] > 0
     assert facts["mpp_source"] == "metadata" and facts["mpp"] == pytest.approx(0.499)
     kept = {tuple(c) for c in tiles.coords.tolist()}
     size0 = tiles.coords_attrs["patch_size_level0"]
@@ -142,8 +188,8 @@ def test_real_he_slide_kept_tiles_are_tissue(slides_dir, tmp_path):
         geometry = slide.tile_geometry(0.5, 256)
         grid = [
             (x, y)
-            for y in grid_positions(slide.dimensions[1], geometry.size_level0, geometry.size_level0)
-            for x in grid_positions(slide.dimensions[0], geometry.size_level0, geometry.size_level0)
+            for y in grid_positions(slide.dimensions[1], geometry.size_level0[1], geometry.size_level0[1])
+            for x in grid_positions(slide.dimensions[0], geometry.size_level0[0], geometry.size_level0[0])
         ]
         sat = {xy: saturation(slide.read_tile(*xy, geometry)) for xy in grid}
     kept_sat = [s for xy, s in sat.items() if xy in kept]
@@ -200,12 +246,24 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     ("name", "extra", "message"),
     [
         ("unopenable.tiff", [], "OpenSlide cannot open unopenable.tiff: Unsupported TIFF compression"),
-        ("unreadable.svs", [], "cannot read region"),
-        ("boxes.tiff", ["--mpp", "0.5"], "no 256 px tile at 0.5 um/px has at least 25% tissue"),
+        ("unreadable.svs", ["--tile-px", "8"], "cannot read region"),
+        (
+            "boxes.tiff",
+            ["--mpp", "0.5", "--tile-px", "128", "--min-tissue", "0.9"],
+            "no 128 px tile at 0.5 um/px has at least 90% tissue (the tissue found covers 54.2% of the slide",
+        ),
         (
             "boxes.tiff",
             [],
-            "no microns-per-pixel in its metadata; give it in the cohort table's 'mpp' column or with --mpp",
+            "its metadata states 352.778 um/px, which is no plausible scan resolution (0.05-20 um/px; "
+            "10,000 is a TIFF written at 1 pixel/cm, 352.8 one at 72 dpi); give it in the cohort table's "
+            "'mpp' column, with --mpp or as tile.default_mpp",
+        ),
+        (
+            "small.svs",
+            [],
+            "the slide is 16 x 16 px (7.984 x 7.984 um at 0.499 um/px), smaller than one tile of 256 px at "
+            "0.5 um/px (128 x 128 um, 256.5 x 256.5 slide px); use a smaller --tile-px or --target-mpp",
         ),
         ("missing.svs", [], "does not exist"),
     ],
@@ -283,7 +341,12 @@ def test_single_slide_skip_errors_records_failed_facts(slides_dir, tmp_path):
     )
     record = json.loads(facts.read_text())
     assert record["status"] == "failed" and "Unsupported TIFF compression" in record["error"]
-    assert not (tmp_path / "x.h5").exists()
+    # the declared outputs are stand-ins that say why: the tiles file a record readers refuse, the GeoJSON
+    # without features
+    with pytest.raises(PathmilError, match="records a failed tile: slide unopenable: OpenSlide cannot"):
+        read_tiles(tmp_path / "x.h5")
+    outline = json.loads((tmp_path / "x.geojson").read_text())
+    assert outline["features"] == [] and outline["pathmil"]["status"] == "failed"
 
 
 def test_slide_directory_groups_dicom_series(slides_dir, tmp_path):

@@ -111,13 +111,19 @@ def test_demo_workflow_runs_as_slurm_jobs(node, tmp_path, mobilenet_weights):
     assert sorted(jobs["JobID"]) == sorted(job_ids)
     assert (jobs["State"] == "COMPLETED").all(), jobs
     # the demo as one job; tiling and extraction of the three slides together as one batch job (group
-    # "slides"), which asked for and got the GPU of `extract.gpus`
-    assert sorted(jobs["Comment"]) == ["rule_demo", "rule_slides_extract_tile"]
-    slides_job = jobs.set_index("Comment").loc["rule_slides_extract_tile"]
+    # "slides_0", with the batch's record), which asked for and got the GPU of `extract.gpus`
+    assert sorted(jobs["Comment"]) == ["rule_demo", "rule_slides_0_batch_extract_tile"]
+    slides_job = jobs.set_index("Comment").loc["rule_slides_0_batch_extract_tile"]
     for tres in ["ReqTRES", "AllocTRES"]:
         assert "gres/gpu=1" in slides_job[tres].split(",")
     # the bookkeeping rules ran where snakemake runs, not as cluster jobs
-    assert set(re.findall(r"localrule (\w+):", output)) == {"all", "settings", "cohort", "collect"}
+    assert set(re.findall(r"localrule (\w+):", output)) == {
+        "all",
+        "settings",
+        "cohort",
+        "collect",
+        "qc_gallery",
+    }
 
     results = work / "results" / "slurm_demo"
     table = pd.read_csv(results / "cohort.csv", dtype={"slide_id": str})

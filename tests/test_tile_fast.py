@@ -62,13 +62,13 @@ def reference_paint(image, coords, size0, step0, downsample):
 @pytest.mark.parametrize("overlap, downsample", [(0.0, 4.0), (0.5, 3.7)])
 def test_qc_tiles_painted_as_the_direct_formula(cmu_rgb, overlap, downsample):
     thumbnail = cv2.resize(cmu_rgb, None, fx=1 / downsample, fy=1 / downsample, interpolation=cv2.INTER_AREA)
-    tissue = segment_tissue(thumbnail, downsample, TileConfig(preset="bwh_biopsy").tissue_params())
+    tissue = segment_tissue(thumbnail, downsample, TileConfig().tissue_params(), pixel_um2=0.499**2)
     size0 = 100.0
     coords, _ = tile_grid(tissue, (cmu_rgb.shape[1], cmu_rgb.shape[0]), size0, overlap, 0.25)
     assert len(coords) > 50
     step0 = size0 * (1 - overlap)
     painted = thumbnail.copy()
-    _paint_tiles(painted, coords, size0, step0, downsample)
+    _paint_tiles(painted, coords, (size0, size0), (step0, step0), downsample)
     expected = reference_paint(thumbnail, coords, size0, step0, downsample)
     assert (expected != thumbnail).any(axis=-1).mean() > 0.1  # the picture really changed
     np.testing.assert_array_equal(painted, expected)
@@ -82,10 +82,10 @@ def test_qc_png_is_lossless(cmu_rgb, tmp_path):
 
 
 def test_no_qc_picture_drawn_or_written_without_qc(slides_dir, tmp_path):
-    config = TileConfig(preset="bwh_biopsy")
+    config = TileConfig()
     with Slide(slides_dir / "cmu_small_region.svs") as slide:
         bare = compute_tiles(slide, config, qc=False)
     assert bare.qc_image is None
     tile_slide(slides_dir / "cmu_small_region.svs", tmp_path / "t.h5", config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.h5", "t.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.geojson", "t.h5", "t.json"]
     np.testing.assert_array_equal(read_tiles(tmp_path / "t.h5").coords, bare.tiles.coords)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -252,7 +257,13 @@ def test_resume_after_a_kill_gives_the_same_result(cohort, tmp_path, deleted):
         "min_epochs=10",
     ]
     reference = tmp_path / "reference"
-    subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, env=os.environ)
+    done = subprocess.run([*args, "--out", str(reference)], check=True, capture_output=True, text=True)
+    # one log line per epoch, for `tail -f`: the epoch, the losses, the validation metric, the time
+    lines = [line for line in done.stderr.splitlines() if re.search(r"fold 0 epoch \d+/10: ", line)]
+    assert [int(re.search(r"epoch (\d+)/", line)[1]) for line in lines] == list(range(1, 11))
+    for line in lines:
+        pattern = r"train_loss [\d.]+ val_loss [\d.]+ val_r2 -?[\d.]+ lr [\d.e-]+ [\d.]+ s"
+        assert re.search(pattern, line), line
     killed = tmp_path / "killed"
     process = subprocess.Popen(
         [*args, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -320,3 +331,37 @@ def test_evaluate_pools_folds_with_confidence_intervals(cohort, tmp_path):
     assert auc["ci_low"] <= auc["pooled"] <= auc["ci_high"] and auc["ci_high"] - auc["ci_low"] > 0
     assert len(pd.read_csv(tmp_path / "eval" / "metrics_per_fold.csv")) == 3
     assert {"fold_mean", "fold_std", "fold_iqm"} <= set(summary.columns)
+
+
+def test_progress_bar_and_log_lines_do_not_overwrite_each_other(cohort, tmp_path):
+    """On a terminal the epoch bar and the per-epoch log lines share stderr: every log line starts on a
+    line of its own (tqdm's logging_redirect_tqdm clears the bar first), not after a bar's fragment."""
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    args = [sys.executable, "-m", "pathmil", "train", "--features", str(features), "--cohort", str(table),
+            "--splits", str(splits), "--fold", "0", "--task", "classification", "--out", str(tmp_path / "run"),
+            *[a for a in QUICK if a != "--no-progress"], "--set", "epochs=4", "--set", "min_epochs=4"]  # fmt: skip
+    main_fd, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    process = subprocess.Popen(args, stdin=terminal, stdout=terminal, stderr=terminal, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=120) == 0
+    os.close(main_fd)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "epoch/s" in screen or "s/epoch" in screen  # the bar was drawn
+    epoch_lines = [line for line in screen.split("\n") if re.search(r"fold 0 epoch \d+/4: ", line)]
+    assert len(epoch_lines) == 4
+    for line in epoch_lines:  # after the line's last carriage return (the pty ends lines with \r\n): the log
+        # line alone; without the helper it would follow a fragment of the bar
+        shown = line.rstrip("\r").rsplit("\r", 1)[-1]
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", shown), repr(line)

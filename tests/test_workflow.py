@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,12 @@ RULES = [
     "cohort",
     "tile",
     "extract",
+    "batch",
     "collect",
     "split",
     "train",
     "evaluate",
+    "compare",
     "heatmap",
     "summary",
     "all",
@@ -61,6 +64,37 @@ def test_dry_run_of_the_demo_config_lists_every_rule(tmp_path):
     assert set(RULES) <= set(counts), counts
     assert counts["tile"] == counts["extract"] == 40  # the demo's 40 slides, known before they exist
     assert counts["train"] == 3 * 3 * 3  # tasks x aggregators x folds of config/config.yaml
+
+
+def test_a_grid_of_encoders_and_seeds_plans_every_configuration(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, seeds=[0, 1, 2])
+    config["extract"] = {
+        "encoder": ["mobilenet_v2", "timm:resnet18"],
+        "per_encoder": {
+            "mobilenet_v2": {"weights": str(mobilenet_weights)},
+            "timm:resnet18": {"random_init": True},
+        },
+    }
+    dry = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    counts = job_counts(dry.stdout + dry.stderr)
+    assert counts["tile"] == 12 and counts["extract"] == 2 * 12  # tiles shared, features per encoder
+    assert counts["train"] == 3 * 2 * len(AGGREGATORS) * 3 * 2  # task x encoder x aggregator x seed x fold
+    assert counts["evaluate"] == 3 * 2 * len(AGGREGATORS) * 3 and counts["compare"] == 3
+    assert "results/mini/features/timm-resnet18-random/" in dry.stdout + dry.stderr
+
+
+def test_a_search_runs_inside_each_fold_before_its_training(tmp_path, mobilenet_weights):
+    config = mini_config(mobilenet_weights, tasks={"classification": None}, search={"n_trials": 4, "jobs": 2})
+    work = workflow_copy(tmp_path / "w")
+    dry = snakemake(work, "-n", "-p", "--configfile", str(write_config(tmp_path / "c.yaml", config)))
+    counts = job_counts(dry.stdout + dry.stderr)
+    runs = len(AGGREGATORS) * 2  # aggregator x fold
+    assert counts["search_trials"] == 2 * runs and counts["search"] == runs and counts["train"] == runs
+    assert (
+        "--config results/mini/search/classification/mobilenet_v2/abmil/seed0/fold0/best.yaml" in dry.stdout
+    )
 
 
 def test_only_the_tasks_the_config_names_are_trained(tmp_path, mobilenet_weights):
@@ -111,32 +145,25 @@ GOOD = {
     "event": 1,
     "stil": 40,
 }
-SAME_FILE = {**GOOD, "slide_id": "s2", "patient_id": "p2"}  # a.svs again, under another id
 
 
+# Bad tables are refused here and by the CLI with the same words: tests/test_bad_tables.py feeds each kind
+# to both. These are the settings the dry run checks against the package's registries and declarations.
 @pytest.mark.parametrize(
     ("rows", "changes", "message"),
     [
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "event": 2}], {}, "line 3 (slide s2): event: 2 is not one of [0, 1]"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "time": -1}], {}, "time: -1 is less than the minimum of 0"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}], {}, "patient p1 has conflicting labels"),
-        ([GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "label": None}], {}, "slide s2 has no value in column 'label'"),
-        ([GOOD, SAME_FILE], {}, "appears twice"),
-        ([{**GOOD, "stil": 0.4}, {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2", "stil": 0.1}], {}, "percentages given as fractions"),
-        ([{**GOOD, "stil": 140}], {}, "value(s) outside [0.0, 100.0]"),
-        ([{**GOOD, "slide_id": "../escaped"}], {}, "slide_id '../escaped' is not allowed: a plain file name"),
         ([GOOD], {"aggregators": ["abmill"]}, "'abmill' is not one of ['abmil'"),
         ([GOOD], {"models": {"mambamil": {"model": {"d_modl": 64}}}}, "('d_modl' was unexpected) (in models.mambamil.model)"),
         ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
         ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
+        ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
+        ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
     ],
-    ids=["event", "time", "conflict", "empty-label", "same-file", "fractions", "range", "escape", "aggregator",
-         "model-key", "task-option", "lr", "encoder"],
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue"],
 )  # fmt: skip
-def test_bad_tables_and_settings_fail_when_the_workflow_parses(
-    tmp_path, mobilenet_weights, rows, changes, message
-):
+def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):
     """Everything a later stage would refuse is refused by the dry run, before any slide is tiled."""
     configfile = table_config(tmp_path, mobilenet_weights, rows, **changes)
     done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile", configfile, check=False)
@@ -144,31 +171,32 @@ def test_bad_tables_and_settings_fail_when_the_workflow_parses(
     assert message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [("", "is empty"), ("slide_id;patient_id;path\ns1;p1;a.svs\n", "looks ';'-separated"),
-     ("slide_id,patient_id,path,label,time,event,stil\n", "has no rows")],
-    ids=["empty", "semicolons", "header-only"],
-)  # fmt: skip
-def test_unreadable_tables_are_one_line(tmp_path, mobilenet_weights, text, message):
-    table = tmp_path / "cohort.csv"
-    table.write_text(text)
-    config = mini_config(mobilenet_weights, slides={"table": str(table)})
-    done = snakemake(
-        workflow_copy(tmp_path / "w"),
-        "-n",
-        "--configfile",
-        str(write_config(tmp_path / "c.yaml", config)),
-        check=False,
-    )
-    assert done.returncode != 0 and message in done.stdout + done.stderr, done.stdout + done.stderr
+def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
+    """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
+    slide only; each tile job declares the GeoJSON it writes."""
+    (tmp_path / "s1 outline.geojson").write_text("{}")
+    rows = [
+        {**GOOD, "tissue": "s1 outline.geojson"},
+        {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"},
+    ]
+    configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
+    lines = (done.stdout + done.stderr).splitlines()
+    tile_jobs = [line for line in lines if line.removeprefix("Shell command: ").startswith("pathmil tile ")]
+    assert len(tile_jobs) == 2 and all("--geojson results/mini/tiles/" in line for line in tile_jobs)
+    given = [line for line in tile_jobs if "--tissue-geojson" in line]
+    assert len(given) == 1 and f"--tissue-geojson '{tmp_path / 's1 outline.geojson'}'" in given[0]
+    assert "--slide-id=s1" in given[0]
 
 
 def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):
+    """train.bag_level is the one fact: the dry run skips the patient-label check and each task's split
+    settings file carries the bag level (so `pathmil split` stratifies per slide)."""
     rows = [GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}]
     configfile = table_config(tmp_path, mobilenet_weights, rows, train={"bag_level": "slide"})
-    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile", configfile)
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
     assert job_counts(done.stdout + done.stderr)["tile"] == 2
+    assert (done.stdout + done.stderr).count("printf '%s' 'split:\n  bag_level: slide\n") == 3  # one per task
 
 
 def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):
@@ -367,7 +395,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     config["models"]["abmil"] = {"epochs": 12, "min_epochs": 12}  # long enough to be caught mid-run
     configfile = str(write_config(tmp_path / "c.yaml", config))
     results = work / "results" / "mini"
-    victim = results / "models" / "classification" / "abmil" / "fold0"
+    victim = results / "models" / "classification" / "mobilenet_v2" / "abmil" / "seed0" / "fold0"
     first = run_until_killed(work, configfile, victim)
     assert first.returncode != 0 and not (victim / "best.pt").exists() and (victim / "last.pt").exists()
     snakemake(work, "--cores", "2", "--configfile", configfile)  # recovers: resumes from last.pt
@@ -375,7 +403,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     subprocess.run(
         [sys.executable, "-m", "pathmil", "train", "--features", str(results / "features" / "mobilenet_v2"),
          "--cohort", str(results / "cohort_ok.csv"), "--splits", str(results / "splits" / "classification.csv"),
-         "--fold", "0", "--config", str(next((results / "settings").glob("train-classification-abmil.*.yaml"))),
+         "--fold", "0", "--config", str(next((results / "settings").glob("train-classification-abmil-seed0.*.yaml"))),
          "--out", str(reference), "--no-progress"], check=True, capture_output=True,
     )  # fmt: skip
     resumed, clean = (json.loads((r / "metrics.json").read_text()) for r in (victim, reference))
@@ -391,13 +419,31 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     n_patients = pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
     for task in ("classification", "survival", "regression"):
         for aggregator in AGGREGATORS:
-            result = json.loads((results / "eval" / task / aggregator / "metrics.json").read_text())
+            evaluation = results / "eval" / task / "mobilenet_v2" / aggregator / "seed0"
+            result = json.loads((evaluation / "metrics.json").read_text())
             assert result["n_test_bags"] == n_patients
-        teacher = (results / "models" / task / "abmil" / "fold0" / "best.pt").resolve()
-        mhim_log = (results / "logs" / "train" / task / "mhim_abmil" / "fold0.log").read_text()
+            assert (result["encoder"], result["seed"]) == ("mobilenet_v2", 0)
+        teacher = (
+            results / "models" / task / "mobilenet_v2" / "abmil" / "seed0" / "fold0" / "best.pt"
+        ).resolve()
+        mhim_log = (
+            results / "logs" / "train" / task / "mobilenet_v2" / "mhim_abmil" / "seed0" / "fold0.log"
+        ).read_text()
+        comparison = json.loads((results / "eval" / task / "comparison" / "comparison.json").read_text())
+        assert len(comparison["configurations"]) == len(AGGREGATORS)  # paired over the same patients
         assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
+    for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log
+        assert "\r" not in log.read_text(errors="replace"), log
+    history = pd.read_csv(
+        results / "models" / "survival" / "mobilenet_v2" / "mambamil" / "seed0" / "fold1" / "history.csv"
+    )
+    train_log = (
+        results / "logs" / "train" / "survival" / "mobilenet_v2" / "mambamil" / "seed0" / "fold1.log"
+    ).read_text()
+    logged = re.findall(r"fold 1 epoch (\d+)/3: train_loss \S+ val_loss \S+ val_c_index \S+", train_log)
+    assert [int(epoch) for epoch in logged] == history["epoch"].tolist()  # a line per epoch, for tail -f
     again = snakemake(work, "--cores", "2", "--configfile", configfile)
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -426,8 +472,10 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     # deploy cohort (tiled and encoded as before: nothing but the deploy jobs runs) and fine-tuned from
     package = work / "survival_abmil.pathmil"
     subprocess.run(
-        [sys.executable, "-m", "pathmil", "package", "--runs", *map(str, sorted((results / "models" / "survival" / "abmil").glob("fold*"))),
-         "--evaluation", str(results / "eval" / "survival" / "abmil"), "--out", str(package)], check=True, capture_output=True,
+        [sys.executable, "-m", "pathmil", "package", "--runs",
+         *map(str, sorted((results / "models" / "survival" / "mobilenet_v2" / "abmil" / "seed0").glob("fold*"))),
+         "--evaluation", str(results / "eval" / "survival" / "mobilenet_v2" / "abmil" / "seed0"), "--out", str(package)],
+        check=True, capture_output=True,
     )  # fmt: skip
     config["deploy"] = {"package": str(package), "heatmaps": 1}
     config["transfer"] = {"sources": [str(package)], "strategies": ["finetune"], "tasks": ["survival"]}
@@ -453,8 +501,10 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     assert "External validation" in html and "comparison.csv" in html
     first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):
-        assert (results / "eval" / task / "abmil" / "heatmaps" / f"{first_slide}.png").stat().st_size > 1000
-        assert (results / "eval" / task / "abmil" / "plots").is_dir()
+        assert (
+            results / "eval" / task / "mobilenet_v2" / "abmil" / "heatmaps" / f"{first_slide}.jpg"
+        ).stat().st_size > 1000
+        assert (results / "eval" / task / "mobilenet_v2" / "abmil" / "seed0" / "plots").is_dir()
         assert "heatmap" in html and "roc" in html
 
 
@@ -478,6 +528,11 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights, slides={"dir": str(folder)}, tasks={})
     config["tile"]["default_mpp"] = 0.5
+    outlines = tmp_path / "outlines"  # a corrected tissue outline for one slide (tile.tissue_dir)
+    outlines.mkdir()
+    square = [[[200, 200], [1200, 200], [1200, 1200], [200, 1200], [200, 200]]]
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    config["tile"]["tissue_dir"] = str(outlines)
     configfile = str(write_config(tmp_path / "c.yaml", config))
     snakemake(work, "--cores", "2", "--configfile", configfile)
     assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*")), "a slide name ran"
@@ -492,11 +547,28 @@ def test_slide_folder_with_hostile_names_failures_recorded_and_touching_a_slide_
     for slide in HOSTILE:
         assert (results / "features" / "mobilenet_v2" / f"{slide}.h5").is_file()
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()
+        facts = json.loads((results / "tiles" / f"{slide}.json").read_text())
+        assert facts["mask_source"] == ("given" if slide == "it's" else "automatic"), slide
+        assert json.loads((results / "tiles" / f"{slide}.geojson").read_text())["features"]
+    outline = json.loads((results / "tiles" / "unreadable.geojson").read_text())  # a failed slide's stand-in
+    assert outline["features"] == [] and outline["pathmil"]["status"] == "failed"
     time.sleep(1)
+    square[0][1][0] = 1300  # an edited outline reruns its slide's chain (a touch alone does not: Snakemake
+    # compares the checksums of small input files)
+    (outlines / "it's.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": square}))
+    dry = snakemake(work, "-n", "--configfile", configfile)
+    assert job_counts(dry.stdout + dry.stderr) == {
+        "tile": 1,
+        "extract": 1,
+        "batch": 1,
+        "collect": 1,
+        "qc_gallery": 1,
+        "all": 1,
+    }
     os.utime(folder / "case 01 (re-scan).tiff")
     dry = snakemake(work, "-n", "--configfile", configfile)
     counts = job_counts(dry.stdout + dry.stderr)
-    assert counts == {"tile": 1, "extract": 1, "collect": 1, "all": 1}
+    assert counts == {"tile": 2, "extract": 2, "batch": 1, "collect": 1, "qc_gallery": 1, "all": 1}
 
 
 def test_lint_and_format():

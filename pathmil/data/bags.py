@@ -1,9 +1,10 @@
 """Bags of tile features for training: one bag per patient (its slides joined) or per slide.
 
 Bag files are found in a features folder in any layout :func:`pathmil.features.bagfile.read_bag` reads
-(ours, TRIDENT, STAMP, CLAM's ``h5_files/`` and ``pt_files/``), so users with features from other tools
-start here. Bags stay in memory (as float16) when they fit the budget, else they are read from disk at
-each access. In training a bag can be subsampled to ``max_instances`` with a generator seeded by
+(ours, TRIDENT, STAMP, CLAM's ``h5_files/`` and ``pt_files/``, slideflow), so users with features from
+other tools start here. Features are held as float16 (:func:`model_input`), whatever the file stores: bags
+stay in memory when they fit the budget, else they are read from disk at each access, and both give the
+model the same numbers (so do prediction and heatmaps). In training a bag can be subsampled to ``max_instances`` with a generator seeded by
 (seed, epoch, bag), so a resumed run draws the same samples as an uninterrupted one.
 """
 
@@ -13,13 +14,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 
 from pathmil.errors import PathmilError
-from pathmil.features.bagfile import read_bag
+from pathmil.features.bagfile import bag_shape, read_bag
+
+
+def model_input(features: np.ndarray) -> torch.Tensor:
+    """N x D features as every stage hands them to a model: rounded to float16 (the precision pathmil keeps
+    bags in), as a float16 tensor; call ``.float()`` (or ``.double()``) on it to score."""
+    return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float16))
 
 
 def find_bag_file(features_dir: str | os.PathLike, slide_id: str) -> Path | None:
@@ -34,17 +40,6 @@ def find_bag_file(features_dir: str | os.PathLike, slide_id: str) -> Path | None
         if candidate.is_file():
             return candidate
     return None
-
-
-def _bag_shape(path: Path) -> tuple[int, int]:
-    """(N, D) of a bag file without reading its features."""
-    if path.suffix == ".pt":
-        features = read_bag(path).features
-        return int(features.shape[0]), int(features.shape[1])
-    with h5py.File(path, "r") as f:
-        shape = f["features"].shape if "features" in f else f["feats"].shape
-    shape = shape[1:] if len(shape) == 3 else shape
-    return int(shape[0]), int(shape[1])
 
 
 @dataclass
@@ -92,30 +87,20 @@ class BagDataset(torch.utils.data.Dataset):
         self.max_instances = max_instances
         self.seed = seed
         self.epoch = 0
-        shapes = [[_bag_shape(p) for p in paths] for paths in table.files]
-        dims = {d for bag in shapes for _, d in bag}
-        if len(dims) > 1:
-            raise PathmilError(
-                f"feature files differ in dimension ({sorted(dims)}); use one encoder for all slides"
-            )
-        self.dim = dims.pop() if dims else 0
+        shapes = [[bag_shape(p) for p in paths] for paths in table.files]
+        self.dim = _common_dim(table.files, shapes)
         self.sizes = [sum(n for n, _ in bag) for bag in shapes]
-        empty = [b for b, n in zip(table.bags["bag_id"], self.sizes) if n == 0]
-        if empty:
-            raise PathmilError(f"bag {empty[0]} has no instances; re-extract its slides or drop them")
         in_memory_bytes = sum(self.sizes) * self.dim * 2
         self.cache: list[torch.Tensor] | None = None
         if in_memory_bytes <= memory_budget_gb * 2**30:
-            self.cache = [self._load(i).to(torch.float16) for i in range(len(self))]
+            self.cache = [self._load(i) for i in range(len(self))]
 
     def __len__(self) -> int:
         return len(self.table.files)
 
     def _load(self, index: int) -> torch.Tensor:
-        parts = [
-            torch.from_numpy(np.asarray(read_bag(p).features, dtype=np.float32))
-            for p in self.table.files[index]
-        ]
+        """Bag ``index`` as float16 (each file checked by :func:`read_bag`)."""
+        parts = [model_input(read_bag(p).features) for p in self.table.files[index]]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def set_epoch(self, epoch: int) -> None:
@@ -123,7 +108,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def features(self, index: int, sample: bool = False) -> torch.Tensor:
-        """Bag ``index`` as float32 N x D; subsampled to ``max_instances`` when ``sample``."""
+        """Bag ``index`` as float32 N x D (values rounded to float16); subsampled to ``max_instances`` when ``sample``."""
         x = self.cache[index] if self.cache is not None else self._load(index)
         if sample and self.max_instances and len(x) > self.max_instances:
             rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -133,3 +118,18 @@ class BagDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.features(index)
+
+
+def _common_dim(files: list[list[Path]], shapes: list[list[tuple[int, int]]]) -> int:
+    """The feature dimension all bags share; bags of another dimension are refused, naming two files."""
+    first: tuple[Path, int] | None = None
+    for paths, bag in zip(files, shapes):
+        for path, (_, dim) in zip(paths, bag):
+            if first is None:
+                first = (path, dim)
+            elif dim != first[1]:
+                raise PathmilError(
+                    f"feature file {path} has {dim}-dimensional features but {first[0]} has {first[1]}; "
+                    "use one encoder for all slides"
+                )
+    return first[1] if first else 0

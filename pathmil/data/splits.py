@@ -7,18 +7,22 @@ small cohorts still get every kind of case in every fold. Each fold's training p
 every fold instead, and the folds rotate the validation part over the rest.
 
 The splits table has one row per slide and fold: ``slide_id, patient_id, fold, split`` with ``split`` in
-train, val, test.
+train, val, test. With slide-level labels (``bag_level: slide``, Camelyon17) the strata are the slides'
+labels, but the folds stay patient-level: a patient's slides share a part of every fold. A splits table
+from another tool is checked for the same when it is read for training (:func:`check_patient_level`).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from pydantic import Field
 from sklearn.model_selection import StratifiedGroupKFold
 
+from pathmil.cohort import BagLevel, bag_level_field, task_options_field
 from pathmil.errors import PathmilError
 from pathmil.settings import Settings
 
@@ -35,6 +39,8 @@ class SplitConfig(Settings):
         None, gt=0, lt=1, description="hold out a fixed test set of this share (folds then rotate validation)"
     )
     seed: int = Field(0, description="seed of the fold assignment")
+    bag_level: BagLevel = bag_level_field()
+    task_options: dict[str, Any] = task_options_field()
 
 
 def _usable_strata(strata: np.ndarray, n_splits: int) -> np.ndarray:
@@ -52,7 +58,8 @@ def _usable_strata(strata: np.ndarray, n_splits: int) -> np.ndarray:
 
 
 def _group_folds(patients: np.ndarray, strata: np.ndarray, n_splits: int, seed: int) -> list[np.ndarray]:
-    """Indices of ``patients`` per fold, stratified by ``strata`` (one entry per patient)."""
+    """Indices of the bags per fold, stratified by ``strata``; ``patients`` names each bag's patient (a bag
+    is a patient, or one of its slides), and a patient's bags always share a fold."""
     strata = _usable_strata(strata, n_splits)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
@@ -62,19 +69,21 @@ def _group_folds(patients: np.ndarray, strata: np.ndarray, n_splits: int, seed: 
 
 
 def _holdout(patients: np.ndarray, strata: np.ndarray, frac: float, seed: int) -> np.ndarray:
-    """A stratified subset of about ``frac`` of ``patients`` (at least one, never all): one of
-    round(1 / frac) stratified folds, or for ``frac`` over one half all but one of round(1 / (1 - frac))."""
-    if frac <= 0 or len(patients) < 2:
+    """Indices of a stratified subset of about ``frac`` of the patients' bags (at least one patient,
+    never all): one of round(1 / frac) stratified folds, or for ``frac`` over one half all but one of
+    round(1 / (1 - frac))."""
+    n_patients = len(np.unique(patients))
+    if frac <= 0 or n_patients < 2:
         return np.zeros(0, dtype=int)
     if frac > 0.5:
         rest = _holdout(patients, strata, 1 - frac, seed)
         return np.setdiff1d(np.arange(len(patients)), rest)
-    n_splits = min(len(patients), max(2, round(1 / frac)))
+    n_splits = min(n_patients, max(2, round(1 / frac)))
     return _group_folds(patients, strata, n_splits, seed)[0]
 
 
 def make_splits(
-    patients: pd.DataFrame,
+    bags: pd.DataFrame,
     slides: pd.DataFrame,
     strata: np.ndarray,
     folds: int = 5,
@@ -82,12 +91,16 @@ def make_splits(
     test_frac: float | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Patient-level folds.
+    """Patient-level folds, stratified per bag.
 
-    ``patients`` has one row per patient (``patient_id``) aligned with ``strata``; ``slides`` maps
-    ``slide_id`` to ``patient_id``.
+    ``bags`` has one row per bag with its ``patient_id`` (one row per patient for patient bags, one per
+    slide for slide bags), aligned with ``strata``; ``slides`` maps ``slide_id`` to ``patient_id``. Every
+    patient lies in exactly one part (train, val or test) of each fold, whatever the bag level.
+
+    Raises:
+        PathmilError: fewer patients than folds, or a fraction out of range.
     """
-    ids = patients["patient_id"].to_numpy()
+    ids = bags["patient_id"].to_numpy()
     strata = np.asarray(strata)
     if folds < 2:
         raise PathmilError(f"need at least 2 folds, got {folds}")
@@ -99,8 +112,9 @@ def make_splits(
             raise PathmilError(f"test_frac must be in (0, 1), got {test_frac}")
         fixed_test = _holdout(ids, strata, test_frac, seed)
     rest = np.setdiff1d(np.arange(len(ids)), fixed_test)
-    if len(rest) < folds:
-        raise PathmilError(f"{len(rest)} patients cannot make {folds} folds; use fewer folds")
+    n_rest = len(np.unique(ids[rest]))
+    if n_rest < folds:
+        raise PathmilError(f"{n_rest} patients cannot make {folds} folds; use fewer folds")
     rows = []
     for fold, held in enumerate(_group_folds(ids[rest], strata[rest], folds, seed)):
         held = rest[held]
@@ -113,12 +127,37 @@ def make_splits(
             val = remaining[_holdout(ids[remaining], strata[remaining], val_frac, seed + fold)]
             train = np.setdiff1d(remaining, val)
         for split, members in (("train", train), ("val", val), ("test", test)):
-            rows.extend({"patient_id": ids[i], "fold": fold, "split": split} for i in members)
+            rows.extend({"patient_id": p, "fold": fold, "split": split} for p in np.unique(ids[members]))
     assignment = pd.DataFrame(rows)
     table = slides[["slide_id", "patient_id"]].merge(assignment, on="patient_id", how="inner")
     return table.sort_values(["fold", "split", "patient_id", "slide_id"]).reset_index(drop=True)[
         ["slide_id", "patient_id", "fold", "split"]
     ]
+
+
+def check_patient_level(rows: pd.DataFrame, where: str) -> None:
+    """Every patient, and every slide, lies in one part of each fold: a splits file from another tool that
+    puts one patient's slides in train and test would leak.
+
+    ``rows`` holds ``slide_id``, ``patient_id`` (the cohort's), ``fold`` and ``split``.
+
+    Raises:
+        PathmilError: naming the fold, the patient or slide, and the parts it lies in.
+    """
+    for (fold, patient), group in rows.groupby(["fold", "patient_id"], sort=True):
+        parts = sorted(set(group["split"]))
+        if len(parts) > 1:
+            slides = ", ".join(f"{s} ({p})" for s, p in zip(group["slide_id"], group["split"]))
+            raise PathmilError(
+                f"{where}: patient {patient} lies in {' and '.join(parts)} of fold {fold} (slides {slides}); "
+                "folds must be patient-level: make the splits with `pathmil split`"
+            )
+    twice = rows[rows.duplicated(["fold", "slide_id"])]
+    if len(twice):
+        raise PathmilError(
+            f"{where}: slide {twice['slide_id'].iloc[0]} appears twice in fold {twice['fold'].iloc[0]}; "
+            "give each slide one row per fold"
+        )
 
 
 def read_splits(path, fold: int) -> pd.DataFrame:

@@ -61,7 +61,7 @@ from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
 from pathmil.tasks.metrics import class_indices
-from pathmil.training.run import load_run
+from pathmil.training.run import encoder_name, load_run
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def read_run(path: Path) -> Run:
     info = json.loads((path / "metrics.json").read_text())
     features = info.get("features") or {}
     encoder = features.get("encoder")
-    if encoder and features.get("random_init"):
-        encoder = f"{encoder} (random init)"  # the untrained baseline is another encoder
+    if encoder:  # the untrained baseline is another encoder
+        encoder = encoder_name(str(encoder), bool(features.get("random_init")))
     return Run(
         path=path,
         task=task,
@@ -548,8 +548,9 @@ def compare_runs(
     IQM with its interval, calibration), ``pairs.csv`` (every ordered pair A, B: difference A - B with
     its paired interval, P(A > B), whether the interval excludes zero, the verdict), ``verdicts.txt``
     (one line per pair), ``comparison.json`` (all of it, with the performance profiles and calibration
-    tables) and ``plots/*.png``. Returns what ``comparison.json`` holds. Settings: ``n_bootstrap``,
-    ``confidence`` and ``seed`` of ``config``; ``calibration_bins`` and ``time_unit`` of ``plots``.
+    tables), ``plots/*.png`` and ``comparison.html`` (the report's page,
+    :func:`pathmil.evaluation.report.comparison_page`). Returns what ``comparison.json`` holds. Settings:
+    ``n_bootstrap``, ``confidence`` and ``seed`` of ``config``; ``calibration_bins`` and ``time_unit`` of ``plots``.
     """
     config, plots = config or EvaluateConfig(), plots or PlotConfig()
     configurations = load_configurations(run_paths)
@@ -562,7 +563,9 @@ def compare_runs(
     with atomic_output(out_dir / "verdicts.txt") as tmp:
         tmp.write_text("".join(f"{line}\n" for line in result["verdicts"]))
     from pathmil.evaluation.plots import write_comparison_plots  # lazy: matplotlib
+    from pathmil.evaluation.report import comparison_page, write_page
 
     result["plots"] = write_comparison_plots(result, out_dir, config, plots)
+    write_page(out_dir / "comparison.html", comparison_page(result, out_dir))
     write_json(out_dir / "comparison.json", result)
     return result

@@ -19,9 +19,15 @@ A model trained on patient bags (a patient's slides joined) scores one slide's b
 heatmap shows where, within this slide, the model looks.
 
 Coordinates: level-0 pixels of the tiles' top-left corners, with the tile size from the bag's
-``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and ``patch_level`` (CLAM), or from the
-coordinate spacing. STAMP's coordinates and ``tile_size_um`` are micrometres, converted with the slide's
-um/px (``--mpp`` when its metadata has none).
+``patch_size_level0_xy`` or ``patch_size_level0`` (pathmil, TRIDENT), from ``patch_size`` and
+``patch_level`` (CLAM), or from the coordinate spacing. STAMP's coordinates and ``tile_size_um`` are
+micrometres, converted with the slide's um/px along x and y (``--mpp`` when its metadata has none); slideflow's are tile centres, its tile size ``tile_um``. Tiles
+crossing the slide's right or bottom edge are painted up to the edge, and montage tiles show white beyond
+it, as tiling and extraction read them.
+
+A bag painted on another slide is a silent wrong answer: a bag whose slide id, level-0 size or slide
+fingerprint (OpenSlide's ``quickhash-1``, recorded at tiling and extraction) disagrees with the slide file
+is refused in one line, unless ``force`` is set (then it is painted with a warning).
 """
 
 from __future__ import annotations
@@ -36,14 +42,14 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field, field_validator
 from scipy import stats
 
+from pathmil.data.bags import model_input
 from pathmil.errors import PathmilError
-from pathmil.evaluation.predict import check_bag, forward
+from pathmil.evaluation.predict import check_bag
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
-from pathmil.fileio import atomic_output, write_png
+from pathmil.fileio import atomic_output, write_picture
 from pathmil.settings import Settings
 from pathmil.slide.reader import Slide, resize
 from pathmil.training.run import TrainedRun, load_run
@@ -65,6 +71,9 @@ class HeatmapConfig(Settings):
         8, ge=1, description="tiles with the highest and with the lowest scores in the montage"
     )
     montage_px: int = Field(192, ge=16, description="side of each montage tile in pixels")
+    jpeg_quality: int = Field(
+        85, ge=1, le=100, description="JPEG quality of pictures written as .jpg (the workflow's)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("cpu", description="where the model runs")
 
     @field_validator("cmap")
@@ -95,8 +104,13 @@ class TileLayout:
     """Where the tiles of a bag lie: level-0 top-left corners (N x 2, x, y) and the tile side."""
 
     coords: np.ndarray
-    size0: float
+    size0: float  # the tile's level-0 width
     size_inferred: bool = False
+    size0_y: float | None = None  # its height, where it differs (non-square pixels)
+
+    @property
+    def size_xy(self) -> tuple[float, float]:
+        return self.size0, self.size0 if self.size0_y is None else self.size0_y
 
 
 def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> TileLayout:
@@ -105,27 +119,28 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         raise PathmilError(
             f"{source} has no tile coordinates (a CLAM .pt file?); heatmaps need the .h5 bag with coords"
         )
-    if len(bag.coords) != bag.n_instances:
-        raise PathmilError(
-            f"{source} has {bag.n_instances} feature rows but {len(bag.coords)} coordinates; "
-            "the file is inconsistent, extract the slide again"
-        )
     coords = np.asarray(bag.coords, dtype=np.float64).reshape(-1, 2)
     attrs = {**bag.attrs, **bag.coords_attrs}
-    size0, inferred = None, False
+    size0, size0_y, inferred = None, None, False
     if bag.coords_unit == "um":
-        coords = coords / slide.mpp
+        coords = coords / np.array(slide.mpp_xy)
         if attrs.get("tile_size_um"):
-            size0 = float(attrs["tile_size_um"]) / slide.mpp
+            size0, size0_y = (float(attrs["tile_size_um"]) / m for m in slide.mpp_xy)
+    elif attrs.get("patch_size_level0_xy") is not None:
+        size0, size0_y = (float(v) for v in attrs["patch_size_level0_xy"])
     elif attrs.get("patch_size_level0"):
         size0 = float(attrs["patch_size_level0"])
     elif attrs.get("patch_size") and attrs.get("patch_level") is not None:
         level = int(attrs["patch_level"])
         if level < len(slide.level_downsamples):
             size0 = float(attrs["patch_size"]) * slide.level_downsamples[level]
+    if bag.coords_origin == "centre" and attrs.get("tile_um"):  # slideflow: centres, tile size in um
+        size0 = float(attrs["tile_um"]) / slide.mpp
     if size0 is None:
         size0, inferred = grid_step(coords, source), True
         log.warning("%s names no tile size: using the coordinate spacing, %.1f level-0 px", source, size0)
+    if bag.coords_origin == "centre":
+        coords = coords - size0 / 2
     width, height = slide.dimensions
     outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
     if outside.any():
@@ -135,7 +150,48 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
             f"first at {x:.0f}, {y:.0f}); is it this slide's bag"
             + (", and is its um/px right (--mpp)?" if bag.coords_unit == "um" else "?")
         )
-    return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred)
+    return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred, size0_y=size0_y)
+
+
+def bag_mismatches(bag: Bag, slide: Slide) -> list[str]:
+    """How ``bag`` disagrees with ``slide``: its slide id, level-0 size, slide fingerprint (what it records
+    of them; a CLAM bag records none)."""
+    problems = []
+    bag_id = bag.attrs.get("slide_id")
+    if bag_id is not None and str(bag_id) != slide.slide_id:
+        problems.append(
+            f"it was made for slide {bag_id}, not {slide.slide_id} (--slide-id gives the id of a slide file "
+            "named otherwise)"
+        )
+    size = bag.attrs.get("level0_size")
+    if size is None and bag.coords_attrs.get("level0_width") is not None:
+        size = (bag.coords_attrs["level0_width"], bag.coords_attrs.get("level0_height"))
+    if size is not None and tuple(int(v) for v in size) != tuple(slide.dimensions):
+        problems.append(
+            f"its slide was {int(size[0])} x {int(size[1])} px, {slide.path.name} is "
+            f"{slide.dimensions[0]} x {slide.dimensions[1]}"
+        )
+    recorded = bag.attrs.get("slide_quickhash")
+    if recorded and slide.quickhash and recorded != slide.quickhash:
+        problems.append(f"its slide fingerprint (openslide.quickhash-1) differs from {slide.path.name}'s")
+    return problems
+
+
+def check_bag_matches_slide(bag: Bag, slide: Slide, source: str | os.PathLike, force: bool) -> list[str]:
+    """Refuse a bag made for another slide (one line), or with ``force`` return the warnings.
+
+    Raises:
+        PathmilError: the bag's slide id, level-0 size or slide fingerprint disagree with ``slide``.
+    """
+    problems = bag_mismatches(bag, slide)
+    if problems and not force:
+        raise PathmilError(
+            f"{source} is not the bag of {slide.path}: {'; '.join(problems)}; give this slide's bag, or "
+            "--force to paint it anyway"
+        )
+    for problem in problems:
+        log.warning("%s painted on %s although %s (--force)", source, slide.path, problem)
+    return problems
 
 
 def grid_step(coords: np.ndarray, source: str | os.PathLike = "bag") -> float:
@@ -172,10 +228,11 @@ def tile_rectangles(
     height, width = shape
     sx, sy = width / level0_size[0], height / level0_size[1]
     x, y = layout.coords[:, 0], layout.coords[:, 1]
+    size_x, size_y = layout.size_xy
     c0 = np.clip(np.rint(x * sx), 0, width - 1).astype(np.int64)
     r0 = np.clip(np.rint(y * sy), 0, height - 1).astype(np.int64)
-    c1 = np.clip(np.maximum(np.rint((x + layout.size0) * sx), c0 + 1), 0, width).astype(np.int64)
-    r1 = np.clip(np.maximum(np.rint((y + layout.size0) * sy), r0 + 1), 0, height).astype(np.int64)
+    c1 = np.clip(np.maximum(np.rint((x + size_x) * sx), c0 + 1), 0, width).astype(np.int64)
+    r1 = np.clip(np.maximum(np.rint((y + size_y) * sy), r0 + 1), 0, height).astype(np.int64)
     return r0, r1, c0, c1
 
 
@@ -296,18 +353,18 @@ def montage_tiles(
     slide: Slide, layout: TileLayout, scores: np.ndarray, k: int, px: int
 ) -> tuple[list[MontageTile], list[MontageTile]]:
     """The ``k`` tiles with the highest and the ``k`` with the lowest scores, read at ``px`` pixels from
-    the coarsest pyramid level still as fine as that (ties keep bag order)."""
+    the coarsest pyramid level still as fine as that (ties keep bag order); white beyond the slide's edge."""
     k = min(k, len(scores))
     percentiles = rank_normalise(scores)
     order = np.argsort(-np.asarray(scores), kind="stable")
-    downsample = layout.size0 / px
+    downsample = min(layout.size_xy) / px
     fine = [i for i, d in enumerate(slide.level_downsamples) if d <= downsample * 1.01]
     level = max(fine, key=lambda i: slide.level_downsamples[i]) if fine else 0
-    read_px = max(1, round(layout.size0 / slide.level_downsamples[level]))
+    read_w, read_h = (max(1, round(s / slide.level_downsamples[level])) for s in layout.size_xy)
 
     def tile(i: int) -> MontageTile:
         x, y = (round(float(v)) for v in layout.coords[i])
-        image = resize(slide.read_region(x, y, level, read_px, read_px), px)
+        image = resize(slide.read_region(x, y, level, read_w, read_h), px)
         return MontageTile(int(i), float(scores[i]), float(percentiles[i]), x, y, image)
 
     top = [tile(i) for i in order[:k]]
@@ -409,9 +466,14 @@ def compose(thumbnail: np.ndarray, overlay: np.ndarray, cmap: str, title: str) -
 
 
 def save_montage(
-    path: str | os.PathLike, top: list[MontageTile], bottom: list[MontageTile], title: str
+    path: str | os.PathLike,
+    top: list[MontageTile],
+    bottom: list[MontageTile],
+    title: str,
+    jpeg_quality: int = 85,
 ) -> None:
-    """Two rows of tiles, highest scores above, lowest below, each titled with its score and percentile."""
+    """Two rows of tiles, highest scores above, lowest below, each titled with its score and percentile;
+    JPEG for a .jpg path, else PNG."""
     from matplotlib.figure import Figure
 
     k = max(len(top), 1)
@@ -431,8 +493,11 @@ def save_montage(
                 )
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.99, bottom=0.02, top=0.82, wspace=0.08, hspace=0.45)
+    jpeg = str(path).lower().endswith((".jpg", ".jpeg"))
     with atomic_output(path) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(
+            tmp, format="jpeg" if jpeg else "png", pil_kwargs={"quality": jpeg_quality} if jpeg else None
+        )
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -457,11 +522,10 @@ def instance_scores(
 ) -> tuple[np.ndarray, float]:
     """(instance scores, slide score) of one bag under a trained run (:func:`pathmil.training.run.load_run`).
 
-    The features are rounded to float16 as for training and prediction, so the slide score is the one
-    ``pathmil predict`` gives this bag.
+    The bag is scored as training and prediction score it (:meth:`TrainedRun.score`), so the slide score is
+    the one ``pathmil predict`` gives this bag.
     """
-    features = torch.from_numpy(np.asarray(bag.features, dtype=np.float32)).half().float()
-    output = forward(loaded, features)
+    output = loaded.score(model_input(bag.features))
     scores = output.instance_scores.float().cpu().numpy().reshape(-1)
     if len(scores) != bag.n_instances:
         raise PathmilError(
@@ -486,13 +550,21 @@ def make_heatmap(
     config: HeatmapConfig | None = None,
     mpp: float | None = None,
     expected_task: str | None = None,
+    slide_id: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Score one slide's bag, write the heatmap PNG (and the montage and per-tile scores if asked).
+    """Score one slide's bag, write the heatmap (JPEG for a .jpg path, else PNG; the montage likewise, and
+    the per-tile scores, if asked).
 
     ``checkpoint``: a checkpoint file, or models already loaded; several (a package's fold models) paint
     the mean of their instance-score percentiles, and the slide score is the mean of theirs.
 
-    Returns facts: slide id, tiles, the slide score, seconds per step.
+    ``slide_id`` names the slide file (default: its file name); a bag made for another slide is refused
+    unless ``force`` (:func:`check_bag_matches_slide`). Returns facts: slide id, tiles, the slide score,
+    seconds per step, warnings.
+
+    Raises:
+        PathmilError: the bag does not fit the model or the slide.
     """
     config = config or HeatmapConfig()
     seconds: dict[str, float] = {}
@@ -515,7 +587,8 @@ def make_heatmap(
     for model in models:
         check_bag(model, features, bag.dim, bag.attrs)
     lap("load")
-    with Slide(slide_path, mpp=mpp) as slide:
+    with Slide(slide_path, slide_id=slide_id, mpp=mpp) as slide:
+        warnings = check_bag_matches_slide(bag, slide, features, force)
         layout = tile_layout(bag, slide, features)
         scored = [instance_scores(model, bag, features) for model in models]
         if len(scored) == 1:
@@ -538,11 +611,12 @@ def make_heatmap(
         )
         picture = compose(thumbnail, overlay, config.cmap, title)
         with atomic_output(out) as tmp:
-            write_png(str(tmp), picture)
+            write_picture(str(tmp), picture, config.jpeg_quality)
         lap("write")
         if montage is not None:
             top, bottom = montage_tiles(slide, layout, scores, config.top_k, config.montage_px)
-            save_montage(montage, top, bottom, f"{slide.slide_id}: {loaded.aggregator} instance scores")
+            title = f"{slide.slide_id}: {loaded.aggregator} instance scores"
+            save_montage(montage, top, bottom, title, config.jpeg_quality)
             lap("montage")
     if scores_csv is not None:
         table = pd.DataFrame(
@@ -562,6 +636,7 @@ def make_heatmap(
         "tile_size_level0": layout.size0,
         "tile_size_inferred": layout.size_inferred,
         "downsample": heatmap.level0_size[0] / thumbnail.shape[1],
+        "warnings": warnings,
         "seconds": round(time.perf_counter() - start, 3),
         "steps": seconds,
         "heatmap": heatmap,

@@ -232,9 +232,14 @@ def _outcome(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return rows["time"].to_numpy(dtype=float), rows["event"].to_numpy(dtype=float).astype(bool)
 
 
+def time_label(config: PlotConfig, column: str) -> str:
+    """The time axis: its unit from the config, else the cohort table's time column (never a guessed unit)."""
+    return f"time ({config.time_unit})" if config.time_unit else f"time (column {column})"
+
+
 def kaplan_meier_plot(data: PlotData) -> Figure:
     """Kaplan-Meier curves (95 % log-log bands, + at censoring) of the pooled test bags split at the
-    median predicted risk, with the log-rank test of the two groups."""
+    median predicted risk, with the log-rank test of the two groups and the numbers at risk below."""
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
     from sksurv.util import Surv
@@ -242,9 +247,10 @@ def kaplan_meier_plot(data: PlotData) -> Figure:
     time, event = _outcome(data.pooled)
     risk = data.pooled["score"].to_numpy(dtype=float)
     high = risk > np.median(risk)
-    fig = data.figure()
-    ax = fig.subplots()
-    for group, name, colour in ((~high, "low risk", "C0"), (high, "high risk", "C3")):
+    groups = [(~high, "low risk", "C0"), (high, "high risk", "C3")]
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), dpi=data.config.dpi, layout="constrained")
+    ax, at_risk = fig.subplots(2, 1, height_ratios=[4, 1])
+    for group, name, colour in groups:
         if not group.any():
             continue
         t, s, (low, up) = kaplan_meier_estimator(event[group], time[group], conf_type="log-log")
@@ -260,10 +266,29 @@ def kaplan_meier_plot(data: PlotData) -> Figure:
     if high.any() and (~high).any():
         _, p_value = compare_survival(Surv.from_arrays(event, time), np.where(high, "high", "low"))
     ax.set_ylim(0, 1.02)
-    finish(ax, f"time ({data.config.time_unit})", "survival probability", unit_square=False)
+    ax.set_xlim(0, float(time.max()) * 1.02 if len(time) else 1.0)
+    finish(ax, time_label(data.config, data.task.label_columns[0]), "survival probability", unit_square=False)
+    numbers_at_risk(at_risk, ax, time, groups)
     p_text = "log-rank p undefined" if not math.isfinite(p_value) else f"log-rank p = {p_value:.2g}"
     title(fig, f"Predicted risk groups (median split): {p_text}", data.with_ci("c-index", "c_index"))
     return fig
+
+
+def numbers_at_risk(table, curves, time: np.ndarray, groups: list[tuple[np.ndarray, str, str]]) -> None:
+    """The table under a Kaplan-Meier plot: per group, the bags still followed (time >= t) at the curve
+    axis's ticks, in the group's colour."""
+    table.set_xlim(curves.get_xlim())
+    ticks = [t for t in curves.get_xticks() if curves.get_xlim()[0] <= t <= curves.get_xlim()[1]]
+    for row, (group, _, colour) in enumerate(groups):
+        for t in ticks:
+            table.text(t, row, str(int(np.sum(time[group] >= t))), ha="center", va="center", color=colour)
+    table.set_yticks(range(len(groups)), [name for _, name, _ in groups])
+    table.set_ylim(len(groups) - 0.5, -0.5)
+    table.set_xticks([])
+    for side in table.spines.values():
+        side.set_visible(False)
+    table.tick_params(left=False)
+    table.set_title("number at risk", fontsize="small", loc="left")
 
 
 def time_auc_plot(data: PlotData) -> Figure:
@@ -286,7 +311,10 @@ def time_auc_plot(data: PlotData) -> Figure:
     ax.axhline(0.5, **CHANCE)
     ax.set_ylim(0, 1.02)
     finish(
-        ax, f"time ({data.config.time_unit})", "time-dependent AUC (cumulative/dynamic)", unit_square=False
+        ax,
+        time_label(data.config, data.task.label_columns[0]),
+        "time-dependent AUC (cumulative/dynamic)",
+        unit_square=False,
     )
     title(fig, "Time-dependent AUC of the predicted risk", data.with_ci("mean AUC", "td_auc"))
     return fig
@@ -300,8 +328,13 @@ def unit(data: PlotData) -> str:
     return " %" if data.task.value_range == [0.0, 100.0] else ""
 
 
+def value_name(data: PlotData) -> str:
+    """What the regression values are: the config's label (e.g. "sTIL %"), else the target column."""
+    return data.config.value_label or data.task.column + (" (%)" if unit(data) else "")
+
+
 def _value_label(data: PlotData, prefix: str) -> str:
-    return f"{prefix} {data.task.column}" + (" (%)" if unit(data) else "")
+    return f"{prefix} {value_name(data)}"
 
 
 def scatter_plot(data: PlotData) -> Figure:
@@ -346,7 +379,7 @@ def high_low_roc_plot(data: PlotData) -> Figure:
     finish(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)")
     title(
         fig,
-        f"ROC of {data.task.column}-high (>= {threshold:g}{unit(data)}) vs low",
+        f"ROC of high {value_name(data)} (>= {threshold:g}{unit(data)}) vs low",
         data.with_ci("AUC", "auc_high"),
     )
     return fig
@@ -528,7 +561,7 @@ def comparison_calibration_plot(comparison: dict, evaluate: EvaluateConfig, conf
                 fontsize="medium",
             )
         if survival:
-            time = f"{comparison['horizon']:.3g} {config.time_unit}"
+            time = f"{comparison['horizon']:.3g} {config.time_unit or ''}".rstrip()
             finish(ax, f"predicted survival at {time}", f"Kaplan-Meier survival at {time}")
         else:
             what = diagram.get("what", "")

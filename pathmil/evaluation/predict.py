@@ -1,11 +1,12 @@
 """Score new slides with trained models: one checkpoint, or the fold models of a run as an ensemble.
 
 A checkpoint (``best.pt``) carries the run's config, the fitted task and the weights, so it alone rebuilds
-the model (:func:`pathmil.training.run.load_run`). Scores are made exactly as training made its ``predictions.csv``: the
-same bag joining (a patient's slides concatenated in slide-id order when the model was trained on patient
-bags, as :func:`pathmil.data.bags.make_bag_table` does), the same float16 rounding of the features (the
-training loop keeps bags in memory as float16), the same forward pass and ``task.predict``; so a fold's
-own test bags get back the very numbers training wrote.
+the model (:func:`pathmil.training.run.load_run`). Scores are made exactly as training made its
+``predictions.csv``: the same bag joining (a patient's slides concatenated in slide-id order when the model
+was trained on patient bags, as :func:`pathmil.data.bags.make_bag_table` does), the same features (the
+bag dataset, float16 values), the same scoring pass (:func:`pathmil.training.run.score_bag`: float64 on
+the CPU, so the thread count and the CPU's instruction set do not change a digit that matters) and
+``task.predict``; so a fold's own test bags get back the numbers training wrote, to 1e-6.
 
 Several checkpoints (the K fold models) make an ensemble: the mean of their scores, as a fixed test set
 is pooled by ``pathmil evaluate``. Derived columns follow from the mean probabilities with training's
@@ -33,19 +34,13 @@ from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag_attrs
 from pathmil.fileio import atomic_output
 from pathmil.ids import slide_id_from_path
-from pathmil.models.base import MILOutput
 from pathmil.tasks.classification import ClassificationTask
-from pathmil.training.run import TrainedRun, load_run
+from pathmil.training.run import TrainedRun, encoder_name, load_run
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ the model
-
-
-def encoder_name(encoder: str, random_init: bool) -> str:
-    """An encoder as messages name it (a randomly initialised one is a different feature space)."""
-    return f"{encoder} (random init)" if random_init else encoder
 
 
 def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
@@ -67,13 +62,6 @@ def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict 
         )
 
 
-@torch.inference_mode()
-def forward(run: TrainedRun, features: torch.Tensor) -> MILOutput:
-    """The model's output for one bag (N x D float32), on the run's device, at training's precision."""
-    with run.autocast():
-        return run.model(features[None].to(run.device))
-
-
 # ------------------------------------------------------------------------------------------- the bags
 
 
@@ -83,7 +71,7 @@ def bags_from_files(paths: list[str | os.PathLike]) -> BagTable:
     for path in map(Path, paths):
         if not path.is_file():
             raise PathmilError(f"feature file {path} does not exist")
-        attrs = read_bag_attrs(path) if path.suffix == ".h5" else {}
+        attrs = read_bag_attrs(path)
         slide_id = str(attrs.get("slide_id") or slide_id_from_path(path))
         records.append({"bag_id": slide_id, "patient_id": None, "slide_id": slide_id})
         files.append([path])
@@ -131,11 +119,6 @@ def bags_from_cohort(
 # ------------------------------------------------------------------------------------------ scoring
 
 
-def bag_features(dataset: BagDataset, index: int) -> torch.Tensor:
-    """Bag ``index`` as training's in-memory cache holds it: float16, handed to the model as float32."""
-    return dataset.features(index).half().float()
-
-
 def score_bags(
     loaded: TrainedRun,
     table: BagTable,
@@ -150,15 +133,20 @@ def score_bags(
     dataset = BagDataset(table, memory_budget_gb=0.0)  # read each bag when it is scored
     for paths in table.files:
         for path in paths:
-            attrs = read_bag_attrs(path) if path.suffix == ".h5" else {}
+            attrs = read_bag_attrs(path)
             if check is not None:
                 check(path, attrs)
             check_bag(loaded, path, dataset.dim, attrs)
     logits = [
-        forward(loaded, bag_features(dataset, i)).logits.float().cpu()
+        loaded.score(dataset.features(i)).logits.cpu()
         for i in tqdm(range(len(dataset)), desc=loaded.path.parent.name, unit="bag", disable=not progress)
     ]
     bags = table.bags
+    for bag_id, values in zip(bags["bag_id"], logits):
+        if not torch.isfinite(values).all():
+            raise PathmilError(
+                f"model {loaded.path} gives a non-finite score for bag {bag_id}; nothing written"
+            )
     out = pd.DataFrame({"slide_id": bags["slide_id"].to_numpy()})
     if bags["patient_id"].notna().all():
         out["patient_id"] = bags["patient_id"].to_numpy()

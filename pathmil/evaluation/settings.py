@@ -21,8 +21,15 @@ class PlotConfig(Settings):
     """The evaluation plots written by ``pathmil evaluate``."""
 
     section = "plots"
-    time_unit: str = Field(
-        "months", description="unit of the survival times in the cohort table (axis labels)"
+    time_unit: str | None = Field(
+        None,
+        description="unit of the survival times in the cohort table, for axis labels (months, days, ...); "
+        "none: the axis names the time column",
+    )
+    value_label: str | None = Field(
+        None,
+        description="axis label of the regression values (e.g. sTIL %); none: the target column, with % "
+        "for a 0-100 value range",
     )
     dpi: int = Field(
         120, ge=30, description="pixels per inch of the PNGs (a 6 x 5 inch plot at 120 is 720 x 600 px)"

@@ -23,16 +23,37 @@ from pathmil.evaluation.bootstrap import iqm, percentile_interval, stratified_re
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
-from pathmil.training.run import load_run
+from pathmil.training.run import TrainedRun, load_run
 
 ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
 
 
+def configuration(run: TrainedRun) -> tuple[str, str | None, str, int]:
+    """(task, encoder, aggregator, seed): what the folds of one evaluation share."""
+    return (run.config.task, run.encoder_label, run.config.aggregator, run.config.seed)
+
+
 def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A run's ``predictions.csv``; a bag without a score (NaN or empty) is refused, naming it.
+
+    Raises:
+        PathmilError: no predictions, or a missing or non-finite score.
+    """
     path = Path(run_dir) / "predictions.csv"
     if not path.is_file():
         raise PathmilError(f"run {run_dir} has no predictions.csv; is training finished?")
-    return pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    scores = [c for c in table.columns if c == "score" or c.startswith(("score_", "surv_"))]
+    if "score" not in scores:
+        raise PathmilError(f"{path} has no score column; train the run again")
+    values = table[scores].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise PathmilError(
+            f"{path} has no finite score for {int(bad.sum())} bag(s) (first: {table['slide_id'].iloc[bad.argmax()]}); "
+            "a diverged or damaged run: train it again"
+        )
+    return table
 
 
 def pool_test(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -105,11 +126,12 @@ def evaluate_runs(
     predictions, fold_tasks = [], {}
     for run in run_dirs:
         loaded = load_run(run, with_model=False)
-        run_task, other_config = loaded.task, loaded.config
-        if (other_config.task, other_config.aggregator) != (run_config.task, run_config.aggregator):
+        run_task = loaded.task
+        if configuration(loaded) != configuration(first):
             raise PathmilError(
-                f"run {run} is a {other_config.task}/{other_config.aggregator} run; "
-                f"evaluate runs of one task and aggregator together"
+                f"run {run} is a {'/'.join(map(str, configuration(loaded)))} run, not "
+                f"{'/'.join(map(str, configuration(first)))}; evaluate the folds of one task, encoder, "
+                "aggregator and seed together (`pathmil compare` compares configurations)"
             )
         rows = read_run(run)
         predictions.append(rows)
@@ -144,7 +166,9 @@ def evaluate_runs(
     summary = pd.DataFrame(summary_rows)
     result = {
         "task": task.name,
+        "encoder": first.encoder_label,
         "aggregator": run_config.aggregator,
+        "seed": run_config.seed,
         "main_metric": task.main_metric,
         "runs": [str(r) for r in run_dirs],
         "n_test_bags": len(pooled_test),
@@ -248,7 +272,9 @@ def summarise_evaluations(eval_dirs: list[str | os.PathLike]) -> pd.DataFrame:
             rows.append(
                 {
                     "task": result["task"],
+                    "encoder": result.get("encoder"),
                     "aggregator": result["aggregator"] + (" (external)" if result.get("external") else ""),
+                    "seed": result.get("seed", 0),
                     "main": row["metric"] == result["main_metric"],
                     **row,
                 }

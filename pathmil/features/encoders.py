@@ -158,6 +158,20 @@ def create_encoder(
     )
 
 
+def encoder_gflops(name: str) -> float:
+    """Floating-point operations of encoding one tile, in GFLOP (a multiply-add counts two), as counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the architecture built on the meta device (no memory,
+    no weights). What the workflow's runtime model divides by a device's FLOP/s (``x-pathmil`` facts of the
+    generated schema). Raises PathmilError for an unknown name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = create_encoder(name, random_init=True, device="meta")
+    side = encoder.preprocess.input_px
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder.model(torch.empty(1, 3, side, side, device="meta"))
+    return counter.get_total_flops() / 1e9
+
+
 # ------------------------------------------------------------------------------------------ weights
 
 

@@ -260,7 +260,7 @@ class TileBatches(Dataset):
         self,
         slide_path: str | os.PathLike,
         slide_id: str,
-        slide_mpp: float | None,
+        slide_mpp: tuple[float, float] | None,
         tiles: TileSet,
         preprocess: Preprocess,
     ):
@@ -269,7 +269,7 @@ class TileBatches(Dataset):
         self.slide_mpp = slide_mpp
         self.coords = tiles.coords
         self.level = tiles.level
-        self.read_px = tiles.read_px
+        self.read_size = tiles.read_size
         self.preprocess = preprocess
         self._slide: Slide | None = None
         self._pid = -1
@@ -292,13 +292,15 @@ class TileBatches(Dataset):
         """One tile as the encoder sees it: read, resized to ``resize_px``, centre-cropped to ``input_px``.
 
         Opaque tiles (nearly all) are resized in OpenSlide's RGBA and the alpha dropped afterwards, which
-        saves a full-size copy; tiles touching transparent areas are composited on white first.
+        saves a full-size copy; tiles touching transparent areas (sparse scans, and the part of a tile
+        beyond the slide's right or bottom edge) are composited on white first, as tiling and heatmaps do.
+        A non-square read (non-square pixels) is resized to a square.
         """
         import openslide
 
         x, y = (int(v) for v in self.coords[index])
         try:
-            rgba = np.asarray(self._handle().handle.read_region((x, y), self.level, (self.read_px,) * 2))
+            rgba = np.asarray(self._handle().handle.read_region((x, y), self.level, self.read_size))
         except openslide.OpenSlideError as err:
             raise SlideError(
                 self.slide_id, f"cannot read region ({x}, {y}) at level {self.level}: {err}"
@@ -464,6 +466,7 @@ class FeatureExtractor:
 def tiles_sha256(tiles: TileSet) -> str:
     """A fingerprint of what will be read: the coordinates and the read geometry (not the file's bytes)."""
     geometry = {k: tiles.coords_attrs.get(k) for k in ("patch_size", "patch_level", "tile_px", "target_mpp")}
+    geometry["read_size"] = list(tiles.read_size)
     digest = hashlib.sha256(np.ascontiguousarray(tiles.coords, dtype=np.int64).tobytes())
     digest.update(json.dumps(geometry, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -490,7 +493,7 @@ def bag_is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
         return False
     try:
         attrs = read_bag_attrs(out)
-    except OSError:  # unreadable: extract again
+    except PathmilError:  # empty, truncated or damaged: extract again
         return False
     return all(attrs.get(key) == value for key, value in identity.items())
 
@@ -520,9 +523,9 @@ def extract_slide(
         return _skipped_facts(out, facts_path, slide_id)
     if len(tiles.coords) == 0:
         raise SlideError(slide_id, f"tiles file {tiles_path} holds no tiles; tile the slide again")
-    with Slide(slide_path, slide_id, mpp=tiles.coords_attrs.get("slide_mpp"), mpp_source="tiles") as slide:
+    with Slide(slide_path, slide_id, mpp=tiles.slide_mpp, mpp_source="tiles") as slide:
         _check_tiles_match(slide, tiles, tiles_path)
-        dimensions, slide_mpp = slide.dimensions, slide.mpp
+        dimensions, slide_mpp, quickhash = slide.dimensions, slide.mpp_xy, slide.quickhash
     runner = extractor.runner
     dataset = TileBatches(slide_path, slide_id, slide_mpp, tiles, extractor.preprocess)
     result = encode_tiles(
@@ -534,6 +537,7 @@ def extract_slide(
             f"none of its {len(tiles.coords)} tiles could be read (first error: {result.failed[0][1]}); "
             "the file is damaged: copy or scan it again",
         )
+    _check_finite(slide_id, result.features, runner.precision, config.dtype)
     failed_coords = tiles.coords[[i for i, _ in result.failed]].reshape(-1, 2).astype(np.int64)
     warnings_list = _failure_warnings(slide_id, len(tiles.coords), failed_coords, result.failed)
     # what is known about this bag, written once: the HDF5 attributes and the facts JSON come from it
@@ -556,7 +560,10 @@ def extract_slide(
         "resize_px": extractor.preprocess.resize_px,
         "tile_px": tiles.tile_px,
         "target_mpp": tiles.coords_attrs.get("target_mpp"),
-        "slide_mpp": slide_mpp,
+        "slide_mpp": sum(slide_mpp) / 2,
+        "slide_mpp_x": slide_mpp[0],
+        "slide_mpp_y": slide_mpp[1],
+        "slide_quickhash": quickhash,
         "level0_size": np.asarray(dimensions, np.int64),
         "dtype": config.dtype,
         "failed_tile_coords": failed_coords,
@@ -588,6 +595,23 @@ def extract_slide(
     return facts_data
 
 
+def _check_finite(slide_id: str, features: np.ndarray, precision: str, dtype: str) -> None:
+    """Refuse features with NaN or inf (an encoder that overflows in half precision, or float16 storage of
+    values beyond its range): readers refuse such bags, so none is written.
+
+    Raises:
+        SlideError: naming how many tiles and what to change.
+    """
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise SlideError(
+            slide_id,
+            f"the encoder gave NaN or inf features for {int(bad.sum())} of {len(features)} tiles (precision "
+            f"{precision}, stored as {dtype}); extract it with --precision fp32 (pathmil holds features as "
+            "float16: values beyond 65504 cannot be used)",
+        )
+
+
 def _failure_warnings(
     slide_id: str, n_tiles: int, failed_coords: np.ndarray, failed: list[tuple[int, str]]
 ) -> list[str]:
@@ -605,13 +629,21 @@ def _failure_warnings(
 
 
 def _check_tiles_match(slide: Slide, tiles: TileSet, tiles_path: str | os.PathLike) -> None:
-    """A tiles file made for another slide would read the wrong pixels: refuse it."""
+    """A tiles file made for another slide would read the wrong pixels: refuse it (its level-0 size or
+    OpenSlide's fingerprint of the slide differ)."""
     width, height = tiles.coords_attrs.get("level0_width"), tiles.coords_attrs.get("level0_height")
     if width is not None and height is not None and (int(width), int(height)) != tuple(slide.dimensions):
         raise SlideError(
             slide.slide_id,
             f"tiles file {tiles_path} was made for a {width}x{height} slide, but {slide.path.name} is "
             f"{slide.dimensions[0]}x{slide.dimensions[1]}; tile this slide again",
+        )
+    recorded = tiles.attrs.get("slide_quickhash")
+    if recorded and slide.quickhash and recorded != slide.quickhash:
+        raise SlideError(
+            slide.slide_id,
+            f"tiles file {tiles_path} was made from another file than {slide.path.name} (its slide "
+            "fingerprint, openslide.quickhash-1, differs); tile this slide again",
         )
     if tiles.level >= len(slide.level_dimensions):
         raise SlideError(slide.slide_id, f"tiles file {tiles_path} reads level {tiles.level}, which it lacks")

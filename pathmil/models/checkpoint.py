@@ -8,6 +8,9 @@ the optimiser, schedule, random-number states, loop state and a copy of the best
 writing live here, below training, because models read checkpoints too (MHIM-MIL's teacher starts from a
 baseline's ``best.pt``).
 
+No checkpoint holding NaN or inf weights is written or loaded: a diverged run is one line, never a model
+that scores NaN.
+
 Checkpoints hold tensors and plain data only (dicts, lists, tuples, strings, numbers, None) and are read
 with ``torch.load(weights_only=True)``: a file whose pickle would build any other object (and so could
 run code) is refused, never executed.
@@ -25,7 +28,9 @@ from pathmil import __version__
 from pathmil.errors import PathmilError
 from pathmil.fileio import atomic_output, load_tensors_safely
 
-# Version of the checkpoint layout; files without one are version 1 (pathmil 0.1 before the field).
+# Version of the checkpoint layout; files without one are version 1 (pathmil 0.1 before the field). Raise it
+# when what a checkpoint holds changes meaning; settings added or removed are handled when a run is loaded
+# (pathmil.training.run.load_run: a warning naming the file and both versions, or one line if it cannot).
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("model", "config", "task", "aggregator", "in_dim")
 
@@ -34,8 +39,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Save atomically, so a kill during the write leaves the previous checkpoint intact.
 
     Raises:
+        PathmilError: the weights (``model``, or the best weights a ``last.pt`` carries) hold NaN or inf;
+            nothing is written.
         DiskFullError: no space left for the file (nothing is left behind).
     """
+    for weights in (payload.get("model"), (payload.get("best") or {}).get("model")):
+        bad = non_finite_weights(weights)
+        if bad:
+            raise PathmilError(
+                f"refusing to write {path}: its weights {bad} hold NaN or inf (the training diverged); "
+                "lower the learning rate (lr) or set grad_clip"
+            )
     with atomic_output(path) as tmp:
         torch.save({"pathmil_version": __version__, "format_version": FORMAT_VERSION, **payload}, tmp)
 
@@ -59,7 +73,39 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a pathmil checkpoint: it lacks {', '.join(missing)} (a run's best.pt or "
             "last.pt has them)"
         )
+    bad = non_finite_weights(checkpoint["model"])
+    if bad:
+        raise PathmilError(
+            f"checkpoint {path} holds NaN or inf weights ({bad}): its training diverged; train it again "
+            "with a lower learning rate (lr) or grad_clip"
+        )
     return checkpoint
+
+
+def describe_version(checkpoint: dict[str, Any] | None = None) -> str:
+    """``pathmil X, checkpoint format N`` of a checkpoint (``None``: of this pathmil), for messages."""
+    if checkpoint is None:
+        return f"pathmil {__version__}, checkpoint format {FORMAT_VERSION}"
+    return (
+        f"pathmil {checkpoint.get('pathmil_version', 'unknown')}, "
+        f"checkpoint format {checkpoint.get('format_version', 1)}"
+    )
+
+
+def same_version(checkpoint: dict[str, Any]) -> bool:
+    """Whether this pathmil wrote ``checkpoint`` (same package version and format)."""
+    return (checkpoint.get("pathmil_version"), checkpoint.get("format_version", 1)) == (
+        __version__,
+        FORMAT_VERSION,
+    )
+
+
+def non_finite_weights(weights: dict[str, Any] | None) -> str | None:
+    """The name of the first floating-point tensor of ``weights`` that holds NaN or inf, else None."""
+    for name, value in (weights or {}).items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
 
 
 # ------------------------------------------------------------------------------------------- packages

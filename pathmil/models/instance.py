@@ -39,7 +39,7 @@ class InstanceRegressor(MILModel):
         h = self.encoder(x)
         per_instance = self.classifier(h)  # B x N x C
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
-        weights = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+        weights = valid.to(h.dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1)
         logits = torch.einsum("bn,bnc->bc", weights, per_instance)
         z = torch.einsum("bn,bnh->bh", weights, h)
         scores = per_instance.mean(dim=-1).masked_fill(~valid, 0.0)

@@ -11,6 +11,12 @@
   (:func:`stride_order`) and put back in order before ``out_proj(y1 + y2)``. The parameter names are
   those of the MambaMIL authors' code (``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log``, ``D_b``).
 - :class:`BiMamba`: the same with the second branch on the reversed sequence (as the authors' BiMamba).
+- ``positive_definite`` (Vo et al., "Demystifying the Token Dynamics of Deep Selective State Space
+  Models", ICLR 2025): tokens of a deep selective SSM all converge to zero when the input/output
+  projection S_C^T S_B has negative eigenvalues, which harms learning. With the option, each branch's
+  input projection is tied to its output projection, S_B = diag(softplus(s)) S_C with a learned s
+  (``pd_scale``, ``pd_scale_b``; d_state values), so S_C^T S_B = S_C^T diag(.) S_C is positive
+  semi-definite throughout training. x_proj keeps mamba-ssm's shape; its S_B rows are then unused.
 
 The authors pad the sequence to a multiple of the rate with zero tokens that then flow through the second
 branch's conv and scan, so real tokens after them in the reordered sequence see them. Here the padded
@@ -67,15 +73,33 @@ class Mamba(nn.Module):
         expand: int = 2,
         dt_rank: int | None = None,
         backend: str = "auto",
+        positive_definite: bool = False,
     ):
         super().__init__()
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.backend = backend
+        self.positive_definite = positive_definite
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D = self._new_branch()
+        self.pd_scale = self._new_pd_scale()
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def _new_pd_scale(self) -> nn.Parameter | None:
+        """s of S_B = diag(softplus(s)) S_C (``positive_definite``), starting at softplus(s) = 1."""
+        if not self.positive_definite:
+            return None
+        return nn.Parameter(torch.full((self.d_state,), math.log(math.e - 1)))
+
+    def _x_proj_weight(self, x_proj: nn.Linear, pd_scale: nn.Parameter | None) -> torch.Tensor:
+        """x_proj's weight (dt_rank + 2 d_state, d_inner), with S_B tied to S_C when positive definite."""
+        if pd_scale is None:
+            return x_proj.weight
+        rank, n = self.dt_rank, self.d_state
+        s_c = x_proj.weight[rank + n :]
+        s_b = nn.functional.softplus(pd_scale).to(s_c.dtype)[:, None] * s_c
+        return torch.cat([x_proj.weight[:rank], s_b, s_c])
 
     def _new_branch(self) -> tuple[nn.Conv1d, nn.Linear, nn.Linear, nn.Parameter, nn.Parameter]:
         """A branch's parameters, initialised as mamba-ssm does (dt log-uniform in [1e-3, 0.1], S4D-real A)."""
@@ -103,19 +127,21 @@ class Mamba(nn.Module):
         return self.out_proj(y)
 
     def _first(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self._branch(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        return self._branch(
+            x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, pd_scale=self.pd_scale
+        )
 
     def _second(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _branch(self, x, z, conv1d, x_proj, dt_proj, A_log, D, order=None) -> torch.Tensor:
+    def _branch(self, x, z, conv1d, x_proj, dt_proj, A_log, D, order=None, pd_scale=None) -> torch.Tensor:
         """One branch on channel-last ``x, z (b, L, d_inner)`` (over ``x[:, order]`` if given)."""
         y = mamba_branch(
             x,
             z,
             conv1d.weight[:, 0],
             conv1d.bias,
-            x_proj.weight,
+            self._x_proj_weight(x_proj, pd_scale),
             dt_proj.weight,
             _at_least_fp32(dt_proj.bias),
             -torch.exp(_at_least_fp32(A_log)),
@@ -139,13 +165,15 @@ class _TwoBranchMamba(Mamba):
     def __init__(self, d_model: int, **kwargs):
         super().__init__(d_model, **kwargs)
         self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b = self._new_branch()
+        self.pd_scale_b = self._new_pd_scale()
 
     def order(self, length: int, device: torch.device) -> torch.Tensor:
         raise NotImplementedError
 
     def _second(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         order = self.order(x.shape[1], x.device)
-        return self._branch(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, order)
+        weights = (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)
+        return self._branch(x, z, *weights, order, pd_scale=self.pd_scale_b)
 
 
 class SRMamba(_TwoBranchMamba):

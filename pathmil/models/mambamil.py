@@ -12,12 +12,17 @@ Padding: a bag's instances are its sequence, so padded positions must not enter 
 would shift the SR order and feed the causal scan). With a mask, each bag runs alone on its real
 instances; outputs at padded positions are zero and get zero attention.
 
-Token reordering (``token_reorder``, after Vo et al., "Demystifying the Token Dynamics of Deep Selective
-State Space Models", ICLR 2025): instances are sorted by a learned linear importance score, most important
-last, before the Mamba layers and put back in their original order after them. Vo et al. relax the sort
-with SoftSort, an N x N matrix, impossible for 10^5 instances; here the sort is hard and the score learns
-through a straight-through factor ``1 + s - stopgrad(s)`` on each sorted token (value 1, gradient
-``<token, dLoss/dtoken>``).
+Token reordering (``token_reorder``, Vo et al., "Demystifying the Token Dynamics of Deep Selective State
+Space Models", ICLR 2025): in each layer a learned linear importance score ranks the (normalised) tokens,
+the block scans them softly sorted by ascending importance (most important last, nearest the end of the
+causal scan) and its outputs go back to their tokens through the transposed relaxed permutation: with P
+the SoftSort matrix of the scores (:mod:`pathmil.models.softsort`, temperature ``reorder_tau``),
+``h <- h + P^T block(P LayerNorm(h))``. The scores learn through P; on bags longer than
+``reorder_window`` + 1 each sorted slot mixes only its ``reorder_window`` nearest ranks on either side.
+Vo et al. score tokens by a linear map of the block's step size input and do not put outputs back (their
+pooling does not care); here the score reads the block's input and the outputs return to their tiles, so
+the residual stream and the heatmaps keep the slide's positions.
+``positive_definite`` ties each branch's input and output projections (see :mod:`pathmil.models.mamba`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathmil.errors import PathmilError
 from pathmil.models.base import MILModel, MILOutput, masked_softmax
 from pathmil.models.mamba import BiMamba, Mamba, SRMamba
 from pathmil.models.registry import register_model
+from pathmil.models.softsort import SoftPermutation
 from pathmil.settings import Settings
 
 
@@ -53,7 +59,17 @@ class MambaMILConfig(Settings):
     )
     sr_rate: int = Field(10, ge=1, description="SR-Mamba's reordering stride R")
     token_reorder: bool = Field(
-        False, description="sort instances by a learned importance score first (Vo et al., ICLR 2025)"
+        False,
+        description="each layer scans its tokens softly sorted by learned importance (Vo et al., ICLR 2025)",
+    )
+    reorder_tau: float = Field(
+        1.0, gt=0, description="SoftSort temperature of token_reorder (-> 0: a hard sort)"
+    )
+    reorder_window: int = Field(
+        64, ge=1, description="SoftSort mixes tokens within this many ranks (exact for bags up to window + 1)"
+    )
+    positive_definite: bool = Field(
+        False, description="S_B = diag(softplus(s)) S_C, so S_C^T S_B >= 0 (Vo et al., ICLR 2025)"
     )
     attn_dim: int = Field(128, ge=1, description="hidden size of the attention pooling")
     backend: Literal["auto", "torch", "cuda"] = Field(
@@ -78,7 +94,11 @@ class MambaMIL(MILModel):
             nn.Linear(width, config.attn_dim), nn.Tanh(), nn.Linear(config.attn_dim, 1)
         )
         self.classifier = nn.Linear(width, n_outputs)
-        self.importance = nn.Linear(width, 1) if config.token_reorder else None
+        self.importance = (
+            nn.ModuleList(nn.Linear(width, 1) for _ in range(config.n_layers))
+            if config.token_reorder
+            else None
+        )
         for module in [self._fc1, self.attention, self.classifier, self.importance]:
             for layer in module.modules() if module is not None else []:
                 if isinstance(layer, nn.Linear):
@@ -99,23 +119,15 @@ class MambaMIL(MILModel):
     def _sequence(self, x: torch.Tensor) -> torch.Tensor:
         """Per-instance features ``(B, N, d_model)`` of unpadded bags of equal length."""
         h = self._fc1(x)
-        if self.importance is not None:
-            h, back = self._sort_by_importance(h)
-        for norm, block in self.layers:
-            h = h + block(norm(h))
-        h = self.norm(h)
-        if self.importance is not None:
-            h = h.gather(1, back[..., None].expand_as(h))
-        return h
-
-    def _sort_by_importance(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sort instances by ascending learned importance; returns the sorted tokens and the way back."""
-        score = self.importance(h).squeeze(-1)
-        order = torch.argsort(score.detach(), dim=1, stable=True)
-        back = torch.argsort(order, dim=1)
-        s = score.gather(1, order)
-        h = h.gather(1, order[..., None].expand_as(h)) * (1 + s - s.detach())[..., None]
-        return h, back
+        for i, (norm, block) in enumerate(self.layers):
+            u = norm(h)
+            if self.importance is None:
+                h = h + block(u)
+                continue
+            scores = self.importance[i](u).squeeze(-1)
+            relaxed = SoftPermutation(scores, self.config.reorder_tau, self.config.reorder_window)
+            h = h + relaxed.unsort(block(relaxed.sort(u)))
+        return self.norm(h)
 
     def _pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> MILOutput:
         weights = masked_softmax(self.attention(h).squeeze(-1), mask)
@@ -134,6 +146,7 @@ def _make_block(config: MambaMILConfig) -> Mamba:
         "d_conv": config.d_conv,
         "expand": config.expand,
         "backend": config.backend,
+        "positive_definite": config.positive_definite,
     }
     if config.variant == "sr":
         return SRMamba(config.d_model, rate=config.sr_rate, **kwargs)

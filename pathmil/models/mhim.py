@@ -20,8 +20,9 @@ padded). One training step on a bag of N instances:
    relative risk for Cox), regression by its standardised value through a sigmoid (sTIL-rich tiles raise
    the slide score). In all three the masked instances are those the teacher's prediction rests on, which
    is what "salient" means in the paper; only the ranking matters for the masks.
-2. Masks (:func:`plan_masks`): from the top ceil(N h / hr) a random share hr is masked (h decays to 0 along
-   a cosine over the run when ``high_decay``); the low-score mask takes the lowest ``low_ratio`` N and the
+2. Masks (:func:`plan_masks`): k = N h instances, drawn at random from the top ceil(k / hr), are masked
+   (h decays to 0 along a cosine over the run when ``high_decay``; N h is rounded stochastically, so
+   small bags lose one instance with probability N h rather than always, see :func:`high_mask_count`); the low-score mask takes the lowest ``low_ratio`` N and the
    random mask ``random_ratio`` of what is left (version 1 defaults 0.2 and 0.5). At least one instance is
    always kept. Version 2 then shuffles the unmasked instances, keeps ``merge_ratio`` of them and hands
    the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
@@ -57,7 +58,6 @@ from torch import nn
 from pathmil.errors import PathmilError
 from pathmil.models.abmil import ABMIL, ABMILConfig, GatedABMILConfig
 from pathmil.models.base import MILModel, MILOutput
-from pathmil.models.checkpoint import load_checkpoint
 from pathmil.models.registry import model_entry, register_model
 from pathmil.models.transmil import TransMIL, TransMILConfig
 from pathmil.settings import Settings
@@ -95,9 +95,13 @@ class MHIMConfig(Settings):
         0.5,
         gt=0,
         le=1,
-        description="hr: mask a random share hr of the top ceil(N h / hr); 1 masks the top N h",
+        description="hr: the N h masked are drawn from the top ceil(N h / hr); 1 masks the top N h",
     )
     high_decay: bool = Field(True, description="cosine decay of h from high_ratio to 0 over the run")
+    high_rounding: Literal["stochastic", "ceil"] = Field(
+        "stochastic",
+        description="N h masked: stochastic (expected share h) or ceil (the authors': at least 1 always)",
+    )
     low_ratio: float | None = Field(
         None, ge=0, lt=1, description="share masked from the bottom of the ranking (none: v1 0.2, v2 0)"
     )
@@ -171,6 +175,23 @@ def _ceil(value: float) -> int:
     return math.ceil(value - 1e-9)
 
 
+def high_mask_count(n: int, high_ratio: float, rounding: str = "stochastic") -> int:
+    """How many of ``n`` instances the high-score mask hides: N h rounded, never all of them.
+
+    ``stochastic``: floor(N h), plus one with probability frac(N h) (torch's RNG), so the expected share is
+    h whatever the bag's size. ``ceil``: ceil(N h), as the authors' code, which masks at least one instance
+    of every bag while h > 0: on bags of fewer than 1 / h instances that is always the teacher's top one,
+    the only witness of a single-witness bag (benchmarks/RESULTS.md, MIL quality).
+    """
+    exact = n * high_ratio
+    if rounding == "ceil":
+        count = _ceil(exact)
+    else:
+        whole = math.floor(exact + 1e-9)
+        count = whole + int(float(torch.rand(())) < exact - whole)
+    return max(0, min(count, n - 1))
+
+
 def plan_masks(
     scores: torch.Tensor,
     high_ratio: float,
@@ -178,19 +199,22 @@ def plan_masks(
     low_ratio: float = 0.0,
     random_ratio: float = 0.0,
     merge_ratio: float = 1.0,
+    high_rounding: str = "stochastic",
 ) -> MaskPlan:
     """The masks of one bag from the teacher's instance ``scores`` (N,); random draws use torch's RNG.
 
-    High: ceil(N h) instances drawn at random from the top ceil(N h / hr). Low: the lowest floor(N l) of
-    the rest. Random: floor(share * rest) of what remains. Every mask shrinks so that one instance stays.
-    Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n) stay (at least one) and the
-    others are to be recycled.
+    High: k = N h rounded (:func:`high_mask_count`) instances drawn at random from the top ceil(k / hr)
+    (``ceil`` rounding: the top ceil(N h / hr), as the authors' code).
+    Low: the lowest floor(N l) of the rest. Random: floor(share * rest) of what remains. Every mask shrinks
+    so that one instance stays. Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n)
+    stay (at least one) and the others are to be recycled.
     """
     n = scores.numel()
     device = scores.device
     order = torch.argsort(scores, descending=True)
-    n_high = min(_ceil(n * high_ratio), n - 1)
-    pool = min(n, max(n_high, _ceil(n * high_ratio / high_random)))
+    n_high = high_mask_count(n, high_ratio, high_rounding)
+    top = n * high_ratio if high_rounding == "ceil" else n_high  # the authors' pool: the top ceil(N h / hr)
+    pool = min(n, max(n_high, _ceil(top / high_random)))
     high = order[:pool][torch.randperm(pool, device=device)[:n_high]]
     rest = order[~torch.isin(order, high)]  # still ranked, best first
     n_low = min(int(n * low_ratio + 1e-9), len(rest) - 1)
@@ -264,11 +288,13 @@ class MHIM(MILModel):
         student_name: str,
         settings: MHIMConfig,
         saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        load_baseline: Callable[[str], Any] | None = None,
     ):
         super().__init__(student.in_dim, student.n_outputs)
         check_student(student)
         self.student_name, self.settings = student_name, settings
         self.saliency = saliency or max_class_probability
+        self._load_baseline = load_baseline
         self.student = student
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         width = student.classifier.in_features
@@ -301,8 +327,10 @@ class MHIM(MILModel):
                 self.student_name,
             )
             return
-        checkpoint = load_checkpoint(path)
-        found = (checkpoint.get("aggregator"), checkpoint.get("in_dim"), checkpoint.get("n_outputs"))
+        if self._load_baseline is None:
+            raise RuntimeError("MHIM-MIL needs load_baseline (pathmil.training.run.build_model passes it)")
+        baseline = self._load_baseline(path)  # as predict and heatmaps load a run: one loader, same checks
+        found = (baseline.aggregator, baseline.in_dim, baseline.task.n_outputs)
         wanted = (self.student_name, self.in_dim, self.n_outputs)
         if found != wanted:
             raise PathmilError(
@@ -311,12 +339,12 @@ class MHIM(MILModel):
                 f"features and {wanted[2]} outputs; train that baseline on the same features and task first"
             )
         try:
-            self.teacher.load_state_dict(checkpoint["model"])
+            self.teacher.load_state_dict(baseline.model.state_dict())
         except RuntimeError as err:
             detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise PathmilError(
                 f"mhim.teacher_init {path}: its {found[0]} architecture differs from the student's "
-                f"({detail}); use the baseline's model settings {checkpoint['config'].get('model', {})}"
+                f"({detail}); use the baseline's model settings {baseline.config.model}"
             ) from None
         if self.settings.student_init != "none":
             state = self.teacher.state_dict()
@@ -392,6 +420,7 @@ class MHIM(MILModel):
             low,
             rand,
             s.merge_ratio if self.recycle is not None else 1.0,
+            s.high_rounding,
         )
         n_keep = len(plan.keep)
         h = embed_instances(self.student, x[:, torch.cat([plan.keep, plan.recycle])])
@@ -421,27 +450,36 @@ def build_mhim(
     settings: Settings,
     mhim: dict[str, Any] | MHIMConfig | None = None,
     saliency: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    load_baseline: Callable[[str], Any] | None = None,
 ) -> MHIM:
     """MHIM-MIL ``name`` around its student built with ``settings`` (the ``model`` section); ``mhim`` holds
-    the masking settings and ``saliency`` the task's instance score (version 2)."""
+    the masking settings, ``saliency`` the task's instance score (version 2) and ``load_baseline`` the
+    loader of the baseline run (``pathmil.training.run.load_run``)."""
     mhim_settings = mhim if isinstance(mhim, MHIMConfig) else MHIMConfig.build(mhim)
     student_name = model_entry(name).wraps
     student = model_entry(student_name).build(in_dim, n_outputs, settings)
-    return MHIM(student, student_name, mhim_settings, saliency)
+    return MHIM(student, student_name, mhim_settings, saliency, load_baseline)
 
 
-@register_model("mhim_abmil", settings=ABMILConfig, wraps="abmil", inputs=("mhim", "saliency"))
+@register_model(
+    "mhim_abmil", settings=ABMILConfig, wraps="abmil", inputs=("mhim", "saliency", "load_baseline")
+)
 def mhim_abmil(in_dim: int, n_outputs: int, settings: ABMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_abmil", in_dim, n_outputs, settings, **inputs)
 
 
 @register_model(
-    "mhim_abmil_gated", settings=GatedABMILConfig, wraps="abmil_gated", inputs=("mhim", "saliency")
+    "mhim_abmil_gated",
+    settings=GatedABMILConfig,
+    wraps="abmil_gated",
+    inputs=("mhim", "saliency", "load_baseline"),
 )
 def mhim_abmil_gated(in_dim: int, n_outputs: int, settings: GatedABMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_abmil_gated", in_dim, n_outputs, settings, **inputs)
 
 
-@register_model("mhim_transmil", settings=TransMILConfig, wraps="transmil", inputs=("mhim", "saliency"))
+@register_model(
+    "mhim_transmil", settings=TransMILConfig, wraps="transmil", inputs=("mhim", "saliency", "load_baseline")
+)
 def mhim_transmil(in_dim: int, n_outputs: int, settings: TransMILConfig, **inputs: Any) -> MHIM:
     return build_mhim("mhim_transmil", in_dim, n_outputs, settings, **inputs)

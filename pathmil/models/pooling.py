@@ -40,7 +40,7 @@ class PoolingMIL(MILModel):
         h = self.encoder(x)  # B x N x H
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask
         if self.pool == "mean":
-            weights = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+            weights = valid.to(h.dtype) / valid.sum(dim=1, keepdim=True).clamp(min=1)
             z = torch.einsum("bn,bnh->bh", weights, h)
             scores = weights
         else:

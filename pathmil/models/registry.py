@@ -22,9 +22,11 @@ from pathmil.models.base import MILModel
 from pathmil.settings import Settings
 
 # Inputs a model may take besides its settings (``ModelEntry.inputs``): the ``mhim`` section of a training
-# run, the task's instance saliency function (MHIM-MIL v2's class-aware instance score), and the source
-# models of knowledge transfer (``train.sources``: packages or checkpoints, MoE-PKT's frozen experts).
-INPUTS = ("mhim", "saliency", "sources")
+# run, the task's instance saliency function (MHIM-MIL v2's class-aware instance score), the function
+# that loads a trained run (``pathmil.training.run.load_run``, bound to the task) for a wrapper's baseline,
+# and the source models of knowledge transfer (``train.sources``: packages or checkpoints, MoE-PKT's frozen
+# experts).
+INPUTS = ("mhim", "saliency", "load_baseline", "sources")
 
 
 @dataclass(frozen=True)

@@ -98,9 +98,10 @@ class NystromAttention(nn.Module):
         """``x`` (B, n, dim) -> (output (B, n, dim), first token's attention (B, heads, n))."""
         b, n, dim = x.shape
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        # softmaxes and the pseudo-inverse iteration need float32 under mixed precision
+        # softmaxes and the pseudo-inverse iteration need float32 (or float64) under mixed precision
+        wide = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            q, k, v = q.float() * (dim // self.heads) ** -0.5, k.float(), v.float()
+            q, k, v = q.to(wide) * (dim // self.heads) ** -0.5, k.to(wide), v.to(wide)
             if n <= self.landmarks:
                 attention = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
                 out, first = attention @ v, attention[..., 0, :]

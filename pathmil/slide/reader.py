@@ -19,58 +19,85 @@ import numpy as np
 from pathmil.errors import SlideError
 from pathmil.ids import SLIDE_EXTENSIONS, slide_id_from_path  # noqa: F401 (re-exported)
 
-# A level-0 resolution outside this range is a placeholder, not a measurement: generic TIFF writers put
-# 72 dpi (352.8 um/px) into files that carry no resolution at all.
-PLAUSIBLE_MPP = (0.05, 20.0)
+# The plausible level-0 resolutions of a slide, in um/px: for the slide's metadata, the cohort table's
+# `mpp` column (workflow/schemas/cohort.schema.yaml holds the same bounds, tests/test_slide.py checks),
+# `--mpp` and `tile.default_mpp`. Outside it a value is a placeholder, not a measurement: generic TIFF
+# writers put 72, 96 or 300 dpi (352.8, 264.6, 84.7 um/px) or 1 pixel/cm (10,000 um/px) into files that
+# carry no resolution; a 2x objective gives about 5 um/px, so 20 leaves room for the coarsest real scans.
+MPP_RANGE = (0.05, 20.0)
 # Pick a level whose resolution is up to this much coarser than the target (float rounding of downsamples).
 LEVEL_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """Where and how big a tile is read: ``read_px`` at ``level``, covering ``size_level0`` level-0 pixels."""
+    """Where and how big a tile is read: ``read_size`` (w, h) pixels at ``level``, covering ``size_level0``
+    (w, h) level-0 pixels, which is ``tile_px * target_mpp`` um on both sides (non-square pixels read a
+    non-square region, resized to a square tile)."""
 
     level: int
-    read_px: int
-    size_level0: float
+    read_size: tuple[int, int]
+    size_level0: tuple[float, float]
     target_mpp: float
     tile_px: int
 
     @property
+    def read_px(self) -> int:
+        """Read width at ``level`` (CLAM's ``patch_size``; the height too when pixels are square)."""
+        return self.read_size[0]
+
+    @property
     def patch_size_level0(self) -> int:
-        return round(self.size_level0)
+        """Level-0 width (TRIDENT's ``patch_size_level0``; the height too when pixels are square)."""
+        return round(self.size_level0[0])
+
+    @property
+    def size_um(self) -> float:
+        return self.tile_px * self.target_mpp
 
 
-def mpp_from_properties(props: dict[str, str]) -> float | None:
-    """The level-0 um/px that the slide's own metadata states, if it is plausible.
+def metadata_mpp(props: dict[str, str]) -> tuple[float, float] | None:
+    """The level-0 (x, y) um/px that the slide's metadata states, unchecked (see :data:`MPP_RANGE`).
 
     OpenSlide normalises vendor fields into ``openslide.mpp-x``/``-y`` (Aperio, Hamamatsu, MIRAX, DICOM and
-    TIFF resolution tags); anisotropic pixels use the mean of both axes.
+    the TIFF resolution tags); a slide that states one axis only has square pixels.
     """
-    values = []
-    for key in ("openslide.mpp-x", "openslide.mpp-y"):
+    values = {}
+    for axis in ("x", "y"):
         try:
-            values.append(float(props[key]))
+            value = float(props[f"openslide.mpp-{axis}"])
         except (KeyError, ValueError):
-            pass
+            continue
+        if math.isfinite(value):
+            values[axis] = value
     if not values:
         return None
-    mpp = float(np.mean(values))
-    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else None
+    return values.get("x", values.get("y")), values.get("y", values.get("x"))  # type: ignore[return-value]
+
+
+def plausible_mpp(value: float) -> bool:
+    return MPP_RANGE[0] <= value <= MPP_RANGE[1]
+
+
+def mpp_text(mpp: tuple[float, float]) -> str:
+    """'0.5 um/px', or '0.25 x 0.5 um/px' for non-square pixels."""
+    x, y = mpp
+    return f"{x:.6g} um/px" if x == y else f"{x:.6g} x {y:.6g} um/px"
 
 
 class Slide:
-    """An open slide, its level-0 um/px and the source of that value.
+    """An open slide, its level-0 um/px along x and y, and the source of those values.
 
     ``mpp`` is the fallback used when the metadata has no plausible value: pass the cohort table's ``mpp``
-    with ``mpp_source="table"``, or ``--mpp`` / the configured default with ``"argument"`` / ``"default"``.
+    with ``mpp_source="table"``, or ``--mpp`` / the configured default with ``"argument"`` / ``"default"``;
+    a pair is (x, y). ``mpp_note`` says why the metadata's value was not used, when it was not.
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
         slide_id: str | None = None,
-        mpp: float | None = None,
+        mpp: float | tuple[float, float] | None = None,
         mpp_source: str = "argument",
     ):
         import openslide  # lazy: keeps `pathmil --help` fast
@@ -101,28 +128,60 @@ class Slide:
         self.dimensions: tuple[int, int] = self.handle.dimensions
         self.level_dimensions: tuple[tuple[int, int], ...] = self.handle.level_dimensions
         self.level_downsamples: tuple[float, ...] = self.handle.level_downsamples
-        self.mpp, self.mpp_source = self._resolve_mpp(mpp, mpp_source)
+        self.mpp_note: str | None = None
+        self.mpp_xy, self.mpp_source = self._resolve_mpp(mpp, mpp_source)
 
-    def _resolve_mpp(self, fallback: float | None, fallback_source: str) -> tuple[float, str]:
-        meta = mpp_from_properties(self.properties)
-        if meta is not None:
+    @property
+    def mpp_x(self) -> float:
+        return self.mpp_xy[0]
+
+    @property
+    def mpp_y(self) -> float:
+        return self.mpp_xy[1]
+
+    @property
+    def mpp(self) -> float:
+        """One um/px for records and messages: the mean of x and y (geometry uses ``mpp_x``/``mpp_y``)."""
+        return (self.mpp_x + self.mpp_y) / 2
+
+    @property
+    def quickhash(self) -> str | None:
+        """OpenSlide's fingerprint of the slide (``openslide.quickhash-1``: properties and lowest level)."""
+        return self.properties.get("openslide.quickhash-1")
+
+    def _resolve_mpp(
+        self, fallback: float | tuple[float, float] | None, fallback_source: str
+    ) -> tuple[tuple[float, float], str]:
+        meta = metadata_mpp(self.properties)
+        if meta is not None and all(plausible_mpp(v) for v in meta):
             return meta, "metadata"
+        how = "give it in the cohort table's 'mpp' column, with --mpp or as tile.default_mpp"
+        if meta is not None:
+            self.mpp_note = (
+                f"its metadata states {mpp_text(meta)}, which is no plausible scan resolution "
+                f"({MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px; 10,000 is a TIFF written at 1 pixel/cm, "
+                "352.8 one at 72 dpi)"
+            )
         if fallback is not None and not (isinstance(fallback, float) and math.isnan(fallback)):
-            if not fallback > 0:
-                raise SlideError(self.slide_id, f"mpp {fallback} is not a positive number; fix the mpp value")
-            return float(fallback), fallback_source
+            pair = (
+                (float(fallback), float(fallback)) if np.isscalar(fallback) else tuple(map(float, fallback))
+            )
+            if not all(plausible_mpp(v) for v in pair):
+                raise SlideError(
+                    self.slide_id,
+                    f"mpp {mpp_text(pair)} from the {fallback_source} lies outside the plausible "  # type: ignore[arg-type]
+                    f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px; fix the value (um per pixel, not pixels per um)",
+                )
+            return pair, fallback_source  # type: ignore[return-value]
+        if self.mpp_note is not None:
+            raise SlideError(self.slide_id, f"{self.mpp_note}; {how}")
         hint = ""
         power = self.properties.get("openslide.objective-power")
         if power:
             hint = (
                 f" (its objective power is {power}x; 10/{power} = {10 / float(power):.3g} um/px is typical)"
             )
-        raise SlideError(
-            self.slide_id,
-            "no microns-per-pixel in its metadata"
-            + hint
-            + "; give it in the cohort table's 'mpp' column or with --mpp",
-        )
+        raise SlideError(self.slide_id, f"no microns-per-pixel in its metadata{hint}; {how}")
 
     # -------------------------------------------------------------------------------- geometry
 
@@ -135,10 +194,12 @@ class Slide:
             return None
 
     def level_mpp(self, level: int) -> float:
-        return self.mpp * self.level_downsamples[level]
+        """The coarser of the two axes' um/px at ``level``."""
+        return max(self.mpp_xy) * self.level_downsamples[level]
 
     def level_for_mpp(self, target_mpp: float) -> int:
-        """The coarsest level that is still at least as fine as ``target_mpp`` (level 0 if none is)."""
+        """The coarsest level that is still at least as fine as ``target_mpp`` along both axes (level 0 if
+        none is)."""
         fine_enough = [
             lvl
             for lvl in range(len(self.level_downsamples))
@@ -151,12 +212,15 @@ class Slide:
         return int(np.argmin([abs(math.log(d / downsample)) for d in self.level_downsamples]))
 
     def tile_geometry(self, target_mpp: float, tile_px: int) -> TileGeometry:
-        """The level and the read size that give tiles of ``tile_px`` pixels at ``target_mpp`` um/px."""
-        size0 = tile_px * target_mpp / self.mpp
+        """The level and the read size that give square tiles of ``tile_px`` pixels at ``target_mpp`` um/px:
+        ``tile_px * target_mpp`` um on each side, whatever the pixels' aspect."""
+        size_um = tile_px * target_mpp
+        size0 = (size_um / self.mpp_x, size_um / self.mpp_y)
         level = self.level_for_mpp(target_mpp)
-        read_px = max(1, round(size0 / self.level_downsamples[level]))
+        downsample = self.level_downsamples[level]
+        read_size = (max(1, round(size0[0] / downsample)), max(1, round(size0[1] / downsample)))
         return TileGeometry(
-            level=level, read_px=read_px, size_level0=size0, target_mpp=target_mpp, tile_px=tile_px
+            level=level, read_size=read_size, size_level0=size0, target_mpp=target_mpp, tile_px=tile_px
         )
 
     # ------------------------------------------------------------------------------------ pixels
@@ -174,8 +238,9 @@ class Slide:
         return rgba_to_rgb(rgba)
 
     def read_tile(self, x: int, y: int, geometry: TileGeometry) -> np.ndarray:
-        """One tile at level-0 position (x, y), resized to ``tile_px`` x ``tile_px``."""
-        tile = self.read_region(x, y, geometry.level, geometry.read_px, geometry.read_px)
+        """One tile at level-0 position (x, y), resized to ``tile_px`` x ``tile_px``; where it crosses the
+        slide's right or bottom edge, the part beyond is white (:func:`rgba_to_rgb`)."""
+        tile = self.read_region(x, y, geometry.level, *geometry.read_size)
         return resize(tile, geometry.tile_px)
 
     def read_level(self, level: int) -> np.ndarray:
@@ -216,7 +281,9 @@ class Slide:
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
-    """Composite OpenSlide's RGBA on white: empty areas of sparse scans read as transparent black."""
+    """Composite OpenSlide's RGBA on white: empty areas of sparse scans, and everything beyond the slide's
+    edge, read as transparent black. White is what glass looks like; CLAM's extractor drops the alpha
+    channel instead, so its tiles crossing the edge are padded with black."""
     import cv2
 
     rgb = rgba[..., :3]
@@ -229,10 +296,11 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Square resize with area averaging when shrinking (no aliasing) and bilinear when growing."""
+    """Resize to ``size`` x ``size`` (a non-square read of non-square pixels becomes square), with area
+    averaging when shrinking (no aliasing) and bilinear when growing."""
     import cv2
 
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    shrinking = image.shape[0] > size
+    shrinking = image.shape[0] * image.shape[1] > size * size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)

@@ -3,8 +3,11 @@
 ``coords`` (N x 2, int64, level-0 top-left x, y) carries the attributes that CLAM's and TRIDENT's readers
 use, so their feature extractors run on our tiles too: CLAM reads ``patch_size`` pixels at ``patch_level``;
 TRIDENT reads ``patch_size_level0``, ``level0_width``/``height`` and ``level0_magnification``. pathmil adds
-``target_mpp``, ``tile_px`` and the slide's ``slide_mpp``. ``tissue_fraction`` (N, float32) says how much of
-each tile is tissue.
+``target_mpp``, ``tile_px``, the slide's ``slide_mpp_x``/``slide_mpp_y`` (``slide_mpp``: their mean) and,
+for slides with non-square pixels, the read's two sides: ``patch_size_xy`` (w, h at ``patch_level``) and
+``patch_size_level0_xy`` (w, h level-0 pixels; the CLAM/TRIDENT attributes give the width).
+``tissue_fraction`` (N, float32) says how much of each tile is tissue. Tiles of the last column and row may
+cross the slide's edge; what lies beyond reads as white.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ class TileSet:
     @property
     def read_px(self) -> int:
         return int(self.coords_attrs["patch_size"])
+
+    @property
+    def read_size(self) -> tuple[int, int]:
+        """(w, h) pixels read at ``level`` per tile; square unless the slide's pixels are not."""
+        xy = self.coords_attrs.get("patch_size_xy")
+        if xy is None:
+            return self.read_px, self.read_px
+        return int(xy[0]), int(xy[1])
+
+    @property
+    def slide_mpp(self) -> tuple[float, float] | None:
+        """The slide's (x, y) um/px the tiles were laid with (for a slide whose metadata lacks it)."""
+        attrs = self.coords_attrs
+        if attrs.get("slide_mpp_x") is not None and attrs.get("slide_mpp_y") is not None:
+            return float(attrs["slide_mpp_x"]), float(attrs["slide_mpp_y"])
+        mpp = attrs.get("slide_mpp")
+        return None if mpp is None else (float(mpp), float(mpp))
 
     @property
     def tile_px(self) -> int:

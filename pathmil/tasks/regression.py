@@ -88,20 +88,30 @@ class RegressionTask(Task):
         return values
 
     def check_labels(self, labels: pd.DataFrame) -> None:
-        """Valid values, and at least two distinct ones (a constant cannot be standardised or ranked)."""
+        """Valid values, at least two distinct ones (a constant cannot be standardised or ranked), and not
+        percentages given as fractions (all values within [0, 1] for a range up to 50 or more)."""
+        values = self._varying_values(labels)
+        if self.value_range is not None and self.value_range[1] >= 50 and values.max() <= 1:
+            low, high = self.value_range
+            raise PathmilError(
+                f"column '{self.column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: percentages "
+                "given as fractions? multiply them by 100 (or set task_options.value_range)"
+            )
+
+    def _varying_values(self, labels: pd.DataFrame) -> np.ndarray:
         values = self._values(labels)
         if len(np.unique(values)) < 2:
             raise PathmilError(
                 f"column '{self.column}' has the same value {values[0]:g} in all {len(values)} bag(s); "
                 "regression needs varying targets"
             )
+        return values
 
     # ---------------------------------------------------------------------------------- training
 
     def fit(self, labels: pd.DataFrame) -> None:
         """Mean and (population) standard deviation of the training targets."""
-        self.check_labels(labels)
-        values = self._values(labels)
+        values = self._varying_values(labels)
         self.mean, self.std = float(values.mean()), float(values.std())
         self.fitted = True
 

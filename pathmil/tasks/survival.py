@@ -130,7 +130,7 @@ class SurvivalTask(Task):
         if negative.any():
             raise PathmilError(
                 f"slide {ids[negative.argmax()]}: follow-up time in column '{time_col}' is "
-                f"{time[negative.argmax()]}; times must be >= 0"
+                f"{time[negative.argmax()]:g}; it must be >= 0 (follow-up time)"
             )
         bad = ~np.isin(event, (0.0, 1.0))
         if bad.any():

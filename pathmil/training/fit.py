@@ -30,14 +30,14 @@ import yaml
 
 from pathmil.cohort import read_labelled_table
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
-from pathmil.data.splits import read_splits
+from pathmil.data.splits import check_patient_level, read_splits
 from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.run import TrainConfig, build_model
+from pathmil.training.run import TrainConfig, build_model, score_bag, scoring_model
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 from pathmil.training.transfer import check_sources, init_from
 
@@ -95,9 +95,13 @@ def load_fold(
     cohort_path: str | os.PathLike,
     splits_path: str | os.PathLike,
     fold: int,
+    parts: tuple[str, ...] = SPLITS,
 ) -> FoldData:
-    """Read and check the cohort and splits, build bags per split and fit the task on the training bags."""
-    cohort = read_labelled_table(cohort_path, task.label_columns)
+    """Read and check the cohort and splits, build bags per split and fit the task on the training bags.
+
+    ``parts`` limits the splits read (a hyperparameter search reads train and val, never test).
+    """
+    cohort = read_labelled_table(cohort_path, task.label_columns, config.bag_level)
     task.check_labels(cohort)
     rows = read_splits(splits_path, fold)
     unknown = sorted(set(rows["slide_id"]) - set(cohort["slide_id"]))
@@ -109,9 +113,10 @@ def load_fold(
     rows = rows.drop(columns="patient_id").merge(
         cohort[["slide_id", "patient_id", *task.label_columns]], on="slide_id"
     )
+    check_patient_level(rows, f"splits table {splits_path}")
     tables = {
         s: make_bag_table(rows[rows["split"] == s], features_dir, task.label_columns, config.bag_level)
-        for s in SPLITS
+        for s in parts
     }
     if tables["train"].bags.empty:
         raise PathmilError(f"fold {fold} of {splits_path} has no training slides")
@@ -125,8 +130,7 @@ def load_fold(
     files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
-    first = files[0]
-    attrs = read_bag_attrs(first) if first.endswith(".h5") else {}
+    attrs = read_bag_attrs(files[0])
     feature_info = {"dim": datasets["train"].dim, **feature_provenance(attrs)}
     return FoldData(tables, datasets, targets, hashlib.sha256(blob.encode()).hexdigest(), feature_info)
 
@@ -176,10 +180,14 @@ class Trainer:
             aux = [o.aux_loss for o in outputs if o.aux_loss is not None]
             if aux:
                 loss = loss + torch.stack(aux).float().mean()
+            if not torch.isfinite(loss):
+                raise PathmilError(self._diverged(epoch, group, f"the loss is {float(loss.detach())}"))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            if not all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None):
+                raise PathmilError(self._diverged(epoch, group, "the gradient holds NaN or inf"))
             self.optimizer.step()
             self.scheduler.step()
             self.state.step += 1
@@ -187,15 +195,33 @@ class Trainer:
             losses.append(float(loss.detach()))
         return float(np.mean(losses))
 
+    def _diverged(self, epoch: int, group: np.ndarray, what: str) -> str:
+        """The one line of a training step that went non-finite: epoch, step, its bags and what to change."""
+        bags = self.data.tables["train"].bags["bag_id"].iloc[group].astype(str).tolist()
+        return (
+            f"training diverged at epoch {epoch + 1}, step {self.state.step + 1}: {what} on bag(s) "
+            f"{', '.join(bags)}; nothing of this epoch was saved. Lower the learning rate (lr, now "
+            f"{self.config.lr:g}), set grad_clip, or check those bags"
+        )
+
     @torch.inference_mode()
-    def logits(self, split: str) -> torch.Tensor:
-        """Logits of every bag of ``split`` (eval mode, all instances)."""
+    def logits(self, split: str, final: bool = False) -> torch.Tensor:
+        """Logits of every bag of ``split`` (eval mode, all instances). ``final``: as the written scores are
+        made (:func:`pathmil.training.run.score_bag`, float64 on the CPU) rather than the float32 pass
+        validation uses to pick the best epoch."""
         self.model.eval()
         dataset = self.data.datasets[split]
-        out = []
-        for i in range(len(dataset)):
-            with self.autocast():
-                out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
+        if final:
+            model = scoring_model(self.model, self.device)
+            out = [
+                score_bag(model, dataset.features(i), self.device, self.config.amp).logits.cpu()
+                for i in range(len(dataset))
+            ]
+        else:
+            out = []
+            for i in range(len(dataset)):
+                with self.autocast():
+                    out.append(self.model(dataset.features(i)[None].to(self.device)).logits.float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.task.n_outputs)
 
     def predictions(self, split: str, logits: torch.Tensor, fold: int) -> pd.DataFrame:
@@ -322,7 +348,8 @@ class Trainer:
                 "seconds": time.perf_counter() - start,
             }
             self.state.history.append(row)
-            self._track(row, epoch)
+            improved = self._track(row, epoch)
+            log.info(epoch_line(row, self.config.epochs, fold, improved))
             self.state.epoch = epoch + 1
             stop = epoch + 1 >= self.config.min_epochs and self.state.bad_epochs >= self.config.patience
             self.state.stopped = stop
@@ -341,8 +368,9 @@ class Trainer:
                 )
                 break
 
-    def _track(self, row: dict[str, Any], epoch: int) -> None:
-        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined).
+    def _track(self, row: dict[str, Any], epoch: int) -> bool:
+        """Keep the best checkpoint by the main metric (or by -loss where the metric is undefined); return
+        whether this epoch is the new best.
 
         Small validation sets often saturate the metric (an AUC of 1.0 on a few patients); a tie is then
         broken by the validation loss, so the checkpoint still follows real progress.
@@ -359,8 +387,9 @@ class Trainer:
             self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch + 1, 0
             self.state.best_loss = loss
             self._keep_best(epoch + 1)
-        else:
-            self.state.bad_epochs += 1
+            return True
+        self.state.bad_epochs += 1
+        return False
 
     def _monitor(self, row: dict[str, Any]) -> str:
         """What early stopping follows: the validation main metric where defined, else a loss."""
@@ -376,6 +405,19 @@ class Trainer:
         self.save_best()
 
 
+def epoch_line(row: dict[str, Any], epochs: int, fold: int, best: bool) -> str:
+    """One log line per epoch, for following a run with ``tail -f``:
+    ``fold 0 epoch 3/20: train_loss 0.5123 val_loss 0.4876 val_auc 0.9120 lr 1.2e-04 3.2 s (best)``."""
+    values = " ".join(
+        f"{key} {value:.4g}" if key == "lr" else f"{key} {value:.4f}"
+        for key, value in row.items()
+        if key not in ("epoch", "seconds")
+    )
+    return f"fold {fold} epoch {row['epoch']}/{epochs}: {values} {row['seconds']:.1f} s" + (
+        " (best)" if best else ""
+    )
+
+
 # ------------------------------------------------------------------------------------------- a run
 
 
@@ -387,14 +429,19 @@ def train(
     fold: int,
     out_dir: str | os.PathLike,
     progress: bool = True,
+    parts: tuple[str, ...] = SPLITS,
 ) -> dict[str, Any]:
-    """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics."""
+    """Train, pick the best epoch, and write predictions and metrics of every split; return the metrics.
+
+    ``parts`` limits the splits used: ``("train", "val")`` for a hyperparameter search, whose trials must
+    never see the fold's test bags.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     start = time.perf_counter()
     task = create_task(config.task, target=config.target, **config.task_options)
-    data = load_fold(config, task, features_dir, cohort, splits, fold)
+    data = load_fold(config, task, features_dir, cohort, splits, fold, parts)
     trainer = Trainer(config, task, data, out_dir, progress)
     for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
         (out_dir / name).unlink(missing_ok=True)
@@ -408,7 +455,9 @@ def train(
     if not trainer._best_file_is_current():
         trainer.save_best()
     trainer.model.load_state_dict(best["model"])
-    tables = [trainer.predictions(s, trainer.logits(s), fold) for s in SPLITS if s in data.datasets]
+    tables = [
+        trainer.predictions(s, trainer.logits(s, final=True), fold) for s in SPLITS if s in data.datasets
+    ]
     predictions = pd.concat(tables, ignore_index=True)
     train_rows = predictions[predictions["split"] == "train"]
     metrics = {

@@ -8,6 +8,9 @@ knows how; the training loop (:mod:`pathmil.training.fit`) and the evaluation st
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,10 +20,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from pathmil.device import mil_autocast_dtype, resolve_device
+from pathmil.cohort import BagLevel, bag_level_field, task_options_field
+from pathmil.device import autocast, mil_autocast_dtype, resolve_device, scoring_dtype
 from pathmil.errors import PathmilError
 from pathmil.models import MILModel, create_model
-from pathmil.models.checkpoint import load_checkpoint
+from pathmil.models.base import MILOutput
+from pathmil.models.checkpoint import describe_version, load_checkpoint, same_version
 from pathmil.models.registry import model_entry
 from pathmil.settings import Settings
 from pathmil.tasks import TASKS, Task, task_from_state
@@ -38,15 +43,11 @@ class TrainConfig(Settings):
     target: list[str] | None = Field(
         None, description="label column(s); none: label | time, event | stil (the task's defaults)"
     )
-    task_options: dict[str, Any] = Field(
-        default_factory=dict, description="the task's settings (e.g. loss, n_bins, class_weights)"
-    )
+    task_options: dict[str, Any] = task_options_field()
     aggregator: str = Field("abmil", description="aggregator name (`pathmil models`)")
     model: dict[str, Any] = Field(default_factory=dict, description="the aggregator's settings")
     mhim: dict[str, Any] = Field(default_factory=dict, description="MHIM-MIL settings (mhim_* aggregators)")
-    bag_level: Literal["patient", "slide"] = Field(
-        "patient", description="patient: a patient's slides joined into one bag; slide: one bag per slide"
-    )
+    bag_level: BagLevel = bag_level_field()
     max_instances: int | None = Field(
         None, ge=1, description="sample at most this many instances per bag in training"
     )
@@ -99,13 +100,42 @@ class TrainConfig(Settings):
 
 def build_model(config: TrainConfig, in_dim: int, task: Task, **saved_inputs: Any) -> MILModel:
     """The aggregator named in ``config``, sized for the features and the task, with the inputs its
-    registry entry declares (MHIM-MIL's ``mhim`` settings and the task's instance saliency, MoE-PKT's
-    ``sources``). ``saved_inputs`` (a checkpoint's, :meth:`MILModel.checkpoint_inputs`) replace the config's."""
-    inputs = {"mhim": config.mhim, "saliency": task.instance_saliency, "sources": config.sources}
+    registry entry declares (e.g. MHIM-MIL's ``mhim`` settings, the task's instance saliency, the loader
+    of its baseline run, :func:`load_run`, so a teacher loads as predict and heatmaps load a model, and
+    MoE-PKT's ``sources``). ``saved_inputs`` (a checkpoint's, :meth:`MILModel.checkpoint_inputs`) replace
+    the config's."""
+    inputs = {
+        "mhim": config.mhim,
+        "saliency": task.instance_saliency,
+        "load_baseline": functools.partial(load_run, expected_task=task.name),
+        "sources": config.sources,
+    }
     inputs.update(saved_inputs)
     entry = model_entry(config.aggregator)
     wanted = {key: inputs[key] for key in entry.inputs}
     return create_model(config.aggregator, in_dim=in_dim, n_outputs=task.n_outputs, **config.model, **wanted)
+
+
+def scoring_model(model: MILModel, device: torch.device) -> MILModel:
+    """The model that computes written scores: on the CPU a float64 copy (:func:`pathmil.device.scoring_dtype`
+    says why), on a GPU the model itself; in eval mode."""
+    dtype = scoring_dtype(device)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    return model.eval()
+
+
+@torch.inference_mode()
+def score_bag(model: MILModel, features: torch.Tensor, device: torch.device, amp: bool) -> MILOutput:
+    """One bag (N x D) scored as training's ``predictions.csv``, ``pathmil predict`` and heatmaps all score
+    it: features as the bag dataset gives them (float16 values), the model of :func:`scoring_model`, and
+    bf16 autocast on a GPU when the run used ``amp``. Logits come back in at least float32."""
+    dtype = next(model.parameters()).dtype
+    with autocast(device, mil_autocast_dtype(device, amp)):
+        out = model(features.to(device, dtype)[None])
+    return dataclasses.replace(
+        out, logits=out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
+    )
 
 
 @dataclass
@@ -127,11 +157,25 @@ class TrainedRun:
     def aggregator(self) -> str:
         return self.config.aggregator
 
-    def autocast(self) -> Any:
-        """The precision training scored bags with: bf16 on a GPU when the run used amp, else float32."""
-        from pathmil.device import autocast
+    @property
+    def encoder_label(self) -> str | None:
+        """The encoder as reports name it (a randomly initialised one is another feature space)."""
+        return None if self.encoder is None else encoder_name(self.encoder, self.random_init)
 
-        return autocast(self.device, mil_autocast_dtype(self.device, self.config.amp))
+    @functools.cached_property
+    def _scoring_model(self) -> MILModel:
+        if self.model is None:
+            raise RuntimeError(f"run {self.path} was loaded without its model")
+        return scoring_model(self.model, self.device)
+
+    def score(self, features: torch.Tensor) -> MILOutput:
+        """One bag's output, exactly as training scored it for ``predictions.csv`` (:func:`score_bag`)."""
+        return score_bag(self._scoring_model, features, self.device, self.config.amp)
+
+
+def encoder_name(encoder: str, random_init: bool) -> str:
+    """An encoder as messages and reports name it (a randomly initialised one is another feature space)."""
+    return f"{encoder} (random init)" if random_init else encoder
 
 
 def load_run(
@@ -155,12 +199,12 @@ def load_run(
             )
         path = path / "best.pt"
     checkpoint = load_checkpoint(path)
-    task = task_from_state(checkpoint["task"])
+    config, task_state = settings_of(checkpoint, path)
+    task = task_from_state(task_state)
     if expected_task is not None and task.name != expected_task:
         raise PathmilError(
             f"model {path} is a {task.name} model, not {expected_task}; give a checkpoint of a {expected_task} run"
         )
-    config = TrainConfig.build(checkpoint["config"], f"checkpoint {path}: train")
     target = resolve_device(device)
     model = None
     if with_model:
@@ -171,6 +215,7 @@ def load_run(
             first = str(err).strip().splitlines()[0]
             raise PathmilError(
                 f"model {path}: weights do not fit aggregator {config.aggregator} ({first})"
+                + ("" if same_version(checkpoint) else _other_version(checkpoint))
             ) from None
         model.to(target).eval()
     features = checkpoint.get("features") or {}
@@ -187,3 +232,75 @@ def load_run(
         epoch=checkpoint.get("epoch"),
         features=dict(features),
     )
+
+
+# ------------------------------------------------------------------------------ another pathmil's checkpoint
+
+
+def _other_version(checkpoint: dict[str, Any]) -> str:
+    return (
+        f"; it was written by {describe_version(checkpoint)} and this is {describe_version()}: "
+        "train it again with this version, or use it with the one that wrote it"
+    )
+
+
+def settings_of(checkpoint: dict[str, Any], path: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The run's :class:`TrainConfig` and task state as this pathmil reads them.
+
+    A checkpoint of another pathmil version may hold settings this version does not know (they are
+    ignored) or lack settings this version has (they take their defaults): it loads with one warning that
+    names the file, both versions and those settings. A value this version cannot use, or an aggregator or
+    task it does not have, is one error line that names both versions (not a typo's "unknown setting").
+
+    Raises:
+        PathmilError: the settings cannot be read by this version.
+    """
+    config = dict(checkpoint["config"])
+    state = dict(checkpoint["task"])
+    ignored, defaulted = [], []
+    fields = TrainConfig.model_fields
+    ignored += [f"train.{k}" for k in config if k not in fields]
+    defaulted += [f"train.{k}" for k in fields if k not in config]
+    config = {k: v for k, v in config.items() if k in fields}
+    try:
+        entry = model_entry(config.get("aggregator", fields["aggregator"].default))
+        task_cls = TASKS[state["name"]]
+    except (PathmilError, KeyError) as err:
+        raise PathmilError(f"checkpoint {path}: {err}" + _other_version(checkpoint)) from None
+    sections: dict[str, Any] = {"model": entry.settings, "task_options": task_cls.Options}
+    if "mhim" in entry.inputs:
+        from pathmil.models.mhim import MHIMConfig
+
+        sections["mhim"] = MHIMConfig
+    for name, cls in sections.items():  # the sections hold what the user set; unset keys take defaults
+        given = dict(config.get(name) or {})
+        ignored += [f"{name}.{k}" for k in given if k not in cls.model_fields]
+        config[name] = {k: v for k, v in given.items() if k in cls.model_fields}
+    options = dict(state.get("settings") or {})  # the task's full options, as the task saved them
+    ignored += [f"task.{k}" for k in options if k not in task_cls.Options.model_fields]
+    defaulted += [f"task.{k}" for k in task_cls.Options.model_fields if k not in options]
+    options = {k: v for k, v in options.items() if k in task_cls.Options.model_fields}
+    try:
+        train_config = TrainConfig.build(config, "train")
+        state["settings"] = task_cls.Options.build(options, "task").to_dict()
+    except PathmilError as err:
+        tail = "" if same_version(checkpoint) else _other_version(checkpoint)
+        raise PathmilError(f"checkpoint {path}: {err}{tail}") from None
+    if ignored or defaulted:
+        log.warning(
+            "checkpoint %s was written by %s; this is %s: %s",
+            path,
+            describe_version(checkpoint),
+            describe_version(),
+            "; ".join(
+                part
+                for part in (
+                    f"settings this version does not know, ignored: {', '.join(ignored)}" if ignored else "",
+                    f"settings it lacks, at this version's defaults: {', '.join(defaulted)}"
+                    if defaulted
+                    else "",
+                )
+                if part
+            ),
+        )
+    return train_config, state

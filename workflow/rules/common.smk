@@ -135,21 +135,70 @@ def apply_deploy_package():
 DEPLOY = apply_deploy_package() if config.get("deploy") else None
 
 OUT = f"results/{config['cohort']}"
+# Conda environments for `--sdm conda`: rules that ask for GPUs get the CUDA build. Their post-deploy scripts
+# install pathmil from this checkout, which they find through PATHMIL_SOURCE (Snakemake runs them from a copy
+# under .snakemake/conda/).
 ENV = "../../envs/pathmil.yaml"
-ENCODER = config["extract"]["encoder"].replace(":", "-")
-FEATURES = f"{OUT}/features/{ENCODER}"
+ENV_CUDA = "../../envs/pathmil-cuda.yaml"
+os.environ.setdefault("PATHMIL_SOURCE", str(Path(workflow.basedir).resolve()))
+
+
+def conda_env(gpus):
+    """The conda environment of a rule that asks for ``gpus`` GPUs."""
+    return ENV_CUDA if gpus else ENV
+
+
+FEATURES = (
+    f"{OUT}/features"  # one folder of bags per encoder: features/{encoder}/{slide}.h5
+)
 SETTINGS = f"{OUT}/settings"
 TASKS = [t for t in config["tasks"]] if "dir" not in config["slides"] else []
 AGGREGATORS = list(config["aggregators"])
+SEEDS = list(config["seeds"])
 FOLDS = list(range(config["split"]["folds"]))
 BASELINES = FACTS["baselines"]  # MHIM-MIL trains after the plain model of the same fold
+
+
+def encoder_settings():
+    """Folder name -> `extract` settings of each encoder (`extract.encoder` may list several, a grid;
+    `extract.per_encoder` overrides settings of one). A randomly initialised encoder is its own folder.
+    """
+    extract = config["extract"]
+    names = (
+        extract["encoder"]
+        if isinstance(extract["encoder"], list)
+        else [extract["encoder"]]
+    )
+    base = without(extract, "threads", "gpus", "encoder", "per_encoder")
+    entries = {}
+    for name in names:
+        settings = {
+            **base,
+            **(extract.get("per_encoder", {}).get(name) or {}),
+            "encoder": name,
+        }
+        folder = name.replace(":", "-") + (
+            "-random" if settings.get("random_init") else ""
+        )
+        entries[folder] = settings
+    return entries
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+ENCODERS = encoder_settings()
 
 
 wildcard_constraints:
     slide="[^/]+",
     task="|".join(TASKS) or "none",
+    encoder="|".join(re.escape(e) for e in ENCODERS),
     aggregator="|".join(AGGREGATORS),
+    seed=r"\d+",
     fold=r"\d+",
+    batch=r"\d+",
 
 
 # ------------------------------------------------------------------------------------------ slides
@@ -195,9 +244,10 @@ def read_cohort_table(path):
     rows = []
     for raw in reader:
         row = {k.strip(): _value(k.strip(), v) for k, v in raw.items() if k is not None}
-        if row.get("path"):
-            p = Path(str(row["path"])).expanduser()
-            row["path"] = str(p if p.is_absolute() else (path.parent / p).resolve())
+        for column in ("path", "tissue"):  # files named relative to the table's folder
+            if row.get(column):
+                p = Path(str(row[column])).expanduser()
+                row[column] = str(p if p.is_absolute() else (path.parent / p).resolve())
         rows.append(row)
     if not rows:
         raise WorkflowError(
@@ -232,21 +282,21 @@ def check_cohort_table(path, columns, rows):
             f"cohort table {path} lacks column(s) {', '.join(missing)}; it has {', '.join(columns)}"
         )
     validator = jsonschema.Draft202012Validator(COHORT_SCHEMA)
+    own_name = {  # a task's own label columns are checked as its default ones; messages name the own
+        default: own
+        for task, cols in targets.items()
+        for own, default in zip(cols, FACTS["default_targets"][task])
+    }
     for number, row in enumerate(rows, start=2):
+        for column in dict.fromkeys(required):
+            if row.get(column) is None:
+                raise WorkflowError(
+                    f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in column "
+                    f"'{column}'; fill it in or drop the slide"
+                )
         renamed = dict(row)
-        for (
-            task,
-            cols,
-        ) in targets.items():  # a task's own label columns are checked as its defaults
-            for own, default in zip(cols, FACTS["default_targets"][task]):
-                renamed[default] = row.get(own)
-        for task in TASKS:
-            for column in targets[task]:
-                if row.get(column) is None:
-                    raise WorkflowError(
-                        f"cohort table {path}, line {number}: slide {row.get('slide_id')} has no value in "
-                        f"column '{column}' ({task}); fill it in or drop the slide"
-                    )
+        for default, own in own_name.items():
+            renamed[default] = row.get(own)
         error = jsonschema.exceptions.best_match(validator.iter_errors(renamed))
         if error is not None:
             field = ".".join(map(str, error.absolute_path)) or "row"
@@ -255,8 +305,19 @@ def check_cohort_table(path, columns, rows):
                     f"cohort table {path}, line {number}: {field} {error.instance!r} is not allowed: "
                     f"{error.schema.get('description', error.message)}"
                 )
+            must = (
+                COHORT_SCHEMA["properties"].get(field, {}).get("x-must")
+                or error.message
+            )
             raise WorkflowError(
-                f"cohort table {path}, line {number} (slide {row.get('slide_id')}): {field}: {error.message}"
+                f"cohort table {path}, line {number}: slide {row.get('slide_id')}: {own_name.get(field, field)} "
+                f"is {error.instance!r}; it must be {must}"
+            )
+    for number, row in enumerate(rows, start=2):
+        if row.get("tissue") and not os.path.isfile(row["tissue"]):
+            raise WorkflowError(
+                f"cohort table {path}, line {number} (slide {row['slide_id']}): tissue file {row['tissue']} "
+                "does not exist; fix the 'tissue' column or leave it empty for the automatic mask"
             )
     check_unique(path, rows, "slide_id", "every slide needs a unique id")
     check_unique(
@@ -266,8 +327,9 @@ def check_cohort_table(path, columns, rows):
         "the same slide file under two slide ids would land in train and test",
     )
     check_value_ranges(path, rows, targets)
-    if config["train"]["bag_level"] == "patient":
-        check_patient_labels(path, rows, [c for cols in targets.values() for c in cols])
+    for task, cols in targets.items():
+        if split_bag_level(task) == "patient":
+            check_patient_labels(path, rows, cols)
 
 
 def check_unique(path, rows, column, why):
@@ -297,18 +359,18 @@ def check_value_ranges(path, rows, targets):
     outside = [v for v in values if not low <= v <= high]
     if outside:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low}, {high}] "
+            f"cohort table {path}: column '{column}' has {len(outside)} value(s) outside [{low:g}, {high:g}] "
             f"(first: {outside[0]}); fix them or set tasks.regression.task_options.value_range"
         )
     if high >= 50 and max(values) <= 1 and len(values) > 1:
         raise WorkflowError(
-            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low}, {high}]: "
+            f"cohort table {path}: column '{column}' lies within [0, 1] but the range is [{low:g}, {high:g}]: "
             "percentages given as fractions? multiply them by 100 (or set task_options.value_range)"
         )
 
 
 def check_patient_labels(path, rows, label_columns):
-    """A patient's slides share the patient's labels when bags are patients (train.bag_level: patient)."""
+    """A patient's slides share the patient's labels when bags are patients (bag_level: patient)."""
     labels = {}
     for row in rows:
         key = tuple(row.get(c) for c in label_columns)
@@ -325,6 +387,38 @@ def label_columns(task):
     return list(
         (config["tasks"][task] or {}).get("target") or FACTS["default_targets"][task]
     )
+
+
+def without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def train_settings(task, aggregator, seed=0):
+    """The `train` section of one task x aggregator x seed's runs: train, then the task's, then the
+    aggregator's."""
+    entry = config["tasks"][task] or {}
+    model = dict((config["models"].get(aggregator) or {}))
+    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
+    settings.update(without(model, "model", "mhim"))
+    settings.update(
+        task=task,
+        seed=seed,
+        target=label_columns(task),
+        task_options=entry.get("task_options") or {},
+        aggregator=aggregator,
+        model=model.get("model") or {},
+    )
+    if "mhim" in model:
+        settings["mhim"] = model["mhim"]
+    return {"train": settings}
+
+
+def split_bag_level(task):
+    """The bag level the task's splits are made for: patient when any of its runs joins a patient's slides
+    (their labels must then agree), else slide (slide-level labels, stratified per slide).
+    """
+    levels = {train_settings(task, a)["train"]["bag_level"] for a in AGGREGATORS}
+    return "patient" if "patient" in levels else "slide"
 
 
 def slides_of_dir(directory):
@@ -415,74 +509,116 @@ def settings_file(name, sections):
     return path
 
 
-def without(section, *keys):
-    return {k: v for k, v in section.items() if k not in keys}
-
-
-def train_settings(task, aggregator):
-    """The `train` section of one task x aggregator's runs: train, then the task's, then the aggregator's."""
-    entry = config["tasks"][task] or {}
-    model = dict((config["models"].get(aggregator) or {}))
-    settings = {**without(config["train"], "gpus"), **(entry.get("train") or {})}
-    settings.update(without(model, "model", "mhim"))
-    settings.update(
-        task=task,
-        target=label_columns(task),
-        task_options=entry.get("task_options") or {},
-        aggregator=aggregator,
-        model=model.get("model") or {},
-    )
-    if "mhim" in model:
-        settings["mhim"] = model["mhim"]
-    return {"train": settings}
-
-
 SETTINGS_FILES = {
     "demo": settings_file(
         "demo", {"slides": {"demo": config["slides"].get("demo") or {}}}
     ),
     "tile": settings_file("tile", {"tile": config["tile"]}),
-    "extract": settings_file(
-        "extract", {"extract": without(config["extract"], "threads", "gpus")}
-    ),
-    "split": settings_file("split", {"split": config["split"]}),
     "evaluate": settings_file(
         "evaluate", {"evaluate": config["evaluate"], "plots": config["plots"]}
     ),
     "heatmap": settings_file("heatmap", {"heatmap": config["heatmap"]}),
+    "search": settings_file("search", {"search": config["search"]}),
 }
+SEARCH = (
+    config["search"]["n_trials"] > 0
+)  # a hyperparameter search inside each fold before its training
+for _encoder, _settings in ENCODERS.items():
+    SETTINGS_FILES[f"extract/{_encoder}"] = settings_file(
+        f"extract-{_encoder}", {"extract": _settings}
+    )
 for _task in TASKS:
+    SETTINGS_FILES[f"split/{_task}"] = settings_file(
+        f"split-{_task}",
+        {
+            "split": {
+                **config["split"],
+                "bag_level": split_bag_level(_task),
+                "task_options": (config["tasks"][_task] or {}).get("task_options")
+                or {},
+            }
+        },
+    )
     for _aggregator in AGGREGATORS:
-        SETTINGS_FILES[f"train/{_task}/{_aggregator}"] = settings_file(
-            f"train-{_task}-{_aggregator}", train_settings(_task, _aggregator)
-        )
+        for _seed in SEEDS:
+            SETTINGS_FILES[f"train/{_task}/{_aggregator}/{_seed}"] = settings_file(
+                f"train-{_task}-{_aggregator}-seed{_seed}",
+                train_settings(_task, _aggregator, _seed),
+            )
+
+
+def extract_settings_file(wildcards):
+    return SETTINGS_FILES[f"extract/{wildcards.encoder}"]
 
 
 def train_settings_file(wildcards):
-    return SETTINGS_FILES[f"train/{wildcards.task}/{wildcards.aggregator}"]
+    w = wildcards
+    return SETTINGS_FILES[f"train/{w.task}/{w.aggregator}/{w.seed}"]
+
+
+def search_dir(task, encoder, aggregator, seed, fold):
+    return f"{OUT}/search/{task}/{encoder}/{aggregator}/seed{seed}/fold{fold}"
+
+
+def searched_settings(wildcards):
+    """The best settings the fold's search found, when the config asks for a search."""
+    w = wildcards
+    if not SEARCH:
+        return []
+    return [f"{search_dir(w.task, w.encoder, w.aggregator, w.seed, w.fold)}/best.yaml"]
+
+
+def run_dir(task, encoder, aggregator, seed, fold):
+    return f"{OUT}/models/{task}/{encoder}/{aggregator}/seed{seed}/fold{fold}"
+
+
+def eval_dir(task, encoder, aggregator, seed):
+    return f"{OUT}/eval/{task}/{encoder}/{aggregator}/seed{seed}"
+
+
+def configurations():
+    """Every (task, encoder, aggregator, seed) of the grid."""
+    return [
+        (t, e, a, s)
+        for t in TASKS
+        for e in ENCODERS
+        for a in AGGREGATORS
+        for s in SEEDS
+    ]
+
+
+def split_settings_file(wildcards):
+    return SETTINGS_FILES[f"split/{wildcards.task}"]
 
 
 # ------------------------------------------------------------------------------------------- inputs
 
 
 def all_targets(wildcards):
-    """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every task x
-    aggregator and the report. The per-slide files are named here so that a deleted one is made again with
-    everything that depends on it (Snakemake remakes a missing intermediate file only when asked for it).
+    """Every slide's files and the cohort of those that made it; with tasks, the evaluation of every
+    configuration (task x encoder x aggregator x seed), each task's comparison, heatmaps and the report.
+    The per-slide files are named here so that a deleted one is made again with everything that depends
+    on it (Snakemake remakes a missing intermediate file only when asked for it).
     """
-    per_slide = [f"{OUT}/tiles/{{s}}.h5", f"{OUT}/qc/{{s}}.png", f"{FEATURES}/{{s}}.h5"]
+    per_slide = [
+        f"{OUT}/tiles/{{s}}.h5",
+        f"{OUT}/tiles/{{s}}.geojson",
+        f"{OUT}/qc/{{s}}.png",
+    ]
+    per_slide += [f"{FEATURES}/{e}/{{s}}.h5" for e in ENCODERS]
     targets = [
         pattern.format(s=slide) for slide in slide_ids() for pattern in per_slide
     ]
-    targets += [f"{OUT}/cohort_ok.csv"]
+    targets += [f"{OUT}/batches/{index}.tsv" for index in range(len(BATCHES))]
+    targets += [f"{OUT}/cohort_ok.csv", f"{OUT}/report/qc_gallery.html"]
     if TASKS:
+        targets += [f"{eval_dir(*c)}/metrics.json" for c in configurations()]
+        targets += [f"{OUT}/eval/{t}/comparison/comparison.json" for t in TASKS]
+        targets += [f"{OUT}/report/summary.html"]
         targets += [
-            f"{OUT}/eval/{t}/{a}/metrics.json" for t in TASKS for a in AGGREGATORS
-        ]
-        targets += [f"{OUT}/report/summary.csv"]
-        targets += [
-            f"{OUT}/eval/{t}/{a}/heatmaps/{s}.png"
+            f"{OUT}/eval/{t}/{e}/{a}/heatmaps/{s}.jpg"
             for t in TASKS
+            for e in ENCODERS
             for a in AGGREGATORS
             for s in heatmap_slides()
         ]
@@ -519,11 +655,29 @@ def slide_mpp_args(wildcards):
     return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
 
 
+def slide_tissue(wildcards):
+    """The slide's given tissue outline (GeoJSON): the table's `tissue` column, else tile.tissue_dir's
+    SLIDE.geojson when it exists. An input of the slide's tile job: editing it reruns that slide's chain.
+    """
+    given = SLIDES[wildcards.slide].get("tissue")
+    if not given and config["tile"].get("tissue_dir"):
+        candidate = os.path.join(
+            config["tile"]["tissue_dir"], f"{wildcards.slide}.geojson"
+        )
+        given = candidate if os.path.isfile(candidate) else None
+    return [given] if given else []
+
+
+def slide_tissue_args(wildcards, input):
+    return ["--tissue-geojson", input.tissue[0]] if input.tissue else []
+
+
 def baseline_checkpoint(wildcards):
-    base = BASELINES.get(wildcards.aggregator)
+    w = wildcards
+    base = BASELINES.get(w.aggregator)
     if base is None:
         return []
-    return [f"{OUT}/models/{wildcards.task}/{base}/fold{wildcards.fold}/best.pt"]
+    return [f"{run_dir(w.task, w.encoder, base, w.seed, w.fold)}/best.pt"]
 
 
 def teacher_args(wildcards, input):
@@ -534,6 +688,13 @@ def teacher_args(wildcards, input):
 
 DEPLOY_OUT = f"{OUT}/deploy"
 TRANSFER = config.get("transfer")
+if (DEPLOY or TRANSFER) and len(ENCODERS) > 1:
+    raise WorkflowError(
+        f"config: deploy and transfer take one encoder, extract.encoder lists {len(ENCODERS)}; run the "
+        "encoder grid without them"
+    )
+# the bags deploy and transfer read: the one encoder's folder
+ONE_FEATURES = f"{FEATURES}/{next(iter(ENCODERS))}"
 
 
 def deploy_labelled():
@@ -552,7 +713,7 @@ def deploy_bags_args(wildcards, input):
     """A table's (or the demo's) bags by patient, with their labels; a slide folder's bags one by one."""
     if "dir" in config["slides"]:
         return ["--features", *input.bags]
-    return ["--cohort", input.table, "--features-dir", FEATURES]
+    return ["--cohort", input.table, "--features-dir", ONE_FEATURES]
 
 
 def transfer_runs():
@@ -585,7 +746,9 @@ def check_transfer():
         )
     for source in TRANSFER["sources"]:
         encoder = package_manifest(source, "transfer.sources")["encoder"]
-        ours = (config["extract"]["encoder"], bool(config["extract"]["random_init"]))
+        ours = next(
+            (e["encoder"], bool(e.get("random_init"))) for e in ENCODERS.values()
+        )
         if (encoder["name"], bool(encoder.get("random_init"))) != ours:
             raise WorkflowError(
                 f"transfer.sources {source} was trained on {encoder['name']} features, this cohort is "
@@ -601,7 +764,7 @@ TRANSFER_RUNS = transfer_runs()
 for _task in TRANSFER_TASKS:
     for _strategy, _extra in TRANSFER_RUNS.items():
         _aggregator = "moe_pkt" if _strategy == "moe_pkt" else TRANSFER["baseline"]
-        _settings = train_settings(_task, _aggregator)
+        _settings = train_settings(_task, _aggregator, SEEDS[0])
         _settings["train"].update(_extra)
         SETTINGS_FILES[f"transfer/{_task}/{_strategy}"] = settings_file(
             f"transfer-{_task}-{_strategy}", _settings
@@ -613,12 +776,15 @@ def transfer_targets():
     targets = []
     if config["package"]:
         targets += [
-            f"{OUT}/packages/{t}/{a}.pathmil" for t in TASKS for a in AGGREGATORS
+            f"{OUT}/packages/{t}/{e}/{a}.pathmil"
+            for t in TASKS
+            for e in ENCODERS
+            for a in AGGREGATORS
         ]
     if DEPLOY:
         targets += [f"{DEPLOY_OUT}/predictions.csv"]
         targets += [
-            f"{DEPLOY_OUT}/heatmaps/{s}.png"
+            f"{DEPLOY_OUT}/heatmaps/{s}.jpg"
             for s in slide_ids()[: config["deploy"]["heatmaps"]]
         ]
         if deploy_labelled():

@@ -7,19 +7,20 @@ rule extract:
     input:
         tiles=f"{OUT}/tiles/{{slide}}.h5",
         tiles_facts=f"{OUT}/tiles/{{slide}}.json",
-        settings=SETTINGS_FILES["extract"],
+        settings=extract_settings_file,
     output:
-        bag=f"{FEATURES}/{{slide}}.h5",
-        facts=f"{FEATURES}/{{slide}}.json",
+        bag=f"{FEATURES}/{{encoder}}/{{slide}}.h5",
+        facts=f"{FEATURES}/{{encoder}}/{{slide}}.json",
     log:
-        f"{OUT}/logs/extract/{{slide}}.log",
+        f"{OUT}/logs/extract/{{encoder}}/{{slide}}.log",
     group:
-        "slides"
+        slide_group
     conda:
-        ENV
+        conda_env(config["extract"]["gpus"])
     threads: config["extract"]["threads"]
     resources:
         gpu=config["extract"]["gpus"],
+        runtime=slide_runtime("extract"),
     params:
         path=slide_path,
     shell:
@@ -28,11 +29,43 @@ rule extract:
         "--config {input.settings:q} --skip-errors > {log:q} 2>&1"
 
 
+rule batch:
+    """One SLURM job per batch of slides: this record joins the batch's tiling and extraction jobs into one
+    group (a group is what depends on one another) and lists what each slide asked for.
+    """
+    input:
+        bags=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.h5"
+            for e in ENCODERS
+            for s in BATCHES[int(wildcards.batch)]
+        ],
+    output:
+        f"{OUT}/batches/{{batch}}.tsv",
+    log:
+        f"{OUT}/logs/batches/{{batch}}.log",
+    group:
+        "slides_{batch}"
+    conda:
+        ENV
+    resources:
+        runtime=RECORD_MINUTES,
+    params:
+        text=lambda wildcards: batch_record(int(wildcards.batch)),
+    shell:
+        "printf '%s' {params.text:q} > {output:q} 2> {log:q}"
+
+
+# The slides that made it through tiling and extraction with every encoder (comparisons of encoders need the
+# same patients), and the failures of the others.
 rule collect:
     input:
         table=f"{OUT}/cohort.csv",
-        facts=lambda wildcards: [f"{FEATURES}/{s}.json" for s in slide_ids()],
-        bags=lambda wildcards: [f"{FEATURES}/{s}.h5" for s in slide_ids()],
+        facts=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.json" for e in ENCODERS for s in slide_ids()
+        ],
+        bags=lambda wildcards: [
+            f"{FEATURES}/{e}/{s}.h5" for e in ENCODERS for s in slide_ids()
+        ],
     output:
         table=f"{OUT}/cohort_ok.csv",
         failures=f"{OUT}/failures.csv",
@@ -41,7 +74,7 @@ rule collect:
     conda:
         ENV
     params:
-        facts_dir=FEATURES,
+        facts_dirs=[f"{FEATURES}/{e}" for e in ENCODERS],
     shell:
-        "pathmil cohort --cohort {input.table:q} --facts-dir {params.facts_dir:q} "
+        "pathmil cohort --cohort {input.table:q} --facts-dir {params.facts_dirs:q} "
         "--out {output.table:q} --failures {output.failures:q} > {log:q} 2>&1"

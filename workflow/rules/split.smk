@@ -1,10 +1,11 @@
-# Patient-level folds per task, over the slides that made it through tiling and extraction.
+# Patient-level folds per task, over the slides that made it through tiling and extraction; stratified per
+# bag (patient, or slide with slide-level labels: split_bag_level).
 
 
 rule split:
     input:
         table=f"{OUT}/cohort_ok.csv",
-        settings=SETTINGS_FILES["split"],
+        settings=split_settings_file,
     output:
         splits=f"{OUT}/splits/{{task}}.csv",
     log:

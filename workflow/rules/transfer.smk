@@ -8,15 +8,15 @@
 
 rule package:
     input:
-        runs=expand(
-            f"{OUT}/models/{{{{task}}}}/{{{{aggregator}}}}/fold{{fold}}/metrics.json",
-            fold=FOLDS,
-        ),
-        evaluation=f"{OUT}/eval/{{task}}/{{aggregator}}/metrics.json",
+        runs=lambda w: [
+            f"{run_dir(w.task, w.encoder, w.aggregator, SEEDS[0], k)}/metrics.json"
+            for k in FOLDS
+        ],
+        evaluation=lambda w: f"{eval_dir(w.task, w.encoder, w.aggregator, SEEDS[0])}/metrics.json",
     output:
-        package=directory(f"{OUT}/packages/{{task}}/{{aggregator}}.pathmil"),
+        package=directory(f"{OUT}/packages/{{task}}/{{encoder}}/{{aggregator}}.pathmil"),
     log:
-        f"{OUT}/logs/package/{{task}}/{{aggregator}}.log",
+        f"{OUT}/logs/package/{{task}}/{{encoder}}/{{aggregator}}.log",
     conda:
         ENV
     params:
@@ -31,7 +31,7 @@ rule package:
 rule deploy_predict:
     input:
         table=f"{OUT}/cohort_ok.csv",
-        bags=lambda wildcards: [f"{FEATURES}/{s}.h5" for s in slide_ids()],
+        bags=lambda wildcards: [f"{ONE_FEATURES}/{s}.h5" for s in slide_ids()],
         package=(config.get("deploy") or {}).get("package", []),
     output:
         predictions=f"{DEPLOY_OUT}/predictions.csv",
@@ -81,11 +81,11 @@ rule deploy_evaluate:
 rule deploy_heatmap:
     input:
         package=(config.get("deploy") or {}).get("package", []),
-        bag=f"{FEATURES}/{{slide}}.h5",
+        bag=f"{ONE_FEATURES}/{{slide}}.h5",
         settings=SETTINGS_FILES["heatmap"],
     output:
         heatmap=report(
-            f"{DEPLOY_OUT}/heatmaps/{{slide}}.png",
+            f"{DEPLOY_OUT}/heatmaps/{{slide}}.jpg",
             caption="../report/heatmap.rst",
             category="External validation",
             labels={"slide": "{slide}", "picture": "heatmap of the package"},
@@ -127,7 +127,7 @@ rule train_transfer:
         gpu=config["train"]["gpus"],
     params:
         run=lambda wildcards, output: os.path.dirname(output.metrics),
-        features=FEATURES,
+        features=ONE_FEATURES,
     shell:
         "pathmil --threads {threads} train --features {params.features:q} --cohort {input.table:q} "
         "--splits {input.splits:q} --fold {wildcards.fold} --config {input.settings:q} "
@@ -137,7 +137,7 @@ rule train_transfer:
 rule compare_transfer:
     input:
         baseline=lambda wildcards: [
-            f"{OUT}/models/{wildcards.task}/{TRANSFER['baseline']}/fold{k}/metrics.json"
+            f"{run_dir(wildcards.task, next(iter(ENCODERS)), TRANSFER['baseline'], SEEDS[0], k)}/metrics.json"
             for k in FOLDS
         ],
         transfer=lambda wildcards: [

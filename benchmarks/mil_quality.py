@@ -1,0 +1,678 @@
+"""Where each aggregator helps: MIL problems from real data, each built so that one claim can show.
+
+Instances are real handwritten digits (scikit-learn's 8 x 8 digits, 64 features, as in Ilse et al.'s
+MNIST-bags) or real patients (scikit-survival's GBSG2 breast-cancer cohort). Each problem has a plain
+baseline that must fail or trail where the claim holds, and controls where no method should lose:
+
+- ``plain`` (control): 10-40 clean digits, positive iff the bag holds a 9 (1-3 of them).
+- ``witness1`` (control, MHIM-MIL's known failure): 20-50 noisy digits, a positive bag holds exactly one 9.
+- ``hard`` (MHIM-MIL's premise): a positive bag (20-40 digits) holds 2-4 noisy 3s (hard) and, in training and validation,
+  one clean, bright 0 (easy and salient); test bags are the same bags without the 0, so only a model that
+  also learned the hard 3s keeps its AUC.
+- ``order`` (MambaMIL's premise): 20-40 digits, every bag holds as many 1s as 7s (2-3 each), and the label
+  is whether they sit in pairs (each 1 next to a 7) or apart in the bag's sequence (its tile-grid order). Mean, max and attention
+  pooling are blind to order: they must stay near chance; a sequence model must win.
+- ``share`` (control, WeakSTIL-like regression): the percentage of 4s among 10-40 noisy digits (R^2).
+- ``survival`` (control): GBSG2's 686 patients with their real times and events; a patient is a bag of
+  10-30 instances, a share of them "tumour" instances carrying the patient's covariates with noise, the
+  rest background (Harrell's c-index).
+
+Folds keep test digits unseen: the 1,797 digit images are split into as many disjoint groups as folds
+(stratified by digit) and the bags of fold k are drawn from group k only; fold k tests on them and trains
+on the other groups' bags (15 % of those validate, for early stopping). A seed draws the groups, the bags
+and the model initialisation. Every run is pathmil's own loop (:func:`pathmil.training.fit.train`) on bag
+files, cohort and splits tables written as a user's would be.
+
+Training is the same for every method: pathmil's defaults (AdamW, weight decay 1e-5, one warm-up epoch,
+cosine decay, the best validation epoch kept) for 20 epochs at lr 5e-4, without early stopping (validation
+sets of 24-48 bags make early stopping a lottery); model settings are each aggregator's defaults, except
+MambaMIL's width (d_model 128, as the demo: 512 costs 3x the time on CPU).
+
+Metrics are pooled over folds per seed (AUC, R^2, c-index); each method is compared with ABMIL by a paired
+stratified bootstrap over bags (resample the bags of each seed within their strata, score both methods on
+the same resample, average the difference over seeds) and by the probability of improvement (Agarwal et
+al., NeurIPS 2021: the chance that a run of the method beats a run of ABMIL, over seeds x folds).
+
+Usage::
+
+    python benchmarks/mil_quality.py run [--problems plain order ...] [--methods abmil mambamil_sr ...]
+        [--seeds 5] [--folds 5] [--scale 1.0] [--epochs 20] [--lr 5e-4] [--jobs 2] [--out benchmarks/out/mil_quality]
+    python benchmarks/mil_quality.py report [--out ...]        # the markdown table from finished runs
+
+``run`` is resumable (finished runs are kept) and logs one line per run to ``<out>/progress.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "out" / "mil_quality"
+
+# ------------------------------------------------------------------------------------------ problems
+
+
+@dataclasses.dataclass
+class Bag:
+    """One bag: its instances in sequence order, its label(s), and the test version where it differs."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: dict[str, Any]
+    test_features: np.ndarray | None = None  # the bag as test folds see it (``hard``: without the easy 0)
+
+
+@dataclasses.dataclass
+class Problem:
+    """A MIL problem: how to draw its bags, its task and the claim it tests."""
+
+    name: str
+    task: str  # classification, survival or regression
+    claim: str
+    control: bool  # a control: no method should lose against ABMIL
+    n_bags: int  # bags per fold (digit problems), patients in all (survival)
+    make: Callable[[np.random.Generator, np.ndarray, np.ndarray, int], list[Bag]]  # (rng, X, y, n) -> bags
+
+
+def load_digits_01() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 real handwritten digits: (N, 64) intensities in [0, 1] and their digits."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.data.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+
+
+def digit_groups(y: np.ndarray, n_groups: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Disjoint groups of digit images, each with about the same number of every digit."""
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    for digit in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == digit))
+        for i, index in enumerate(members):
+            groups[(i + digit) % n_groups].append(int(index))
+    return [np.array(sorted(g)) for g in groups]
+
+
+def _draw(rng: np.random.Generator, X: np.ndarray, y: np.ndarray, digits: list[int], n: int) -> np.ndarray:
+    """``n`` images (rows of X) drawn with replacement among those of the given digits."""
+    pool = np.flatnonzero(np.isin(y, digits))
+    return X[rng.choice(pool, size=n)]
+
+
+def _noisy(rng: np.random.Generator, x: np.ndarray, sigma: float) -> np.ndarray:
+    return (x + sigma * rng.standard_normal(x.shape)).astype(np.float32)
+
+
+def _balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.permutation(np.arange(n) % 2)
+
+
+def make_plain(rng, X, y, n, sizes: tuple[int, int] = (10, 40)) -> list[Bag]:
+    """Ilse et al.'s MNIST-bags on real digits: positive iff a 9 is present (1-3 of them)."""
+    bags = []
+    for label in _balanced_labels(rng, n):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        k = int(rng.integers(1, 4)) if label else 0
+        x = np.concatenate([_draw(rng, X, y, [9], k), _draw(rng, X, y, list(range(9)), size - k)])
+        bags.append(Bag(rng.permutation(x), {"label": int(label)}))
+    return bags
+
+
+def make_witness1(rng, X, y, n, sigma: float = 0.1, sizes: tuple[int, int] = (20, 50)) -> list[Bag]:
+    """20-50 noisy digits; a positive bag holds exactly one 9 (the case where masking can hide it)."""
+    bags = []
+    for label in _balanced_labels(rng, n):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        k = int(label)
+        x = np.concatenate([_draw(rng, X, y, [9], k), _draw(rng, X, y, list(range(9)), size - k)])
+        bags.append(Bag(_noisy(rng, rng.permutation(x), sigma), {"label": int(label)}))
+    return bags
+
+
+def make_hard(rng, X, y, n, sigma: float = 0.45, sizes: tuple[int, int] = (20, 40)) -> list[Bag]:
+    """Positives: 2-4 noisy 3s (hard) plus, outside the test folds, one clean bright 0 (easy, salient).
+
+    Negatives hold neither 0s nor 3s; their other digits (5, 8, 9 look like 3s) are as noisy as the 3s.
+    The test version of a positive bag is the same bag without its 0.
+    """
+    fillers = [1, 2, 4, 5, 6, 7, 8, 9]
+    bags = []
+    for label in _balanced_labels(rng, n):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        k = int(rng.integers(2, 5)) if label else 0
+        x = np.concatenate([_draw(rng, X, y, [3], k), _draw(rng, X, y, fillers, size - k)])
+        x = _noisy(rng, rng.permutation(x), sigma)
+        if not label:
+            bags.append(Bag(x, {"label": 0}))
+            continue
+        easy = (1.5 * _draw(rng, X, y, [0], 1)).astype(np.float32)  # clean and brighter than any digit
+        at = int(rng.integers(0, size + 1))
+        bags.append(Bag(np.insert(x, at, easy, axis=0), {"label": 1}, test_features=x))
+    return bags
+
+
+def _touching(seq: np.ndarray, a: int, b: int) -> int:
+    """How many times digits a and b are neighbours in the sequence (either order)."""
+    first, second = seq[:-1], seq[1:]
+    return int(np.sum(((first == a) & (second == b)) | ((first == b) & (second == a))))
+
+
+def make_order(rng, X, y, n, sigma: float = 0.1, sizes: tuple[int, int] = (20, 40)) -> list[Bag]:
+    """As many 1s as 7s (2-3 each) among 20-40 digits; positive iff every 1 sits next to a 7 (pairs),
+    negative iff no 1 touches a 7.
+
+    Both classes draw the same digits in the same numbers, so the label lives only in the arrangement.
+    """
+    fillers = [0, 2, 3, 4, 5, 6, 8, 9]
+    bags = []
+    for label in _balanced_labels(rng, n):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        m = int(rng.integers(2, 4))
+        units = (
+            [[1, 7] if rng.random() < 0.5 else [7, 1] for _ in range(m)] if label else [[1]] * m + [[7]] * m
+        )
+        while True:
+            slots = rng.permutation(len(units) + size - 2 * m)
+            parts = [units[i] if i < len(units) else [-1] for i in slots]
+            seq = np.array([d for part in parts for d in part])
+            if _touching(seq, 1, 7) == (m if label else 0):
+                break
+        x = np.empty((size, X.shape[1]), np.float32)
+        for digit in (1, 7):
+            x[seq == digit] = _draw(rng, X, y, [digit], int((seq == digit).sum()))
+        x[seq == -1] = _draw(rng, X, y, fillers, int((seq == -1).sum()))
+        bags.append(Bag(_noisy(rng, x, sigma), {"label": int(label)}))
+    return bags
+
+
+def make_share(rng, X, y, n, sigma: float = 0.3, sizes: tuple[int, int] = (10, 40)) -> list[Bag]:
+    """The percentage of 4s among 10-40 noisy digits (uniform in 0-60 %), like a slide's sTIL score."""
+    others = [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    bags = []
+    for _ in range(n):
+        size = int(rng.integers(sizes[0], sizes[1] + 1))
+        k = round(rng.uniform(0, 0.6) * size)
+        x = np.concatenate([_draw(rng, X, y, [4], k), _draw(rng, X, y, others, size - k)])
+        bags.append(Bag(_noisy(rng, rng.permutation(x), sigma), {"stil": 100.0 * k / size}))
+    return bags
+
+
+PROBLEMS: dict[str, Problem] = {
+    p.name: p
+    for p in [
+        Problem("plain", "classification", "control: MNIST-bags (a 9 in the bag)", True, 40, make_plain),
+        Problem("witness1", "classification", "control: one witness among 20-50", True, 40, make_witness1),
+        Problem(
+            "hard",
+            "classification",
+            "MHIM-MIL: hard positives once the easy one is gone",
+            False,
+            40,
+            make_hard,
+        ),
+        Problem("order", "classification", "MambaMIL: 1s next to 7s (order only)", False, 80, make_order),
+        Problem("share", "regression", "control: share of 4s (R^2)", True, 40, make_share),
+        Problem("survival", "survival", "control: GBSG2 patients as bags (c-index)", True, 300, None),  # type: ignore[arg-type]
+    ]
+}
+
+
+def survival_bags(rng: np.random.Generator, sigma: float = 0.5) -> tuple[list[Bag], np.ndarray]:
+    """GBSG2 (686 breast-cancer patients, scikit-survival): a bag of 10-30 instances per patient.
+
+    Tumour instances (20-50 % of the bag) carry the patient's standardised covariates plus noise and a
+    tissue signature; background instances carry noise and another signature. Times and events are the
+    patients' own. Returns the bags and each patient's event flag (for stratified folds).
+    """
+    from sksurv.datasets import load_gbsg2
+    from sksurv.preprocessing import OneHotEncoder
+
+    covariates, outcome = load_gbsg2()
+    z = OneHotEncoder().fit_transform(covariates).to_numpy(dtype=np.float32)
+    z = (z - z.mean(axis=0)) / z.std(axis=0)
+    d, tissue = z.shape[1], 8
+    tumour_sig, background_sig = rng.standard_normal(tissue), rng.standard_normal(tissue)
+    bags = []
+    for i in range(len(z)):
+        size = int(rng.integers(10, 31))
+        k = max(1, round(rng.uniform(0.2, 0.5) * size))
+        tumour = np.hstack(
+            [z[i] + sigma * rng.standard_normal((k, d)), tumour_sig + 0.5 * rng.standard_normal((k, tissue))]
+        )
+        background = np.hstack(
+            [
+                rng.standard_normal((size - k, d)),
+                background_sig + 0.5 * rng.standard_normal((size - k, tissue)),
+            ]
+        )
+        x = rng.permutation(np.vstack([tumour, background])).astype(np.float32)
+        bags.append(Bag(x, {"time": float(outcome["time"][i]), "event": int(outcome["cens"][i])}))
+    return bags, outcome["cens"].astype(int)
+
+
+# -------------------------------------------------------------------------------- data on disk
+
+
+def _write(root: Path, bag_id: str, x: np.ndarray, grid: int = 8) -> None:
+    """A pathmil bag file; instances lie on a raster of ``grid`` columns in sequence order."""
+    from pathmil.features.bagfile import write_bag
+
+    pos = np.arange(len(x))
+    coords = np.stack([pos % grid, pos // grid], axis=1) * 256
+    write_bag(root / "features" / f"{bag_id}.h5", x.astype(np.float16), coords, {"patch_size": 256}, {})
+
+
+def _folds(groups: list[list[str]], strata: dict[str, Any], test_ids: dict[str, str], seed: int,
+           val_frac: float = 0.15) -> pd.DataFrame:  # fmt: skip
+    """Splits table: fold k tests on group k (its test versions) and validates on a stratified share of
+    the other groups' bags."""
+    from sklearn.model_selection import train_test_split
+
+    rows = []
+    for k, held in enumerate(groups):
+        rest = [b for j, g in enumerate(groups) if j != k for b in g]
+        train, val = train_test_split(
+            rest, test_size=val_frac, random_state=seed * 100 + k, stratify=[strata[b] for b in rest]
+        )
+        for split, ids in (("train", train), ("val", val), ("test", [test_ids.get(b, b) for b in held])):
+            rows += [{"slide_id": b, "patient_id": b, "fold": k, "split": split} for b in ids]
+    return pd.DataFrame(rows)
+
+
+def make_data(problem: str, seed: int, folds: int, root: Path, scale: float = 1.0, **options: Any) -> Path:
+    """Write a problem's bags, cohort table and splits for one seed into ``root``; returns ``root``.
+
+    ``scale`` multiplies the number of bags; ``options`` go to the problem's bag maker (``sizes``, ``sigma``).
+    """
+    if (root / "splits.csv").is_file():
+        return root
+    spec = PROBLEMS[problem]
+    rng = np.random.default_rng([seed, sum(map(ord, problem))])
+    (root / "features").mkdir(parents=True, exist_ok=True)
+    records, groups, strata, test_ids = [], [], {}, {}
+    if spec.task == "survival":
+        bags, events = survival_bags(rng)
+        keep = rng.permutation(len(bags))[: max(folds * 10, min(len(bags), round(spec.n_bags * scale)))]
+        from sklearn.model_selection import StratifiedKFold
+
+        split = StratifiedKFold(folds, shuffle=True, random_state=seed).split(keep, events[keep])
+        groups = [[f"p{keep[i]:04d}" for i in held] for _, held in split]
+        for i in keep:
+            bag_id = f"p{i:04d}"
+            _write(root, bag_id, bags[i].features)
+            records.append({"slide_id": bag_id, "patient_id": bag_id, **bags[i].labels})
+            strata[bag_id] = events[i]
+    else:
+        X, y = load_digits_01()
+        n = max(4, round(spec.n_bags * scale))
+        for k, images in enumerate(digit_groups(y, folds, rng)):
+            group = []
+            for i, bag in enumerate(spec.make(rng, X[images], y[images], n, **options)):
+                bag_id = f"g{k}b{i:03d}"
+                _write(root, bag_id, bag.features)
+                records.append({"slide_id": bag_id, "patient_id": bag_id, **bag.labels})
+                if bag.test_features is not None:
+                    _write(root, bag_id + "t", bag.test_features)
+                    records.append({"slide_id": bag_id + "t", "patient_id": bag_id + "t", **bag.labels})
+                    test_ids[bag_id] = bag_id + "t"
+                label = next(iter(bag.labels.values()))
+                strata[bag_id] = label if spec.task == "classification" else min(int(label // 15), 3)
+                group.append(bag_id)
+            groups.append(group)
+    pd.DataFrame(records).to_csv(root / "cohort.csv", index=False)
+    _folds(groups, strata, test_ids, seed).to_csv(root / "splits.tmp", index=False)
+    os.replace(root / "splits.tmp", root / "splits.csv")
+    return root
+
+
+# ----------------------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass
+class Method:
+    """An aggregator with its settings; ``teacher`` names the baseline whose best.pt starts MHIM-MIL."""
+
+    name: str
+    aggregator: str
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mhim: dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+
+
+MAMBA = {"d_model": 128}  # CPU budget (see RESULTS.md); the other settings are MambaMILConfig's defaults
+
+
+def _methods() -> dict[str, Method]:
+    methods = [
+        Method("mean_pool", "mean_pool"),
+        Method("abmil", "abmil"),
+        Method("abmil_gated", "abmil_gated"),
+        Method("transmil", "transmil"),
+        Method("mhim_abmil_v1", "mhim_abmil", mhim={"version": 1}, teacher="abmil"),
+        Method("mhim_abmil_v2", "mhim_abmil", mhim={"version": 2}, teacher="abmil"),
+        # the authors' rounding of N h (ceil: at least one instance masked from every bag): an ablation row
+        Method(
+            "mhim_abmil_v2_ceil", "mhim_abmil", mhim={"version": 2, "high_rounding": "ceil"}, teacher="abmil"
+        ),
+        Method("mhim_transmil", "mhim_transmil", mhim={"version": 2}, teacher="transmil"),
+    ]
+    for variant in ("sr", "plain", "bi"):
+        methods.append(Method(f"mambamil_{variant}", "mambamil", {**MAMBA, "variant": variant}))
+        methods.append(
+            Method(
+                f"mambamil_{variant}_reorder",
+                "mambamil",
+                {**MAMBA, "variant": variant, "token_reorder": True},
+            )
+        )
+    return {m.name: m for m in methods}
+
+
+METHODS = _methods()
+BASELINE = "abmil"
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_one(
+    data: Path, method: Method, task: str, seed: int, fold: int, out: Path, train: dict[str, Any]
+) -> dict:
+    """Train ``method`` on one fold with pathmil's loop; keeps predictions, metrics and history only
+    (and best.pt of the baselines MHIM-MIL starts from)."""
+    from pathmil.training.fit import train as fit
+    from pathmil.training.run import TrainConfig
+
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    mhim = dict(method.mhim)
+    if method.teacher:
+        mhim["teacher_init"] = str(out.parent.parent / method.teacher / f"fold{fold}" / "best.pt")
+    config = TrainConfig(
+        task=task, aggregator=method.aggregator, model=dict(method.model), mhim=mhim, bag_level="slide",
+        seed=seed, device="cpu", **train,
+    )  # fmt: skip
+    summary = fit(
+        config, data / "features", data / "cohort.csv", data / "splits.csv", fold, out, progress=False
+    )
+    (out / "last.pt").unlink(missing_ok=True)
+    if method.name not in {m.teacher for m in METHODS.values()}:
+        (out / "best.pt").unlink(missing_ok=True)
+    return summary
+
+
+def run_fold(problem: str, seed: int, fold: int, methods: list[str], out: Path, folds: int, scale: float,
+             train: dict[str, Any]) -> list[str]:  # fmt: skip
+    """Every method on one (problem, seed, fold), baselines before the MHIM-MIL runs that start from them."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("pathmil").setLevel(logging.ERROR)
+    data = make_data(problem, seed, folds, out / problem / f"seed{seed}" / "data", scale)
+    needed = set(methods) | {METHODS[m].teacher for m in methods if METHODS[m].teacher}
+    order = sorted(needed, key=lambda m: (METHODS[m].teacher is not None, list(METHODS).index(m)))
+    lines = []
+    for name in order:
+        run_dir = out / problem / f"seed{seed}" / "runs" / name / f"fold{fold}"
+        start = time.perf_counter()
+        summary = run_one(data, METHODS[name], PROBLEMS[problem].task, seed, fold, run_dir, train)
+        test = summary["metrics"].get("test", {})
+        lines.append(
+            f"{time.strftime('%H:%M:%S')} {problem} seed{seed} fold{fold} {name}: "
+            f"test {summary['main_metric']} {test.get(summary['main_metric'], float('nan')):.3f}, best epoch "
+            f"{summary['best_epoch']}/{summary['epochs_run']}, {time.perf_counter() - start:.1f} s"
+        )
+    for teacher in {METHODS[m].teacher for m in needed if METHODS[m].teacher}:
+        (out / problem / f"seed{seed}" / "runs" / teacher / f"fold{fold}" / "best.pt").unlink(missing_ok=True)
+    return lines
+
+
+def run_all(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    train = {"epochs": args.epochs, "patience": args.patience or args.epochs, "lr": args.lr}
+    jobs = [
+        (p, s, k, args.methods, out, args.folds, args.scale, train)
+        for s in range(args.seeds)
+        for p in args.problems
+        for k in range(args.folds)
+    ]
+    log = (out / "progress.log").open("a")
+    log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} run: {' '.join(sys.argv[1:])}\n")
+    log.flush()
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for lines in pool.map(run_fold, *zip(*jobs)):
+            for line in lines:
+                print(line, flush=True)
+                log.write(line + "\n")
+            log.flush()
+    log.write(f"# done in {time.perf_counter() - start:.0f} s\n")
+    log.close()
+
+
+# -------------------------------------------------------------------------------------- statistics
+# A small paired stratified bootstrap, kept apart so that the statistics of the comparison issue can
+# replace it (issue 15): differences of pooled metrics with CIs, and the probability of improvement.
+
+
+def metric_fn(task: str) -> Callable[[pd.DataFrame], float]:
+    """The main metric of a predictions table: AUC, R^2 or Harrell's c-index."""
+    if task == "classification":
+        from sklearn.metrics import roc_auc_score
+
+        return lambda t: (
+            roc_auc_score(t["target"].astype(int), t["score"]) if t["target"].nunique() > 1 else math.nan
+        )
+    if task == "regression":
+        from sklearn.metrics import r2_score
+
+        return lambda t: r2_score(t["target"], t["score"])
+    from sksurv.metrics import concordance_index_censored
+
+    return lambda t: concordance_index_censored(t["event"].astype(bool), t["time"], t["score"])[0]
+
+
+def strata_of(task: str, table: pd.DataFrame) -> np.ndarray:
+    if task == "classification":
+        return table["target"].astype(int).to_numpy()
+    if task == "survival":
+        return table["event"].astype(int).to_numpy()
+    return np.minimum(table["target"].to_numpy() // 15, 3).astype(int)
+
+
+def paired_bootstrap(
+    tables: dict[int, tuple[pd.DataFrame, pd.DataFrame]],
+    metric: Callable[[pd.DataFrame], float],
+    strata: dict[int, np.ndarray],
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """Mean over seeds of metric(method) - metric(baseline), with a percentile CI from resampling each
+    seed's bags within their strata, the same resample for both methods (paired)."""
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([metric(a) - metric(b) for a, b in tables.values()]))
+    draws = np.empty(n_boot)
+    for i in range(n_boot):
+        diffs = []
+        for s, (a, b) in tables.items():
+            idx = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(strata[s] == v), size=(strata[s] == v).sum())
+                    for v in np.unique(strata[s])
+                ]
+            )
+            diffs.append(metric(a.iloc[idx]) - metric(b.iloc[idx]))
+        draws[i] = np.nanmean(diffs)
+    alpha = (1 - confidence) / 2
+    return point, float(np.nanquantile(draws, alpha)), float(np.nanquantile(draws, 1 - alpha))
+
+
+def probability_of_improvement(x: dict[int, np.ndarray], y: dict[int, np.ndarray]) -> float:
+    """P(X > Y) of Agarwal et al. (NeurIPS 2021), fold by fold: within a fold, over all pairs of the two
+    methods' runs (seeds), 1 when x > y and 0.5 when tied (the Mann-Whitney statistic over the number of
+    pairs); then the mean over folds (as the comparison issue defines it; one seed: the share of folds won)."""
+    per_fold = []
+    for fold in sorted(set(x) & set(y)):
+        a, b = np.asarray(x[fold], float)[:, None], np.asarray(y[fold], float)[None, :]
+        per_fold.append(np.mean((a > b) + 0.5 * (a == b)))
+    return float(np.mean(per_fold)) if per_fold else math.nan
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def load_predictions(out: Path, problem: str, method: str) -> dict[int, pd.DataFrame]:
+    """Test predictions pooled over folds, per seed (only seeds with every fold finished)."""
+    pooled = {}
+    for seed_dir in sorted((out / problem).glob("seed*")):
+        folds = sorted((seed_dir / "runs" / method).glob("fold*/predictions.csv"))
+        n_folds = pd.read_csv(seed_dir / "data" / "splits.csv")["fold"].nunique()
+        if len(folds) < n_folds:
+            continue
+        tables = [pd.read_csv(f) for f in folds]
+        pooled[int(seed_dir.name[4:])] = pd.concat(
+            [t[t["split"] == "test"] for t in tables], ignore_index=True
+        )
+    return pooled
+
+
+def fold_scores(pooled: dict[int, pd.DataFrame], metric) -> dict[int, np.ndarray]:
+    """Per fold, the test metric of every seed's run on that fold."""
+    folds = sorted({k for t in pooled.values() for k in t["fold"].unique()})
+    return {k: np.array([metric(t[t["fold"] == k]) for t in pooled.values()]) for k in folds}
+
+
+def methods_on_disk(out: Path, problem: str, methods: list[str]) -> list[str]:
+    """``methods`` first, then any other runs found (the reference codes' ``ref_*`` runs, ablations)."""
+    found = sorted({p.name for p in (out / problem).glob("seed*/runs/*") if p.is_dir()})
+    return [m for m in methods if m in found] + [m for m in found if m not in methods and m not in METHODS]
+
+
+def summarise(out: Path, problems: list[str], methods: list[str], n_boot: int) -> pd.DataFrame:
+    rows = []
+    for problem in problems:
+        task = PROBLEMS[problem].task
+        metric = metric_fn(task)
+        base = load_predictions(out, problem, BASELINE)
+        for method in methods_on_disk(out, problem, methods):
+            pooled = load_predictions(out, problem, method)
+            seeds = sorted(set(pooled) & set(base))
+            if not seeds:
+                continue
+            per_seed = [metric(pooled[s]) for s in seeds]
+            row = {
+                "problem": problem, "method": method, "seeds": len(seeds), "metric": float(np.mean(per_seed)),
+                "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan,
+            }  # fmt: skip
+            if method != BASELINE:
+                pairs = {}
+                for s in seeds:
+                    a = pooled[s].sort_values("slide_id").reset_index(drop=True)
+                    b = base[s].sort_values("slide_id").reset_index(drop=True)
+                    assert (a["slide_id"] == b["slide_id"]).all(), "methods must score the same bags"
+                    pairs[s] = (a, b)
+                strata = {s: strata_of(task, pairs[s][1]) for s in seeds}
+                row["diff"], row["lo"], row["hi"] = paired_bootstrap(pairs, metric, strata, n_boot)
+                row["p_improve"] = probability_of_improvement(
+                    fold_scores({s: pooled[s] for s in seeds}, metric),
+                    fold_scores({s: base[s] for s in seeds}, metric),
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = []
+    for problem, part in table.groupby("problem", sort=False):
+        spec = PROBLEMS[problem]
+        metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}[spec.task]
+        lines += [f"**{problem}** ({spec.claim}; pooled test {metric}, mean over seeds)", ""]
+        lines += [f"| method | {metric} (sd over seeds) | difference to ABMIL [95 % CI] | P(improvement) |"]
+        lines += ["|---|---:|---:|---:|"]
+        for _, r in part.iterrows():
+            diff = (
+                "(baseline)"
+                if r["method"] == BASELINE
+                else f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
+                + (" *" if r["lo"] > 0 or r["hi"] < 0 else "")
+            )
+            poi = "" if r["method"] == BASELINE else f"{r['p_improve']:.2f}"
+            sd = "" if math.isnan(r["sd"]) else f" ({r['sd']:.3f})"  # one seed: no sd
+            lines.append(f"| {r['method']} | {r['metric']:.3f}{sd} | {diff} | {poi} |")
+        lines.append("")
+    lines.append("`*`: the CI excludes 0.")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, core count and the SIMD flags that matter for torch, from /proc/cpuinfo."""
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(
+            line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")
+        )
+        flags = set(
+            next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
+        )
+    except (OSError, StopIteration):
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni") if f in flags]
+    return f"{model}, {os.cpu_count()} cores ({' '.join(simd)}), torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def report(args: argparse.Namespace) -> str:
+    table = summarise(args.out, args.problems, args.methods, args.n_boot)
+    table.to_csv(args.out / "summary.csv", index=False)
+    text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table) + "\n"
+    (args.out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["run", "report", "data"])
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--scale", type=float, default=1.0, help="share of the default number of bags")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--patience", type=int, default=None, help="early stopping (default: epochs, i.e. none)"
+    )
+    parser.add_argument("--lr", type=float, default=5e-4, help="pathmil's 2e-4 is meant for 50 epochs")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        for p in args.problems:
+            for s in range(args.seeds):
+                print(make_data(p, s, args.folds, args.out / p / f"seed{s}" / "data", args.scale))
+    elif args.command == "run":
+        run_all(args)
+        print(report(args))
+    else:
+        print(report(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+pathmil.post-deploy.sh

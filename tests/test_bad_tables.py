@@ -1,0 +1,139 @@
+"""Bad cohort tables (issue 13 §3): the workflow's dry run (which checks the table when it parses) and the
+commands that read the table (`pathmil cohort`, `split`, `train`) refuse each kind with the same words, so
+the two checks cannot drift apart: one table per kind, fed to both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from workflow_helpers import snakemake, workflow_copy, write_config
+
+from pathmil.cli import main
+
+GOOD = {
+    "slide_id": "s1",
+    "patient_id": "p1",
+    "path": "a.svs",
+    "label": 1,
+    "time": 5.0,
+    "event": 1,
+    "stil": 40,
+}
+SECOND = {**GOOD, "slide_id": "s2", "patient_id": "p2", "path": "b.svs"}
+HEADER = ",".join(GOOD) + "\n"
+
+# kind: (the table: rows or raw text, the task whose commands read it, the words both must say)
+KINDS = {
+    "empty": ("", "classification", ["is empty; it needs a header and one row per slide"]),
+    "semicolons": ("slide_id;patient_id;path\ns1;p1;a.svs\n", "classification",
+                   ["looks ';'-separated; save it with commas"]),
+    "header-only": (HEADER, "classification", ["has no rows (only a header)"]),
+    "same-file": ([GOOD, {**SECOND, "path": "a.svs"}], "classification",
+                  ["appears twice (slides s1 and s2)", "the same slide file under two slide ids"]),
+    "slide-id": ([{**GOOD, "slide_id": "../escaped"}], "classification", ["'../escaped' is not allowed"]),
+    "event": ([GOOD, {**SECOND, "event": 2}], "survival",
+              ["slide s2", "it must be 1 (event observed) or 0 (censored)"]),
+    "time": ([GOOD, {**SECOND, "time": -1}], "survival", ["slide s2", "-1", "it must be >= 0"]),
+    "nan-label": ([GOOD, {**SECOND, "label": None}], "classification",
+                  ["slide s2 has no value in column 'label'"]),
+    "no-patient": ([GOOD, {**SECOND, "patient_id": None}], "classification",
+                   ["slide s2 has no value in column 'patient_id'"]),
+    "conflict": ([GOOD, {**SECOND, "patient_id": "p1", "label": 0}], "classification",
+                 ["patient p1 has conflicting labels"]),
+    "fractions": ([{**GOOD, "stil": 0.4}, {**SECOND, "stil": 0.1}], "regression",
+                  ["lies within [0, 1] but the range is [0, 100]", "percentages given as fractions"]),
+    "range": ([GOOD, {**SECOND, "stil": 140}], "regression", ["outside [0, 100]", "140"]),
+}  # fmt: skip
+STRUCTURE = {"empty", "semicolons", "header-only", "same-file", "slide-id"}  # `pathmil cohort` sees these
+
+
+def write_table(folder: Path, table: list[dict] | str) -> Path:
+    path = folder / "cohort.csv"
+    if isinstance(table, str):
+        path.write_text(table)
+        return path
+    pd.DataFrame(table).to_csv(path, index=False)
+    for row in table:
+        (folder / str(row["path"])).write_bytes(b"")
+    return path
+
+
+def cli_lines(capsys, *argv: str) -> list[str]:
+    """The error lines of one pathmil command that must fail."""
+    assert main(list(argv)) == 1, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err), err
+    return [line for line in err if line.startswith("pathmil: error:")]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_cli_and_the_workflow_refuse_each_bad_table_alike(tmp_path, mobilenet_weights, capsys, kind):
+    table, task, words = KINDS[kind]
+    path = write_table(tmp_path, table)
+    commands = [["split", "--cohort", str(path), "--task", task, "--folds", "2", "--out", str(tmp_path / "s.csv")],
+                ["train", "--features", str(tmp_path), "--cohort", str(path), "--splits", str(tmp_path / "s.csv"),
+                 "--fold", "0", "--task", task, "--out", str(tmp_path / "run"), "--no-progress"]]  # fmt: skip
+    if kind in STRUCTURE:
+        commands.append(["cohort", "--cohort", str(path), "--out", str(tmp_path / "c.csv")])
+    for argv in commands:
+        lines = cli_lines(capsys, *argv)
+        assert len(lines) == 1 and all(w in lines[0] for w in words), (argv[0], lines)
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "c.csv").exists()
+
+    config = {
+        "cohort": "bad",
+        "slides": {"table": str(path)},
+        "extract": {"encoder": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "tasks": {task: None},
+    }
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile",
+                     str(write_config(tmp_path / "c.yaml", config)), check=False)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and all(w in output for w in words), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_slide_level_labels_split_per_slide_and_keep_patients_whole(tmp_path, capsys):
+    """Camelyon17: a patient's lymph-node slides carry their own labels. With bag_level slide, split and
+    train accept the table (patient bags still refuse it), strata are the slides' labels, and every
+    patient lies in one part of each fold."""
+    rows = []
+    for p in range(12):
+        for s in range(3):
+            label = int(s < p % 3)  # patients with 0, 1 or 2 positive nodes of 3
+            rows.append({"slide_id": f"P{p:02d}_node{s}", "patient_id": f"P{p:02d}", "path": f"{p}_{s}.tif",
+                         "label": label})  # fmt: skip
+    path = write_table(tmp_path, rows)
+    out = tmp_path / "splits.csv"
+    split = ["split", "--cohort", str(path), "--task", "classification", "--folds", "3", "--out", str(out)]
+    assert "patient P01 has conflicting labels" in cli_lines(capsys, *split)[0]
+    assert main([*split, "--bag-level", "slide"]) == 0
+    splits = pd.read_csv(out)
+    assert set(splits["slide_id"]) == {r["slide_id"] for r in rows}  # every slide, once per fold
+    assert (splits.groupby("fold").size() == len(rows)).all()
+    assert (splits.groupby(["fold", "patient_id"])["split"].nunique() == 1).all()  # no leakage
+    assert (splits[splits["split"] == "test"].groupby("patient_id")["fold"].nunique() == 1).all()
+    labels = splits.merge(pd.DataFrame(rows)[["slide_id", "label"]], on="slide_id")
+    test = labels[labels["split"] == "test"]
+    assert (test.groupby("fold")["label"].nunique() == 2).all()  # stratified per slide: both classes
+
+
+def test_a_foreign_splits_file_that_splits_a_patient_is_refused(tmp_path, capsys):
+    from synthetic import make_synthetic_cohort
+
+    features, table = make_synthetic_cohort(tmp_path, n_patients=8, extra_slides=2, dim=8)
+    cohort = pd.read_csv(table, dtype=str)
+    twice = cohort["patient_id"][cohort["patient_id"].duplicated()].iloc[0]
+    slides = cohort[cohort["patient_id"] == twice]["slide_id"].tolist()
+    splits = pd.DataFrame(
+        {"slide_id": cohort["slide_id"], "patient_id": "unknown", "fold": 0, "split": "train"}
+    )
+    splits.loc[splits["slide_id"] == slides[1], "split"] = "test"  # another tool, split by slide
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    args = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(tmp_path / "splits.csv"),
+            "--fold", "0", "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    line = cli_lines(capsys, *args)[0]
+    assert f"patient {twice} lies in test and train of fold 0" in line and slides[1] in line, line
+    assert not (tmp_path / "run" / "best.pt").exists()
