@@ -271,7 +271,7 @@ def test_a_deploy_config_tiles_and_encodes_as_its_package_and_plans_the_external
     tile = settings_of(work, configfile, text, "tile")["tile"]
     assert (tile["target_mpp"], tile["tile_px"], tile["preset"]) == (1.0, 128, "bwh_biopsy")
     assert tile["tissue"] == json.loads((package / "package.json").read_text())["tiling"]["tissue"]
-    assert settings_of(work, configfile, text, "extract")["extract"]["encoder"] == "mobilenet_v2"
+    assert settings_of(work, configfile, text, "extract-mobilenet_v2")["extract"]["encoder"] == "mobilenet_v2"
 
 
 def test_a_deploy_config_on_a_slide_folder_scores_each_slide_without_labels(tmp_path, mobilenet_weights):
