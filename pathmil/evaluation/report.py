@@ -301,4 +301,10 @@ def comparison_page(result: dict, out_dir: str | os.PathLike) -> str:
         "the share of fold-matched run pairs in which the row scores higher. A difference is called only where "
         "its interval excludes zero; otherwise: no detectable difference."
     )
+    if result["task"] == "survival":
+        note += (
+            " A pooled c-index ranks patients scored by different fold models, whose risk scales differ; "
+            "where it disagrees with the IQM over runs (each run's c-index on its own test fold), trust the "
+            "IQM and P(row &gt; column) for the ranking of models."
+        )
     return page(f"Comparison: {result['task']}", body, note)
