@@ -268,6 +268,7 @@ def write_runs(
     quality: float,
     seeds=(0, 1),
     noise: int = 0,
+    fold_shift: float = 0.0,
 ) -> None:
     """Run folders as `pathmil train` leaves them (best.pt with config and fitted task, metrics.json,
     predictions.csv of train and test bags), in folders whose names say nothing of the configuration."""
@@ -285,7 +286,8 @@ def write_runs(
                 if task_name == "classification":
                     logits = np.column_stack([-signal / 2, signal / 2])
                 else:
-                    logits = np.repeat((0.8 * signal - 1.0)[:, None], task.n_outputs, axis=1)
+                    shift = fold_shift * fold  # each fold model on its own risk scale
+                    logits = np.repeat((0.8 * signal - 1.0 + shift)[:, None], task.n_outputs, axis=1)
                 table = rows[["slide_id", "patient_id"]].assign(fold=fold, split=split)
                 table = table.assign(**task.target_columns(rows), **task.predict(torch.tensor(logits)))
                 tables.append(table)
@@ -427,6 +429,34 @@ def test_compare_survival_with_encoders_and_aggregators(tmp_path):
     assert sum(g["n"] for g in diagram["table"]) == 60
     assert sum(diagram["d_calibration"]["counts"]) == pytest.approx(60)
     assert (tmp_path / "out" / "plots" / "calibration.png").is_file()
+
+
+def test_survival_is_compared_on_the_folds_c_indices_not_on_pooled_risks(tmp_path):
+    """Fold models that each order their patients well, on risk scales far apart: the pooled c-index mixes
+    the scales, the comparison's statistic is the mean of the folds' c-indices (scikit-survival's)."""
+    from sksurv.metrics import concordance_index_censored
+
+    frame = synthetic_cohort("survival", n=60)
+    write_runs(tmp_path / "runs", frame, "survival", "uni", "abmil", 2.0, seeds=(0,), fold_shift=6.0)
+    write_runs(tmp_path / "runs", frame, "survival", "uni", "mambamil", 2.0, seeds=(0,), noise=1)
+    result = compare_runs([tmp_path / "runs"], tmp_path / "out", FAST)
+    assert result["statistic"] == "mean over folds"
+    rows = {r["configuration"]: r for r in result["configurations"]}
+    tests = pd.concat(
+        pd.read_csv(run / "predictions.csv").query("split == 'test'") for run in (tmp_path / "runs").iterdir()
+        if json.loads((run / "metrics.json").read_text())["aggregator"] == "abmil"
+    )  # fmt: skip
+
+    def c_index(table):
+        return concordance_index_censored(table["event"].astype(bool), table["time"], table["score"])[0]
+
+    per_fold = np.mean([c_index(part) for _, part in tests.groupby("fold")])
+    assert rows["abmil"]["value"] == pytest.approx(per_fold, abs=1e-9)
+    assert c_index(tests) < per_fold - 0.1  # pooled, the shifted scales lose the order
+    pair = next(p for p in result["pairs"] if p["a"] == "abmil")
+    assert not pair["significant"]  # equally good models, whatever their scales
+    page = (tmp_path / "out" / "comparison.html").read_text(encoding="ascii")
+    assert "c-index (mean over folds, CI)" in page
 
 
 def test_runs_of_other_patients_tasks_or_twice_are_refused(tmp_path, classification_runs, capsys):

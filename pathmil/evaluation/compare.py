@@ -9,7 +9,9 @@ trained from scratch. Following Agarwal et al. ("Deep reinforcement learning at 
 statistical precipice", NeurIPS 2021), each configuration gets:
 
 - its **main metric** (the task's ``main_metric``: AUC, c-index, R^2) on the pooled out-of-fold test
-  predictions of each seed, averaged over seeds, with a stratified bootstrap interval over patients;
+  predictions of each seed, averaged over seeds, with a stratified bootstrap interval over patients; for
+  survival the mean of the folds' c-indices instead (:func:`fold_wise`: each fold model has its own risk
+  scale, which a pooled c-index mixes);
 - the **interquartile mean** (IQM) of its per-run scores (seeds x folds) with a bootstrap interval over
   runs (:func:`pathmil.evaluation.bootstrap.iqm_interval`);
 - a **performance profile**: the share of its runs scoring above each threshold, with bootstrap bands.
@@ -433,6 +435,23 @@ def load_configurations(run_paths: list[str | os.PathLike]) -> list[Configuratio
     return configurations
 
 
+def fold_wise(task: Task) -> bool:
+    """Whether the task's main statistic is the mean over folds of each fold's metric rather than the metric
+    of the pooled folds: survival's c-index ranks risks, and each fold model has its own risk scale, so a
+    pooled c-index mixes scales (a model that orders every fold's patients well can pool to near 0.5)."""
+    return task.name == "survival"
+
+
+def statistic(task: Task, table: pd.DataFrame) -> float:
+    """The comparison's main statistic of one seed's test predictions: the task's main metric of the
+    pooled folds, or for :func:`fold_wise` tasks the mean of the folds' (a fixed test set is one group)."""
+    if not fold_wise(task):
+        return task.main_score(table)
+    values = [task.main_score(part) for _, part in table.groupby("fold")]
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
 def compare(configurations: list[Configuration], config: EvaluateConfig, plots: PlotConfig) -> dict[str, Any]:
     """Every statistic of the comparison as plain data (what ``comparison.json`` holds, without plots)."""
     task = configurations[0].runs[0].task
@@ -449,7 +468,7 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     def scorer(c: Configuration):
         tables, score_task = list(pooled[c.label].values()), c.runs[0].task
         return lambda idx: float(
-            np.mean([score_task.main_score(t.iloc[patients.bag_rows(idx)]) for t in tables])
+            np.mean([statistic(score_task, t.iloc[patients.bag_rows(idx)]) for t in tables])
         )
 
     point, distribution = paired_bootstrap(
@@ -513,6 +532,7 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     return {
         "task": task.name,
         "main_metric": task.main_metric,
+        "statistic": "mean over folds" if fold_wise(task) else "pooled",
         "evaluate": config.to_dict(),
         "n_patients": len(patients.rows),
         "horizon": horizon,

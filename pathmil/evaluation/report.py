@@ -227,8 +227,9 @@ def _interval(value: float, low: float, high: float, signed: bool = False) -> st
 
 def _configuration_table(result: dict) -> str:
     metric = METRIC_NAMES.get(result["main_metric"], result["main_metric"])
+    statistic = result.get("statistic", "pooled")
     lines = [
-        f'<table>\n<tr><th class="row">configuration</th><th>{metric} (pooled, CI)</th>'
+        f'<table>\n<tr><th class="row">configuration</th><th>{metric} ({statistic}, CI)</th>'
         "<th>IQM over runs (CI)</th><th>runs (seeds x folds)</th></tr>"
     ]
     for row in sorted(result["configurations"], key=lambda r: -r["value"]):
@@ -293,18 +294,19 @@ def comparison_page(result: dict, out_dir: str | os.PathLike) -> str:
             _plot(Path(out_dir) / "plots" / "performance_profile.png", "performance profile"),
         ]
     )
+    fold_mean = result.get("statistic") == "mean over folds"
+    what = (
+        f"the mean over folds of each fold's {metric} on its held-out patients (a pooled {metric} would mix "
+        "the fold models' risk scales)"
+        if fold_mean
+        else f"{metric} of the pooled held-out predictions"
+    )
     note = (
-        f"{result['task']}: {metric} of the pooled held-out predictions of {result['n_patients']} patients, the "
-        f"same patients for every configuration. Intervals are {level:g} % stratified bootstrap intervals "
+        f"{result['task']}: {what}, {result['n_patients']} patients, the same patients for every "
+        f"configuration, averaged over seeds. Intervals are {level:g} % stratified bootstrap intervals "
         f"({n_boot} resamples of patients, paired: each resample scores every configuration on the same "
         "patients). IQM: the interquartile mean of the per-run values (seeds x folds). P(row &gt; column): "
         "the share of fold-matched run pairs in which the row scores higher. A difference is called only where "
         "its interval excludes zero; otherwise: no detectable difference."
     )
-    if result["task"] == "survival":
-        note += (
-            " A pooled c-index ranks patients scored by different fold models, whose risk scales differ; "
-            "where it disagrees with the IQM over runs (each run's c-index on its own test fold), trust the "
-            "IQM and P(row &gt; column) for the ranking of models."
-        )
     return page(f"Comparison: {result['task']}", body, note)
