@@ -160,8 +160,11 @@ GOOD = {
         ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
         ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
         ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
+        ([GOOD], {"extract": {"encoder": ["mobilenet_v2", "resnet50_trunc"], "weights": "w.pth"}}, "would load into every encoder"),
+        ([GOOD], {"extract": {"encoder": "mobilenet_v2", "weights": "nowhere.pth"}}, "weights file nowhere.pth of encoder mobilenet_v2 does not exist"),
     ],
-    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue"],
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue",
+         "shared-weights", "missing-weights"],
 )  # fmt: skip
 def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):
     """Everything a later stage would refuse is refused by the dry run, before any slide is tiled."""
@@ -495,9 +498,11 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     assert set(compared["configuration"]) == {"abmil", "abmil (fine-tuned)"}
 
     report = work / "report.html"
-    snakemake(work, "--configfile", configfile, "--report", str(report))
+    built = snakemake(work, "--configfile", configfile, "--report", str(report))
+    assert "ERROR/" not in built.stdout + built.stderr  # docutils' complaints about the front page
     html = report.read_text(errors="ignore")
     assert report.stat().st_size > 10_000 and "summary.csv" in html
+    assert "System Message" not in html and "Results: main metric per task and aggregator" in html
     assert "External validation" in html and "comparison.csv" in html
     first_slide = pd.read_csv(results / "cohort.csv")["slide_id"][0]
     for task in ("classification", "survival", "regression"):

@@ -8,6 +8,7 @@ import copy
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -170,13 +171,22 @@ def encoder_settings():
         else [extract["encoder"]]
     )
     base = without(extract, "threads", "gpus", "encoder", "per_encoder")
+    per_encoder = extract.get("per_encoder") or {}
     entries = {}
     for name in names:
-        settings = {
-            **base,
-            **(extract.get("per_encoder", {}).get(name) or {}),
-            "encoder": name,
-        }
+        own = per_encoder.get(name) or {}
+        if len(names) > 1 and base.get("weights") and "weights" not in own:
+            raise WorkflowError(
+                f"config: extract.weights ({base['weights']}) would load into every encoder of "
+                f"{names}; give each encoder its weights under extract.per_encoder.{name}.weights (or "
+                "random_init: true there)"
+            )
+        settings = {**base, **own, "encoder": name}
+        if settings.get("weights") and not os.path.isfile(settings["weights"]):
+            raise WorkflowError(
+                f"config: weights file {settings['weights']} of encoder {name} does not exist (relative "
+                f"paths are relative to {os.getcwd()})"
+            )
         folder = name.replace(":", "-") + (
             "-random" if settings.get("random_init") else ""
         )
@@ -256,16 +266,26 @@ def read_cohort_table(path):
     return columns, rows
 
 
+# the cells pandas reads as missing (pathmil's CLI reads tables with pandas): the same cells are empty here
+MISSING = set(
+    "#N/A,#N/A N/A,#NA,-1.#IND,-1.#QNAN,-NaN,-nan,1.#IND,1.#QNAN,<NA>,N/A,NA,NULL,NaN,None,n/a,nan,null".split(
+        ","
+    )
+) | {""}
+
+
 def _value(column, text):
     text = (text or "").strip()
     if column in ("slide_id", "patient_id", "path"):
         return text or None
-    if not text:
+    if text in MISSING:
         return None
     try:
         number = float(text)
     except ValueError:
         return text
+    if not math.isfinite(number):
+        return None if math.isnan(number) else number
     return int(number) if number.is_integer() else number
 
 
