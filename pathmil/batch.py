@@ -87,7 +87,10 @@ def check_not_failure_record(attrs: dict[str, Any], path: str | os.PathLike) -> 
     """
     if attrs.get("status") == "failed":
         stage = str(attrs.get("stage", "unknown"))
-        raise UpstreamFailure(f"{path} records a failed {stage}: {attrs.get('error', '')}", stage)
+        step = {"tile": "tiling", "extract": "feature extraction"}.get(stage, stage)
+        raise UpstreamFailure(
+            f"{path} records that the slide's {step} failed: {attrs.get('error', '')}", stage
+        )
 
 
 def write_failures(path: str | os.PathLike, failed: list[dict[str, str]]) -> None:

@@ -343,7 +343,9 @@ def test_single_slide_skip_errors_records_failed_facts(slides_dir, tmp_path):
     assert record["status"] == "failed" and "Unsupported TIFF compression" in record["error"]
     # the declared outputs are stand-ins that say why: the tiles file a record readers refuse, the GeoJSON
     # without features
-    with pytest.raises(PathmilError, match="records a failed tile: slide unopenable: OpenSlide cannot"):
+    with pytest.raises(
+        PathmilError, match="records that the slide's tiling failed: slide unopenable: OpenSlide cannot"
+    ):
         read_tiles(tmp_path / "x.h5")
     outline = json.loads((tmp_path / "x.geojson").read_text())
     assert outline["features"] == [] and outline["pathmil"]["status"] == "failed"

@@ -211,14 +211,14 @@ def _missing_weights_message(name: str, spec: EncoderSpec) -> str:
         from huggingface_hub import constants
 
         where.append(
-            f"https://huggingface.co/{spec.hf_repo} (file {spec.files[0]}), or put it in the Hugging Face "
-            f"cache {constants.HF_HUB_CACHE}/models--{spec.hf_repo.replace('/', '--')}/snapshots/*/"
+            f"download it from https://huggingface.co/{spec.hf_repo} (file {spec.files[0]}) into the Hugging "
+            f"Face cache {constants.HF_HUB_CACHE}/models--{spec.hf_repo.replace('/', '--')}/snapshots/*/"
         )
     if spec.torch_hub:
-        where.append(f"the torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'}")
+        where.append(f"put it in the torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'}")
     return (
-        f"encoder {name} needs its weights {wanted}: download it from {' or '.join(where)} and pass "
-        "--weights PATH (or --random-init for a test run)"
+        f"encoder {name} needs its weights {wanted}: {'; or '.join(where)}; or pass --weights PATH "
+        "(or --random-init for a test run)"
     )
 
 
