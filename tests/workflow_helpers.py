@@ -14,11 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def workflow_copy(where: Path) -> Path:
-    """Copy Snakefile, workflow/, config/ and envs/ to ``where`` (results then land there, not in the repo)."""
+    """Copy Snakefile, workflow/, config/ and envs/ to ``where`` (results then land there, not in the repo),
+    and link the test data."""
     where.mkdir(parents=True, exist_ok=True)
     for name in ["Snakefile", "config", "workflow", "envs"]:
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, where / name)
+    if (ROOT / ".testdata").is_dir():  # the demo config's weights (a missing weights file is refused)
+        (where / ".testdata").symlink_to(ROOT / ".testdata")
     return where
 
 
