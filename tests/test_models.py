@@ -71,7 +71,7 @@ def test_float64_scoring_agrees_across_thread_counts(name):
     from pathmil.training.run import scoring_model
 
     torch.manual_seed(0)
-    model = create_model(name, in_dim=64, n_outputs=3, **SMALL.get(name, {})).eval()
+    model = create_model(name, in_dim=64, n_outputs=3, **SMALL.get(name, {}), **inputs_for(name, 64)).eval()
     x = torch.randn(1, 300, 64).half().float()
     wide = scoring_model(model, torch.device("cpu"))
     assert next(wide.parameters()).dtype == torch.float64 and next(model.parameters()).dtype == torch.float32

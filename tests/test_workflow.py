@@ -434,7 +434,7 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
         ).read_text()
         comparison = json.loads((results / "eval" / task / "comparison" / "comparison.json").read_text())
         assert len(comparison["configurations"]) == len(AGGREGATORS)  # paired over the same patients
-        assert str(teacher) in mhim_log or "abmil/fold0/best.pt" in mhim_log  # the teacher's start
+        assert str(teacher) in mhim_log or "mobilenet_v2/abmil/seed0/fold0/best.pt" in mhim_log  # the teacher
     for slide in pd.read_csv(results / "cohort.csv")["slide_id"]:
         assert (results / "logs" / "tile" / f"{slide}.log").is_file()  # a log per rule and job
     for log in (results / "logs").rglob("*.log"):  # no fragments of progress bars in any job's log

@@ -60,7 +60,10 @@ class HeatmapConfig(Settings):
 
     section = "heatmap"
     max_px: int = Field(
-        2048, ge=64, description="longest side of the thumbnail (and of the overlay) in pixels"
+        1024,
+        ge=64,
+        description="longest side of the thumbnail (and of the overlay) in pixels; the picture holds both "
+        "side by side",
     )
     smooth: float = Field(
         0.0, ge=0, description="Gaussian smoothing of the painted scores, sigma in tiles; 0: off"

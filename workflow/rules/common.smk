@@ -28,6 +28,10 @@ FACTS = CONFIG_SCHEMA[
 
 def check_config():
     """Validate the config against the schema (defaults filled in); a problem is one line, naming the key."""
+    for key in [k for k, v in config.items() if v is None]:
+        del config[
+            key
+        ]  # `deploy:` with nothing under it (as `pathmil config --defaults` prints it): unset
     for task, entry in list((config.get("tasks") or {}).items()):
         config["tasks"][task] = (
             entry or {}
