@@ -61,6 +61,27 @@ def test_summary_page_is_task_by_aggregator_with_intervals(tmp_path):
     )
 
 
+def test_summary_page_of_a_grid_with_an_external_test_set(tmp_path):
+    """Encoders x aggregators x seeds and a package's external evaluation (no folds): one column per
+    encoder/aggregator of the first seed, and the external column without a fold line."""
+    evals = []
+    for encoder, seed, value in [("uni", 0, 0.7), ("uni", 1, 0.9), ("resnet", 0, 0.6), ("resnet", 1, 0.8)]:
+        folder = fake_evaluation(tmp_path / f"{encoder}{seed}", "survival", "abmil", "c_index", value)
+        result = json.loads((folder / "metrics.json").read_text())
+        (folder / "metrics.json").write_text(json.dumps({**result, "encoder": encoder, "seed": seed}))
+        evals.append(folder)
+    external = fake_evaluation(tmp_path / "external", "survival", "abmil", "c_index", 0.65)
+    result = json.loads((external / "metrics.json").read_text())
+    result["summary"][0] |= {"fold_mean": None, "fold_std": None}
+    (external / "metrics.json").write_text(json.dumps({**result, "external": True, "encoder": "uni"}))
+    page = summary_page([*evals, external])
+    table = cells(page)
+    header = [" ".join(c) for c in table[0]]
+    assert header == ["task (main metric, test bags)", "uni/abmil", "resnet/abmil", "uni/abmil (external)"]
+    assert [c[0] for c in table[1][1:]] == ["0.700", "0.600", "0.650"]  # seed 0's runs
+    assert "folds" not in table[1][3] and "Runs of seed 0 only" in page
+
+
 def test_summary_command_writes_csv_and_page(tmp_path):
     evals = [fake_evaluation(tmp_path / "e", "regression", "abmil", "r2", 0.5)]
     cohort = tmp_path / "cohort.csv"

@@ -93,8 +93,17 @@ def summary_cell(row: pd.Series) -> str:
     ci = ""
     if math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"]):
         ci = f' <span class="ci">[{_number(row["ci_low"])}, {_number(row["ci_high"])}]</span>'
-    folds = f"folds {_number(row['fold_mean'])} \u00b1 {_number(row['fold_std'])}"
+    if not math.isfinite(row.get("fold_mean", math.nan)):  # an external test set: no folds
+        return f"<b>{_number(row['pooled'])}</b>{ci}"
+    folds = f"folds {_number(row['fold_mean'])} \u00b1 {_number(row.get('fold_std', math.nan))}"
     return f'<b>{_number(row["pooled"])}</b>{ci}<br><span class="folds">{folds}</span>'
+
+
+def column_label(result: dict, with_encoder: bool) -> str:
+    """A configuration's column: its aggregator (``(external)`` for a package on an external test set),
+    after its encoder when the run compared several."""
+    name = result["aggregator"] + (" (external)" if result.get("external") else "")
+    return f"{result.get('encoder')}/{name}" if with_encoder and result.get("encoder") else name
 
 
 def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None, n_failed: int = 0) -> str:
@@ -111,13 +120,16 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
         if not path.is_file():
             raise PathmilError(f"{directory} holds no metrics.json from `pathmil evaluate`")
         results.append(json.loads(path.read_text()))
+    first_seed = min((r.get("seed", 0) for r in results), default=0)
+    results = [r for r in results if r.get("seed", 0) == first_seed]  # seeds: the comparison pages
+    several_encoders = len({r.get("encoder") for r in results if not r.get("external")}) > 1
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    aggregators = list(dict.fromkeys(r["aggregator"] for r in results))
+    aggregators = list(dict.fromkeys(column_label(r, several_encoders) for r in results))
     cells, info = {}, {}
     for result in results:
         main = next(row for row in result["summary"] if row["metric"] == result["main_metric"])
         row = pd.Series({k: (math.nan if v is None else v) for k, v in main.items()})
-        cells[(result["task"], result["aggregator"])] = summary_cell(row)
+        cells[(result["task"], column_label(result, several_encoders))] = summary_cell(row)
         info[result["task"]] = (result["main_metric"], result["n_test_bags"], result.get("evaluate", {}))
     header = "".join(f"<th>{html.escape(a)}</th>" for a in aggregators)
     lines = [f'<table>\n<tr><th class="row">task (main metric, test bags)</th>{header}</tr>']
@@ -136,6 +148,11 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
         "\u00b1 SD of the per-fold values. Intervals that overlap do not show a difference; the "
         "metrics of every fold are in summary.csv."
     )
+    if len(eval_dirs) > len(results):
+        note += (
+            f" Runs of seed {first_seed} only; each task's comparison page pools every seed and tests the "
+            "differences."
+        )
     if n_slides is not None:
         note += f" Slides: {n_slides}, of which {n_failed} failed (see the QC gallery)."
     return page("Results: main metric per task and aggregator", "\n".join(lines), note)
