@@ -44,7 +44,7 @@ rule batch:
     log:
         f"{OUT}/logs/batches/{{batch}}.log",
     group:
-        "slides_{batch}"
+        lambda wildcards: batch_group(int(wildcards.batch))
     conda:
         ENV
     resources:

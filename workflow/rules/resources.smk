@@ -121,9 +121,20 @@ for _slide, _need in SLIDE_MINUTES.items():
         )
 
 
+def batch_group(index):
+    """The SLURM job (group) of batch ``index``; none where jobs run on this machine, dry runs included.
+
+    Snakemake ignores groups in local execution ("Group jobs: inactive"), but still forms them, in time
+    that grows with the square of a group's jobs: a 10,000-slide dry run took 100 s with them, 53 s
+    without (benchmarks/RESULTS.md, "Planning a large cohort"). A dry run therefore lists a batch's jobs
+    one by one; its record (batches/N.tsv) lists the batch's slides and what they ask for.
+    """
+    return None if workflow.local_exec else f"slides_{index}"
+
+
 def slide_group(wildcards):
-    """The SLURM job (group) that tiles and extracts this slide: its batch."""
-    return f"slides_{BATCH_OF[wildcards.slide]}"
+    """The SLURM job (group) that tiles and extracts this slide: its batch's (see batch_group)."""
+    return batch_group(BATCH_OF[wildcards.slide])
 
 
 def slide_runtime(stage):
