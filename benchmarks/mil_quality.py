@@ -28,10 +28,13 @@ cosine decay, the best validation epoch kept) for 20 epochs at lr 5e-4, without 
 sets of 24-48 bags make early stopping a lottery); model settings are each aggregator's defaults, except
 MambaMIL's width (d_model 128, as the demo: 512 costs 3x the time on CPU).
 
-Metrics are pooled over folds per seed (AUC, R^2, c-index); each method is compared with ABMIL by a paired
-stratified bootstrap over bags (resample the bags of each seed within their strata, score both methods on
-the same resample, average the difference over seeds) and by the probability of improvement (Agarwal et
-al., NeurIPS 2021: the chance that a run of the method beats a run of ABMIL, over seeds x folds).
+Statistics are pathmil's own (:mod:`pathmil.evaluation.compare`, those of the report's comparison pages).
+Metrics are pooled over folds per seed (AUC, R^2; survival: the mean of the folds' c-indices, as every
+fold model has its own risk scale), then averaged over seeds; the IQM is over all runs (seeds x folds).
+Each method is compared with ABMIL by a paired stratified bootstrap over bags (resample the bags of each
+seed within their strata, score both methods on the same resample, average the difference over seeds)
+and by the probability of improvement (Agarwal et al., NeurIPS 2021: the chance that a run of the method
+beats a run of ABMIL on the same fold, averaged over folds).
 
 Usage::
 
@@ -60,6 +63,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pathmil.evaluation.bootstrap import iqm, percentile_interval
+from pathmil.evaluation.compare import paired_bootstrap as resample_both
+from pathmil.evaluation.compare import probability_of_improvement
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "mil_quality"
@@ -389,14 +396,24 @@ BASELINE = "abmil"
 
 
 def run_one(
-    data: Path, method: Method, task: str, seed: int, fold: int, out: Path, train: dict[str, Any]
+    data: Path,
+    method: Method,
+    task: str,
+    seed: int,
+    fold: int,
+    out: Path,
+    train: dict[str, Any],
+    needs_checkpoint: bool = False,
 ) -> dict:
     """Train ``method`` on one fold with pathmil's loop; keeps predictions, metrics and history only
-    (and best.pt of the baselines MHIM-MIL starts from)."""
+    (and best.pt of the baselines MHIM-MIL starts from). A finished baseline whose best.pt is gone is
+    trained again when ``needs_checkpoint`` (the same seed gives the same model on CPU)."""
     from pathmil.training.fit import train as fit
     from pathmil.training.run import TrainConfig
 
-    if (out / "metrics.json").is_file():
+    is_teacher = method.name in {m.teacher for m in METHODS.values()}
+    done = (out / "metrics.json").is_file()
+    if done and not (is_teacher and needs_checkpoint and not (out / "best.pt").is_file()):
         return json.loads((out / "metrics.json").read_text())
     mhim = dict(method.mhim)
     if method.teacher:
@@ -409,7 +426,7 @@ def run_one(
         config, data / "features", data / "cohort.csv", data / "splits.csv", fold, out, progress=False
     )
     (out / "last.pt").unlink(missing_ok=True)
-    if method.name not in {m.teacher for m in METHODS.values()}:
+    if not is_teacher:
         (out / "best.pt").unlink(missing_ok=True)
     return summary
 
@@ -428,7 +445,10 @@ def run_fold(problem: str, seed: int, fold: int, methods: list[str], out: Path, 
     for name in order:
         run_dir = out / problem / f"seed{seed}" / "runs" / name / f"fold{fold}"
         start = time.perf_counter()
-        summary = run_one(data, METHODS[name], PROBLEMS[problem].task, seed, fold, run_dir, train)
+        teachers = {METHODS[m].teacher for m in needed}
+        summary = run_one(
+            data, METHODS[name], PROBLEMS[problem].task, seed, fold, run_dir, train, name in teachers
+        )
         test = summary["metrics"].get("test", {})
         lines.append(
             f"{time.strftime('%H:%M:%S')} {problem} seed{seed} fold{fold} {name}: "
@@ -465,12 +485,14 @@ def run_all(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------------- statistics
-# A small paired stratified bootstrap, kept apart so that the statistics of the comparison issue can
-# replace it (issue 15): differences of pooled metrics with CIs, and the probability of improvement.
+# pathmil's own comparison statistics (pathmil.evaluation.compare, the report's comparison pages), applied
+# per seed: every seed draws its own bags, so a replicate resamples each seed's bags and averages over seeds.
 
 
 def metric_fn(task: str) -> Callable[[pd.DataFrame], float]:
-    """The main metric of a predictions table: AUC, R^2 or Harrell's c-index."""
+    """The main statistic of one seed's pooled test predictions: AUC, R^2, or for survival the mean of the
+    folds' Harrell's c-indices (as :func:`pathmil.evaluation.compare.statistic`: each fold model has its
+    own risk scale, which a c-index of the pooled folds would mix)."""
     if task == "classification":
         from sklearn.metrics import roc_auc_score
 
@@ -480,13 +502,24 @@ def metric_fn(task: str) -> Callable[[pd.DataFrame], float]:
     if task == "regression":
         from sklearn.metrics import r2_score
 
-        return lambda t: r2_score(t["target"], t["score"])
+        return lambda t: r2_score(t["target"], t["score"]) if len(t) > 1 else math.nan
     from sksurv.metrics import concordance_index_censored
 
-    return lambda t: concordance_index_censored(t["event"].astype(bool), t["time"], t["score"])[0]
+    def c_index(t: pd.DataFrame) -> float:
+        if not t["event"].any():
+            return math.nan
+        return concordance_index_censored(t["event"].astype(bool), t["time"], t["score"])[0]
+
+    def fold_mean(t: pd.DataFrame) -> float:
+        values = [c_index(part) for _, part in t.groupby("fold")]
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    return fold_mean
 
 
 def strata_of(task: str, table: pd.DataFrame) -> np.ndarray:
+    """Bootstrap strata of the bags: the class, the event, or the target's band of 15 points."""
     if task == "classification":
         return table["target"].astype(int).to_numpy()
     if task == "survival":
@@ -502,35 +535,20 @@ def paired_bootstrap(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> tuple[float, float, float]:
-    """Mean over seeds of metric(method) - metric(baseline), with a percentile CI from resampling each
-    seed's bags within their strata, the same resample for both methods (paired)."""
-    rng = np.random.default_rng(seed)
-    point = float(np.mean([metric(a) - metric(b) for a, b in tables.values()]))
-    draws = np.empty(n_boot)
-    for i in range(n_boot):
-        diffs = []
-        for s, (a, b) in tables.items():
-            idx = np.concatenate(
-                [
-                    rng.choice(np.flatnonzero(strata[s] == v), size=(strata[s] == v).sum())
-                    for v in np.unique(strata[s])
-                ]
-            )
-            diffs.append(metric(a.iloc[idx]) - metric(b.iloc[idx]))
-        draws[i] = np.nanmean(diffs)
-    alpha = (1 - confidence) / 2
-    return point, float(np.nanquantile(draws, alpha)), float(np.nanquantile(draws, 1 - alpha))
-
-
-def probability_of_improvement(x: dict[int, np.ndarray], y: dict[int, np.ndarray]) -> float:
-    """P(X > Y) of Agarwal et al. (NeurIPS 2021), fold by fold: within a fold, over all pairs of the two
-    methods' runs (seeds), 1 when x > y and 0.5 when tied (the Mann-Whitney statistic over the number of
-    pairs); then the mean over folds (as the comparison issue defines it; one seed: the share of folds won)."""
-    per_fold = []
-    for fold in sorted(set(x) & set(y)):
-        a, b = np.asarray(x[fold], float)[:, None], np.asarray(y[fold], float)[None, :]
-        per_fold.append(np.mean((a > b) + 0.5 * (a == b)))
-    return float(np.mean(per_fold)) if per_fold else math.nan
+    """Mean over seeds of metric(method) - metric(baseline) on the same bags (``tables[seed]`` = (method's,
+    baseline's) rows in the same order), with a percentile interval: :func:`pathmil.evaluation.compare.
+    paired_bootstrap` resamples each seed's bags within ``strata[seed]`` and scores both on the same
+    resample; each replicate's difference is averaged over seeds."""
+    points, draws = [], []
+    for s, (a, b) in tables.items():
+        scores = [lambda idx, t=a: metric(t.iloc[idx]), lambda idx, t=b: metric(t.iloc[idx])]
+        point, distribution = resample_both(scores, strata[s], n_boot, seed + s)
+        points.append(point[0] - point[1])
+        draws.append(distribution[:, 0] - distribution[:, 1])
+    with np.errstate(all="ignore"):
+        mean_draws = np.nanmean(np.vstack(draws), axis=0) if draws else np.zeros(0)
+    low, high = percentile_interval(mean_draws, confidence)
+    return float(np.mean(points)), low, high
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -575,9 +593,10 @@ def summarise(out: Path, problems: list[str], methods: list[str], n_boot: int) -
             if not seeds:
                 continue
             per_seed = [metric(pooled[s]) for s in seeds]
+            runs = np.concatenate(list(fold_scores({s: pooled[s] for s in seeds}, metric).values()))
             row = {
                 "problem": problem, "method": method, "seeds": len(seeds), "metric": float(np.mean(per_seed)),
-                "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan,
+                "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan, "iqm": iqm(runs),
             }  # fmt: skip
             if method != BASELINE:
                 pairs = {}
@@ -601,9 +620,13 @@ def markdown(table: pd.DataFrame) -> str:
     for problem, part in table.groupby("problem", sort=False):
         spec = PROBLEMS[problem]
         metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}[spec.task]
-        lines += [f"**{problem}** ({spec.claim}; pooled test {metric}, mean over seeds)", ""]
-        lines += [f"| method | {metric} (sd over seeds) | difference to ABMIL [95 % CI] | P(improvement) |"]
-        lines += ["|---|---:|---:|---:|"]
+        how = "mean of the folds' test c-indices" if spec.task == "survival" else f"pooled test {metric}"
+        lines += [f"**{problem}** ({spec.claim}; {how}, mean over seeds)", ""]
+        lines += [
+            f"| method | seeds | {metric} (sd over seeds) | IQM of runs | difference to ABMIL [95 % CI] "
+            "| P(improvement) |"
+        ]
+        lines += ["|---|---:|---:|---:|---:|---:|"]
         for _, r in part.iterrows():
             diff = (
                 "(baseline)"
@@ -613,7 +636,9 @@ def markdown(table: pd.DataFrame) -> str:
             )
             poi = "" if r["method"] == BASELINE else f"{r['p_improve']:.2f}"
             sd = "" if math.isnan(r["sd"]) else f" ({r['sd']:.3f})"  # one seed: no sd
-            lines.append(f"| {r['method']} | {r['metric']:.3f}{sd} | {diff} | {poi} |")
+            lines.append(
+                f"| {r['method']} | {r['seeds']} | {r['metric']:.3f}{sd} | {r['iqm']:.3f} | {diff} | {poi} |"
+            )
         lines.append("")
     lines.append("`*`: the CI excludes 0.")
     return "\n".join(lines)
