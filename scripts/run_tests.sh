@@ -54,6 +54,9 @@ echo "[pathmil] ruff check"
 ruff check .
 echo "[pathmil] pytest"
 status=0
-python -m pytest ${marker:+-m "$marker"} "${args[@]}" || status=$?
+# two workers (pytest-xdist; PATHMIL_TEST_WORKERS=0 runs in one process), the SLURM tests on one of them,
+# and the slowest tests listed at the end
+workers="${PATHMIL_TEST_WORKERS:-2}"
+python -m pytest -n "$workers" --dist loadgroup --durations=15 ${marker:+-m "$marker"} "${args[@]}" || status=$?
 if [ "$skip_slurm" = 1 ]; then skip_banner; fi
 exit $status
