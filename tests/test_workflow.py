@@ -174,12 +174,13 @@ def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights,
     assert message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
 
 
-def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
+def test_a_given_tissue_outline_and_mpp_reach_their_slides_tile_job(tmp_path, mobilenet_weights):
     """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
-    slide only; each tile job declares the GeoJSON it writes."""
+    slide only, its `mpp` column `--table-mpp` (so the facts say mpp_source 'table': tests/
+    test_slide_geometry.py); each tile job declares the GeoJSON it writes."""
     (tmp_path / "s1 outline.geojson").write_text("{}")
     rows = [
-        {**GOOD, "tissue": "s1 outline.geojson"},
+        {**GOOD, "tissue": "s1 outline.geojson", "mpp": 0.25},
         {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"},
     ]
     configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
@@ -189,7 +190,8 @@ def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mob
     assert len(tile_jobs) == 2 and all("--geojson results/mini/tiles/" in line for line in tile_jobs)
     given = [line for line in tile_jobs if "--tissue-geojson" in line]
     assert len(given) == 1 and f"--tissue-geojson '{tmp_path / 's1 outline.geojson'}'" in given[0]
-    assert "--slide-id=s1" in given[0]
+    assert "--slide-id=s1" in given[0] and "--table-mpp 0.25 " in given[0]
+    assert not any("-mpp" in line for line in tile_jobs if line not in given)
 
 
 def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):

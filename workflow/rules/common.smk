@@ -675,8 +675,15 @@ def slide_path(wildcards):
 
 
 def slide_mpp_args(wildcards):
+    """The table's mpp of the slide as --mpp (heatmaps: um/px where the metadata has none)."""
     mpp = SLIDES[wildcards.slide].get("mpp")
     return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
+
+
+def slide_table_mpp_args(wildcards):
+    """The table's mpp of the slide as --table-mpp, so the tiles' facts say it came from the table."""
+    mpp = SLIDES[wildcards.slide].get("mpp")
+    return ["--table-mpp", str(float(mpp))] if mpp not in (None, "") else []
 
 
 def slide_tissue(wildcards):
