@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 from workflow_helpers import ROOT, job_counts, snakemake, workflow_copy, write_config
 
+from pathmil.features.encoders import list_encoders
+
 RULES = [
     "settings",
     "demo",
@@ -156,14 +158,18 @@ GOOD = {
         ([GOOD], {"models": {"mambamil": {"model": {"d_modl": 64}}}}, "('d_modl' was unexpected) (in models.mambamil.model)"),
         ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
-        ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([GOOD], {"extract": {"encoder": "mobilenet_v3"}}, f"config: 'mobilenet_v3' is not one of {list_encoders()} nor a string matching '^timm:.+' (in extract.encoder)\n"),
+        ([GOOD], {"extract": {"encoder": ["mobilenet_v2", "resnet5O"]}}, f"config: 'resnet5O' is not one of {list_encoders()} nor a string matching '^timm:.+' (in extract.encoder[1])\n"),
+        ([GOOD], {"models": {"abmil": {"optimizer": "adamww"}}}, "config: 'adamww' is not one of ['adam', 'adamw'] (in models.abmil.optimizer)\n"),
+        ([GOOD], {"models": {"abmill": {"lr": 1e-4}}}, "('abmill' was unexpected) (in models); known keys: abmil, abmil_gated, dsmil,"),
         ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
         ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
         ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
         ([GOOD], {"extract": {"encoder": ["mobilenet_v2", "resnet50_trunc"], "weights": "w.pth"}}, "would load into every encoder"),
         ([GOOD], {"extract": {"encoder": "mobilenet_v2", "weights": "nowhere.pth"}}, "weights file nowhere.pth of encoder mobilenet_v2 does not exist"),
     ],
-    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue",
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "encoder-in-list", "optional-choice",
+         "models-section", "split-bag-level", "mpp", "tissue",
          "shared-weights", "missing-weights"],
 )  # fmt: skip
 def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):

@@ -26,6 +26,55 @@ FACTS = CONFIG_SCHEMA[
 ]  # each wrapper's baseline, each task's default label columns
 
 
+def schema_error(error):
+    """The error of the config to report, and its words. Where a value fits no branch of an anyOf (an
+    optional setting, an encoder name or a list of them), jsonschema says only "is not valid under any of
+    the given schemas": this names what would fit.
+    """
+    if error.validator not in ("anyOf", "oneOf") or not error.context:
+        return error, error.message
+    fitting = [e for e in error.context if e.validator != "type"]
+    if not fitting:  # the value is of none of the types
+        types = [t for e in error.context for t in as_list(e.validator_value)]
+        return (
+            error,
+            f"{error.instance!r} is not of type {' or '.join(map(repr, types))}",
+        )
+    deepest = max(fitting, key=lambda e: len(e.relative_path))
+    if deepest.relative_path:  # a list or section of the right type, wrong inside
+        return schema_error(deepest)
+    values, patterns = allowed_values(fitting)
+    if values or patterns:
+        return error, f"{error.instance!r} is not one of {values}" + "".join(
+            f" nor a string matching {p!r}" for p in patterns
+        )
+    return schema_error(fitting[0])
+
+
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def allowed_values(errors):
+    """The enum values and string patterns that the anyOf branches of ``errors`` allow; ([], []) when a
+    branch failed for another reason (a range, a key), which is then the one to report.
+    """
+    values, patterns = [], []
+    for e in errors:
+        if e.validator in ("anyOf", "oneOf") and not e.relative_path:
+            inner = allowed_values([c for c in e.context if c.validator != "type"])
+            if not any(inner):
+                return [], []
+            values, patterns = values + inner[0], patterns + inner[1]
+        elif e.validator in ("enum", "const"):
+            values += as_list(e.validator_value)
+        elif e.validator == "pattern":
+            patterns.append(e.validator_value)
+        else:
+            return [], []
+    return values, patterns
+
+
 def check_config():
     """Validate the config against the schema (defaults filled in); a problem is one line, naming the key."""
     for key in [k for k, v in config.items() if v is None]:
@@ -39,14 +88,22 @@ def check_config():
     try:
         validate(config, str(SCHEMAS / "config.schema.yaml"))
     except WorkflowError as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = next((l for l in lines if l.startswith("ValidationError")), lines[-1])
-        where = next((l for l in lines if l.startswith("Failed validating")), "")
-        section = re.findall(r"\['properties'\]\['([^']+)'\]", where)
-        raise WorkflowError(
-            f"config: {reason.removeprefix('ValidationError: ')}"
-            + (f" (in {'.'.join(section)})" if section else "")
-        ) from None
+        if not isinstance(err.__context__, jsonschema.ValidationError):
+            raise
+        error, reason = schema_error(err.__context__)
+        where = "".join(
+            f"[{key}]" if isinstance(key, int) else f".{key}"
+            for key in error.absolute_path
+        )
+        if where:
+            reason += f" (in {where.removeprefix('.')})"
+        if (
+            error.validator == "additionalProperties"
+        ):  # an unknown key: name the known ones
+            reason += (
+                f"; known keys: {', '.join(sorted(error.schema.get('properties', {})))}"
+            )
+        raise WorkflowError(f"config: {reason}") from None
     transferred = (config.get("transfer") or {}).get("strategies") or []
     for name, entry in (config.get("models") or {}).items():
         if name not in config["aggregators"] and name not in transferred:
