@@ -421,7 +421,14 @@ def run_split(args: argparse.Namespace) -> None:
     else:
         bags = table.sort_values("slide_id").reset_index(drop=True)
     splits = make_splits(
-        bags, table, task.stratify_labels(bags), config.folds, config.val_frac, config.test_frac, config.seed
+        bags,
+        table,
+        task.stratify_labels(bags),
+        config.folds,
+        config.val_frac,
+        config.test_frac,
+        config.seed,
+        needs=task.fold_needs(bags),
     )
     with atomic_output(args.out) as tmp:
         splits.to_csv(tmp, index=False)

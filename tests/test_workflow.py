@@ -204,16 +204,24 @@ def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weight
     """train.bag_level is the one fact: the dry run skips the patient-label check and each task's split
     settings file carries the bag level (so `pathmil split` stratifies per slide)."""
     rows = [GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}]
+    rows += [
+        {**row, "slide_id": f"{row['slide_id']}b", "path": f"b{row['path']}", "patient_id": "p2"}
+        for row in rows
+    ]
     configfile = table_config(tmp_path, mobilenet_weights, rows, train={"bag_level": "slide"})
     done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
-    assert job_counts(done.stdout + done.stderr)["tile"] == 2
+    assert job_counts(done.stdout + done.stderr)["tile"] == 4
     assert (done.stdout + done.stderr).count("printf '%s' 'split:\n  bag_level: slide\n") == 3  # one per task
 
 
 def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):
     """With `--sdm conda` the snakemake process has no pathmil and none of its dependencies (the SLURM
     plugin brings pandas): the workflow must still parse, validate and plan every job."""
-    configfile = table_config(tmp_path, mobilenet_weights, [GOOD])
+    rows = [
+        {**GOOD, "slide_id": f"s{i}", "patient_id": f"p{i}", "path": f"{i}.svs", "label": i % 2}
+        for i in range(4)
+    ]
+    configfile = table_config(tmp_path, mobilenet_weights, rows)
     blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('pathmil', 'torch', 'h5py', 'cv2', 'openslide', 'sklearn', 'timm')]"
     done = subprocess.run(
         [

@@ -284,8 +284,10 @@ def demo_slides():
     return [
         {
             "slide_id": s.slide_id,
+            "patient_id": s.patient.patient_id,
             "path": f"{OUT}/demo/slides/{s.slide_id}.tiff",
             "mpp": s.table_mpp,
+            "label": s.patient.grade,
         }
         for s in plan
     ]
@@ -411,6 +413,42 @@ def check_cohort_table(path, columns, rows):
     for task, cols in targets.items():
         if split_bag_level(task) == "patient":
             check_patient_labels(path, rows, cols)
+
+
+def check_folds(rows):
+    """split.folds against the patients: each fold's test part needs a patient, and for classification one
+    of each class. `pathmil split` refuses the same in the same words (check_folds in pathmil/data/splits.py).
+    """
+    folds = config["split"]["folds"]
+
+    def refuse(who, n):
+        fix = (
+            f"use at most {n} folds"
+            if n >= 2
+            else "cross-validation needs at least two"
+        )
+        raise WorkflowError(
+            f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
+        )
+
+    n = len({row["patient_id"] for row in rows})
+    if n < folds:
+        refuse(f"the cohort has only {n} patient{'s' * (n != 1)}", n)
+    if "classification" not in TASKS:
+        return
+    column = label_columns("classification")[0]
+    patients = {}  # class -> its patients
+    for row in rows:
+        if row.get(column) is not None:
+            patients.setdefault(row[column], set()).add(row["patient_id"])
+    numeric = all(isinstance(c, (int, float)) for c in patients)
+    for value in sorted(
+        patients, key=None if numeric else str
+    ):  # as pathmil's class order
+        k = len(patients[value])
+        if k < folds:
+            have = f"{k} patients have" if k != 1 else "1 patient has"
+            refuse(f"only {have} class {value!r} in column '{column}'", k)
 
 
 def check_unique(path, rows, column, why):
@@ -550,6 +588,8 @@ def parse_slides():
         check_cohort_table(slides["table"], columns, rows)
     else:
         rows = slides_of_dir(slides["dir"])
+    if TASKS:
+        check_folds(rows)
     pattern = re.compile(COHORT_SCHEMA["properties"]["slide_id"]["pattern"])
     for row in rows:
         if not pattern.fullmatch(str(row["slide_id"])):
