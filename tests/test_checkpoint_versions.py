@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from synthetic import make_synthetic_cohort
+from synthetic import make_synthetic_cohort, split_and_train
 
 from pathmil import __version__
 from pathmil.cli import main
@@ -29,28 +29,8 @@ OURS = f"pathmil {__version__}, checkpoint format {FORMAT_VERSION}"
 def run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("versions")
     features, table = make_synthetic_cohort(root, n_patients=8, extra_slides=0, dim=16)
-    splits = root / "splits.csv"
-    assert (
-        main(
-            [
-                "split",
-                "--cohort",
-                str(table),
-                "--task",
-                "classification",
-                "--folds",
-                "2",
-                "--out",
-                str(splits),
-            ]
-        )
-        == 0
-    )
-    args = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits), "--fold", "0",
-            "--out", str(root / "run"), "--no-progress", "--set", "epochs=2", "--set", "min_epochs=1",
-            "--set", "model.hidden=8"]  # fmt: skip
-    assert main(args) == 0
-    return {"root": root, "features": features, "table": table, "best": root / "run" / "best.pt"}
+    _, (run,) = split_and_train(root, features, table, folds=[0])
+    return {"root": root, "features": features, "table": table, "best": run / "best.pt"}
 
 
 def edited(source: Path, out: Path, edit) -> Path:
