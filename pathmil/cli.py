@@ -173,6 +173,13 @@ def add_tile_parser(p: argparse.ArgumentParser) -> None:
         help="given tissue outline or region (GeoJSON, level-0 px) used instead of the automatic mask",
     )
     p.add_argument("--slide-id", help="slide id (default: the file name without extension)")
+    p.add_argument(
+        "--table-mpp",
+        type=float,
+        metavar="UM_PER_PX",
+        help="the cohort table's mpp of the one slide (the workflow passes it): as in batch mode it is used "
+        "when the metadata has none, before --mpp, and the facts say mpp_source 'table'",
+    )
     _add_batch_args(p)
     p.add_argument("--out-dir", type=Path, help="batch mode: tiles files go here")
     p.add_argument("--qc-dir", type=Path, help="batch mode: QC pictures go here")
@@ -197,10 +204,17 @@ def run_tile(args: argparse.Namespace) -> None:
 
 
 def _tile_batch(args: argparse.Namespace, config: Any) -> None:
-    if args.slide is not None or args.out_dir is None or args.tissue_geojson or args.geojson:
+    if (
+        args.slide is not None
+        or args.out_dir is None
+        or args.tissue_geojson
+        or args.geojson
+        or args.table_mpp is not None
+    ):
         raise PathmilError(
-            "batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE, --geojson or "
-            "--tissue-geojson (give outlines in the table's 'tissue' column or tile.tissue_dir)"
+            "batch mode takes --cohort or --slide-dir with --out-dir, and no SLIDE, --geojson, "
+            "--tissue-geojson or --table-mpp (give outlines in the table's 'tissue' column or "
+            "tile.tissue_dir, resolutions in its 'mpp' column)"
         )
     from pathmil.cohort import load_slides
     from pathmil.slide.tile import tile_cohort
@@ -215,6 +229,7 @@ def _tile_batch(args: argparse.Namespace, config: Any) -> None:
         failures=args.failures,
         default_mpp=config.default_mpp,
         progress=sys.stderr.isatty(),
+        default_source=_default_mpp_source(args),
     )
     print(
         f"tiled {len(facts)} of {len(slides)} slides into {args.out_dir}"
@@ -224,6 +239,11 @@ def _tile_batch(args: argparse.Namespace, config: Any) -> None:
         print(
             f"{len(slides) - len(facts)} slide(s) failed: see {args.failures or args.out_dir / 'failures.csv'}"
         )
+
+
+def _default_mpp_source(args: argparse.Namespace) -> str:
+    """Where ``default_mpp`` came from: the --mpp flag, else the settings (tile.default_mpp)."""
+    return "argument" if args.default_mpp is not None else "default"
 
 
 def _tile_one(args: argparse.Namespace, config: Any) -> None:
@@ -241,7 +261,8 @@ def _tile_one(args: argparse.Namespace, config: Any) -> None:
             qc=args.qc,
             facts=args.facts,
             slide_id=slide_id,
-            mpp=config.default_mpp,
+            mpp=config.default_mpp if args.table_mpp is None else args.table_mpp,
+            mpp_source=_default_mpp_source(args) if args.table_mpp is None else "table",
             tissue=args.tissue_geojson,
             geojson=args.geojson,
         ),
@@ -400,7 +421,14 @@ def run_split(args: argparse.Namespace) -> None:
     else:
         bags = table.sort_values("slide_id").reset_index(drop=True)
     splits = make_splits(
-        bags, table, task.stratify_labels(bags), config.folds, config.val_frac, config.test_frac, config.seed
+        bags,
+        table,
+        task.stratify_labels(bags),
+        config.folds,
+        config.val_frac,
+        config.test_frac,
+        config.seed,
+        needs=task.fold_needs(bags),
     )
     with atomic_output(args.out) as tmp:
         splits.to_csv(tmp, index=False)

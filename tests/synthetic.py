@@ -7,12 +7,17 @@ label = s > 0.5, stil = 100 s, survival time falls with s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pathmil.cli import main
 from pathmil.features.bagfile import write_bag
+
+# a small ABMIL trained for two epochs: enough for a checkpoint, a package or predictions, in seconds
+TINY_TRAINING = ("--set", "epochs=2", "--set", "min_epochs=1", "--set", "model.hidden=8")
 
 
 def make_synthetic_cohort(
@@ -55,3 +60,35 @@ def make_synthetic_cohort(
     cohort = root / "cohort.csv"
     pd.DataFrame(rows).to_csv(cohort, index=False)
     return features_dir, cohort
+
+
+def split_and_train(
+    root: Path,
+    features: Path,
+    table: Path,
+    folds: Sequence[int] = (0, 1),
+    settings: Sequence[str] = TINY_TRAINING,
+) -> tuple[Path, list[Path]]:
+    """Split ``table`` into two patient-level classification folds (``root/splits.csv``), then train on
+    each fold of ``folds`` with ``settings`` (``root/run<fold>``). Returns the splits file and the runs."""
+    splits = root / "splits.csv"
+    split = [
+        "split",
+        "--cohort",
+        str(table),
+        "--task",
+        "classification",
+        "--folds",
+        "2",
+        "--out",
+        str(splits),
+    ]
+    assert main(split) == 0
+    runs = []
+    for fold in folds:
+        run = root / f"run{fold}"
+        train = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+                 "--fold", str(fold), "--task", "classification", "--out", str(run), "--no-progress"]  # fmt: skip
+        assert main([*train, *settings]) == 0
+        runs.append(run)
+    return splits, runs

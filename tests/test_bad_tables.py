@@ -99,6 +99,65 @@ def test_the_cli_and_the_workflow_refuse_each_bad_table_alike(tmp_path, mobilene
     assert "Traceback" not in output, output[-3000:]
 
 
+THREE = [
+    GOOD,
+    {**SECOND, "label": 0, "stil": 10},
+    {**SECOND, "slide_id": "s3", "patient_id": "p3", "path": "c.svs"},
+]
+FIVE = [*THREE, {**SECOND, "slide_id": "s4", "patient_id": "p4", "path": "d.svs", "label": 0},
+        {**SECOND, "slide_id": "s5", "patient_id": "p5", "path": "e.svs"}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rows", "task", "folds", "words"),
+    [
+        (THREE, "regression", 4,
+         "split.folds is 4 but the cohort has only 3 patients; each fold needs one in its test part: use at most 3 folds"),
+        (FIVE, "classification", 3,
+         "split.folds is 3 but only 2 patients have class 0 in column 'label'; each fold needs one in its test part: "
+         "use at most 2 folds"),
+    ],
+    ids=["patients", "class"],
+)  # fmt: skip
+def test_more_folds_than_patients_or_than_a_class_is_refused_alike(
+    tmp_path, mobilenet_weights, capsys, rows, task, folds, words
+):
+    """`pathmil split` and the workflow's dry run (before the split job) say the same one line."""
+    path = write_table(tmp_path, rows)
+
+    def split(n: int) -> list[str]:
+        return [
+            "split",
+            "--cohort",
+            str(path),
+            "--task",
+            task,
+            "--folds",
+            str(n),
+            "--out",
+            str(tmp_path / "s.csv"),
+        ]
+
+    assert cli_lines(capsys, *split(folds)) == [f"pathmil: error: {words}"]
+    assert main(split(folds - 1)) == 0  # one fold fewer is fine
+    config = {
+        "cohort": "bad",
+        "slides": {"table": str(path)},
+        "extract": {"encoder": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "tasks": {task: None},
+        "split": {"folds": folds},
+    }
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile",
+                     str(write_config(tmp_path / "c.yaml", config)), check=False)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and f"\n{words}\n" in output, output[-3000:]
+    config["split"]["folds"] = folds - 1
+    done = snakemake(
+        workflow_copy(tmp_path / "w2"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    assert "split.folds" not in done.stdout + done.stderr
+
+
 def test_slide_level_labels_split_per_slide_and_keep_patients_whole(tmp_path, capsys):
     """Camelyon17: a patient's lymph-node slides carry their own labels. With bag_level slide, split and
     train accept the table (patient bags still refuse it), strata are the slides' labels, and every

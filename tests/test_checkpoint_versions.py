@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from synthetic import make_synthetic_cohort
+from synthetic import make_synthetic_cohort, split_and_train
 
 from pathmil import __version__
 from pathmil.cli import main
+from pathmil.errors import PathmilError
 from pathmil.evaluation.heatmap import instance_scores
 from pathmil.features.bagfile import read_bag
 from pathmil.models.checkpoint import FORMAT_VERSION, load_checkpoint
@@ -28,28 +29,8 @@ OURS = f"pathmil {__version__}, checkpoint format {FORMAT_VERSION}"
 def run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("versions")
     features, table = make_synthetic_cohort(root, n_patients=8, extra_slides=0, dim=16)
-    splits = root / "splits.csv"
-    assert (
-        main(
-            [
-                "split",
-                "--cohort",
-                str(table),
-                "--task",
-                "classification",
-                "--folds",
-                "2",
-                "--out",
-                str(splits),
-            ]
-        )
-        == 0
-    )
-    args = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits), "--fold", "0",
-            "--out", str(root / "run"), "--no-progress", "--set", "epochs=2", "--set", "min_epochs=1",
-            "--set", "model.hidden=8"]  # fmt: skip
-    assert main(args) == 0
-    return {"root": root, "features": features, "table": table, "best": root / "run" / "best.pt"}
+    _, (run,) = split_and_train(root, features, table, folds=[0])
+    return {"root": root, "features": features, "table": table, "best": run / "best.pt"}
 
 
 def edited(source: Path, out: Path, edit) -> Path:
@@ -113,6 +94,32 @@ def test_an_older_checkpoint_loads_with_one_warning_and_every_loader_agrees(run,
     assert any(str(old) in r.getMessage() and OURS in r.getMessage() for r in caplog.records)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(mhim.teacher.state_dict()[key], value)
+
+
+def this_version_lacking(checkpoint: dict) -> None:
+    """This very pathmil version, saved by a build before two settings were added (the version number
+    only moves at releases)."""
+    del checkpoint["config"]["memory_budget_gb"]
+    del checkpoint["task"]["settings"]["class_weights"]
+
+
+def test_a_checkpoint_of_this_version_without_a_setting_names_it_without_a_version_difference(
+    run, tmp_path, caplog
+):
+    dev = edited(run["best"], tmp_path / "dev.pt", this_version_lacking)
+    with caplog.at_level(logging.WARNING, logger="pathmil.training.run"):
+        loaded = load_run(dev)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"checkpoint {dev} was written by this pathmil ({OURS}) with other settings: settings it lacks, at "
+        "their defaults: train.memory_budget_gb, task.class_weights"
+    ]
+    assert loaded.config.memory_budget_gb == TrainConfig().memory_budget_gb
+    # what this build cannot use is one line without a story of two versions
+    bad = edited(run["best"], tmp_path / "bad.pt", lambda c: c["config"].update(aggregator="future_mil"))
+    with pytest.raises(PathmilError, match="unknown aggregator 'future_mil'") as refused:
+        load_run(bad)
+    assert "written by" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def newer_with(**config):

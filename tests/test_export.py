@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from synthetic import split_and_train
 
 from pathmil.cli import main
 from pathmil.features.bagfile import read_bag, read_bag_attrs, write_bag
@@ -50,28 +51,7 @@ def cohort(tmp_path_factory) -> dict:
         rows.append({"slide_id": slide, "patient_id": f"P{i:02d}", "label": i % 2})
     table = root / "cohort.csv"
     pd.DataFrame(rows).to_csv(table, index=False)
-    splits = root / "splits.csv"
-    assert (
-        main(
-            [
-                "split",
-                "--cohort",
-                str(table),
-                "--task",
-                "classification",
-                "--folds",
-                "2",
-                "--out",
-                str(splits),
-            ]
-        )
-        == 0
-    )
-    run = root / "run"
-    args = ["train", "--features", str(root / "features"), "--cohort", str(table), "--splits", str(splits),
-            "--fold", "0", "--out", str(run), "--no-progress", "--set", "epochs=2", "--set", "min_epochs=1",
-            "--set", "model.hidden=8"]  # fmt: skip
-    assert main(args) == 0
+    splits, (run,) = split_and_train(root, root / "features", table, folds=[0])
     return {
         "root": root,
         "features": root / "features",

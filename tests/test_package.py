@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic import make_synthetic_cohort
+from synthetic import make_synthetic_cohort, split_and_train
 
 from pathmil.cli import main
 from pathmil.cohort import read_table
@@ -43,29 +43,7 @@ def packaged(tmp_path_factory) -> dict:
         with h5py.File(bag, "a") as f:
             f.attrs["tiling"] = TILING
             f.attrs["encoder_weights_sha256"] = "ab" * 32
-    splits = root / "splits.csv"
-    assert (
-        main(
-            [
-                "split",
-                "--cohort",
-                str(cohort),
-                "--task",
-                "classification",
-                "--folds",
-                "2",
-                "--out",
-                str(splits),
-            ]
-        )
-        == 0
-    )
-    runs = []
-    for fold in (0, 1):
-        run = root / f"run{fold}"
-        args = ["train", "--features", str(features), "--cohort", str(cohort), "--splits", str(splits)]
-        assert main([*args, "--fold", str(fold), "--task", "classification", "--out", str(run), *TINY]) == 0
-        runs.append(run)
+    _, runs = split_and_train(root, features, cohort, settings=TINY)
     package = root / "model.pathmil"
     args = ["package", "--runs", *map(str, runs), "--out", str(package), "--cohort-name", "synthetic"]
     assert main([*args, "--n-bootstrap", "50"]) == 0
@@ -216,37 +194,7 @@ def slide_package(demo_cohort, mobilenet_weights, tmp_path_factory) -> dict:
         str(root / "features"),
     ]
     assert main([*args, *extract]) == 0
-    splits = root / "splits.csv"
-    assert (
-        main(
-            [
-                "split",
-                "--cohort",
-                str(cohort),
-                "--task",
-                "classification",
-                "--folds",
-                "2",
-                "--out",
-                str(splits),
-            ]
-        )
-        == 0
-    )
-    runs = []
-    for fold in (0, 1):
-        run = root / f"run{fold}"
-        args = [
-            "train",
-            "--features",
-            str(root / "features"),
-            "--cohort",
-            str(cohort),
-            "--splits",
-            str(splits),
-        ]
-        assert main([*args, "--fold", str(fold), "--task", "classification", "--out", str(run), *TINY]) == 0
-        runs.append(run)
+    _, runs = split_and_train(root, root / "features", cohort, settings=TINY)
     package = root / "model.pathmil"
     assert main(["package", "--runs", *map(str, runs), "--out", str(package), "--n-bootstrap", "20"]) == 0
     return {"root": root, "cohort": cohort, "runs": runs, "package": package}

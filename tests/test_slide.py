@@ -94,7 +94,10 @@ def test_table_mpp_for_slide_without_metadata(demo_cohort):
         Slide(demo_cohort / row["path"])
     with Slide(demo_cohort / row["path"], mpp=row["mpp"], mpp_source="table") as slide:
         assert slide.mpp == row["mpp"] and slide.mpp_source == "table" and slide.mpp_note is None
-    with pytest.raises(SlideError, match=r"mpp 500 um/px from the table lies outside the plausible 0\.05-20"):
+    with pytest.raises(
+        SlideError,
+        match=r"mpp 500 um/px from the cohort table's 'mpp' column lies outside the plausible 0\.05-20",
+    ):
         Slide(demo_cohort / row["path"], mpp=500.0, mpp_source="table")
 
 

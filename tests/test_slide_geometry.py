@@ -270,8 +270,20 @@ def test_slides_without_tissue_or_with_a_placeholder_resolution(tmp_path, capsys
     err = capsys.readouterr().err
     assert "slide per_cm: its metadata states 10000 um/px, which is no plausible scan resolution" in err
     assert err.count("\n") == 1 and "'mpp' column, with --mpp or as tile.default_mpp" in err
-    assert main(["tile", str(per_cm), "--out", str(tmp_path / "c.h5"), "--mpp", "0.5"]) == 0
-    facts = json.loads((tmp_path / "c.json").read_text())
-    assert facts["mpp_source"] == "argument" and "states 10000 um/px" in facts["warnings"][0]
+    # the facts and the warning name where the um/px came from: the table (the workflow passes its `mpp`
+    # column as --table-mpp, which wins over --mpp as in batch mode), --mpp, or tile.default_mpp
+    for flags, source, used in [
+        (["--mpp", "0.5"], "argument", "used 0.5 um/px from --mpp"),
+        (["--table-mpp", "0.4", "--mpp", "0.5"], "table", "used 0.4 um/px from the cohort table's 'mpp' column"),
+        (["--set", "default_mpp=0.5"], "default", "used 0.5 um/px from tile.default_mpp"),
+    ]:  # fmt: skip
+        assert main(["tile", str(per_cm), "--out", str(tmp_path / "c.h5"), *flags]) == 0
+        facts = json.loads((tmp_path / "c.json").read_text())
+        assert facts["mpp_source"] == source and facts["slide_mpp"] == float(used.split()[1])
+        assert (
+            facts["warnings"][0].startswith("its metadata states 10000 um/px")
+            and used in facts["warnings"][0]
+        )
+        assert used in capsys.readouterr().err  # the log says it too
     with pytest.raises(PathmilError):
         read_tiles(tmp_path / "b.h5")  # nothing written for the blank slide

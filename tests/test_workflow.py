@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 from workflow_helpers import ROOT, job_counts, snakemake, workflow_copy, write_config
 
+from pathmil.features.encoders import list_encoders
+
 RULES = [
     "settings",
     "demo",
@@ -156,14 +158,18 @@ GOOD = {
         ([GOOD], {"models": {"mambamil": {"model": {"d_modl": 64}}}}, "('d_modl' was unexpected) (in models.mambamil.model)"),
         ([GOOD], {"tasks": {"survival": {"task_options": {"n_bin": 2}}}}, "('n_bin' was unexpected) (in tasks.survival.task_options)"),
         ([GOOD], {"train": {"lr": 0}}, "0 is less than or equal to the minimum of 0 (in train.lr)"),
-        ([GOOD], {"extract": {"encoder": "resnet5O"}}, "(in extract.encoder)"),
+        ([GOOD], {"extract": {"encoder": "mobilenet_v3"}}, f"config: 'mobilenet_v3' is not one of {list_encoders()} nor a string matching '^timm:.+' (in extract.encoder)\n"),
+        ([GOOD], {"extract": {"encoder": ["mobilenet_v2", "resnet5O"]}}, f"config: 'resnet5O' is not one of {list_encoders()} nor a string matching '^timm:.+' (in extract.encoder[1])\n"),
+        ([GOOD], {"models": {"abmil": {"optimizer": "adamww"}}}, "config: 'adamww' is not one of ['adam', 'adamw'] (in models.abmil.optimizer)\n"),
+        ([GOOD], {"models": {"abmill": {"lr": 1e-4}}}, "('abmill' was unexpected) (in models); known keys: abmil, abmil_gated, dsmil,"),
         ([GOOD], {"split": {"bag_level": "slide"}}, "('bag_level' was unexpected) (in split)"),
         ([{**GOOD, "mpp": 352.8}], {}, "slide s1: mpp is 352.8; it must be a number of um/px in [0.05, 20]"),
         ([{**GOOD, "tissue": "s1.geojson"}], {}, "tissue file "),
         ([GOOD], {"extract": {"encoder": ["mobilenet_v2", "resnet50_trunc"], "weights": "w.pth"}}, "would load into every encoder"),
         ([GOOD], {"extract": {"encoder": "mobilenet_v2", "weights": "nowhere.pth"}}, "weights file nowhere.pth of encoder mobilenet_v2 does not exist"),
     ],
-    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "split-bag-level", "mpp", "tissue",
+    ids=["aggregator", "model-key", "task-option", "lr", "encoder", "encoder-in-list", "optional-choice",
+         "models-section", "split-bag-level", "mpp", "tissue",
          "shared-weights", "missing-weights"],
 )  # fmt: skip
 def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights, rows, changes, message):
@@ -174,12 +180,13 @@ def test_bad_settings_fail_when_the_workflow_parses(tmp_path, mobilenet_weights,
     assert message in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
 
 
-def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mobilenet_weights):
+def test_a_given_tissue_outline_and_mpp_reach_their_slides_tile_job(tmp_path, mobilenet_weights):
     """The table's `tissue` column (relative to the table) reaches `pathmil tile --tissue-geojson` of that
-    slide only; each tile job declares the GeoJSON it writes."""
+    slide only, its `mpp` column `--table-mpp` (so the facts say mpp_source 'table': tests/
+    test_slide_geometry.py); each tile job declares the GeoJSON it writes."""
     (tmp_path / "s1 outline.geojson").write_text("{}")
     rows = [
-        {**GOOD, "tissue": "s1 outline.geojson"},
+        {**GOOD, "tissue": "s1 outline.geojson", "mpp": 0.25},
         {**GOOD, "slide_id": "s2", "path": "b.svs", "patient_id": "p2"},
     ]
     configfile = table_config(tmp_path, mobilenet_weights, rows, tasks={"classification": None})
@@ -189,23 +196,32 @@ def test_a_given_tissue_outline_is_an_input_of_its_slides_tile_job(tmp_path, mob
     assert len(tile_jobs) == 2 and all("--geojson results/mini/tiles/" in line for line in tile_jobs)
     given = [line for line in tile_jobs if "--tissue-geojson" in line]
     assert len(given) == 1 and f"--tissue-geojson '{tmp_path / 's1 outline.geojson'}'" in given[0]
-    assert "--slide-id=s1" in given[0]
+    assert "--slide-id=s1" in given[0] and "--table-mpp 0.25 " in given[0]
+    assert not any("-mpp" in line for line in tile_jobs if line not in given)
 
 
 def test_slide_level_labels_pass_with_bag_level_slide(tmp_path, mobilenet_weights):
     """train.bag_level is the one fact: the dry run skips the patient-label check and each task's split
     settings file carries the bag level (so `pathmil split` stratifies per slide)."""
     rows = [GOOD, {**GOOD, "slide_id": "s2", "path": "b.svs", "label": 0}]
+    rows += [
+        {**row, "slide_id": f"{row['slide_id']}b", "path": f"b{row['path']}", "patient_id": "p2"}
+        for row in rows
+    ]
     configfile = table_config(tmp_path, mobilenet_weights, rows, train={"bag_level": "slide"})
     done = snakemake(workflow_copy(tmp_path / "w"), "-n", "-p", "--configfile", configfile)
-    assert job_counts(done.stdout + done.stderr)["tile"] == 2
+    assert job_counts(done.stdout + done.stderr)["tile"] == 4
     assert (done.stdout + done.stderr).count("printf '%s' 'split:\n  bag_level: slide\n") == 3  # one per task
 
 
 def test_a_real_cohort_parses_with_only_snakemake(tmp_path, mobilenet_weights):
     """With `--sdm conda` the snakemake process has no pathmil and none of its dependencies (the SLURM
     plugin brings pandas): the workflow must still parse, validate and plan every job."""
-    configfile = table_config(tmp_path, mobilenet_weights, [GOOD])
+    rows = [
+        {**GOOD, "slide_id": f"s{i}", "patient_id": f"p{i}", "path": f"{i}.svs", "label": i % 2}
+        for i in range(4)
+    ]
+    configfile = table_config(tmp_path, mobilenet_weights, rows)
     blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('pathmil', 'torch', 'h5py', 'cv2', 'openslide', 'sklearn', 'timm')]"
     done = subprocess.run(
         [

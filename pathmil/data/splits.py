@@ -15,6 +15,7 @@ from another tool is checked for the same when it is read for training (:func:`c
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,32 @@ def _holdout(patients: np.ndarray, strata: np.ndarray, frac: float, seed: int) -
     return _group_folds(patients, strata, n_splits, seed)[0]
 
 
+def too_many_folds(folds: int, who: str, n: int) -> str:
+    """The words for more folds than the patients each test part needs one of; the workflow's dry run
+    says the same (check_folds in workflow/rules/common.smk)."""
+    fix = f"use at most {n} folds" if n >= 2 else "cross-validation needs at least two"
+    return f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
+
+
+def check_folds(folds: int, patients: np.ndarray, needs: Sequence[tuple[str, np.ndarray]] = ()) -> None:
+    """Refuse more folds than patients, or than the patients of a kind every test part needs (``needs``:
+    its words and a mask over ``patients``, e.g. a class: :meth:`pathmil.tasks.base.Task.fold_needs`).
+    With fewer, a fold tests none of them, and its metric (AUC of that class) is undefined.
+
+    Raises:
+        PathmilError: naming the folds and the patients.
+    """
+    patients = np.asarray(patients)
+    n = len(np.unique(patients))
+    if n < folds:
+        raise PathmilError(too_many_folds(folds, f"the cohort has only {n} patient{'s' * (n != 1)}", n))
+    for name, mask in needs:
+        k = len(np.unique(patients[np.asarray(mask, dtype=bool)]))
+        if k < folds:
+            have = f"{k} patients have" if k != 1 else "1 patient has"
+            raise PathmilError(too_many_folds(folds, f"only {have} {name}", k))
+
+
 def make_splits(
     bags: pd.DataFrame,
     slides: pd.DataFrame,
@@ -90,20 +117,23 @@ def make_splits(
     val_frac: float = 0.15,
     test_frac: float | None = None,
     seed: int = 0,
+    needs: Sequence[tuple[str, np.ndarray]] = (),
 ) -> pd.DataFrame:
     """Patient-level folds, stratified per bag.
 
     ``bags`` has one row per bag with its ``patient_id`` (one row per patient for patient bags, one per
-    slide for slide bags), aligned with ``strata``; ``slides`` maps ``slide_id`` to ``patient_id``. Every
-    patient lies in exactly one part (train, val or test) of each fold, whatever the bag level.
+    slide for slide bags), aligned with ``strata`` and the masks of ``needs`` (:func:`check_folds`);
+    ``slides`` maps ``slide_id`` to ``patient_id``. Every patient lies in exactly one part (train, val or
+    test) of each fold, whatever the bag level.
 
     Raises:
-        PathmilError: fewer patients than folds, or a fraction out of range.
+        PathmilError: fewer patients than folds (of a kind in ``needs`` too), or a fraction out of range.
     """
     ids = bags["patient_id"].to_numpy()
     strata = np.asarray(strata)
     if folds < 2:
         raise PathmilError(f"need at least 2 folds, got {folds}")
+    check_folds(folds, ids, needs)
     if not 0 <= val_frac < 1:
         raise PathmilError(f"val_frac must be in [0, 1), got {val_frac}")
     fixed_test = np.zeros(0, dtype=int)
@@ -114,7 +144,9 @@ def make_splits(
     rest = np.setdiff1d(np.arange(len(ids)), fixed_test)
     n_rest = len(np.unique(ids[rest]))
     if n_rest < folds:
-        raise PathmilError(f"{n_rest} patients cannot make {folds} folds; use fewer folds")
+        raise PathmilError(
+            too_many_folds(folds, f"only {n_rest} patients remain after the test_frac hold-out", n_rest)
+        )
     rows = []
     for fold, held in enumerate(_group_folds(ids[rest], strata[rest], folds, seed)):
         held = rest[held]

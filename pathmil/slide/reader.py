@@ -27,6 +27,14 @@ from pathmil.ids import SLIDE_EXTENSIONS, slide_id_from_path  # noqa: F401 (re-e
 MPP_RANGE = (0.05, 20.0)
 # Pick a level whose resolution is up to this much coarser than the target (float rounding of downsamples).
 LEVEL_TOLERANCE = 0.01
+# Where a slide's um/px came from (``Slide.mpp_source``, the facts' ``mpp_source``) and how messages name it
+MPP_SOURCES = {
+    "metadata": "the slide's metadata",
+    "table": "the cohort table's 'mpp' column",
+    "argument": "--mpp",
+    "default": "tile.default_mpp",
+    "tiles": "the tiles file",
+}
 
 
 @dataclass(frozen=True)
@@ -89,8 +97,9 @@ class Slide:
     """An open slide, its level-0 um/px along x and y, and the source of those values.
 
     ``mpp`` is the fallback used when the metadata has no plausible value: pass the cohort table's ``mpp``
-    with ``mpp_source="table"``, or ``--mpp`` / the configured default with ``"argument"`` / ``"default"``;
-    a pair is (x, y). ``mpp_note`` says why the metadata's value was not used, when it was not.
+    with ``mpp_source="table"``, or ``--mpp`` / the configured default with ``"argument"`` / ``"default"``
+    (the keys of :data:`MPP_SOURCES`); a pair is (x, y). ``mpp_note`` says why the metadata's value was not
+    used, when it was not.
     """
 
     def __init__(
@@ -101,6 +110,9 @@ class Slide:
         mpp_source: str = "argument",
     ):
         import openslide  # lazy: keeps `pathmil --help` fast
+
+        if mpp_source not in MPP_SOURCES:
+            raise ValueError(f"mpp_source {mpp_source!r} is none of {list(MPP_SOURCES)}")
 
         self.path = Path(path)
         self.slide_id = slide_id or slide_id_from_path(self.path)
@@ -169,7 +181,7 @@ class Slide:
             if not all(plausible_mpp(v) for v in pair):
                 raise SlideError(
                     self.slide_id,
-                    f"mpp {mpp_text(pair)} from the {fallback_source} lies outside the plausible "  # type: ignore[arg-type]
+                    f"mpp {mpp_text(pair)} from {MPP_SOURCES[fallback_source]} lies outside the plausible "  # type: ignore[arg-type]
                     f"{MPP_RANGE[0]:g}-{MPP_RANGE[1]:g} um/px; fix the value (um per pixel, not pixels per um)",
                 )
             return pair, fallback_source  # type: ignore[return-value]

@@ -23,7 +23,7 @@ from pathmil.errors import PathmilError, SlideError
 from pathmil.fileio import atomic_output, write_json, write_png
 from pathmil.settings import Settings, partial
 from pathmil.slide.qc import draw_qc
-from pathmil.slide.reader import MPP_RANGE, Slide, TileGeometry, mpp_text
+from pathmil.slide.reader import MPP_RANGE, MPP_SOURCES, Slide, TileGeometry, mpp_text
 from pathmil.slide.tilefile import TileSet, write_tiles
 from pathmil.slide.tiling import tile_grid
 from pathmil.slide.tissue import (
@@ -140,7 +140,7 @@ def mpp_warning(slide: Slide) -> str | None:
     if slide.mpp_source == "metadata":
         return None
     why = slide.mpp_note or "no mpp in the slide's metadata"
-    return f"{why}: used {mpp_text(slide.mpp_xy)} from the {slide.mpp_source}"
+    return f"{why}: used {mpp_text(slide.mpp_xy)} from {MPP_SOURCES[slide.mpp_source]}"
 
 
 def mask_of(
@@ -274,7 +274,7 @@ def compute_tiles(
     caption = (
         f"{slide.slide_id}: {len(coords)} tiles of {geometry.size_um:g} um ({config.tile_px} px at "
         f"{config.target_mpp:g} um/px); tissue mask: {mask_text}"
-        + "".join(f"\nwarning: {w}" for w in tissue.warnings)
+        + "".join(f"\nwarning: {w}" for w in warnings)
     )
     qc_image = (
         draw_qc(thumbnail, tissue, coords, size0, step0, config.qc_max_px, caption=caption) if qc else None
@@ -339,7 +339,9 @@ def tile_slide(
 ) -> dict[str, Any]:
     """Tile one slide and write its tiles file, QC picture, tissue GeoJSON (default: ``out`` with .geojson)
     and facts JSON (default: ``out`` with .json). ``tissue`` is a given outline (GeoJSON) to use instead of
-    the automatic mask (default: :func:`given_tissue` from ``config.tissue_dir``).
+    the automatic mask (default: :func:`given_tissue` from ``config.tissue_dir``). ``mpp`` is used when the
+    slide's metadata has no plausible um/px; ``mpp_source`` says where it came from (a key of
+    :data:`pathmil.slide.reader.MPP_SOURCES`), for the facts and the warnings.
 
     Nothing is written when any step fails, so a rerun never finds half an output.
     """
@@ -375,10 +377,12 @@ def tile_cohort(
     failures: str | os.PathLike | None = None,
     default_mpp: float | None = None,
     progress: bool = True,
+    default_source: str = "argument",
 ) -> pd.DataFrame:
     """Tile every slide of a table (``slide_id``, ``path``, optional ``mpp`` and ``tissue``) into ``out_dir``.
 
-    With ``skip_errors`` a failing slide is recorded and the rest go on; the failures table (default
+    A slide whose metadata has no um/px takes the table's ``mpp``, else ``default_mpp`` (``default_source``
+    says where that came from: ``"argument"`` for --mpp, ``"default"`` for tile.default_mpp). With ``skip_errors`` a failing slide is recorded and the rest go on; the failures table (default
     ``out_dir/failures.csv``) is always written, empty when all succeeded. Returns the facts of each slide.
     """
     import pandas as pd
@@ -395,7 +399,7 @@ def tile_cohort(
             qc=Path(qc_dir) / f"{row.slide_id}.png" if qc_dir else None,
             slide_id=row.slide_id,
             mpp=float(table_mpp) if use_table else default_mpp,
-            mpp_source="table" if use_table else "argument",
+            mpp_source="table" if use_table else default_source,
             tissue=given_tissue(row.slide_id, config, getattr(row, "tissue", None)),
         )
 

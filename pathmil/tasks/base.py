@@ -86,6 +86,11 @@ class Task(abc.ABC):
     def stratify_labels(self, labels: pd.DataFrame, n_bins: int = 4) -> np.ndarray:
         """Discrete strata (int per bag) for stratified splits and bootstrap; needs no :meth:`fit`."""
 
+    def fold_needs(self, labels: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+        """What every fold's test part needs one bag of, as words and a mask over the bags (a class of a
+        classification task); :func:`pathmil.data.splits.check_folds` refuses fewer patients than folds."""
+        return []
+
     @abc.abstractmethod
     def instance_saliency(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., n_outputs) per-instance logits -> (...) saliency in [0, 1] (MHIM-MIL v2 instance score)."""

@@ -203,6 +203,14 @@ class ClassificationTask(Task):
         lookup = {c: i for i, c in enumerate(sorted_classes(keys))}
         return np.array([lookup[k] for k in keys], dtype=np.int64)
 
+    def fold_needs(self, labels: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+        """Every class: a test part without one has no AUC of it."""
+        keys = self._keys(labels)
+        return [
+            (f"class {c!r} in column '{self.column}'", np.array([k == c for k in keys]))
+            for c in sorted_classes(keys)
+        ]
+
     def instance_saliency(self, logits: torch.Tensor) -> torch.Tensor:
         """max_c softmax_c: MHIM-MIL v2's class-aware instance probability (Tang et al. 2025)."""
         return torch.softmax(logits, dim=-1).amax(dim=-1)

@@ -215,7 +215,7 @@ def load_run(
             first = str(err).strip().splitlines()[0]
             raise PathmilError(
                 f"model {path}: weights do not fit aggregator {config.aggregator} ({first})"
-                + ("" if same_version(checkpoint) else _other_version(checkpoint))
+                + _other_version(checkpoint)
             ) from None
         model.to(target).eval()
     features = checkpoint.get("features") or {}
@@ -238,10 +238,36 @@ def load_run(
 
 
 def _other_version(checkpoint: dict[str, Any]) -> str:
+    """The tail of an error about a checkpoint another version wrote; nothing when this version wrote it."""
+    if same_version(checkpoint):
+        return ""
     return (
         f"; it was written by {describe_version(checkpoint)} and this is {describe_version()}: "
         "train it again with this version, or use it with the one that wrote it"
     )
+
+
+def _settings_warning(
+    checkpoint: dict[str, Any], path: Path, ignored: list[str], defaulted: list[str]
+) -> str:
+    """One line on the settings a checkpoint holds that this pathmil does not know, and those it lacks.
+    A checkpoint of this very version (a development build before a setting was added or removed) says
+    so, rather than naming the same version twice as if they differed."""
+    if same_version(checkpoint):
+        head = f"checkpoint {path} was written by this pathmil ({describe_version()}) with other settings"
+        unknown, lacking = (
+            "settings this build does not know, ignored",
+            "settings it lacks, at their defaults",
+        )
+    else:
+        head = (
+            f"checkpoint {path} was written by {describe_version(checkpoint)}; this is {describe_version()}"
+        )
+        unknown = "settings this version does not know, ignored"
+        lacking = "settings it lacks, at this version's defaults"
+    parts = [f"{unknown}: {', '.join(ignored)}"] if ignored else []
+    parts += [f"{lacking}: {', '.join(defaulted)}"] if defaulted else []
+    return f"{head}: {'; '.join(parts)}"
 
 
 def settings_of(checkpoint: dict[str, Any], path: Path) -> tuple[TrainConfig, dict[str, Any]]:
@@ -284,23 +310,7 @@ def settings_of(checkpoint: dict[str, Any], path: Path) -> tuple[TrainConfig, di
         train_config = TrainConfig.build(config, "train")
         state["settings"] = task_cls.Options.build(options, "task").to_dict()
     except PathmilError as err:
-        tail = "" if same_version(checkpoint) else _other_version(checkpoint)
-        raise PathmilError(f"checkpoint {path}: {err}{tail}") from None
+        raise PathmilError(f"checkpoint {path}: {err}{_other_version(checkpoint)}") from None
     if ignored or defaulted:
-        log.warning(
-            "checkpoint %s was written by %s; this is %s: %s",
-            path,
-            describe_version(checkpoint),
-            describe_version(),
-            "; ".join(
-                part
-                for part in (
-                    f"settings this version does not know, ignored: {', '.join(ignored)}" if ignored else "",
-                    f"settings it lacks, at this version's defaults: {', '.join(defaulted)}"
-                    if defaulted
-                    else "",
-                )
-                if part
-            ),
-        )
+        log.warning("%s", _settings_warning(checkpoint, path, ignored, defaulted))
     return train_config, state

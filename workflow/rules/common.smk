@@ -26,6 +26,55 @@ FACTS = CONFIG_SCHEMA[
 ]  # each wrapper's baseline, each task's default label columns
 
 
+def schema_error(error):
+    """The error of the config to report, and its words. Where a value fits no branch of an anyOf (an
+    optional setting, an encoder name or a list of them), jsonschema says only "is not valid under any of
+    the given schemas": this names what would fit.
+    """
+    if error.validator not in ("anyOf", "oneOf") or not error.context:
+        return error, error.message
+    fitting = [e for e in error.context if e.validator != "type"]
+    if not fitting:  # the value is of none of the types
+        types = [t for e in error.context for t in as_list(e.validator_value)]
+        return (
+            error,
+            f"{error.instance!r} is not of type {' or '.join(map(repr, types))}",
+        )
+    deepest = max(fitting, key=lambda e: len(e.relative_path))
+    if deepest.relative_path:  # a list or section of the right type, wrong inside
+        return schema_error(deepest)
+    values, patterns = allowed_values(fitting)
+    if values or patterns:
+        return error, f"{error.instance!r} is not one of {values}" + "".join(
+            f" nor a string matching {p!r}" for p in patterns
+        )
+    return schema_error(fitting[0])
+
+
+def as_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def allowed_values(errors):
+    """The enum values and string patterns that the anyOf branches of ``errors`` allow; ([], []) when a
+    branch failed for another reason (a range, a key), which is then the one to report.
+    """
+    values, patterns = [], []
+    for e in errors:
+        if e.validator in ("anyOf", "oneOf") and not e.relative_path:
+            inner = allowed_values([c for c in e.context if c.validator != "type"])
+            if not any(inner):
+                return [], []
+            values, patterns = values + inner[0], patterns + inner[1]
+        elif e.validator in ("enum", "const"):
+            values += as_list(e.validator_value)
+        elif e.validator == "pattern":
+            patterns.append(e.validator_value)
+        else:
+            return [], []
+    return values, patterns
+
+
 def check_config():
     """Validate the config against the schema (defaults filled in); a problem is one line, naming the key."""
     for key in [k for k, v in config.items() if v is None]:
@@ -39,14 +88,22 @@ def check_config():
     try:
         validate(config, str(SCHEMAS / "config.schema.yaml"))
     except WorkflowError as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = next((l for l in lines if l.startswith("ValidationError")), lines[-1])
-        where = next((l for l in lines if l.startswith("Failed validating")), "")
-        section = re.findall(r"\['properties'\]\['([^']+)'\]", where)
-        raise WorkflowError(
-            f"config: {reason.removeprefix('ValidationError: ')}"
-            + (f" (in {'.'.join(section)})" if section else "")
-        ) from None
+        if not isinstance(err.__context__, jsonschema.ValidationError):
+            raise
+        error, reason = schema_error(err.__context__)
+        where = "".join(
+            f"[{key}]" if isinstance(key, int) else f".{key}"
+            for key in error.absolute_path
+        )
+        if where:
+            reason += f" (in {where.removeprefix('.')})"
+        if (
+            error.validator == "additionalProperties"
+        ):  # an unknown key: name the known ones
+            reason += (
+                f"; known keys: {', '.join(sorted(error.schema.get('properties', {})))}"
+            )
+        raise WorkflowError(f"config: {reason}") from None
     transferred = (config.get("transfer") or {}).get("strategies") or []
     for name, entry in (config.get("models") or {}).items():
         if name not in config["aggregators"] and name not in transferred:
@@ -227,8 +284,10 @@ def demo_slides():
     return [
         {
             "slide_id": s.slide_id,
+            "patient_id": s.patient.patient_id,
             "path": f"{OUT}/demo/slides/{s.slide_id}.tiff",
             "mpp": s.table_mpp,
+            "label": s.patient.grade,
         }
         for s in plan
     ]
@@ -354,6 +413,42 @@ def check_cohort_table(path, columns, rows):
     for task, cols in targets.items():
         if split_bag_level(task) == "patient":
             check_patient_labels(path, rows, cols)
+
+
+def check_folds(rows):
+    """split.folds against the patients: each fold's test part needs a patient, and for classification one
+    of each class. `pathmil split` refuses the same in the same words (check_folds in pathmil/data/splits.py).
+    """
+    folds = config["split"]["folds"]
+
+    def refuse(who, n):
+        fix = (
+            f"use at most {n} folds"
+            if n >= 2
+            else "cross-validation needs at least two"
+        )
+        raise WorkflowError(
+            f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
+        )
+
+    n = len({row["patient_id"] for row in rows})
+    if n < folds:
+        refuse(f"the cohort has only {n} patient{'s' * (n != 1)}", n)
+    if "classification" not in TASKS:
+        return
+    column = label_columns("classification")[0]
+    patients = {}  # class -> its patients
+    for row in rows:
+        if row.get(column) is not None:
+            patients.setdefault(row[column], set()).add(row["patient_id"])
+    numeric = all(isinstance(c, (int, float)) for c in patients)
+    for value in sorted(
+        patients, key=None if numeric else str
+    ):  # as pathmil's class order
+        k = len(patients[value])
+        if k < folds:
+            have = f"{k} patients have" if k != 1 else "1 patient has"
+            refuse(f"only {have} class {value!r} in column '{column}'", k)
 
 
 def check_unique(path, rows, column, why):
@@ -493,6 +588,8 @@ def parse_slides():
         check_cohort_table(slides["table"], columns, rows)
     else:
         rows = slides_of_dir(slides["dir"])
+    if TASKS:
+        check_folds(rows)
     pattern = re.compile(COHORT_SCHEMA["properties"]["slide_id"]["pattern"])
     for row in rows:
         if not pattern.fullmatch(str(row["slide_id"])):
@@ -675,8 +772,15 @@ def slide_path(wildcards):
 
 
 def slide_mpp_args(wildcards):
+    """The table's mpp of the slide as --mpp (heatmaps: um/px where the metadata has none)."""
     mpp = SLIDES[wildcards.slide].get("mpp")
     return ["--mpp", str(float(mpp))] if mpp not in (None, "") else []
+
+
+def slide_table_mpp_args(wildcards):
+    """The table's mpp of the slide as --table-mpp, so the tiles' facts say it came from the table."""
+    mpp = SLIDES[wildcards.slide].get("mpp")
+    return ["--table-mpp", str(float(mpp))] if mpp not in (None, "") else []
 
 
 def slide_tissue(wildcards):

@@ -25,7 +25,7 @@ rule tile:
         runtime=slide_runtime("tile"),
     params:
         path=slide_path,
-        mpp=slide_mpp_args,
+        mpp=slide_table_mpp_args,
         tissue=slide_tissue_args,
     shell:
         "pathmil tile {params.path:q} --slide-id={wildcards.slide:q} --out {output.tiles:q} "
