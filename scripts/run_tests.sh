@@ -54,9 +54,9 @@ echo "[pathmil] ruff check"
 ruff check .
 echo "[pathmil] pytest"
 status=0
-# two workers (pytest-xdist; PATHMIL_TEST_WORKERS=0 runs in one process), the SLURM tests on one of them,
-# and the slowest tests listed at the end
-workers="${PATHMIL_TEST_WORKERS:-2}"
-python -m pytest -n "$workers" --dist loadgroup --durations=15 ${marker:+-m "$marker"} "${args[@]}" || status=$?
+# the slowest tests are listed at the end. One process: with two pytest-xdist workers on the 2 test cores
+# the run took 27 min (38 min of CPU; 2026-11-30, beside a niced benchmark) where one process takes 17:
+# the workflow tests' own jobs and threads compete with the other worker for the same cores
+python -m pytest --durations=15 ${marker:+-m "$marker"} "${args[@]}" || status=$?
 if [ "$skip_slurm" = 1 ]; then skip_banner; fi
 exit $status

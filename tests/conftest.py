@@ -58,19 +58,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(threads)
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Each pytest-xdist worker computes on one torch thread: the README's test command runs two workers on
-    two cores, and two threads per worker would spin and wait on each other."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
-
-        torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n 2 --dist loadgroup`), the SLURM tests share one worker: the one-node
-    cluster runs one test's jobs at a time, as its time limits assume."""
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))

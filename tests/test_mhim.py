@@ -420,6 +420,7 @@ def make_decoy_cohort(root: Path, n_bags: int = 160, n: int = 40, dim: int = 32,
     )
 
 
+@pytest.mark.slow
 def test_mhim_matches_or_beats_its_plain_student_among_decoys(tmp_path):
     """Same data, epochs and seeds; the teacher (and, as the authors' v1 scripts do, the student's instance
     embedding) starts from the trained baseline's best.pt. Numbers are reported in benchmarks/RESULTS.md."""
