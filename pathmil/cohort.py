@@ -64,7 +64,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
     if not path.read_bytes().strip():
         raise PathmilError(f"cohort table {path} is empty; it needs a header and one row per slide")
     try:
-        table = pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str})
+        table = pd.read_csv(path, sep=sep, dtype={"slide_id": str, "patient_id": str, "mpp": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PathmilError(
             f"cohort table {path} is not a readable {'TSV' if sep == chr(9) else 'CSV'}: {err}"
@@ -91,7 +91,40 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ("slide_id",
             table[column] = [_resolve(path.parent, p) for p in table[column]]
     if "path" in table.columns:
         check_unique_files(table, f"cohort table {path}")
+    if "mpp" in table.columns:
+        table["mpp"] = mpp_column(table, f"cohort table {path}")
     return table
+
+
+def mpp_column(table: pd.DataFrame, where: str) -> list[float]:
+    """The ``mpp`` column as um/px (NaN where empty), each value a number within the plausible level-0
+    resolutions (:data:`pathmil.slide.reader.MPP_RANGE`), as the workflow's cohort schema checks it.
+
+    Raises:
+        PathmilError: naming the line, the slide and the value (text, 0, pixels per um ...).
+    """
+    from pathmil.slide.reader import MPP_RANGE  # lazy: OpenCV
+
+    low, high = MPP_RANGE
+    values = []
+    for line, (slide_id, raw) in enumerate(zip(table["slide_id"], table["mpp"]), start=2):
+        text = raw.strip() if isinstance(raw, str) else ""
+        if not text:
+            values.append(float("nan"))
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value, shown = float("nan"), repr(text)
+        else:
+            shown = f"{value:g}"
+        if not low <= value <= high:  # NaN fails too
+            raise PathmilError(
+                f"{where}, line {line}: slide {slide_id}: mpp is {shown}; it must be a number of um/px "
+                f"in [{low:g}, {high:g}]"
+            )
+        values.append(value)
+    return values
 
 
 def check_unique_files(table: pd.DataFrame, where: str) -> None:

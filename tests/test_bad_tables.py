@@ -49,8 +49,13 @@ KINDS = {
     "fractions": ([{**GOOD, "stil": 0.4}, {**SECOND, "stil": 0.1}], "regression",
                   ["lies within [0, 1] but the range is [0, 100]", "percentages given as fractions"]),
     "range": ([GOOD, {**SECOND, "stil": 140}], "regression", ["outside [0, 100]", "140"]),
+    "mpp-text": ([GOOD, {**SECOND, "mpp": "abc"}], "classification",
+                 ["line 3: slide s2: mpp is 'abc'; it must be a number of um/px in [0.05, 20]"]),
+    "mpp-zero": ([{**GOOD, "mpp": 0.25}, {**SECOND, "mpp": 0}], "classification",
+                 ["line 3: slide s2: mpp is 0; it must be a number of um/px in [0.05, 20]"]),
 }  # fmt: skip
-STRUCTURE = {"empty", "semicolons", "header-only", "same-file", "slide-id"}  # `pathmil cohort` sees these
+# `pathmil cohort` and `pathmil tile --cohort` see these too
+STRUCTURE = {"empty", "semicolons", "header-only", "same-file", "slide-id", "mpp-text", "mpp-zero"}
 
 
 def write_table(folder: Path, table: list[dict] | str) -> Path:
@@ -81,6 +86,9 @@ def test_the_cli_and_the_workflow_refuse_each_bad_table_alike(tmp_path, mobilene
                  "--fold", "0", "--task", task, "--out", str(tmp_path / "run"), "--no-progress"]]  # fmt: skip
     if kind in STRUCTURE:
         commands.append(["cohort", "--cohort", str(path), "--out", str(tmp_path / "c.csv")])
+        commands.append(
+            ["tile", "--cohort", str(path), "--out-dir", str(tmp_path / "tiles"), "--skip-errors"]
+        )
     for argv in commands:
         lines = cli_lines(capsys, *argv)
         assert len(lines) == 1 and all(w in lines[0] for w in words), (argv[0], lines)
@@ -109,20 +117,25 @@ FIVE = [*THREE, {**SECOND, "slide_id": "s4", "patient_id": "p4", "path": "d.svs"
 
 
 @pytest.mark.parametrize(
-    ("rows", "task", "folds", "words"),
+    ("rows", "task", "folds", "advised", "words"),
     [
-        (THREE, "regression", 4,
+        (THREE, "regression", 4, 3,
          "split.folds is 4 but the cohort has only 3 patients; each fold needs one in its test part: use at most 3 folds"),
-        (FIVE, "classification", 3,
+        (FIVE, "classification", 3, 2,
          "split.folds is 3 but only 2 patients have class 0 in column 'label'; each fold needs one in its test part: "
          "use at most 2 folds"),
+        # more folds than patients and than a class's: the tighter limit, whose advice works
+        (FIVE, "classification", 6, 2,
+         "split.folds is 6 but only 2 patients have class 0 in column 'label'; each fold needs one in its test part: "
+         "use at most 2 folds"),
     ],
-    ids=["patients", "class"],
+    ids=["patients", "class", "both"],
 )  # fmt: skip
 def test_more_folds_than_patients_or_than_a_class_is_refused_alike(
-    tmp_path, mobilenet_weights, capsys, rows, task, folds, words
+    tmp_path, mobilenet_weights, capsys, rows, task, folds, advised, words
 ):
-    """`pathmil split` and the workflow's dry run (before the split job) say the same one line."""
+    """`pathmil split` and the workflow's dry run (before the split job) say the same one line, and the
+    number of folds it advises works."""
     path = write_table(tmp_path, rows)
 
     def split(n: int) -> list[str]:
@@ -139,7 +152,7 @@ def test_more_folds_than_patients_or_than_a_class_is_refused_alike(
         ]
 
     assert cli_lines(capsys, *split(folds)) == [f"pathmil: error: {words}"]
-    assert main(split(folds - 1)) == 0  # one fold fewer is fine
+    assert main(split(advised)) == 0
     config = {
         "cohort": "bad",
         "slides": {"table": str(path)},
@@ -151,7 +164,7 @@ def test_more_folds_than_patients_or_than_a_class_is_refused_alike(
                      str(write_config(tmp_path / "c.yaml", config)), check=False)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode != 0 and f"\n{words}\n" in output, output[-3000:]
-    config["split"]["folds"] = folds - 1
+    config["split"]["folds"] = advised
     done = snakemake(
         workflow_copy(tmp_path / "w2"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
     )

@@ -285,5 +285,22 @@ def test_slides_without_tissue_or_with_a_placeholder_resolution(tmp_path, capsys
             and used in facts["warnings"][0]
         )
         assert used in capsys.readouterr().err  # the log says it too
+    # a plausible metadata value wins; a given value that disagrees with it by more than 10 % is named
+    tagged = tmp_path / "tagged.tiff"
+    write_pyramidal_tiff(tagged, tissue_image((600, 600), [(0, 0, 600, 600)]), 0.5, compression="zlib")
+    for flags, warned in [
+        (["--table-mpp", "0.25"], "the cohort table's 'mpp' column gives 0.25 um/px but the slide's metadata "
+                                  "states 0.5 um/px; the metadata's value is used"),
+        (["--mpp", "1.0"], "--mpp gives 1 um/px but the slide's metadata states 0.5 um/px"),
+        (["--table-mpp", "0.52"], None),  # within 10 %: a rounding, not a disagreement
+        (["--set", "default_mpp=0.25"], None),  # the default is a fallback by design
+    ]:  # fmt: skip
+        assert main(["tile", str(tagged), "--out", str(tmp_path / "t.h5"), *flags]) == 0
+        facts = json.loads((tmp_path / "t.json").read_text())
+        assert facts["mpp_source"] == "metadata" and facts["slide_mpp"] == 0.5
+        named = [w for w in facts["warnings"] if "metadata states" in w]
+        assert named[0].startswith(warned) if warned else not named, (flags, facts["warnings"])
+        err = capsys.readouterr().err  # the log says it too
+        assert (warned in err) if warned else ("metadata states" not in err), err
     with pytest.raises(PathmilError):
         read_tiles(tmp_path / "b.h5")  # nothing written for the blank slide

@@ -100,13 +100,13 @@ def check_folds(folds: int, patients: np.ndarray, needs: Sequence[tuple[str, np.
     """
     patients = np.asarray(patients)
     n = len(np.unique(patients))
-    if n < folds:
-        raise PathmilError(too_many_folds(folds, f"the cohort has only {n} patient{'s' * (n != 1)}", n))
+    limits = [(n, f"the cohort has only {n} patient{'s' * (n != 1)}")]
     for name, mask in needs:
         k = len(np.unique(patients[np.asarray(mask, dtype=bool)]))
-        if k < folds:
-            have = f"{k} patients have" if k != 1 else "1 patient has"
-            raise PathmilError(too_many_folds(folds, f"only {have} {name}", k))
+        limits.append((k, f"only {f'{k} patients have' if k != 1 else '1 patient has'} {name}"))
+    k, who = min(limits, key=lambda limit: limit[0])  # the tightest: its advice is the one that works
+    if k < folds:
+        raise PathmilError(too_many_folds(folds, who, k))
 
 
 def make_splits(

@@ -87,6 +87,29 @@ def plausible_mpp(value: float) -> bool:
     return MPP_RANGE[0] <= value <= MPP_RANGE[1]
 
 
+MPP_DISAGREEMENT = 0.1  # a given mpp further than 10 % from the metadata's is named where it is overruled
+
+
+def _overruled(
+    given: float | tuple[float, float] | None, source: str, meta: tuple[float, float]
+) -> str | None:
+    """The words for a table or --mpp value that the slide's metadata overrules and that disagrees with it
+    by more than :data:`MPP_DISAGREEMENT` (a mis-tagged scan, or a wrong table); None otherwise. The
+    configured default is a fallback by design and is not named."""
+    if given is None or source == "default":
+        return None
+    pair = (float(given), float(given)) if np.isscalar(given) else tuple(map(float, given))
+    if any(math.isnan(v) for v in pair):
+        return None
+    if all(abs(g - m) <= MPP_DISAGREEMENT * m for g, m in zip(pair, meta)):
+        return None
+    return (
+        f"{MPP_SOURCES[source]} gives {mpp_text(pair)} but the slide's metadata states {mpp_text(meta)}; "  # type: ignore[arg-type]
+        "the metadata's value is used (a given mpp applies only where the metadata has none): check the "
+        "scan or the table"
+    )
+
+
 def mpp_text(mpp: tuple[float, float]) -> str:
     """'0.5 um/px', or '0.25 x 0.5 um/px' for non-square pixels."""
     x, y = mpp
@@ -166,6 +189,7 @@ class Slide:
     ) -> tuple[tuple[float, float], str]:
         meta = metadata_mpp(self.properties)
         if meta is not None and all(plausible_mpp(v) for v in meta):
+            self.mpp_note = _overruled(fallback, fallback_source, meta)
             return meta, "metadata"
         how = "give it in the cohort table's 'mpp' column, with --mpp or as tile.default_mpp"
         if meta is not None:

@@ -138,7 +138,7 @@ def check_holds_a_tile(slide: Slide, geometry: TileGeometry) -> None:
 def mpp_warning(slide: Slide) -> str | None:
     """What the user should know about where the um/px came from, if not from the metadata."""
     if slide.mpp_source == "metadata":
-        return None
+        return slide.mpp_note  # a given value the metadata overruled, or None
     why = slide.mpp_note or "no mpp in the slide's metadata"
     return f"{why}: used {mpp_text(slide.mpp_xy)} from {MPP_SOURCES[slide.mpp_source]}"
 

@@ -432,23 +432,23 @@ def check_folds(rows):
         )
 
     n = len({row["patient_id"] for row in rows})
-    if n < folds:
-        refuse(f"the cohort has only {n} patient{'s' * (n != 1)}", n)
-    if "classification" not in TASKS:
-        return
-    column = label_columns("classification")[0]
-    patients = {}  # class -> its patients
-    for row in rows:
-        if row.get(column) is not None:
-            patients.setdefault(row[column], set()).add(row["patient_id"])
-    numeric = all(isinstance(c, (int, float)) for c in patients)
-    for value in sorted(
-        patients, key=None if numeric else str
-    ):  # as pathmil's class order
-        k = len(patients[value])
-        if k < folds:
+    limits = [(n, f"the cohort has only {n} patient{'s' * (n != 1)}")]
+    if "classification" in TASKS:
+        column = label_columns("classification")[0]
+        patients = {}  # class -> its patients
+        for row in rows:
+            if row.get(column) is not None:
+                patients.setdefault(row[column], set()).add(row["patient_id"])
+        numeric = all(isinstance(c, (int, float)) for c in patients)
+        for value in sorted(
+            patients, key=None if numeric else str
+        ):  # as pathmil's class order
+            k = len(patients[value])
             have = f"{k} patients have" if k != 1 else "1 patient has"
-            refuse(f"only {have} class {value!r} in column '{column}'", k)
+            limits.append((k, f"only {have} class {value!r} in column '{column}'"))
+    k, who = min(limits, key=lambda limit: limit[0])  # the tightest: its advice works
+    if k < folds:
+        refuse(who, k)
 
 
 def check_unique(path, rows, column, why):
