@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_helpers import snakemake, workflow_copy, write_config
+from workflow_helpers import job_counts, snakemake, workflow_copy, write_config
 
 from pathmil.cli import main
 
@@ -213,3 +213,28 @@ def test_a_foreign_splits_file_that_splits_a_patient_is_refused(tmp_path, capsys
     line = cli_lines(capsys, *args)[0]
     assert f"patient {twice} lies in test and train of fold 0" in line and slides[1] in line, line
     assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_a_missing_slide_file_is_named_by_the_dry_run_and_left_to_its_tile_job(tmp_path, mobilenet_weights):
+    """A slide file that does not exist is no error when the workflow parses (its tile job records the
+    failure and the others go on), but the dry run names it, so a wrong folder shows before any job."""
+    path = write_table(
+        tmp_path, [GOOD, SECOND, {**SECOND, "slide_id": "s3", "patient_id": "p3", "path": "c.svs"}]
+    )
+    (tmp_path / "c.svs").unlink()
+    config = {
+        "cohort": "missing",
+        "slides": {"table": str(path)},
+        "extract": {"encoder": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "tasks": {"regression": None},
+        "split": {"folds": 2},
+    }
+    done = snakemake(
+        workflow_copy(tmp_path / "w"), "-n", "--configfile", str(write_config(tmp_path / "c.yaml", config))
+    )
+    output = done.stdout + done.stderr
+    assert (
+        f"warning: 1 of 3 slide files in the cohort table do not exist (first: slide s3, {tmp_path / 'c.svs'})"
+        in output
+    ), output[-3000:]
+    assert job_counts(output)["tile"] == 3  # the plan goes on: the missing slide's job records its failure

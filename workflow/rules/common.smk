@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -586,6 +587,7 @@ def parse_slides():
     elif "table" in slides:
         columns, rows = read_cohort_table(slides["table"])
         check_cohort_table(slides["table"], columns, rows)
+        warn_missing_files(rows)
     else:
         rows = slides_of_dir(slides["dir"])
     if TASKS:
@@ -597,6 +599,21 @@ def parse_slides():
                 f"slide id {row['slide_id']!r} is not allowed: {COHORT_SCHEMA['properties']['slide_id']['description']}"
             )
     return {row["slide_id"]: row for row in rows}
+
+
+def warn_missing_files(rows):
+    """A table's slide files that do not exist: not an error (their tile jobs record the failure in
+    failures.csv and the other slides go on), but said before any job, where a wrong folder shows at once.
+    """
+    missing = [row for row in rows if not os.path.exists(row["path"])]
+    if missing:
+        first = missing[0]
+        print(
+            f"warning: {len(missing)} of {len(rows)} slide files in the cohort table do not exist (first: "
+            f"slide {first['slide_id']}, {first['path']}); their tile jobs will record the failure in "
+            "failures.csv and the other slides go on",
+            file=sys.stderr,
+        )
 
 
 SLIDES = parse_slides()
