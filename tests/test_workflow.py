@@ -382,10 +382,14 @@ def run_until_killed(work, configfile, run_dir, min_epoch: int = 2) -> subproces
     import torch
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    # the output goes to a file, not a pipe: nobody reads a pipe while this waits, and Snakemake blocks
+    # once its 64 KB are full, before the train job starts (as it did with the longer job listings)
+    log = Path(work) / "snakemake_killed_run.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", configfile],
+            cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
     deadline, killed = time.time() + 900, False
     while time.time() < deadline and process.poll() is None and not killed:
         try:
@@ -400,7 +404,8 @@ def run_until_killed(work, configfile, run_dir, min_epoch: int = 2) -> subproces
                 os.kill(int(pid), signal.SIGKILL)
                 killed = True
         time.sleep(0.02)
-    output = process.communicate(timeout=900)[0]
+    process.wait(timeout=900)
+    output = log.read_text()
     assert killed, "the train job was never caught mid-run: " + output[-3000:]
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
