@@ -209,48 +209,100 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         Mamba(8, d_state=4, backend="cuda")(torch.randn(1, 5, 8))
 
 
-def test_cuda_wrappers_call_the_kernels_with_mamba_ssm_arguments(monkeypatch):
-    """The GPU kernels cannot run here: stand-ins with their signatures check what the wrappers pass."""
-    calls = []
+def stand_in_kernels(monkeypatch, calls: list[str], conv: bool = True) -> None:
+    """mamba-ssm's ``selective_scan_fn`` and causal-conv1d's ``causal_conv1d_fn`` as importable stand-ins
+    with the kernels' signatures and type checks (selective_scan.cpp, causal_conv1d.cpp), computed by the
+    references here. The stand-ins append "scan" or "conv" to ``calls``."""
+    halves = (torch.float32, torch.float16, torch.bfloat16)
 
     def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
         calls.append("scan")
-        cl = [t.transpose(1, 2) for t in (u, delta, B, C, z)]
-        return reference_scan(cl[0], cl[1], A, cl[2], cl[3], D, cl[4], delta_bias, delta_softplus).mT
+        if u.dtype == torch.float64:  # the stand-in also takes float64, for exact comparisons
+            halves_here = (torch.float64,)
+        else:
+            halves_here = halves
+            assert A.dtype == torch.float32 and all(
+                t is None or t.dtype == torch.float32 for t in (D, delta_bias)
+            )
+        assert u.dtype in halves_here, u.dtype
+        for name, t in {"delta": delta, "B": B, "C": C, "z": z}.items():
+            if t is not None and t.dtype != u.dtype:
+                raise RuntimeError(f"Expected {name}.scalar_type() == input_type to be true, but got false.")
+        cl = [t.transpose(1, 2).double() for t in (u, delta, B, C, z)]
+        args = [None if t is None else t.double() for t in (A, D, delta_bias)]
+        y = reference_scan(cl[0], cl[1], args[0], cl[2], cl[3], args[1], cl[4], args[2], delta_softplus)
+        return y.mT.to(u.dtype)
 
     def causal_conv1d_fn(x, weight, bias=None, activation=None):
         calls.append("conv")
-        return reference_conv(x, weight, bias, activation == "silu")
+        assert bias is None or bias.dtype == weight.dtype
+        out = reference_conv(
+            x.double(), weight.double(), None if bias is None else bias.double(), activation == "silu"
+        )
+        return out.to(x.dtype)
 
     scan_module = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
     scan_module.selective_scan_fn = selective_scan_fn
-    conv_module = types.ModuleType("causal_conv1d")
-    conv_module.causal_conv1d_fn = causal_conv1d_fn
     for name in ("mamba_ssm", "mamba_ssm.ops"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", scan_module)
-    monkeypatch.setitem(sys.modules, "causal_conv1d", conv_module)
+    if conv:
+        conv_module = types.ModuleType("causal_conv1d")
+        conv_module.causal_conv1d_fn = causal_conv1d_fn
+        monkeypatch.setitem(sys.modules, "causal_conv1d", conv_module)
+    else:
+        monkeypatch.setitem(sys.modules, "causal_conv1d", None)  # import fails
     cuda._scan_kernel.cache_clear()
     cuda._conv_kernel.cache_clear()
-    try:
-        assert cuda.scan_available() and cuda.conv_available()
-        inputs = {k: v.detach().transpose(1, 2) if v.dim() == 3 else v for k, v in scan_inputs(21).items()}
-        torch.testing.assert_close(cuda.selective_scan(**inputs), selective_scan(**inputs, backend="torch"))
-        x, w = torch.randn(2, 6, 11, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
-        torch.testing.assert_close(cuda.causal_conv1d(x, w, None, True), causal_conv1d(x, w, silu=True))
-        assert calls == ["scan", "conv"]
-        # the GPU composition of a block's branch (gather, conv, projections, scan, put back), on CPU
-        monkeypatch.setattr(ssm, "resolve_backend", lambda backend, on_gpu: "cuda")
-        branch = branch_inputs(23)
-        order = stride_order(23, 5)
-        torch.testing.assert_close(
-            ssm.mamba_branch(*branch.values(), order=order, backend="cuda"),
-            mamba_branch_torch(*branch.values(), order=order),
-        )
-        assert calls == ["scan", "conv", "conv", "scan"]
-    finally:
-        cuda._scan_kernel.cache_clear()
-        cuda._conv_kernel.cache_clear()
+
+
+@pytest.fixture
+def clear_kernel_cache():
+    yield
+    cuda._scan_kernel.cache_clear()
+    cuda._conv_kernel.cache_clear()
+
+
+def test_cuda_wrappers_call_the_kernels_with_mamba_ssm_arguments(monkeypatch, clear_kernel_cache):
+    """The GPU kernels cannot run here: stand-ins with their signatures check what the wrappers pass."""
+    calls = []
+    stand_in_kernels(monkeypatch, calls)
+    assert cuda.scan_available() and cuda.conv_available()
+    inputs = {k: v.detach().transpose(1, 2) if v.dim() == 3 else v for k, v in scan_inputs(21).items()}
+    torch.testing.assert_close(cuda.selective_scan(**inputs), selective_scan(**inputs, backend="torch"))
+    x, w = torch.randn(2, 6, 11, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(cuda.causal_conv1d(x, w, None, True), causal_conv1d(x, w, silu=True))
+    assert calls == ["scan", "conv"]
+    # the GPU composition of a block's branch (gather, conv, projections, scan, put back), on CPU
+    monkeypatch.setattr(ssm, "resolve_backend", lambda backend, on_gpu: "cuda")
+    branch = branch_inputs(23)
+    order = stride_order(23, 5)
+    torch.testing.assert_close(
+        ssm.mamba_branch(*branch.values(), order=order, backend="cuda"),
+        mamba_branch_torch(*branch.values(), order=order),
+    )
+    assert calls == ["scan", "conv", "conv", "scan"]
+
+
+@pytest.mark.parametrize("conv_kernel", [True, False], ids=["causal-conv1d", "no causal-conv1d"])
+def test_kernel_branch_under_bf16_autocast_gives_the_kernels_one_type(
+    conv_kernel, monkeypatch, clear_kernel_cache
+):
+    """Training on CUDA runs under bf16 autocast: the projections come out in bf16 while the PyTorch conv
+    (used without causal-conv1d) promotes to its float32 weight. mamba-ssm's kernel refuses mixed types
+    ("Expected delta.scalar_type() == input_type", seen on an H200, 2026-11-30): the branch hands it one
+    type, and its output stays within bf16 rounding of the float32 branch."""
+    calls = []
+    stand_in_kernels(monkeypatch, calls, conv=conv_kernel)
+    monkeypatch.setattr(ssm, "resolve_backend", lambda backend, on_gpu: "cuda")
+    inputs = {k: v.detach().float() for k, v in branch_inputs(29).items()}
+    reference = mamba_branch_torch(*inputs.values())
+    x, z = inputs["x"].bfloat16(), inputs["z"].bfloat16()  # as in_proj gives them under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ssm.mamba_branch(x, z, *list(inputs.values())[2:], backend="cuda")
+    assert y.dtype == torch.bfloat16
+    assert calls == (["conv", "scan"] if conv_kernel else ["scan"])
+    assert float((y.float() - reference).norm() / reference.norm()) < 3e-2
 
 
 # ---------------------------------------------------------------------------------------- the blocks

@@ -121,7 +121,8 @@ def mamba_branch(
         return mamba_branch_torch(x, z, *weights, order=order)
     if order is not None:
         x, z = x[:, order], z[:, order]
-    u = causal_conv1d(x.mT, conv_weight, conv_bias, silu=True, backend="cuda").mT
+    # in x's type, as causal-conv1d's kernel returns it (the PyTorch conv promotes to float32 weights)
+    u = causal_conv1d(x.mT, conv_weight, conv_bias, silu=True, backend="cuda").mT.to(x.dtype)
     rank, d_state = dt_proj_weight.shape[1], A.shape[1]
     dt, B, C = torch.nn.functional.linear(u, x_proj_weight).split([rank, d_state, d_state], dim=-1)
     delta = torch.nn.functional.linear(dt, dt_proj_weight)

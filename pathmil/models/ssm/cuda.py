@@ -52,9 +52,18 @@ def require_scan() -> None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True) -> torch.Tensor:
-    """mamba-ssm's ``selective_scan_fn`` on ``(b, d, L)`` tensors (B, C ``(b, n, L)``)."""
+    """mamba-ssm's ``selective_scan_fn`` on ``(b, d, L)`` tensors (B, C ``(b, n, L)``).
+
+    The kernel takes one type for ``u, delta, B, C, z`` (float32, float16 or bfloat16) and float32 for
+    ``A, D, delta_bias``, and refuses anything else. Under autocast the projections come out in 16 bits
+    while float32 parameters promote other pieces, so ``delta, B, C, z`` are cast here to ``u``'s type (A,
+    D and delta_bias are parameters, float32 under autocast too).
+    """
     require_scan()
     kernel = _scan_kernel()
+    dtype = u.dtype
+    delta, B, C = delta.to(dtype), B.to(dtype), C.to(dtype)
+    z = None if z is None else z.to(dtype)
     return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
 
 
