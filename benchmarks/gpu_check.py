@@ -14,15 +14,17 @@ test suite; nothing here re-implements a stage.
   within ``TRAIN_TOLERANCE`` of the CPU run's (dropout and masking draw from another generator on each
   device, so the runs are not bit-equal), and the CPU-trained models score the bags on CUDA within
   ``SCORE_TOLERANCE`` of their CPU scores (``pathmil predict --device cuda`` against ``--device cpu``).
+- ``extract``: ``resnet50_trunc`` and ``uni`` (ViT-L/16, random weights) on a large slide: the pipeline
+  (``extract_slide``: reader processes, resize, encoder, bag file) against the bare encoder on tiles in
+  GPU memory, same settings and batch size (target: at least ``EXTRACT_TARGET``), with GPU utilisation;
+  the tiles/s of one reading process alone, and the fastest encoder again with a reader per core but one.
+- ``workflow``: the Snakemake workflow (local, not SLURM) on a few demo slides with ``extract.gpus: 1``
+  and ``train.gpus: 1``; passes when every extraction and training job ran on CUDA.
+- ``build``: waits for the background build of mamba-ssm and causal-conv1d, checks they import.
 - ``tests``: ``pytest -m gpu`` (mamba-ssm's kernels against the PyTorch scan, forward and backward, fp32
   and bf16).
 - ``mamba``: MambaMIL forward + backward (bf16 autocast) at 10k, 50k and 200k instances, mamba-ssm's
   kernels against the PyTorch scan: seconds and peak GPU memory; MambaMIL trained with the kernels.
-- ``extract``: ``resnet50_trunc`` and ``uni`` (ViT-L/16, random weights) on a large slide: the pipeline
-  (``extract_slide``: reader processes, resize, encoder, bag file) against the bare encoder on tiles in
-  GPU memory, same settings and batch size (target: at least ``EXTRACT_TARGET``), with GPU utilisation.
-- ``workflow``: the Snakemake workflow (local, not SLURM) on a few demo slides with ``extract.gpus: 1``
-  and ``train.gpus: 1``; passes when every extraction and training job ran on CUDA.
 
 Each step writes its record to ``WORK/steps/NAME.json`` after every measurement, and ``report`` merges the
 records into ``OUT/gpu_check.json`` and ``OUT/gpu_check.md``, so a step killed by its time limit keeps
@@ -58,7 +60,8 @@ if str(ROOT) not in sys.path:
 TRAIN_TOLERANCE = 0.10  # |test metric on CUDA - on CPU| (AUC, c-index, R^2), fold 0
 SCORE_TOLERANCE = 0.02  # max |score on CUDA - on CPU| / range of the CPU scores, same model and bags
 EXTRACT_TARGET = 0.8  # pipeline tiles/s / bare encoder tiles/s
-STEPS = ("info", "data", "train", "build", "tests", "mamba", "extract", "workflow")
+STARTED = time.time()
+STEPS = ("info", "data", "train", "extract", "workflow", "build", "tests", "mamba")
 # import names of pyproject's dependencies where they differ from the distribution's
 IMPORT_NAMES = {
     "openslide-python": "openslide",
@@ -211,6 +214,15 @@ def finish_step(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def seconds_left(margin: float = 15.0) -> float | None:
+    """Seconds this step may still give a subprocess: its limit (GPU_CHECK_STEP_LIMIT_S, set by
+    gpu_check.sh) since this process started, less ``margin`` to record what it did; None without one."""
+    limit = os.environ.get("GPU_CHECK_STEP_LIMIT_S")
+    if not limit:
+        return None
+    return max(1.0, float(limit) - (time.time() - STARTED) - margin)
 
 
 def run(cmd: list[str], log: Path, timeout: float | None = None, env: dict | None = None) -> int:
@@ -380,6 +392,11 @@ def step_data(args: argparse.Namespace) -> None:
     n_tiles = tile_cohort(paths, config, args)
     step.save(tiles=n_tiles, tile_s=round(time.perf_counter() - start, 1))
     facts = extract_cohort(paths, config, args, step)
+    if len(facts) < len(table):
+        results = step.record["results"]
+        status = "timeout" if results.get("extract_timed_out") else "fail"
+        step.finish(status, f"{len(facts)} of {len(table)} slides extracted; {extract_diagnosis(results)}")
+        return
     for task, spec in tasks_of(config, args.dry_run).items():
         cmd = pathmil_cmd("split", "--cohort", str(paths["cohort"]), "--task", task)
         cmd += ["--target", *spec["target"], "--out", str(paths["splits"] / f"{task}.csv")]
@@ -395,7 +412,8 @@ def step_data(args: argparse.Namespace) -> None:
     precisions = sorted({str(f.get("precision")) for f in facts})
     verdict = (
         f"{len(table)} slides ({compression}), {n_tiles} tiles, extracted on {', '.join(devices)} "
-        f"({', '.join(precisions)}) at {speed:.0f} tiles/s (mobilenet_v2; the facts' loops, all slides)"
+        f"({', '.join(precisions)}) at {speed:.0f} tiles/s (mobilenet_v2; the facts' loops, all slides); "
+        + extract_diagnosis(step.record["results"])
     )
     step.finish("pass" if on_device and len(facts) == len(table) else "fail", verdict)
 
@@ -441,15 +459,53 @@ def extract_cohort(
         cmd += ["--out-dir", str(paths["features"]), "--encoder", config["extract"]["encoder"], *weights_args]
         cmd += ["--batch-size", str(config["extract"]["batch_size"]), "--device", device, "--skip-errors"]
         log = paths["logs"] / f"extract_{device}.log"
-        if run(cmd, log) == 0:
+        start = time.perf_counter()
+        code = run(cmd, log, timeout=seconds_left())
+        step.save(extract_wall_s=round(time.perf_counter() - start, 1), extract_log=tail(log, 6))
+        if code == 0:
             break
-        step.save(extract_error={device: tail(log, 8)})
+        step.save(extract_error={device: tail(log, 8)}, extract_timed_out=code == 124)
+        if code == 124:  # no time for the CPU
+            break
     facts = []
     for path in sorted(paths["features"].glob("*.json")):
         fact = json.loads(path.read_text())
         fact["seconds_total"] = (fact.get("seconds") or {}).get("total", 0)
         facts.append(fact)
+    step.save(extract_per_slide=per_slide_seconds(facts))
     return facts
+
+
+def per_slide_seconds(facts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a cohort's extraction time went, per slide: the facts' phases (the tile loop's total, its
+    wait for tiles and its encoding; with the bag's writing: all) and the readers each slide used."""
+    if not facts:
+        return {"slides": 0}
+    phases: dict[str, float] = {}
+    for fact in facts:
+        for phase, value in (fact.get("seconds") or {}).items():
+            phases[phase] = phases.get(phase, 0.0) + float(value or 0)
+    mean = {k: round(v / len(facts), 3) for k, v in phases.items()}
+    tiles = sum(f.get("n_tiles", 0) for f in facts) / len(facts)
+    return {
+        "slides": len(facts),
+        "tiles": round(tiles, 1),
+        "mean_s": mean,
+        "readers": sorted({f.get("workers") for f in facts}, key=str),
+    }
+
+
+def extract_diagnosis(results: dict[str, Any]) -> str:
+    """One line on where a cohort extraction's time went: inside the slides' tile loops, or between them."""
+    per = results.get("extract_per_slide") or {}
+    wall = results.get("extract_wall_s")
+    if not per.get("slides") or not wall:
+        return f"no slide finished in {wall} s; log: {results.get('extract_log', '')[-300:]}"
+    inside = per["mean_s"].get("all", per["mean_s"].get("total", 0)) * per["slides"]
+    return (
+        f"{per['slides']} slides in {wall:.0f} s, {inside:.0f} s of it inside extract_slide "
+        f"(per slide: {per['mean_s']}, {per['tiles']} tiles, readers {per['readers']})"
+    )
 
 
 def have_data(step: Step, args: argparse.Namespace) -> bool:
@@ -736,7 +792,11 @@ def step_mamba(args: argparse.Namespace) -> None:
     rows: list[list[Any]] = []
     for backend in ["cuda", "torch"] if kernels else ["torch"]:
         model = mamba_model(backend, device, sizes)
-        time_mamba(model, min(1000, sizes["mamba_sizes"][0]), device, sizes["mamba_in_dim"])  # warm-up
+        try:
+            time_mamba(model, min(1000, sizes["mamba_sizes"][0]), device, sizes["mamba_in_dim"])  # warm-up
+        except Exception as err:  # one backend failing must not hide the other
+            rows.append([None, backend, None, None, f"{type(err).__name__}: {err}"[:200]])
+            continue
         last: tuple[int, float] | None = None
         for n in sizes["mamba_sizes"]:
             if last and last[1] * n / last[0] > 30:
@@ -829,12 +889,17 @@ def mamba_verdict(
     if not kernels:
         verdict = f"mamba-ssm kernels not importable on {device}: PyTorch scan only; " + verdict
     if trained:
+        got, cpu = trained.get("kernels"), trained.get("cpu")
         verdict += (
-            f"; mambamil trained with the kernels: test {trained['kernels']:.3f} vs CPU {trained['cpu']}"
+            f"; mambamil trained with the kernels: test {got if got is None else round(got, 3)} vs CPU {cpu}"
         )
+        verdict += f" ({trained['error']})" if trained.get("error") else ""
     trained_ok = not trained or (
-        trained.get("cpu") is not None and abs(trained["kernels"] - trained["cpu"]) <= TRAIN_TOLERANCE
+        None not in (trained.get("cpu"), trained.get("kernels"))
+        and abs(trained["kernels"] - trained["cpu"]) <= TRAIN_TOLERANCE
     )
+    if errors:
+        verdict += f"; {errors[0][1]} failed: {errors[0][4]}"
     if errors or not timed or not trained_ok:
         return "fail", verdict
     return ("pass" if kernels or device.type == "cpu" else "fail"), verdict
@@ -879,23 +944,65 @@ def step_extract(args: argparse.Namespace) -> None:
         tiles = limit_tiles(tiles, 48, work / "tiles_dry.h5")
     n_tiles = len(read_tiles(tiles).coords)
     step.save(slide_tiles=n_tiles, compression=compression)
+    step.save(one_reader_tiles_per_s=one_reader_rate(slide, tiles, sizes["encoders"][0]))
     rows: list[list[Any]] = []
-    for encoder in sizes["encoders"]:
-        images = None  # the bare encoder's tiles, read once per encoder
-        for batch in sizes["batch_sizes"]:
-            try:
-                row, images = measure_extraction(encoder, batch, slide, tiles, images, args)
-            except Exception as err:  # one failure must not hide the other encoders
-                row = {"encoder": encoder, "batch": batch, "error": f"{type(err).__name__}: {err}"[:200]}
-            rows.append([row.get(c) for c in EXTRACT_COLUMNS])
-            step.save(table={"columns": EXTRACT_COLUMNS, "rows": rows})
-    step.finish(*extract_verdict(rows, n_tiles, args.dry_run))
+    images: dict[str, Any] = {}  # the bare encoder's tiles, read once per encoder
+    # every encoder and batch size with the default readers; then the first encoder at its largest batch
+    # with a reader per core but one (the encoder's process needs little CPU on a GPU)
+    runs = [(e, b, None) for e in sizes["encoders"] for b in sizes["batch_sizes"]]
+    runs.append((sizes["encoders"][0], max(sizes["batch_sizes"]), max(1, n_cpus() - 1)))
+    for encoder, batch, workers in runs:
+        try:
+            row, images[encoder] = measure_extraction(
+                encoder, batch, slide, tiles, images.get(encoder), args, workers
+            )
+        except Exception as err:  # one failure must not hide the other encoders
+            row = {"encoder": encoder, "batch": batch, "error": f"{type(err).__name__}: {err}"[:200]}
+        rows.append([row.get(c) for c in EXTRACT_COLUMNS])
+        step.save(table={"columns": EXTRACT_COLUMNS, "rows": rows})
+    status, verdict = extract_verdict(rows, n_tiles, args.dry_run)
+    one = step.record["results"]["one_reader_tiles_per_s"]
+    step.finish(status, f"{verdict}; one reader alone: {one:.0f} tiles/s")
+
+
+def one_reader_rate(slide: Path, tiles: Path, encoder: str, n: int = 256) -> float:
+    """Tiles/s of one reading process alone (read, resize, crop; one thread), as each reader does it: the
+    readers' ceiling is about this times their number."""
+    import cv2
+    import torch
+
+    from pathmil.features.encoders import encoder_spec
+    from pathmil.features.extract import TileBatches
+    from pathmil.slide.tilefile import read_tiles
+
+    threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        tileset = read_tiles(tiles)
+        dataset = TileBatches(slide, "reader", None, tileset, encoder_spec(encoder).preprocess)
+        count = min(n, len(dataset))
+        dataset.read(0)  # the handle opened before timing
+        start = time.perf_counter()
+        for index in range(count):
+            dataset.read(index)
+        return round(count / (time.perf_counter() - start), 1)
+    finally:
+        torch.set_num_threads(threads[0])
+        cv2.setNumThreads(threads[1])
 
 
 def measure_extraction(
-    encoder: str, batch: int, slide: Path, tiles: Path, images: Any, args: argparse.Namespace
+    encoder: str,
+    batch: int,
+    slide: Path,
+    tiles: Path,
+    images: Any,
+    args: argparse.Namespace,
+    workers: int | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """One encoder at one batch size: the bare encoder on tiles in device memory, then the pipeline."""
+    """One encoder at one batch size: the bare encoder on tiles in device memory, then the pipeline with
+    ``workers`` readers (None: pathmil's default)."""
     import tempfile
 
     import torch
@@ -904,7 +1011,7 @@ def measure_extraction(
     from pathmil.features.extract import extract_slide
 
     sizes = SIZES[args.dry_run]
-    pipeline = make_extractor(encoder, batch, accelerator(args.dry_run))
+    pipeline = make_extractor(encoder, batch, accelerator(args.dry_run), workers)
     runner = pipeline.runner  # built before timing, as the facts' tiles/s leave model loading out
     if images is None:
         images = tiles_in_memory(slide, tiles, runner.encoder.preprocess, sizes["bare_tiles"])
@@ -941,11 +1048,13 @@ def measure_extraction(
     return row, images
 
 
-def make_extractor(encoder: str, batch: int, device: str) -> Any:
+def make_extractor(encoder: str, batch: int, device: str, workers: int | None = None) -> Any:
     """The pipeline of `pathmil extract` for ``encoder`` on random weights (speed does not depend on them)."""
     from pathmil.features.extract import ExtractConfig, FeatureExtractor
 
-    config = ExtractConfig(encoder=encoder, random_init=True, batch_size=batch, device=device, overwrite=True)
+    config = ExtractConfig(
+        encoder=encoder, random_init=True, batch_size=batch, device=device, overwrite=True, workers=workers
+    )
     return FeatureExtractor(config)
 
 

@@ -28,6 +28,7 @@ wheels=(
     fastjsonschema==2.22.3 jupyter-core==5.9.1 traitlets==5.16.1 platformdirs==4.14.8 smart-open==7.7.1
     smmap==5.0.3 throttler==1.2.3 yte==1.9.4 sqlmodel==0.0.37 sqlalchemy==2.0.58 greenlet==3.5.6
     tenacity==9.2.1 tzdata==2026.6
+    optuna==5.0.0 alembic==1.20.1 mako==1.4.3 colorlog==6.12.0
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
     typing-extensions==4.16.0
 )

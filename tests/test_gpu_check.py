@@ -60,6 +60,16 @@ def test_dry_run_reports_every_step(tmp_path, real_data):
     workflow = steps["workflow"]["results"]  # a plan: every extraction (6 slides) and training job asks a GPU
     assert workflow["gpu_jobs"] == {"extract": 6, "train": workflow["planned_jobs"]["train"]}
     assert workflow["planned_jobs"]["train"] >= 2  # abmil on 2 folds
+    # the steps without the kernels run first, while the kernels build
+    assert [step["name"] for step in report["steps"]] == list(gpu_check.STEPS)
+    assert gpu_check.STEPS.index("build") > gpu_check.STEPS.index("workflow")
+    per_slide = steps["data"]["results"]["extract_per_slide"]  # where extraction time went
+    assert per_slide["slides"] == 8 and per_slide["mean_s"]["total"] > 0
+    assert "inside extract_slide" in steps["data"]["verdict"]
+    extract = steps["extract"]
+    assert extract["results"]["one_reader_tiles_per_s"] > 0 and "one reader alone" in extract["verdict"]
+    readers = [row[3] for row in extract["results"]["table"]["rows"]]
+    assert readers[-1] == max(1, (os.cpu_count() or 1) - 1)  # the last run: a reader per core but one
     markdown = (out / "gpu_check.md").read_text()
     for name, status in DRY_RUN_STATUS.items():
         assert f"| {name} | {status} |" in markdown
@@ -129,3 +139,31 @@ def test_fallback_wheels_only_where_the_installed_version_does_not_fit(tmp_path)
     assert gpu_check.fallbacks(tmp_path) == []
     (tmp_path / "SPECS").write_text(f"scikit-learn>{version}\n")
     assert gpu_check.fallbacks(tmp_path) == [wheel]
+
+
+def test_a_step_gives_its_subprocesses_what_its_limit_leaves(monkeypatch):
+    """A step's subprocess (the cohort's extraction) ends before the step's own limit, so the step can
+    still say where the time went: inside the slides' tile loops or between them."""
+    monkeypatch.delenv("GPU_CHECK_STEP_LIMIT_S", raising=False)
+    assert gpu_check.seconds_left() is None
+    monkeypatch.setenv("GPU_CHECK_STEP_LIMIT_S", "100")
+    monkeypatch.setattr(gpu_check, "STARTED", gpu_check.time.time() - 30)
+    assert 50 <= gpu_check.seconds_left(margin=15) <= 55
+    monkeypatch.setattr(gpu_check, "STARTED", gpu_check.time.time() - 300)
+    assert gpu_check.seconds_left() == 1.0
+    facts = [
+        {"n_tiles": 100, "workers": 8, "seconds": {"total": 0.5, "wait_for_tiles": 0.4, "all": 0.6}},
+        {"n_tiles": 140, "workers": 8, "seconds": {"total": 0.7, "wait_for_tiles": 0.5, "all": 0.8}},
+    ]
+    per_slide = gpu_check.per_slide_seconds(facts)
+    assert per_slide == {
+        "slides": 2,
+        "tiles": 120.0,
+        "mean_s": {"total": 0.6, "wait_for_tiles": 0.45, "all": 0.7},
+        "readers": [8],
+    }
+    line = gpu_check.extract_diagnosis({"extract_per_slide": per_slide, "extract_wall_s": 30.0})
+    assert line.startswith("2 slides in 30 s, 1 s of it inside extract_slide")
+    assert "no slide finished in 95.0 s" in gpu_check.extract_diagnosis(
+        {"extract_per_slide": {"slides": 0}, "extract_wall_s": 95.0, "extract_log": "loading"}
+    )
