@@ -365,3 +365,44 @@ def test_progress_bar_and_log_lines_do_not_overwrite_each_other(cohort, tmp_path
         # line alone; without the helper it would follow a fragment of the bar
         shown = line.rstrip("\r").rsplit("\r", 1)[-1]
         assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO ", shown), repr(line)
+
+
+@pytest.mark.parametrize("task", ["classification", "survival", "regression"])
+def test_training_under_bf16_autocast_as_on_a_gpu(cohort, tmp_path, monkeypatch, task):
+    """On a GPU, training, validation and scoring run under bf16 autocast (``amp``); the CPU runs float32.
+    Here the CPU runs them under bf16 autocast as a GPU would, so faults of mixed precision that only a GPU
+    run would meet (the H200 check found one in MambaMIL's kernels) show here: ABMIL, MHIM-MIL v2 (its
+    teacher from the ABMIL run) and MambaMIL train, score and write finite predictions in every task."""
+    import pathmil.training.fit as fit
+    import pathmil.training.run as run_module
+
+    asked = []
+
+    def on_gpu(device, amp):
+        asked.append(amp)
+        return torch.bfloat16 if amp else None
+
+    monkeypatch.setattr(fit, "mil_autocast_dtype", on_gpu)
+    monkeypatch.setattr(run_module, "mil_autocast_dtype", on_gpu)
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, task, splits)
+    short = ["--set", "epochs=3", "--set", "min_epochs=1", "--set", "lr=1e-3", "--no-progress"]
+    if task == "survival":
+        short += ["--set", "task_options.n_bins=4"]
+    runs = {
+        "abmil": ["--set", "model.hidden=32"],
+        "mhim_abmil": ["--set", "model.hidden=32", "--teacher-init", str(tmp_path / "abmil" / "best.pt")],
+        "mambamil": ["--set", "model.d_model=32", "--set", "model.d_state=4"],
+    }
+    for aggregator, extra in runs.items():
+        out = tmp_path / aggregator
+        args = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+                "--fold", "0", "--task", task, "--out", str(out), "--aggregator", aggregator]  # fmt: skip
+        assert main([*args, *short, *extra]) == 0, aggregator
+        summary = json.loads((out / "metrics.json").read_text())
+        predictions = pd.read_csv(out / "predictions.csv")
+        scores = predictions.filter(regex="^(score|prob|risk)").to_numpy(float)
+        assert scores.size and np.isfinite(scores).all(), (aggregator, predictions.head())
+        assert np.isfinite(summary["metrics"]["test"][summary["main_metric"]]), (aggregator, summary)
+    assert asked and all(asked)  # training, validation and scoring all asked for bf16 autocast
