@@ -367,6 +367,8 @@ def _methods() -> dict[str, Method]:
         Method("mean_pool", "mean_pool"),
         Method("abmil", "abmil"),
         Method("abmil_gated", "abmil_gated"),
+        # without CLAM's dropout in the attention network, as Ilse et al. and the MHIM-MIL code: an ablation row
+        Method("abmil_no_attention_dropout", "abmil", model={"attention_dropout": 0.0}),
         Method("transmil", "transmil"),
         Method("mhim_abmil_v1", "mhim_abmil", mhim={"version": 1}, teacher="abmil"),
         Method("mhim_abmil_v2", "mhim_abmil", mhim={"version": 2}, teacher="abmil"),

@@ -25,7 +25,13 @@ class ABMILConfig(Settings):
     hidden: int = Field(512, ge=1, description="width of the instance embedding h_k = ReLU(W x_k)")
     attention_hidden: int = Field(128, ge=1, description="hidden size of the attention network")
     gated: bool = Field(False, description="gated attention: tanh(V h) * sigmoid(U h)")
-    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding and in the attention")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding")
+    attention_dropout: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="dropout in the attention network (CLAM's; Ilse et al. and the MHIM-MIL code use none)",
+    )
 
 
 class GatedABMILConfig(ABMILConfig):
@@ -59,7 +65,9 @@ class ABMIL(MILModel):
         super().__init__(in_dim, n_outputs)
         c = config or ABMILConfig()
         self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
-        self.attention = AttentionPool(c.hidden, c.attention_hidden, gated=c.gated, dropout=c.dropout)
+        self.attention = AttentionPool(
+            c.hidden, c.attention_hidden, gated=c.gated, dropout=c.attention_dropout
+        )
         self.classifier = nn.Linear(c.hidden, n_outputs)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
