@@ -78,7 +78,7 @@ NOT_CARRIED = {"imagecodecs": "slides are written as zlib TIFFs, which tifffile 
 # sizes of a real run and of the dry run (CPU, tiny)
 SIZES = {
     False: {
-        "demo": {"n_slides": 32, "n_patients": None, "size": (3072, 3584)},  # 24 patients
+        "demo": {"n_slides": 24, "n_patients": None, "size": (3072, 3584)},  # 18 patients
         "preset": None,  # config/config.yaml's
         "tasks": None,  # every task of config/config.yaml
         "aggregators": None,  # every aggregator of config/config.yaml
@@ -392,11 +392,11 @@ def step_data(args: argparse.Namespace) -> None:
     n_tiles = tile_cohort(paths, config, args)
     step.save(tiles=n_tiles, tile_s=round(time.perf_counter() - start, 1))
     facts = extract_cohort(paths, config, args, step)
-    if len(facts) < len(table):
-        results = step.record["results"]
-        status = "timeout" if results.get("extract_timed_out") else "fail"
-        step.finish(status, f"{len(facts)} of {len(table)} slides extracted; {extract_diagnosis(results)}")
-        return
+    # training needs splits of slides that have bags: after a partial extraction, of those alone
+    with_bags = {f.get("slide_id") for f in facts if f.get("status", "ok") == "ok"}
+    if len(with_bags) < len(table):
+        table.to_csv(paths["cohort"].with_name("cohort_all.csv"), index=False)
+        table[table["slide_id"].astype(str).isin(with_bags)].to_csv(paths["cohort"], index=False)
     for task, spec in tasks_of(config, args.dry_run).items():
         cmd = pathmil_cmd("split", "--cohort", str(paths["cohort"]), "--task", task)
         cmd += ["--target", *spec["target"], "--out", str(paths["splits"] / f"{task}.csv")]
@@ -405,6 +405,12 @@ def step_data(args: argparse.Namespace) -> None:
         if run(cmd, paths["logs"] / f"split_{task}.log") != 0:
             step.finish("error", f"pathmil split failed: {tail(paths['logs'] / f'split_{task}.log', 3)}")
             return
+    if len(facts) < len(table):
+        results = step.record["results"]
+        status = "timeout" if results.get("extract_timed_out") else "fail"
+        verdict = f"{len(facts)} of {len(table)} slides extracted (later steps use those); "
+        step.finish(status, verdict + extract_diagnosis(results))
+        return
     devices = sorted({f.get("device", "?") for f in facts})
     on_device = all(f.get("device", "").startswith(accelerator(args.dry_run)) for f in facts)
     speed = sum(f.get("n_tiles", 0) for f in facts) / max(sum(f.get("seconds_total", 0) for f in facts), 1e-9)
@@ -460,7 +466,7 @@ def extract_cohort(
         cmd += ["--batch-size", str(config["extract"]["batch_size"]), "--device", device, "--skip-errors"]
         log = paths["logs"] / f"extract_{device}.log"
         start = time.perf_counter()
-        code = run(cmd, log, timeout=seconds_left())
+        code = run(cmd, log, timeout=seconds_left(margin=30))  # 30 s: splits and the record
         step.save(extract_wall_s=round(time.perf_counter() - start, 1), extract_log=tail(log, 6))
         if code == 0:
             break
@@ -547,8 +553,9 @@ def train_run(
     label: str,
     extra: dict[str, Any] | None = None,
     threads: int = 1,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
-    """One `pathmil train` on fold 0; returns its metrics.json (or the error)."""
+    """One `pathmil train` on fold 0, stopped after ``timeout`` s; returns its metrics.json (or the error)."""
     import yaml
 
     config, paths = demo_config(), data_paths(args.work)
@@ -562,7 +569,7 @@ def train_run(
     cli += ["--target", *config["tasks"][task]["target"], "--aggregator", aggregator, "--out", str(run_dir)]
     cli += ["--no-progress", "--config", str(run_dir / "run.yaml")]
     log = run_dir / "train.log"
-    if run(pathmil_cmd(*cli, threads=threads), log) != 0:
+    if run(pathmil_cmd(*cli, threads=threads), log, timeout=timeout) != 0:
         return {"error": tail(log, 6), "run": str(run_dir)}
     return json.loads((run_dir / "metrics.json").read_text()) | {"run": str(run_dir)}
 
@@ -775,8 +782,8 @@ def step_tests(args: argparse.Namespace) -> None:
 
 
 def step_mamba(args: argparse.Namespace) -> None:
-    """MambaMIL trained with mamba-ssm's kernels, then forward + backward per bag size, kernels against the
-    PyTorch scan."""
+    """MambaMIL forward + backward per bag size, kernels against the PyTorch scan; then MambaMIL trained
+    with mamba-ssm's kernels in the time the step has left."""
     import torch
 
     from pathmil.models.ssm import cuda
@@ -787,8 +794,7 @@ def step_mamba(args: argparse.Namespace) -> None:
     kernels = device.type == "cuda" and cuda.scan_available()
     versions = {n: _version(n) for n in ("mamba-ssm", "causal-conv1d")}
     step.save(kernels=kernels, conv_kernel=cuda.conv_available(), versions=versions)
-    trained = train_with_kernels(args) if kernels and data_paths(args.work)["cohort"].is_file() else {}
-    step.save(trained_with_kernels=trained)
+    columns = ["instances", "backend", "fwd+bwd s", "peak GiB", "note"]
     rows: list[list[Any]] = []
     for backend in ["cuda", "torch"] if kernels else ["torch"]:
         model = mamba_model(backend, device, sizes)
@@ -796,6 +802,7 @@ def step_mamba(args: argparse.Namespace) -> None:
             time_mamba(model, min(1000, sizes["mamba_sizes"][0]), device, sizes["mamba_in_dim"])  # warm-up
         except Exception as err:  # one backend failing must not hide the other
             rows.append([None, backend, None, None, f"{type(err).__name__}: {err}"[:200]])
+            step.save(table={"columns": columns, "rows": rows})
             continue
         last: tuple[int, float] | None = None
         for n in sizes["mamba_sizes"]:
@@ -804,19 +811,22 @@ def step_mamba(args: argparse.Namespace) -> None:
                     [n, backend, None, None, f"skipped: about {last[1] * n / last[0]:.0f} s expected"]
                 )
                 continue
-            result = time_mamba(model, n, device, sizes["mamba_in_dim"])
+            try:
+                result = time_mamba(model, n, device, sizes["mamba_in_dim"])
+            except Exception as err:
+                result = {"error": f"{type(err).__name__}: {err}"[:200]}
             rows.append([n, backend, result.get("seconds"), result.get("peak_gib"), result.get("error", "")])
             last = (n, result["seconds"]) if "seconds" in result else None
-            step.save(
-                table={"columns": ["instances", "backend", "fwd+bwd s", "peak GiB", "note"], "rows": rows}
-            )
+            step.save(table={"columns": columns, "rows": rows})
         del model
+    trained = train_with_kernels(args) if kernels and data_paths(args.work)["cohort"].is_file() else {}
+    step.save(trained_with_kernels=trained)
     step.finish(*mamba_verdict(rows, kernels, trained, device))
 
 
 def train_with_kernels(args: argparse.Namespace) -> dict[str, Any]:
     """MambaMIL on classification fold 0 with the kernels, against the train step's CPU run."""
-    run_ = train_run(args, "classification", "mambamil", "cuda", "gpu_kernels")
+    run_ = train_run(args, "classification", "mambamil", "cuda", "gpu_kernels", timeout=seconds_left())
     cpu_metrics = args.work / "train" / "classification" / "mambamil" / "cpu" / "metrics.json"
     cpu = json.loads(cpu_metrics.read_text()) if cpu_metrics.is_file() else {}
     return {
@@ -944,7 +954,12 @@ def step_extract(args: argparse.Namespace) -> None:
         tiles = limit_tiles(tiles, 48, work / "tiles_dry.h5")
     n_tiles = len(read_tiles(tiles).coords)
     step.save(slide_tiles=n_tiles, compression=compression)
-    step.save(one_reader_tiles_per_s=one_reader_rate(slide, tiles, sizes["encoders"][0]))
+    try:
+        step.save(one_reader_tiles_per_s=one_reader_rate(slide, tiles, sizes["encoders"][0]))
+    except Exception as err:  # the pipeline's table matters more than this diagnostic
+        step.save(one_reader_tiles_per_s=None, one_reader_error=f"{type(err).__name__}: {err}"[:200])
+    # the readers' speed depends on what else runs: the kernels' build (nvcc on every core) may
+    step.save(load_average=[round(x, 1) for x in os.getloadavg()], build_running=build_running(args.work))
     rows: list[list[Any]] = []
     images: dict[str, Any] = {}  # the bare encoder's tiles, read once per encoder
     # every encoder and batch size with the default readers; then the first encoder at its largest batch
@@ -961,8 +976,17 @@ def step_extract(args: argparse.Namespace) -> None:
         rows.append([row.get(c) for c in EXTRACT_COLUMNS])
         step.save(table={"columns": EXTRACT_COLUMNS, "rows": rows})
     status, verdict = extract_verdict(rows, n_tiles, args.dry_run)
-    one = step.record["results"]["one_reader_tiles_per_s"]
-    step.finish(status, f"{verdict}; one reader alone: {one:.0f} tiles/s")
+    results = step.record["results"]
+    one, building = results["one_reader_tiles_per_s"], results["build_running"]
+    verdict += f"; one reader alone: {one} tiles/s; load {results['load_average'][0]}"
+    step.finish(status, verdict + (" while the kernels built" if building else ""))
+
+
+def build_running(work: Path) -> bool:
+    """Whether gpu_check.sh's background build of the kernels is still under way."""
+    if (work / "build.skip").is_file() or not (work / "logs" / "build.log").is_file():
+        return False
+    return not all((work / f"build_{name}.rc").is_file() for name in ("conv1d", "mamba"))
 
 
 def one_reader_rate(slide: Path, tiles: Path, encoder: str, n: int = 256) -> float:
@@ -1093,7 +1117,7 @@ def extract_verdict(rows: list[list[Any]], n_tiles: int, dry_run: bool) -> tuple
     ]
     errors = [r[-1] for r in rows if r[EXTRACT_COLUMNS.index("pipeline / bare")] is None]
     parts = [
-        f"{r['encoder']} b{r['batch']}: {r['pipeline tiles/s (wall)']:.0f}/{r['bare tiles/s']:.0f} tiles/s = "
+        f"{r['encoder']} b{r['batch']} r{r['readers']}: {r['pipeline tiles/s (wall)']:.0f}/{r['bare tiles/s']:.0f} tiles/s = "
         f"{r['pipeline / bare']:.2f} (loop {r['loop / bare']:.2f}), GPU util {r['GPU util % (pipeline)']}%"
         for r in done
     ]

@@ -15,8 +15,8 @@
 # sdists in .whl/ for sm_90 alone, in the background (nice 10, all cores) while the first five run;
 # the build step waits for them until GPU_CHECK_BUILD_CAP_S (360 s after the start) and then goes on
 # without them, saying so. (On the H200, 2026-11-30, mamba-ssm built inside 330 s and causal-conv1d
-# did not.) Each step knows its limit (GPU_CHECK_STEP_LIMIT_S) and ends its own subprocesses in time to
-# record what they did. Results: $OUT/gpu_check.json and $OUT/gpu_check.md, rewritten after every
+# did not.) Each step knows its limit (GPU_CHECK_STEP_LIMIT_S): the data step's extraction and the mamba
+# step's training end before it, so those steps still record what they did. Results: $OUT/gpu_check.json and $OUT/gpu_check.md, rewritten after every
 # step (a step stopped by its limit keeps what it measured); the whole log: $OUT/gpu_check.log; build
 # logs: $OUT/build_mamba.log, $OUT/build_conv1d.log. One line per step: status, seconds, verdict.
 #
@@ -65,13 +65,14 @@ wanted() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
 elapsed() { echo $((SECONDS - start)); }
 finish() { "$PY" benchmarks/gpu_check.py finish "${common[@]}" "$@"; }
 
-# step NAME LIMIT COMMAND...: run it under min(LIMIT, what the budget leaves), then record how it ended
+# step NAME LIMIT COMMAND...: run it under min(LIMIT, what the budget leaves after RESERVE seconds kept
+# for the steps after it), then record how it ended
 step() {
     local name=$1 cap=$2 left limit t0 rc
     shift 2
     wanted "$name" || return 0
     cap=$((cap * scale))
-    left=$((BUDGET - $(elapsed) - 5))
+    left=$((BUDGET - $(elapsed) - 5 - ${RESERVE:-0} * scale))
     limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 15 ]; then
         finish --step "$name" --status skipped --verdict "not started: $left s of the $BUDGET s budget left"
@@ -189,12 +190,15 @@ if wanted build; then
 fi
 
 # ----------------------------------------------------------------------------------------------- steps
+# the steps without the kernels first, while they build; then the two that use them, with 110 s kept for
+# them (tests 30 s, mamba 80 s) whatever the first steps take
+export RESERVE=110
 step info 40 "$PY" benchmarks/gpu_check.py info "${common[@]}"
-step data 100 "$PY" benchmarks/gpu_check.py data "${common[@]}"
+step data 120 "$PY" benchmarks/gpu_check.py data "${common[@]}"
 step train 150 "$PY" benchmarks/gpu_check.py train "${common[@]}"
-# the steps without the kernels first, while they build; then the two that use them
 step extract 100 "$PY" benchmarks/gpu_check.py extract "${common[@]}"
 step workflow 150 "$PY" benchmarks/gpu_check.py workflow "${common[@]}"
+export RESERVE=0
 if wanted build; then
     t0=$SECONDS
     [ -n "$build_pid" ] && wait "$build_pid"
@@ -207,7 +211,7 @@ fi
 for dir in "$KERNELS"/conv1d "$KERNELS"/mamba; do
     [ -d "$dir" ] && export PYTHONPATH="$PYTHONPATH:$dir"
 done
-step tests 60 "$PY" benchmarks/gpu_check.py tests "${common[@]}"
+RESERVE=60 step tests 60 "$PY" benchmarks/gpu_check.py tests "${common[@]}"
 step mamba 100 "$PY" benchmarks/gpu_check.py mamba "${common[@]}"
 echo "[gpu-check] done in $(elapsed) s: $OUT/gpu_check.md"
 cat "$OUT/gpu_check.md"

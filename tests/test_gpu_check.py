@@ -69,7 +69,8 @@ def test_dry_run_reports_every_step(tmp_path, real_data):
     extract = steps["extract"]
     assert extract["results"]["one_reader_tiles_per_s"] > 0 and "one reader alone" in extract["verdict"]
     readers = [row[3] for row in extract["results"]["table"]["rows"]]
-    assert readers[-1] == max(1, (os.cpu_count() or 1) - 1)  # the last run: a reader per core but one
+    assert readers[-1] == max(1, gpu_check.n_cpus() - 1)  # the last run: a reader per core but one
+    assert "load_average" in extract["results"] and extract["results"]["build_running"] is False
     markdown = (out / "gpu_check.md").read_text()
     for name, status in DRY_RUN_STATUS.items():
         assert f"| {name} | {status} |" in markdown

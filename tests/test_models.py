@@ -168,3 +168,18 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
     with torch.no_grad():
         after = epoch_loss(train=False)
     assert after < 0.8 * before, (before, after)
+
+
+def test_abmil_attention_dropout_is_its_own_setting():
+    """``dropout`` acts after the embedding, ``attention_dropout`` in the attention network (CLAM's 0.25 by
+    default; 0 as Ilse et al. and the MHIM-MIL code), for ABMIL, gated ABMIL and MHIM-MIL's ABMIL."""
+    for name in ("abmil", "abmil_gated", "mhim_abmil"):
+        model = create_model(name, in_dim=8, n_outputs=2, attention_dropout=0.0)
+        rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates and all(p == (0.0 if "attention" in n else 0.25) for n, p in rates.items()), (
+            name,
+            rates,
+        )
+        assert any("attention" in n for n in rates) and any("attention" not in n for n in rates)
+    default = create_model("abmil", in_dim=8, n_outputs=2)
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}

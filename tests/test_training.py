@@ -369,21 +369,27 @@ def test_progress_bar_and_log_lines_do_not_overwrite_each_other(cohort, tmp_path
 
 @pytest.mark.parametrize("task", ["classification", "survival", "regression"])
 def test_training_under_bf16_autocast_as_on_a_gpu(cohort, tmp_path, monkeypatch, task):
-    """On a GPU, training, validation and scoring run under bf16 autocast (``amp``); the CPU runs float32.
-    Here the CPU runs them under bf16 autocast as a GPU would, so faults of mixed precision that only a GPU
-    run would meet (the H200 check found one in MambaMIL's kernels) show here: ABMIL, MHIM-MIL v2 (its
-    teacher from the ABMIL run) and MambaMIL train, score and write finite predictions in every task."""
+    """On a GPU, training, validation and scoring run under bf16 autocast (``amp``) in float32 models; the
+    CPU trains in float32 and scores with a float64 copy. Here the CPU runs all three under bf16 autocast
+    in float32 models, as a GPU would, so mixed-precision faults of the models, losses and scoring show
+    without a GPU: ABMIL, MHIM-MIL v2 (its teacher from the ABMIL run) and MambaMIL train, score and write
+    finite predictions in every task. (MambaMIL runs its PyTorch scan here; the kernels' types are
+    tests/test_mamba.py's stand-in tests.)"""
     import pathmil.training.fit as fit
     import pathmil.training.run as run_module
 
-    asked = []
+    asked: dict[str, list[bool]] = {"fit": [], "run": []}
 
-    def on_gpu(device, amp):
-        asked.append(amp)
-        return torch.bfloat16 if amp else None
+    def on_gpu(module):
+        def dtype(device, amp):
+            asked[module].append(amp)
+            return torch.bfloat16 if amp else None
 
-    monkeypatch.setattr(fit, "mil_autocast_dtype", on_gpu)
-    monkeypatch.setattr(run_module, "mil_autocast_dtype", on_gpu)
+        return dtype
+
+    monkeypatch.setattr(fit, "mil_autocast_dtype", on_gpu("fit"))
+    monkeypatch.setattr(run_module, "mil_autocast_dtype", on_gpu("run"))
+    monkeypatch.setattr(run_module, "scoring_dtype", lambda device: torch.float32)  # as on a GPU
     _, features, table = cohort
     splits = tmp_path / "s.csv"
     split(table, task, splits)
@@ -405,4 +411,5 @@ def test_training_under_bf16_autocast_as_on_a_gpu(cohort, tmp_path, monkeypatch,
         scores = predictions.filter(regex="^(score|prob|risk)").to_numpy(float)
         assert scores.size and np.isfinite(scores).all(), (aggregator, predictions.head())
         assert np.isfinite(summary["metrics"]["test"][summary["main_metric"]]), (aggregator, summary)
-    assert asked and all(asked)  # training, validation and scoring all asked for bf16 autocast
+    # training and validation (fit) and the written scores (run.score_bag) all ran under bf16 autocast
+    assert asked["fit"] and asked["run"] and all(asked["fit"] + asked["run"])
