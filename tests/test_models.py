@@ -171,15 +171,23 @@ def test_gradients_reach_every_parameter_and_loss_falls(name, task_name):
 
 
 def test_abmil_attention_dropout_is_its_own_setting():
-    """``dropout`` acts after the embedding, ``attention_dropout`` in the attention network (CLAM's 0.25 by
-    default; 0 as Ilse et al. and the MHIM-MIL code), for ABMIL, gated ABMIL and MHIM-MIL's ABMIL."""
+    """``dropout`` acts after the embedding and, unless ``attention_dropout`` is given, in the attention
+    network too (as before the setting existed: ``dropout: 0`` still turns all dropout off);
+    ``attention_dropout: 0`` is Ilse et al.'s and the MHIM-MIL code's attention. ABMIL, gated ABMIL and
+    MHIM-MIL's ABMIL alike."""
+
+    def rates(model):
+        found = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+        assert any("attention" in n for n in found) and any("attention" not in n for n in found)
+        return {("attention" if "attention" in n else "embedding", p) for n, p in found.items()}
+
+    cases = [
+        ({}, {("attention", 0.25), ("embedding", 0.25)}),
+        ({"dropout": 0.0}, {("attention", 0.0), ("embedding", 0.0)}),
+        ({"attention_dropout": 0.0}, {("attention", 0.0), ("embedding", 0.25)}),
+        ({"dropout": 0.1, "attention_dropout": 0.3}, {("attention", 0.3), ("embedding", 0.1)}),
+    ]
     for name in ("abmil", "abmil_gated", "mhim_abmil"):
-        model = create_model(name, in_dim=8, n_outputs=2, attention_dropout=0.0)
-        rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
-        assert rates and all(p == (0.0 if "attention" in n else 0.25) for n, p in rates.items()), (
-            name,
-            rates,
-        )
-        assert any("attention" in n for n in rates) and any("attention" not in n for n in rates)
-    default = create_model("abmil", in_dim=8, n_outputs=2)
-    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+        for settings, expected in cases:
+            model = create_model(name, in_dim=8, n_outputs=2, **settings)
+            assert rates(model) == expected, (name, settings)

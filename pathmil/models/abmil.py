@@ -25,12 +25,18 @@ class ABMILConfig(Settings):
     hidden: int = Field(512, ge=1, description="width of the instance embedding h_k = ReLU(W x_k)")
     attention_hidden: int = Field(128, ge=1, description="hidden size of the attention network")
     gated: bool = Field(False, description="gated attention: tanh(V h) * sigmoid(U h)")
-    dropout: float = Field(0.25, ge=0, lt=1, description="dropout after the embedding")
-    attention_dropout: float = Field(
+    dropout: float = Field(
         0.25,
         ge=0,
         lt=1,
-        description="dropout in the attention network (CLAM's; Ilse et al. and the MHIM-MIL code use none)",
+        description="dropout after the embedding, and in the attention unless attention_dropout",
+    )
+    attention_dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="dropout in the attention network; none: dropout's (CLAM's 0.25; Ilse et al. and the "
+        "MHIM-MIL code use 0)",
     )
 
 
@@ -66,7 +72,10 @@ class ABMIL(MILModel):
         c = config or ABMILConfig()
         self.encoder = nn.Sequential(nn.Linear(in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
         self.attention = AttentionPool(
-            c.hidden, c.attention_hidden, gated=c.gated, dropout=c.attention_dropout
+            c.hidden,
+            c.attention_hidden,
+            gated=c.gated,
+            dropout=c.dropout if c.attention_dropout is None else c.attention_dropout,
         )
         self.classifier = nn.Linear(c.hidden, n_outputs)
 
