@@ -413,3 +413,39 @@ def test_training_under_bf16_autocast_as_on_a_gpu(cohort, tmp_path, monkeypatch,
         assert np.isfinite(summary["metrics"]["test"][summary["main_metric"]]), (aggregator, summary)
     # training and validation (fit) and the written scores (run.score_bag) all ran under bf16 autocast
     assert asked["fit"] and asked["run"] and all(asked["fit"] + asked["run"])
+
+
+def test_a_run_is_scored_in_the_precision_it_was_trained_in(cohort, tmp_path, monkeypatch):
+    """A model trained on the CPU (float32) and scored on a GPU runs in float32 there, not in bf16: the H200
+    check found bf16 moved such a model's scores by up to 2.3 % of their range. A GPU is simulated as in
+    the bf16 test above (bf16 autocast where asked, float32 scoring models); a run marked as trained under
+    bf16 is scored in bf16, so the float32 path is the one the run's record chose."""
+    import dataclasses
+
+    import pathmil.training.run as run_module
+    from pathmil.features.bagfile import read_bag
+    from pathmil.models.checkpoint import load_checkpoint
+
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "regression", splits)
+    train_run(features, table, splits, tmp_path / "run", "regression")
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["trained_in_bf16"] is False
+    bags = [torch.from_numpy(read_bag(p).features).float() for p in sorted(features.glob("*.h5"))[:6]]
+    on_cpu = run_module.load_run(tmp_path / "run")
+    reference = torch.cat([on_cpu.score(bag).logits for bag in bags]).double()
+
+    monkeypatch.setattr(
+        run_module, "mil_autocast_dtype", lambda device, bf16: torch.bfloat16 if bf16 else None
+    )
+    monkeypatch.setattr(run_module, "scoring_dtype", lambda device: torch.float32)
+    as_trained = run_module.load_run(tmp_path / "run")
+    assert as_trained.trained_in_bf16 is False
+    in_bf16 = dataclasses.replace(as_trained, trained_in_bf16=True)
+    scale = float(reference.max() - reference.min())
+    gap = {
+        name: float((torch.cat([r.score(bag).logits for bag in bags]).double() - reference).abs().max())
+        / scale
+        for name, r in (("float32", as_trained), ("bf16", in_bf16))
+    }
+    assert gap["float32"] < 1e-5 and gap["bf16"] > 1e-4, gap

@@ -157,6 +157,11 @@ class Trainer:
         self.state = LoopState()
         self.best: dict[str, Any] | None = None  # {"model": weights, "epoch": n} of the best epoch so far
 
+    @property
+    def trained_in_bf16(self) -> bool:
+        """Whether training runs under bf16 autocast (``amp`` on a GPU); written scores use the same."""
+        return mil_autocast_dtype(self.device, self.config.amp) is not None
+
     def autocast(self):
         return autocast(self.device, mil_autocast_dtype(self.device, self.config.amp))
 
@@ -214,7 +219,7 @@ class Trainer:
         if final:
             model = scoring_model(self.model, self.device)
             out = [
-                score_bag(model, dataset.features(i), self.device, self.config.amp).logits.cpu()
+                score_bag(model, dataset.features(i), self.device, self.trained_in_bf16).logits.cpu()
                 for i in range(len(dataset))
             ]
         else:
@@ -260,6 +265,7 @@ class Trainer:
             "n_outputs": self.task.n_outputs,
             "features": self.data.feature_info,
             "inputs": self.model.checkpoint_inputs(),
+            "trained_in_bf16": self.trained_in_bf16,
         }
 
     def save_last(self) -> None:

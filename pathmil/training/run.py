@@ -126,12 +126,16 @@ def scoring_model(model: MILModel, device: torch.device) -> MILModel:
 
 
 @torch.inference_mode()
-def score_bag(model: MILModel, features: torch.Tensor, device: torch.device, amp: bool) -> MILOutput:
+def score_bag(
+    model: MILModel, features: torch.Tensor, device: torch.device, trained_in_bf16: bool
+) -> MILOutput:
     """One bag (N x D) scored as training's ``predictions.csv``, ``pathmil predict`` and heatmaps all score
     it: features as the bag dataset gives them (float16 values), the model of :func:`scoring_model`, and
-    bf16 autocast on a GPU when the run used ``amp``. Logits come back in at least float32."""
+    bf16 autocast on a GPU only when the run was trained under it (``amp`` on a GPU). A model trained on
+    the CPU is scored in float32 on a GPU: in bf16 its scores moved by up to 2.3 % of their range (H200,
+    2026-11-30, benchmarks/RESULTS.md). Logits come back in at least float32."""
     dtype = next(model.parameters()).dtype
-    with autocast(device, mil_autocast_dtype(device, amp)):
+    with autocast(device, mil_autocast_dtype(device, trained_in_bf16)):
         out = model(features.to(device, dtype)[None])
     return dataclasses.replace(
         out, logits=out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
@@ -152,6 +156,7 @@ class TrainedRun:
     device: torch.device
     epoch: int | None = None
     features: dict[str, Any] | None = None  # how the training bags were made (encoder, weights, tiling)
+    trained_in_bf16: bool = False  # trained under bf16 autocast (amp on a GPU); scored the same way
 
     @property
     def aggregator(self) -> str:
@@ -170,7 +175,7 @@ class TrainedRun:
 
     def score(self, features: torch.Tensor) -> MILOutput:
         """One bag's output, exactly as training scored it for ``predictions.csv`` (:func:`score_bag`)."""
-        return score_bag(self._scoring_model, features, self.device, self.config.amp)
+        return score_bag(self._scoring_model, features, self.device, self.trained_in_bf16)
 
 
 def encoder_name(encoder: str, random_init: bool) -> str:
@@ -231,6 +236,8 @@ def load_run(
         device=target,
         epoch=checkpoint.get("epoch"),
         features=dict(features),
+        # older checkpoints do not record it; they were scored with `amp` on any GPU, and still are
+        trained_in_bf16=bool(checkpoint.get("trained_in_bf16", config.amp)),
     )
 
 
