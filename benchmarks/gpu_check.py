@@ -12,7 +12,8 @@ test suite; nothing here re-implements a stage.
 - ``train``: ABMIL, MHIM-MIL (v2) and MambaMIL for every demo task on fold 0, on CUDA (bf16 autocast) and
   on the CPU with the same seed and bags. Passes when every CUDA run ran on CUDA, each test metric is
   within ``TRAIN_TOLERANCE`` of the CPU run's (dropout and masking draw from another generator on each
-  device, so the runs are not bit-equal), and the CPU-trained models score the bags on CUDA within
+  device, so the runs are not bit-equal; where the two kept different epochs, the CUDA run's train
+  metric trails the CPU's by at most that, :func:`device_gap`), and the CPU-trained models score the bags on CUDA within
   ``SCORE_TOLERANCE`` of their CPU scores (``pathmil predict --device cuda`` against ``--device cpu``).
 - ``extract``: ``resnet50_trunc`` and ``uni`` (ViT-L/16, random weights) on a large slide: the pipeline
   (``extract_slide``: reader processes, resize, encoder, bag file) against the bare encoder on tiles in
@@ -57,8 +58,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TRAIN_TOLERANCE = 0.10  # |test metric on CUDA - on CPU| (AUC, c-index, R^2), fold 0
-SCORE_TOLERANCE = 0.02  # max |score on CUDA - on CPU| / range of the CPU scores, same model and bags
+TRAIN_TOLERANCE = 0.10  # |test metric on CUDA - on CPU| (AUC, c-index, R^2), fold 0 (device_gap)
+# max |score on CUDA - on CPU| / range of the CPU scores, same CPU-trained model and bags: float32 on the GPU
+# against float64 on the CPU (a CPU-trained model is not scored in bf16; in bf16 it was 0.023, 2026-11-30)
+SCORE_TOLERANCE = 1e-3
 EXTRACT_TARGET = 0.8  # pipeline tiles/s / bare encoder tiles/s
 STARTED = time.time()
 STEPS = ("info", "data", "train", "extract", "workflow", "build", "tests", "mamba")
@@ -574,10 +577,20 @@ def train_run(
     return json.loads((run_dir / "metrics.json").read_text()) | {"run": str(run_dir)}
 
 
-def test_metric(metrics: dict[str, Any]) -> float:
+def test_metric(metrics: dict[str, Any], split: str = "test") -> float:
     if "error" in metrics:
         return math.nan
-    return float(metrics["metrics"].get("test", {}).get(metrics["main_metric"], math.nan))
+    return float(metrics["metrics"].get(split, {}).get(metrics["main_metric"], math.nan))
+
+
+def device_gap(cpu: dict[str, Any], gpu: dict[str, Any]) -> tuple[float, str]:
+    """How far the CUDA run is from the CPU run: |test metric difference| where both kept the same epoch.
+    Where they kept different epochs (on the demo's 3 validation bags the validation metric ties at 1.0
+    over many epochs, and bf16 ties of scores break those ties otherwise), the test metrics compare two
+    different models, so the CUDA run is judged by how much its train-split metric trails the CPU's."""
+    if cpu.get("best_epoch") == gpu.get("best_epoch"):
+        return abs(test_metric(gpu) - test_metric(cpu)), "test"
+    return max(0.0, test_metric(cpu, "train") - test_metric(gpu, "train")), "train"
 
 
 def step_train(args: argparse.Namespace) -> None:
@@ -648,6 +661,8 @@ def train_table(
                     test_metric(cpu) if cpu else None,
                     test_metric(gpu) if gpu else None,
                     abs(test_metric(gpu) - test_metric(cpu)) if cpu and gpu else None,
+                    f"{cpu.get('best_epoch', '')}/{gpu.get('best_epoch', '')}",
+                    device_gap(cpu, gpu)[0] if cpu and gpu else None,
                     cpu.get("seconds"),
                     gpu.get("seconds"),
                     gpu.get("device") or gpu.get("error", "")[-80:],
@@ -661,6 +676,8 @@ def train_table(
         "CPU",
         "CUDA",
         "|diff|",
+        "best epoch CPU/CUDA",
+        "judged gap",
         "CPU s",
         "CUDA s",
         "CUDA run's device",
@@ -718,11 +735,13 @@ def train_verdict(
         if "error" in v
     ]
     off_device = [k for k in pairs if not str(runs.get((*k, "gpu"), {}).get("device", "")).startswith(gpu)]
-    diffs = [
-        abs(test_metric(runs[(*k, "gpu")]) - test_metric(runs[(*k, "cpu")]))
-        for k in pairs
+    gaps = {
+        k: device_gap(runs[(*k, "cpu")], runs[(*k, "gpu")])
+        for k in sorted(pairs)
         if (*k, "gpu") in runs and (*k, "cpu") in runs
-    ]
+    }
+    diffs = [gap for gap, _ in gaps.values()]
+    by_train = [f"{'/'.join(k)}" for k, (_, split) in gaps.items() if split == "train"]
     worst = max((d for d in diffs if math.isfinite(d)), default=math.nan)
     score_worst = max((s.get("max_diff_over_range", math.inf) for s in scores.values()), default=math.nan)
     ok = (
@@ -733,8 +752,9 @@ def train_verdict(
         and score_worst <= SCORE_TOLERANCE
     )
     verdict = (
-        f"{len(pairs)} task x aggregator pairs on {gpu} and cpu; worst |test metric diff| {worst:.3f} "
-        f"(tolerance {TRAIN_TOLERANCE}); worst score diff {score_worst:.4f} of the range (tolerance {SCORE_TOLERANCE})"
+        f"{len(pairs)} task x aggregator pairs on {gpu} and cpu; worst gap {worst:.3f} (tolerance "
+        f"{TRAIN_TOLERANCE}; |test metric diff| where both kept the same epoch, else how far CUDA's train "
+        f"metric trails: {len(by_train)} pairs); worst score diff {score_worst:.2g} of the range (tolerance {SCORE_TOLERANCE})"
     )
     if errors:
         verdict += f"; {len(errors)} run(s) failed, first: {errors[0][:200]}"

@@ -191,8 +191,9 @@ fi
 
 # ----------------------------------------------------------------------------------------------- steps
 # the steps without the kernels first, while they build; then the two that use them, with 110 s kept for
-# them (tests 30 s, mamba 80 s) whatever the first steps take
-export RESERVE=110
+# them (tests 30 s, mamba 80 s) whatever the first steps take (nothing kept when neither runs)
+export RESERVE=0
+{ wanted tests || wanted mamba; } && RESERVE=110
 step info 40 "$PY" benchmarks/gpu_check.py info "${common[@]}"
 step data 120 "$PY" benchmarks/gpu_check.py data "${common[@]}"
 step train 150 "$PY" benchmarks/gpu_check.py train "${common[@]}"
