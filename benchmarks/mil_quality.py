@@ -339,7 +339,8 @@ def make_data(problem: str, seed: int, folds: int, root: Path, scale: float = 1.
                 strata[bag_id] = label if spec.task == "classification" else min(int(label // 15), 3)
                 group.append(bag_id)
             groups.append(group)
-    pd.DataFrame(records).to_csv(root / "cohort.csv", index=False)
+    pd.DataFrame(records).to_csv(root / "cohort.tmp", index=False)
+    os.replace(root / "cohort.tmp", root / "cohort.csv")
     _folds(groups, strata, test_ids, seed).to_csv(root / "splits.tmp", index=False)
     os.replace(root / "splits.tmp", root / "splits.csv")
     return root
@@ -477,6 +478,12 @@ def run_all(args: argparse.Namespace) -> None:
     log.flush()
     start = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
+        # each (problem, seed)'s data once, before its folds: folds of one seed made it at the same time
+        # before, and one read the cohort table while another was rewriting it
+        datasets = sorted({(p, s) for p, s, *_ in jobs})
+        roots = [out / p / f"seed{s}" / "data" for p, s in datasets]
+        n = len(datasets)
+        list(pool.map(make_data, *zip(*datasets), [args.folds] * n, roots, [args.scale] * n))
         for lines in pool.map(run_fold, *zip(*jobs)):
             for line in lines:
                 print(line, flush=True)
