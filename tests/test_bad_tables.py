@@ -128,8 +128,12 @@ FIVE = [*THREE, {**SECOND, "slide_id": "s4", "patient_id": "p4", "path": "d.svs"
         (FIVE, "classification", 6, 2,
          "split.folds is 6 but only 2 patients have class 0 in column 'label'; each fold needs one in its test part: "
          "use at most 2 folds"),
+        # a survival test part without an event has no c-index
+        ([*FIVE[:2], *({**row, "event": 0} for row in FIVE[2:])], "survival", 3, 2,
+         "split.folds is 3 but only 2 patients have an event (column 'event' is 1); each fold needs one in its "
+         "test part: use at most 2 folds"),
     ],
-    ids=["patients", "class", "both"],
+    ids=["patients", "class", "both", "events"],
 )  # fmt: skip
 def test_more_folds_than_patients_or_than_a_class_is_refused_alike(
     tmp_path, mobilenet_weights, capsys, rows, task, folds, advised, words

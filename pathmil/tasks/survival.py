@@ -149,6 +149,11 @@ class SurvivalTask(Task):
                 "survival needs observed events"
             )
 
+    def fold_needs(self, labels: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+        """An observed event: a test part without one has no comparable pair, so no c-index."""
+        _, event = self._time_event(labels)
+        return [(f"an event (column '{self.event_column}' is 1)", event)]
+
     def _bins(self, time: np.ndarray) -> np.ndarray:
         """Bin of each time: the number of inner edges at or below it (bins are closed on the left)."""
         return np.searchsorted(self.edges, time, side="right")

@@ -417,8 +417,8 @@ def check_cohort_table(path, columns, rows):
 
 
 def check_folds(rows):
-    """split.folds against the patients: each fold's test part needs a patient, and for classification one
-    of each class. `pathmil split` refuses the same in the same words (check_folds in pathmil/data/splits.py).
+    """split.folds against the patients: each fold's test part needs a patient, for classification one of
+    each class, and for survival one with an event. `pathmil split` refuses the same in the same words (check_folds in pathmil/data/splits.py).
     """
     folds = config["split"]["folds"]
 
@@ -447,6 +447,11 @@ def check_folds(rows):
             k = len(patients[value])
             have = f"{k} patients have" if k != 1 else "1 patient has"
             limits.append((k, f"only {have} class {value!r} in column '{column}'"))
+    if "survival" in TASKS:  # a test part without an event has no c-index
+        column = label_columns("survival")[1]
+        k = len({row["patient_id"] for row in rows if row.get(column) == 1})
+        have = f"{k} patients have" if k != 1 else "1 patient has"
+        limits.append((k, f"only {have} an event (column '{column}' is 1)"))
     k, who = min(limits, key=lambda limit: limit[0])  # the tightest: its advice works
     if k < folds:
         refuse(who, k)
