@@ -33,6 +33,8 @@ KINDS = {
     "same-file": ([GOOD, {**SECOND, "path": "a.svs"}], "classification",
                   ["appears twice (slides s1 and s2)", "the same slide file under two slide ids"]),
     "slide-id": ([{**GOOD, "slide_id": "../escaped"}], "classification", ["'../escaped' is not allowed"]),
+    "same-id": ([GOOD, {**SECOND, "slide_id": "s1"}], "classification",
+                ["slide id s1 appears twice; every slide needs a unique id (rename one)"]),
     "event": ([GOOD, {**SECOND, "event": 2}], "survival",
               ["slide s2", "it must be 1 (event observed) or 0 (censored)"]),
     "time": ([GOOD, {**SECOND, "time": -1}], "survival", ["slide s2", "-1", "it must be >= 0"]),
@@ -55,7 +57,7 @@ KINDS = {
                  ["line 3: slide s2: mpp is 0; it must be a number of um/px in [0.05, 20]"]),
 }  # fmt: skip
 # `pathmil cohort` and `pathmil tile --cohort` see these too
-STRUCTURE = {"empty", "semicolons", "header-only", "same-file", "slide-id", "mpp-text", "mpp-zero"}
+STRUCTURE = {"empty", "semicolons", "header-only", "same-file", "same-id", "slide-id", "mpp-text", "mpp-zero"}
 
 
 def write_table(folder: Path, table: list[dict] | str) -> Path:

@@ -403,13 +403,8 @@ def check_cohort_table(path, columns, rows):
                 f"cohort table {path}, line {number} (slide {row['slide_id']}): tissue file {row['tissue']} "
                 "does not exist; fix the 'tissue' column or leave it empty for the automatic mask"
             )
-    check_unique(path, rows, "slide_id", "every slide needs a unique id")
-    check_unique(
-        path,
-        rows,
-        "path",
-        "the same slide file under two slide ids would land in train and test",
-    )
+    check_unique_ids(path, rows)
+    check_unique_files(path, rows)
     check_value_ranges(path, rows, targets)
     for task, cols in targets.items():
         if split_bag_level(task) == "patient":
@@ -457,16 +452,29 @@ def check_folds(rows):
         refuse(who, k)
 
 
-def check_unique(path, rows, column, why):
+def check_unique_ids(path, rows):
+    """In the words of pathmil.cohort.check_slide_ids, which `pathmil` commands use."""
+    seen = set()
+    for row in rows:
+        if row["slide_id"] in seen:
+            raise WorkflowError(
+                f"cohort table {path}: slide id {row['slide_id']} appears twice; every slide needs a "
+                "unique id (rename one)"
+            )
+        seen.add(row["slide_id"])
+
+
+def check_unique_files(path, rows):
+    """In the words of pathmil.cohort.check_unique_files, which `pathmil` commands use."""
     seen = {}
     for row in rows:
-        value = row.get(column)
-        if value is not None and value in seen:
+        file = row.get("path")
+        if file is not None and file in seen:
             raise WorkflowError(
-                f"cohort table {path}: {column} {value} appears twice (slides {seen[value]} and "
-                f"{row['slide_id']}); {why}"
+                f"cohort table {path}: path {file} appears twice (slides {seen[file]} and "
+                f"{row['slide_id']}); the same slide file under two slide ids would land in train and test"
             )
-        seen[value] = row["slide_id"]
+        seen[file] = row["slide_id"]
 
 
 def check_value_ranges(path, rows, targets):
