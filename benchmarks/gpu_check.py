@@ -477,7 +477,7 @@ def extract_cohort(
         if code == 124:  # no time for the CPU
             break
     facts = []
-    for path in sorted(paths["features"].glob("*.json")):
+    for path in sorted(paths["features"].glob("*.json"), key=lambda p: p.stat().st_mtime):  # as extracted
         fact = json.loads(path.read_text())
         fact["seconds_total"] = (fact.get("seconds") or {}).get("total", 0)
         facts.append(fact)
@@ -496,10 +496,14 @@ def per_slide_seconds(facts: list[dict[str, Any]]) -> dict[str, Any]:
             phases[phase] = phases.get(phase, 0.0) + float(value or 0)
     mean = {k: round(v / len(facts), 3) for k, v in phases.items()}
     tiles = sum(f.get("n_tiles", 0) for f in facts) / len(facts)
+    # the first slide also pays the CUDA warm-up (context, cuDNN, kernels loaded on first use), which a
+    # mean spreads over all: the encoding of each slide in order shows it apart
+    encode = [round(float((f.get("seconds") or {}).get("encode", 0.0)), 3) for f in facts]
     return {
         "slides": len(facts),
         "tiles": round(tiles, 1),
         "mean_s": mean,
+        "encode_s_in_order": encode,
         "readers": sorted({f.get("workers") for f in facts}, key=str),
     }
 

@@ -153,14 +153,15 @@ def test_a_step_gives_its_subprocesses_what_its_limit_leaves(monkeypatch):
     monkeypatch.setattr(gpu_check, "STARTED", gpu_check.time.time() - 300)
     assert gpu_check.seconds_left() == 1.0
     facts = [
-        {"n_tiles": 100, "workers": 8, "seconds": {"total": 0.5, "wait_for_tiles": 0.4, "all": 0.6}},
-        {"n_tiles": 140, "workers": 8, "seconds": {"total": 0.7, "wait_for_tiles": 0.5, "all": 0.8}},
+        {"n_tiles": 100, "workers": 8, "seconds": {"total": 0.5, "wait_for_tiles": 0.1, "encode": 0.4}},
+        {"n_tiles": 140, "workers": 8, "seconds": {"total": 0.7, "wait_for_tiles": 0.6, "encode": 0.1}},
     ]
     per_slide = gpu_check.per_slide_seconds(facts)
     assert per_slide == {
         "slides": 2,
         "tiles": 120.0,
-        "mean_s": {"total": 0.6, "wait_for_tiles": 0.45, "all": 0.7},
+        "mean_s": {"total": 0.6, "wait_for_tiles": 0.35, "encode": 0.25},
+        "encode_s_in_order": [0.4, 0.1],  # the first slide's warm-up apart from the others
         "readers": [8],
     }
     line = gpu_check.extract_diagnosis({"extract_per_slide": per_slide, "extract_wall_s": 30.0})
