@@ -291,11 +291,17 @@ def write_demo_slide(
         rgb = cv2.resize(rgb, (rgb.shape[1] * 2, rgb.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
     path = out_dir / "slides" / f"{spec.slide_id}.tiff"
     write_pyramidal_tiff(path, rgb, spec.mpp, compression=compression)
+    return cohort_row(spec, f"slides/{path.name}")
+
+
+def cohort_row(spec: DemoSlide, path: str) -> dict:
+    """A planned slide's row of the cohort table, with every task's labels (the workflow plans the demo's
+    rows from this before the slides are painted)."""
     patient = spec.patient
     return {
         "slide_id": spec.slide_id,
         "patient_id": patient.patient_id,
-        "path": f"slides/{path.name}",
+        "path": path,
         "mpp": spec.table_mpp,
         "label": patient.grade,
         "time": patient.time,

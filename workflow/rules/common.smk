@@ -278,20 +278,11 @@ wildcard_constraints:
 
 def demo_slides():
     """The demo's slides, known before they are painted (the demo needs pathmil at parse time)."""
-    from pathmil.demo import plan_demo
+    from pathmil.demo import cohort_row, plan_demo
 
     demo = config["slides"]["demo"]
     plan = plan_demo(demo["n_slides"], demo.get("n_patients"), demo["seed"])
-    return [
-        {
-            "slide_id": s.slide_id,
-            "patient_id": s.patient.patient_id,
-            "path": f"{OUT}/demo/slides/{s.slide_id}.tiff",
-            "mpp": s.table_mpp,
-            "label": s.patient.grade,
-        }
-        for s in plan
-    ]
+    return [cohort_row(s, f"{OUT}/demo/slides/{s.slide_id}.tiff") for s in plan]
 
 
 def read_cohort_table(path):
@@ -421,7 +412,7 @@ def check_folds(rows):
         fix = (
             f"use at most {n} folds"
             if n >= 2
-            else "cross-validation needs at least two"
+            else "cross-validation needs at least 2 of them"
         )
         raise WorkflowError(
             f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
