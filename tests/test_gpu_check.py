@@ -54,9 +54,14 @@ def test_dry_run_reports_every_step(tmp_path, real_data):
         assert step["verdict"] and step["seconds"] is not None, step
         assert f"[gpu-check] {step['name']}: {step['status'].upper()}" in done.stdout
     steps = {step["name"]: step for step in report["steps"]}
-    train_rows = steps["train"]["results"]["table"]["rows"]
-    assert {row[1] for row in train_rows} == {"abmil", "mhim_abmil"}
-    assert all(row[5] == 0 and row[9] == 0 for row in train_rows)  # both "devices" are the CPU here
+    table = steps["train"]["results"]["table"]
+    train_rows = [dict(zip(table["columns"], row)) for row in table["rows"]]
+    assert {row["aggregator"] for row in train_rows} == {"abmil", "mhim_abmil"}
+    for row in train_rows:  # both "devices" are the CPU here: the same epochs, metrics and scores
+        assert row["|diff|"] == 0 and row["judged gap"] == 0, row
+        assert row["scores CUDA vs CPU: max |diff| / range"] == 0, row
+        cpu_epoch, gpu_epoch = row["best epoch CPU/CUDA"].split("/")
+        assert cpu_epoch == gpu_epoch, row
     workflow = steps["workflow"]["results"]  # a plan: every extraction (6 slides) and training job asks a GPU
     assert workflow["gpu_jobs"] == {"extract": 6, "train": workflow["planned_jobs"]["train"]}
     assert workflow["planned_jobs"]["train"] >= 2  # abmil on 2 folds
