@@ -85,7 +85,7 @@ def _holdout(patients: np.ndarray, strata: np.ndarray, frac: float, seed: int) -
 
 def too_many_folds(folds: int, who: str, n: int) -> str:
     """The words for more folds than the patients each test part needs one of; the workflow's dry run
-    uses them too (check_folds in workflow/rules/common.smk)."""
+    says the same (check_folds in workflow/rules/common.smk)."""
     fix = f"use at most {n} folds" if n >= 2 else "cross-validation needs at least 2 of them"
     return f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
 

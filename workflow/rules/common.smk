@@ -404,13 +404,19 @@ def check_cohort_table(path, columns, rows):
 
 def check_folds(rows):
     """split.folds against the patients: each fold's test part needs a patient, for classification one of
-    each class, and for survival one with an event. `pathmil split` refuses the same in the same words
-    (check_folds and too_many_folds in pathmil/data/splits.py).
+    each class, and for survival one with an event. `pathmil split` refuses the same in the same words (check_folds in pathmil/data/splits.py).
     """
-    from pathmil.data.splits import too_many_folds
+    folds = config["split"]["folds"]
 
-    def only(k, what):
-        return f"only {k} patients have {what}" if k != 1 else f"only 1 patient has {what}"
+    def refuse(who, n):
+        fix = (
+            f"use at most {n} folds"
+            if n >= 2
+            else "cross-validation needs at least 2 of them"
+        )
+        raise WorkflowError(
+            f"split.folds is {folds} but {who}; each fold needs one in its test part: {fix}"
+        )
 
     n = len({row["patient_id"] for row in rows})
     limits = [(n, f"the cohort has only {n} patient{'s' * (n != 1)}")]
@@ -424,16 +430,17 @@ def check_folds(rows):
         for value in sorted(
             patients, key=None if numeric else str
         ):  # as pathmil's class order
-            limits.append(
-                (len(patients[value]), only(len(patients[value]), f"class {value!r} in column '{column}'"))
-            )
+            k = len(patients[value])
+            have = f"{k} patients have" if k != 1 else "1 patient has"
+            limits.append((k, f"only {have} class {value!r} in column '{column}'"))
     if "survival" in TASKS:  # a test part without an event has no c-index
         column = label_columns("survival")[1]
         k = len({row["patient_id"] for row in rows if row.get(column) == 1})
-        limits.append((k, only(k, f"an event (column '{column}' is 1)")))
+        have = f"{k} patients have" if k != 1 else "1 patient has"
+        limits.append((k, f"only {have} an event (column '{column}' is 1)"))
     k, who = min(limits, key=lambda limit: limit[0])  # the tightest: its advice works
-    if k < config["split"]["folds"]:
-        raise WorkflowError(too_many_folds(config["split"]["folds"], who, k))
+    if k < folds:
+        refuse(who, k)
 
 
 def check_unique_ids(path, rows):
