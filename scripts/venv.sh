@@ -6,19 +6,31 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 python="${PYTHON:-python3}"
 extras="${PATHMIL_EXTRAS:-test}"
+# torch's CUDA build takes 5.5 GB in the venv, and pip unpacks it beside that: a first install on a disk
+# with less than this much free would fail half-way with pip's "No space left on device"
+min_free_gb="${PATHMIL_MIN_FREE_GB:-8}"
 
-if [ ! -x "$venv/bin/python" ]; then
-    echo "[pathmil] creating $venv"
-    "$python" -m venv "$venv"
-fi
 stamp="$venv/.pathmil-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    free_gb=$(($(df -Pk "$root" | awk 'NR == 2 {print $4}') / 1048576))
+    if [ "$free_gb" -lt "$min_free_gb" ]; then
+        echo "[pathmil] error: $free_gb GB free on the disk of $root; installing pathmil[$extras] (torch" \
+            "included) needs about $min_free_gb GB. Free some space, or set PATHMIL_MIN_FREE_GB lower if" \
+            "torch is already installed for this Python." >&2
+        exit 1
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "[pathmil] creating $venv"
+        "$python" -m venv "$venv"
+    fi
     echo "[pathmil] installing pathmil[$extras] into $venv (first time: a few minutes)"
     "$venv/bin/python" -m pip install -q --upgrade pip
     # torch first, pinned: on machines of this kind both wheels lie on local disk (a CUDA build that runs
-    # on CPU); elsewhere pip downloads them. torchvision must match torch or its operators fail to load.
-    "$venv/bin/python" -m pip install -q "torch==${PATHMIL_TORCH:-2.14.1}" "torchvision==${PATHMIL_TORCHVISION:-0.29.1}"
+    # on CPU); elsewhere pip downloads them (without keeping a second copy in pip's cache). torchvision
+    # must match torch or its operators fail to load.
+    "$venv/bin/python" -m pip install -q --no-cache-dir \
+        "torch==${PATHMIL_TORCH:-2.14.1}" "torchvision==${PATHMIL_TORCHVISION:-0.29.1}"
     "$venv/bin/python" -m pip install -q -e "$root[$extras]"
     echo "$want" > "$stamp"
 fi

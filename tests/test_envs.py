@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -108,3 +110,18 @@ def test_rules_name_existing_env_files():
     assert len(paths) == 2
     for path in paths:  # relative to the rule files, as Snakemake resolves them
         assert (ROOT / "workflow" / "rules" / path).resolve() in {p.resolve() for p in ENVS.values()}
+
+
+def test_the_venv_script_refuses_a_first_install_on_a_full_disk(tmp_path):
+    """scripts/venv.sh checks free space before it makes the venv: pip would otherwise fail half-way
+    through torch's CUDA build with "No space left on device" (as a CI run did, 2026-11-30)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "venv.sh", tmp_path / "scripts" / "venv.sh")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    env = {**os.environ, "PATHMIL_MIN_FREE_GB": str(10**9)}
+    done = subprocess.run(
+        ["bash", "-c", "source scripts/venv.sh"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1, done.stderr
+    assert "GB free on the disk of" in done.stderr and "needs about 1000000000 GB" in done.stderr
+    assert not (tmp_path / ".venv").exists()
