@@ -226,6 +226,25 @@ def test_same_seed_repeats_exactly(cohort, tmp_path):
     assert np.array_equal(pa["score"].to_numpy(), pb["score"].to_numpy())
 
 
+
+def test_a_format_1_last_pt_is_not_loaded_and_the_run_trains_from_the_start(cohort, tmp_path, caplog):
+    """A last.pt of checkpoint format 1 kept numpy's random state as a numpy array, which the safe loader
+    refuses: resuming must not fail (it did, with "do not trust its source") but train afresh, alike."""
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    clean = train_run(features, table, splits, tmp_path / "clean", "classification")
+    old = torch.load(tmp_path / "clean" / "last.pt", weights_only=True)
+    old.pop("format_version")
+    old["rng"]["numpy"] = ("MT19937", np.arange(624, dtype=np.uint32), 624, 0, 0.0)  # as format 1 saved it
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "last.pt")
+    with caplog.at_level("WARNING"):
+        again = train_run(features, table, splits, tmp_path / "old", "classification")
+    assert "cannot resume from" in caplog.text and "training from the first epoch" in caplog.text
+    assert again["metrics"] == clean["metrics"] and again["best_epoch"] == clean["best_epoch"]
+    assert torch.load(tmp_path / "old" / "last.pt", weights_only=True)["format_version"] >= 2
+
 # Snakemake deletes the declared outputs of a killed job (best.pt, metrics.json, predictions.csv) and keeps
 # last.pt: the rerun must end as if never killed either way.
 @pytest.mark.parametrize(

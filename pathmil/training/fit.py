@@ -290,7 +290,18 @@ class Trainer:
         path = self.out_dir / "last.pt"
         if not path.is_file():
             return False
-        checkpoint = load_checkpoint(path)
+        try:
+            checkpoint = load_checkpoint(path)
+        except PathmilError as error:
+            # checkpoint format 1 kept numpy's random state as a numpy array, which a safe load refuses;
+            # a damaged or foreign file is refused alike. Either way the run is trained from its start.
+            log.warning(
+                "cannot resume from %s (%s); a last.pt of checkpoint format 1 (pathmil 0.1 before the "
+                "format field) is never loaded: training from the first epoch, and overwriting it",
+                path,
+                error,
+            )
+            return False
         if checkpoint.get("fingerprint") != self.data.fingerprint:
             log.warning("%s belongs to a run with other settings or inputs: starting afresh", path)
             return False
