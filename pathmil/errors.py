@@ -25,3 +25,7 @@ class UpstreamFailure(PathmilError):
     def __init__(self, message: str, stage: str):
         super().__init__(message)
         self.stage = stage
+
+
+class UnsafeFileError(PathmilError):
+    """A torch file whose pickle would build objects other than tensors and plain data: never loaded."""

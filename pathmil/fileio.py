@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pathmil.errors import PathmilError
+from pathmil.errors import PathmilError, UnsafeFileError
 
 HOST = socket.gethostname().replace("-", "_") or "host"
 # Libraries that hide the errno (torch's zip writer, libpng through OpenCV) fail with this much or less free.
@@ -149,7 +149,7 @@ def load_tensors_safely(path: str | os.PathLike, what: str = "file") -> Any:
     except pickle.UnpicklingError as err:
         reason = str(err).strip().splitlines()
         detail = next((line for line in reason if "Unsupported" in line or "global" in line), reason[0])
-        raise PathmilError(
+        raise UnsafeFileError(
             f"{what} {path} cannot be loaded safely: it holds objects other than tensors and plain data "
             f"({detail.strip()[:160]}); pathmil never writes such files, so do not trust its source"
         ) from None

@@ -226,10 +226,10 @@ def test_same_seed_repeats_exactly(cohort, tmp_path):
     assert np.array_equal(pa["score"].to_numpy(), pb["score"].to_numpy())
 
 
-
-def test_a_format_1_last_pt_is_not_loaded_and_the_run_trains_from_the_start(cohort, tmp_path, caplog):
+def test_a_format_1_last_pt_stops_the_run_with_its_fix(cohort, tmp_path, capsys):
     """A last.pt of checkpoint format 1 kept numpy's random state as a numpy array, which the safe loader
-    refuses: resuming must not fail (it did, with "do not trust its source") but train afresh, alike."""
+    refuses. The run stops, with the fix in one line (its message had said pathmil never writes such
+    files), and leaves the file as it was; deleted, the run trains as a clean one."""
     _, features, table = cohort
     splits = tmp_path / "s.csv"
     split(table, "classification", splits)
@@ -239,11 +239,16 @@ def test_a_format_1_last_pt_is_not_loaded_and_the_run_trains_from_the_start(coho
     old["rng"]["numpy"] = ("MT19937", np.arange(624, dtype=np.uint32), 624, 0, 0.0)  # as format 1 saved it
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "last.pt")
-    with caplog.at_level("WARNING"):
-        again = train_run(features, table, splits, tmp_path / "old", "classification")
-    assert "cannot resume from" in caplog.text and "training from the first epoch" in caplog.text
+    size = (tmp_path / "old" / "last.pt").stat().st_size
+    with pytest.raises(AssertionError):  # train_run asserts exit status 0; the CLI printed why not
+        train_run(features, table, splits, tmp_path / "old", "classification")
+    err = capsys.readouterr().err
+    assert "checkpoint format 1" in err and "delete it to train this run from its first epoch" in err, err
+    assert (tmp_path / "old" / "last.pt").stat().st_size == size
+    (tmp_path / "old" / "last.pt").unlink()
+    again = train_run(features, table, splits, tmp_path / "old", "classification")
     assert again["metrics"] == clean["metrics"] and again["best_epoch"] == clean["best_epoch"]
-    assert torch.load(tmp_path / "old" / "last.pt", weights_only=True)["format_version"] >= 2
+
 
 # Snakemake deletes the declared outputs of a killed job (best.pt, metrics.json, predictions.csv) and keeps
 # last.pt: the rerun must end as if never killed either way.

@@ -32,7 +32,7 @@ from pathmil.cohort import read_labelled_table
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
 from pathmil.data.splits import check_patient_level, read_splits
 from pathmil.device import autocast, mil_autocast_dtype, resolve_device
-from pathmil.errors import PathmilError
+from pathmil.errors import PathmilError, UnsafeFileError
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
@@ -292,16 +292,15 @@ class Trainer:
             return False
         try:
             checkpoint = load_checkpoint(path)
-        except PathmilError as error:
-            # checkpoint format 1 kept numpy's random state as a numpy array, which a safe load refuses;
-            # a damaged or foreign file is refused alike. Either way the run is trained from its start.
-            log.warning(
-                "cannot resume from %s (%s); a last.pt of checkpoint format 1 (pathmil 0.1 before the "
-                "format field) is never loaded: training from the first epoch, and overwriting it",
-                path,
-                error,
-            )
-            return False
+        except UnsafeFileError:
+            # checkpoint format 1 kept numpy's random state as a numpy array; such a file is never loaded
+            # (it may as well come from an untrusted source), and never silently replaced
+            raise PathmilError(
+                f"{path} cannot be loaded safely, so the run cannot resume from it: it holds objects other "
+                "than tensors and plain data, as a last.pt of checkpoint format 1 (pathmil 0.1 before the "
+                "format field) does, or a file of untrusted source; delete it to train this run from its "
+                "first epoch"
+            ) from None
         if checkpoint.get("fingerprint") != self.data.fingerprint:
             log.warning("%s belongs to a run with other settings or inputs: starting afresh", path)
             return False
