@@ -13,14 +13,18 @@ min_free_gb="${PATHMIL_MIN_FREE_GB:-8}"
 stamp="$venv/.pathmil-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    free_gb=$(($(df -Pk "$root" | awk 'NR == 2 {print $4}') / 1048576))
-    if [ "$free_gb" -lt "$min_free_gb" ]; then
-        echo "[pathmil] error: $free_gb GB free on the disk of $root; installing pathmil[$extras] (torch" \
-            "included) needs about $min_free_gb GB. Free some space, or set PATHMIL_MIN_FREE_GB lower if" \
-            "torch is already installed for this Python." >&2
-        exit 1
-    fi
     if [ ! -x "$venv/bin/python" ]; then
+        free_gb=$("$python" -c 'import shutil, sys; print(shutil.disk_usage(sys.argv[1]).free // 2**30)' "$root")
+        if ! [[ "$min_free_gb" =~ ^[0-9]+$ && "$free_gb" =~ ^[0-9]+$ ]]; then
+            echo "[pathmil] error: PATHMIL_MIN_FREE_GB must be a whole number of GB, not '$min_free_gb'" >&2
+            exit 1
+        fi
+        if [ "$free_gb" -lt "$min_free_gb" ]; then
+            echo "[pathmil] error: $free_gb GB free on the disk of $root; a first install of" \
+                "pathmil[$extras] (torch included) needs about $min_free_gb GB. Free some space, or set" \
+                "PATHMIL_MIN_FREE_GB lower if torch's wheels are already on this disk." >&2
+            exit 1
+        fi
         echo "[pathmil] creating $venv"
         "$python" -m venv "$venv"
     fi

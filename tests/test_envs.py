@@ -112,16 +112,22 @@ def test_rules_name_existing_env_files():
         assert (ROOT / "workflow" / "rules" / path).resolve() in {p.resolve() for p in ENVS.values()}
 
 
-def test_the_venv_script_refuses_a_first_install_on_a_full_disk(tmp_path):
+@pytest.mark.parametrize(
+    ("minimum", "message"), [(10**9, "needs about 1000000000 GB"), ("7.5", "whole number")]
+)
+def test_the_venv_script_refuses_a_first_install_on_a_full_disk(tmp_path, minimum, message):
     """scripts/venv.sh checks free space before it makes the venv: pip would otherwise fail half-way
-    through torch's CUDA build with "No space left on device" (as a CI run did, 2026-11-30)."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(ROOT / "scripts" / "venv.sh", tmp_path / "scripts" / "venv.sh")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    env = {**os.environ, "PATHMIL_MIN_FREE_GB": str(10**9)}
+    through torch's CUDA build with "No space left on device" (as a CI run did, 2026-11-30). The
+    caller (run_tests.sh sources it) stops too, in a folder whose name has spaces."""
+    root = tmp_path / "a clone (copy)"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "venv.sh", root / "scripts" / "venv.sh")
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    env = {**os.environ, "PATHMIL_MIN_FREE_GB": str(minimum)}
     done = subprocess.run(
-        ["bash", "-c", "source scripts/venv.sh"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 1, done.stderr
-    assert "GB free on the disk of" in done.stderr and "needs about 1000000000 GB" in done.stderr
-    assert not (tmp_path / ".venv").exists()
+        ["bash", "-c", "source scripts/venv.sh; echo caller went on"],
+        cwd=root, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 1 and "caller went on" not in done.stdout, done
+    assert message in done.stderr
+    assert not (root / ".venv").exists()
