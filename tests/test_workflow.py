@@ -413,7 +413,7 @@ def run_until_killed(work, configfile, run_dir, min_epoch: int = 2) -> subproces
 @pytest.mark.slow
 def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, mobilenet_weights):
     """The reduced demo: a train job killed by SIGKILL mid-run recovers on the rerun and ends as if never
-    killed; a second run does nothing; a changed setting or a deleted file reruns exactly what depends on it."""
+    killed; a second run does nothing; a changed setting or a deleted file plans exactly what depends on it."""
     work = workflow_copy(tmp_path / "w")
     config = mini_config(mobilenet_weights)
     config["models"]["abmil"] = {"epochs": 12, "min_epochs": 12}  # long enough to be caught mid-run
@@ -487,10 +487,12 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     assert planned(config) == {}  # settings changed back are the old settings files: nothing to do
     bag = next((results / "features" / "mobilenet_v2").glob("*.h5"))
     bag.rename(bag.with_suffix(".away"))  # a deleted bag; put back (with its mtime) after the plan
-    counts = planned(config)
+    try:
+        counts = planned(config)
+    finally:
+        bag.with_suffix(".away").rename(bag)
     assert counts["extract"] == 1 and counts["collect"] == 1 and counts["train"] == 3 * 3 * 2, counts
     assert "tile" not in counts
-    bag.with_suffix(".away").rename(bag)
     assert planned(config) == {}
 
     # across cohorts, on this cohort for speed: its survival ABMIL packaged, applied to its own slides as a
