@@ -72,6 +72,45 @@ def test_paired_statistics_on_known_cases():
     assert suite.probability_of_improvement({0: np.array([0.7, 0.9])}, {0: np.array([0.8])}) == 0.5
 
 
+def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_bags(tmp_path):
+    """The report's pathmil-minus-authors table: a reference run found on disk is paired with its pathmil
+    method on the same bags (identical scores: 0 with a zero-width CI; reversed scores: AUC 1 - x); a seed
+    with a fold missing is left out, and a method without a reference run gets no row."""
+    suite = load_suite()
+    rng = np.random.default_rng(1)
+
+    def write(method, seed, score):
+        for fold in range(2):
+            part = np.arange(fold, 40, 2)
+            table = pd.DataFrame({
+                "slide_id": [f"b{i:02d}" for i in part], "fold": fold, "split": "test",
+                "target": np.arange(40)[part] % 2, "score": score[part],
+            })  # fmt: skip
+            run_dir = tmp_path / "plain" / f"seed{seed}" / "runs" / method / f"fold{fold}"
+            run_dir.mkdir(parents=True)
+            table.to_csv(run_dir / "predictions.csv", index=False)
+        data = tmp_path / "plain" / f"seed{seed}" / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"fold": [0, 1]}).to_csv(data / "splits.csv", index=False)
+
+    score = rng.random(40) + 0.3 * (np.arange(40) % 2)
+    write("abmil", 0, score)
+    write("ref_pure", 0, score)
+    write("mhim_abmil_v2", 0, score)
+    write("ref_mhim_v2", 0, -score)
+    write("mambamil_sr", 0, score)  # no reference run: no row
+    table = suite.against_reference(tmp_path, ["plain"], n_boot=200).set_index("reference")
+    assert sorted(table.index) == ["ref_mhim_v2", "ref_pure"]
+    same = table.loc["ref_pure"]
+    assert (same["method"], same["diff"], same["lo"], same["hi"]) == ("abmil", 0.0, 0.0, 0.0)
+    flipped = table.loc["ref_mhim_v2"]
+    assert flipped["theirs"] == pytest.approx(1 - flipped["ours"]) and flipped["ours"] > 0.5
+    assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1) and flipped["lo"] > 0
+    (tmp_path / "plain" / "seed0" / "runs" / "ref_pure" / "fold1" / "predictions.csv").unlink()
+    assert "ref_pure" not in set(suite.against_reference(tmp_path, ["plain"], n_boot=50)["reference"])
+    assert "ref_mhim_v2 | 1 |" in suite.markdown_against_reference(table.reset_index())
+
+
 def run(suite, root, problem, methods, seed=0, **options):
     """Fold 0 of ``problem`` (data and models from ``seed``): each method's test metric."""
     suite.make_data(problem, seed, 5, root / problem / f"seed{seed}" / "data", **options)
