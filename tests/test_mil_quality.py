@@ -74,17 +74,20 @@ def test_paired_statistics_on_known_cases():
 
 def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_bags(tmp_path):
     """The report's pathmil-minus-authors table: a reference run found on disk is paired with its pathmil
-    method on the same bags (identical scores: 0 with a zero-width CI; reversed scores: AUC 1 - x); a seed
-    with a fold missing is left out, and a method without a reference run gets no row."""
+    method bag by bag (the authors' rows come in another order), on the seeds both finished (a seed with a
+    fold missing is left out); identical scores give 0 with a zero-width CI, reversed scores AUC 1 - x; a
+    method without a reference run gets no row."""
     suite = load_suite()
     rng = np.random.default_rng(1)
+    auc = suite.metric_fn("classification")
 
-    def write(method, seed, score):
-        for fold in range(2):
+    def write(method, seed, score, folds=(0, 1)):
+        for fold in folds:
             part = np.arange(fold, 40, 2)
+            part = part[::-1] if method.startswith("ref_") else part
             table = pd.DataFrame({
                 "slide_id": [f"b{i:02d}" for i in part], "fold": fold, "split": "test",
-                "target": np.arange(40)[part] % 2, "score": score[part],
+                "target": part % 2, "score": score[part],
             })  # fmt: skip
             run_dir = tmp_path / "plain" / f"seed{seed}" / "runs" / method / f"fold{fold}"
             run_dir.mkdir(parents=True)
@@ -93,22 +96,32 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
         data.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"fold": [0, 1]}).to_csv(data / "splits.csv", index=False)
 
-    score = rng.random(40) + 0.3 * (np.arange(40) % 2)
-    write("abmil", 0, score)
-    write("ref_pure", 0, score)
-    write("mhim_abmil_v2", 0, score)
-    write("ref_mhim_v2", 0, -score)
-    write("mambamil_sr", 0, score)  # no reference run: no row
+    scores = [rng.random(40) + 0.3 * (np.arange(40) % 2) for _ in range(2)]
+    for seed in (0, 1):
+        write("abmil", seed, scores[seed])
+        write("mhim_abmil_v2", seed, scores[seed])
+        write("ref_mhim_v2", seed, -scores[seed])
+    write("ref_pure", 0, scores[0])
+    write("ref_pure", 1, scores[1], folds=(0,))  # seed 1 unfinished: left out
+    write("mambamil_sr", 0, scores[0])  # no reference run: no row
     table = suite.against_reference(tmp_path, ["plain"], n_boot=200).set_index("reference")
     assert sorted(table.index) == ["ref_mhim_v2", "ref_pure"]
     same = table.loc["ref_pure"]
-    assert (same["method"], same["diff"], same["lo"], same["hi"]) == ("abmil", 0.0, 0.0, 0.0)
+    assert (same["method"], same["seeds"]) == ("abmil", 1)
+    assert (same["diff"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
+    pooled0 = pd.concat(
+        pd.read_csv(tmp_path / "plain" / "seed0" / "runs" / "abmil" / f"fold{k}" / "predictions.csv")
+        for k in (0, 1)
+    )
+    assert same["ours"] == pytest.approx(auc(pooled0)) and same["theirs"] == pytest.approx(auc(pooled0))
     flipped = table.loc["ref_mhim_v2"]
-    assert flipped["theirs"] == pytest.approx(1 - flipped["ours"]) and flipped["ours"] > 0.5
-    assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1) and flipped["lo"] > 0
-    (tmp_path / "plain" / "seed0" / "runs" / "ref_pure" / "fold1" / "predictions.csv").unlink()
-    assert "ref_pure" not in set(suite.against_reference(tmp_path, ["plain"], n_boot=50)["reference"])
-    assert "ref_mhim_v2 | 1 |" in suite.markdown_against_reference(table.reset_index())
+    assert flipped["seeds"] == 2 and flipped["theirs"] == pytest.approx(1 - flipped["ours"])
+    assert flipped["ours"] > 0.5 and flipped["lo"] > 0
+    assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1)
+    text = suite.markdown_against_reference(table.reset_index())
+    assert "| ref_pure | 1 |" in text and "| +0.000 [+0.000, +0.000] |" in text
+    assert any(line.startswith("| plain | mhim_abmil_v2 | ref_mhim_v2 | 2 |") and line.endswith("] * |")
+               for line in text.splitlines())  # fmt: skip
 
 
 def run(suite, root, problem, methods, seed=0, **options):
