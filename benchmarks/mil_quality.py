@@ -647,14 +647,18 @@ REFERENCE_OF = {
 }
 
 
-def against_reference(out: Path, problems: list[str], n_boot: int) -> pd.DataFrame:
+def against_reference(
+    out: Path, problems: list[str], n_boot: int, methods: list[str] | None = None
+) -> pd.DataFrame:
     """pathmil's method minus the authors' code of it, on the seeds both ran (the same bags): one row per
-    pair found on disk."""
+    pair found on disk (of ``methods`` only, when given)."""
     rows = []
     for problem in problems:
         task = PROBLEMS[problem].task
         metric = metric_fn(task)
         for ours, refs in REFERENCE_OF.items():
+            if methods is not None and ours not in methods:
+                continue
             pooled = load_predictions(out, problem, ours)
             for ref in refs:
                 theirs = load_predictions(out, problem, ref)
@@ -740,7 +744,8 @@ def report(args: argparse.Namespace) -> str:
     table = summarise(args.out, args.problems, args.methods, args.n_boot)
     table.to_csv(args.out / "summary.csv", index=False)
     text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table) + "\n"
-    versus = against_reference(args.out, args.problems, args.n_boot)
+    versus = against_reference(args.out, args.problems, args.n_boot, args.methods)
+    versus.to_csv(args.out / "summary_reference.csv", index=False)
     if len(versus):
         text += "\n" + markdown_against_reference(versus) + "\n"
     (args.out / "summary.md").write_text(text)

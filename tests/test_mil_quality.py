@@ -118,6 +118,8 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
     assert flipped["seeds"] == 2 and flipped["theirs"] == pytest.approx(1 - flipped["ours"])
     assert flipped["ours"] > 0.5 and flipped["lo"] > 0
     assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1)
+    only = suite.against_reference(tmp_path, ["plain"], n_boot=50, methods=["mhim_abmil_v2"])
+    assert list(only["reference"]) == ["ref_mhim_v2"]
     text = suite.markdown_against_reference(table.reset_index())
     assert "| ref_pure | 1 |" in text and "| +0.000 [+0.000, +0.000] |" in text
     assert any(line.startswith("| plain | mhim_abmil_v2 | ref_mhim_v2 | 2 |") and line.endswith("] * |")
