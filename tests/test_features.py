@@ -28,8 +28,11 @@ from pathmil.features.encoders import (
 from pathmil.features.extract import (
     ExtractConfig,
     FeatureExtractor,
+    _padded_call,
+    default_workers,
     extract_cohort,
     extract_slide,
+    readers_needed,
     resolve_precision,
 )
 from pathmil.slide.reader import Slide
@@ -401,6 +404,54 @@ def test_batch_size_does_not_change_features(cmu_tiles, mobilenet, tmp_path):
     finally:
         mobilenet.config = default
     np.testing.assert_allclose(bags[1], bags[64], rtol=1e-4, atol=1e-4)
+
+
+def test_no_more_readers_than_batches_and_their_start_up_is_timed(cmu_tiles, mobilenet, tmp_path):
+    """A slide of 24 tiles at batch 16 is 2 batches: 2 readers start, not the 4 asked for."""
+    slide, tiles_path = cmu_tiles
+    tiles = read_tiles(tiles_path)
+    subset = TileSet(tiles.coords[:24], tiles.coords_attrs, tiles.attrs, tiles.tissue_fraction[:24])
+    write_tiles(tmp_path / "subset.h5", subset)
+    default = mobilenet.config
+    try:
+        mobilenet.config = default.replace(batch_size=16, workers=4)
+        facts = extract_slide(slide, tmp_path / "subset.h5", tmp_path / "bag.h5", mobilenet)
+    finally:
+        mobilenet.config = default
+    assert facts["workers"] == 2 and facts["n_tiles"] == 24
+    seconds = facts["seconds"]
+    assert 0 < seconds["first_batch"] <= seconds["wait_for_tiles"] + seconds["encode"] <= seconds["total"]
+    assert readers_needed(24, 16) == 2 and readers_needed(32, 16) == 2 and readers_needed(1, 64) == 1
+
+
+def test_default_readers_use_every_thread_but_one_on_a_gpu_and_at_most_8_on_a_cpu(monkeypatch):
+    """On a GPU the readers set the pace (H200: 15 readers 36-43 % faster than 8, benchmarks/RESULTS.md)."""
+    for threads, cpu, cuda in [(16, 8, 15), (4, 3, 3), (1, 1, 1)]:
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        assert default_workers(torch.device("cpu")) == cpu
+        assert default_workers(torch.device("cuda")) == cuda
+
+
+@pytest.mark.parametrize(
+    "device, optimize, padded", [("cuda", "none", True), ("cpu", "compile", True), ("cpu", "none", False)]
+)
+def test_the_last_short_batch_is_padded_where_a_new_shape_costs_more(device, optimize, padded):
+    """On CUDA (cuDNN picks kernels per input shape) and for compiled models (recompiled per shape) every
+    call gets the batch's shape; the padding's features are dropped."""
+    shapes = []
+
+    class Runner:
+        def __init__(self):
+            self.device, self.optimize = torch.device(device), optimize
+
+        def __call__(self, images):
+            shapes.append(tuple(images.shape))
+            return images.flatten(1).float().sum(1, keepdim=True)
+
+    images = torch.arange(5 * 2 * 2 * 3, dtype=torch.uint8).reshape(5, 2, 2, 3)
+    out = _padded_call(Runner(), images, batch_size=8)
+    assert shapes == [(8 if padded else 5, 2, 2, 3)]
+    np.testing.assert_array_equal(out.numpy(), images.flatten(1).float().sum(1, keepdim=True).numpy())
 
 
 def test_real_weights_separate_tissue_from_glass(slides_dir, mobilenet, tmp_path):

@@ -77,7 +77,7 @@ class ExtractConfig(Settings):
     workers: int | None = Field(
         None,
         ge=0,
-        description="tile-reading processes; none: torch's threads - 1, from 1 to 8; 0: main process",
+        description="tile-reading processes; none: torch's threads - 1 (on a CPU at most 8); 0: main process",
     )
     prefetch: int = Field(4, ge=1, description="batches each reading process prepares ahead")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible")
@@ -143,13 +143,16 @@ def resolve_optimize(requested: str, device: torch.device, precision: str, encod
     return "jit" if device.type == "cpu" and precision == "fp32" and encoder.convolutional else "none"
 
 
-def default_workers() -> int:
-    """One tile reader per compute thread but one (the main process runs the encoder), between 1 and 8.
+def default_workers(device: torch.device) -> int:
+    """One tile reader per compute thread but one (the main process runs the encoder); at most 8 on a CPU,
+    where the readers share the cores with the encoder.
 
-    Counting torch's threads rather than the machine's cores keeps a job inside its allocation when the
-    workflow caps threads (``pathmil --threads N``).
+    On a GPU the readers set the pace (benchmarks/RESULTS.md, H200: 15 readers read 36-43 % more tiles
+    per second than 8). Counting torch's threads rather than the machine's cores keeps a job inside its
+    allocation when the workflow caps threads (``pathmil --threads N``).
     """
-    return max(1, min(8, torch.get_num_threads() - 1))
+    readers = torch.get_num_threads() - 1
+    return max(1, readers if device.type == "cuda" else min(8, readers))
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -349,11 +352,16 @@ def encode_tiles(
 ) -> TileFeatures:
     """Run every tile of ``dataset`` through ``runner``; reading overlaps encoding when ``workers`` > 0.
 
-    Features are kept in ``dtype`` as they arrive (100,000 tiles of a 2560-d encoder are 1 GB in float32).
+    No more readers start than there are batches (a slide of 132 tiles at batch 64 starts 3, not 8): each
+    costs a fork and a slide handle. Features are kept in ``dtype`` as they arrive (100,000 tiles of a
+    2560-d encoder are 1 GB in float32). ``seconds`` holds the loop's ``total``, its ``wait_for_tiles``
+    and ``encode`` time, and ``first_batch``: from the loop's start to the first batch read (the readers'
+    start-up, which a small slide's rate includes and a large slide's hardly).
     """
     from tqdm import tqdm
 
     n = len(dataset)
+    workers = min(workers, readers_needed(n, batch_size))
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -368,6 +376,7 @@ def encode_tiles(
     kept = np.zeros(n, bool)
     failed: list[tuple[int, str]] = []
     waited = encoding = 0.0
+    first_batch = None
     start = time.perf_counter()
     with (
         _fork_safe_opencv() if workers else contextlib.nullcontext(),
@@ -382,6 +391,7 @@ def encode_tiles(
                 break
             waited += time.perf_counter() - tick
             tick = time.perf_counter()
+            first_batch = tick - start if first_batch is None else first_batch
             if len(index):
                 out = _padded_call(runner, images, batch_size)
                 if out.shape != (len(index), dim):
@@ -393,15 +403,28 @@ def encode_tiles(
             encoding += time.perf_counter() - tick
             failed += [(int(i), str(msg)) for i, msg in bad]
             bar.update(len(index) + len(bad))
-    seconds = {"total": time.perf_counter() - start, "wait_for_tiles": waited, "encode": encoding}
+    seconds = {
+        "total": time.perf_counter() - start,
+        "wait_for_tiles": waited,
+        "encode": encoding,
+        "first_batch": first_batch or 0.0,
+    }
     order = np.flatnonzero(kept)
     features = features if len(order) == n else features[order]
     return TileFeatures(features, order, sorted(failed), {k: round(v, 4) for k, v in seconds.items()})
 
 
+def readers_needed(n_tiles: int, batch_size: int) -> int:
+    """The number of batches: more reading processes than that would have nothing to read."""
+    return max(1, -(-n_tiles // batch_size))
+
+
 def _padded_call(runner: EncoderRunner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A compiled model is specialised to one batch shape: pad the last, short batch rather than recompile."""
-    if runner.optimize != "compile" or len(images) == batch_size:
+    """Pad the last, short batch to the batch size where a new input shape costs more than the padding: a
+    compiled model recompiles for it, and on CUDA cuDNN selects and builds its kernels per shape, so
+    every slide's last batch, of another size each, paid that again."""
+    fixed_shape = runner.optimize == "compile" or runner.device.type == "cuda"
+    if not fixed_shape or len(images) == batch_size:
         return runner(images)
     pad = images.new_zeros((batch_size - len(images), *images.shape[1:]))
     return runner(torch.cat([images, pad]))[: len(images)]
@@ -460,7 +483,7 @@ class FeatureExtractor:
 
     @property
     def workers(self) -> int:
-        return default_workers() if self.config.workers is None else self.config.workers
+        return default_workers(self.device) if self.config.workers is None else self.config.workers
 
 
 def tiles_sha256(tiles: TileSet) -> str:
@@ -587,7 +610,7 @@ def extract_slide(
         "failed_tile_coords": failed_coords.tolist(),
         "seconds": seconds,
         "tiles_per_second": round(len(tiles.coords) / max(result.seconds["total"], 1e-9), 2),
-        "workers": extractor.workers,
+        "workers": min(extractor.workers, readers_needed(len(tiles.coords), config.batch_size)),
         "batch_size": config.batch_size,
         "warnings": warnings_list,
     }

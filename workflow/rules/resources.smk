@@ -63,9 +63,9 @@ def seconds_per_tile(settings):
     gpu = extract["gpus"] > 0 and extract["device"] != "cpu"
     device_flops = GPU_FLOPS if gpu else CPU_FLOPS * extract["threads"]
     workers = extract.get("workers")
-    readers = (
-        min(max(extract["threads"] - 1, 1), 8) if workers is None else max(workers, 1)
-    )
+    # pathmil.features.extract.default_workers: threads - 1, on a CPU at most 8
+    default = max(extract["threads"] - 1, 1) if gpu else min(max(extract["threads"] - 1, 1), 8)
+    readers = default if workers is None else max(workers, 1)
     return READ_SECONDS / readers + flops / device_flops
 
 
