@@ -136,6 +136,23 @@ def limit_tiles(tiles_path: Path, n: int, out: Path) -> Path:
     return out
 
 
+def repeat_tiles(tiles_path: Path, passes: int, out: Path) -> Path:
+    """The tiles file with its tile list ``passes`` times over, for a pipeline measured at a typical
+    slide's tile count on a smaller slide (OpenSlide's cache holds far less than one pass)."""
+    tiles = read_tiles(tiles_path)
+    fraction = tiles.tissue_fraction
+    write_tiles(
+        out,
+        TileSet(
+            np.tile(tiles.coords, (passes, 1)),
+            tiles.coords_attrs,
+            tiles.attrs,
+            np.tile(fraction, passes) if fraction is not None else None,
+        ),
+    )
+    return out
+
+
 def tiles_in_memory(slide: Path, tiles_path: Path, preprocess, n: int) -> torch.Tensor:
     """uint8 N x H x W x 3 tiles exactly as the pipeline's readers produce them."""
     tiles = read_tiles(tiles_path)
