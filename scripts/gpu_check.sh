@@ -19,11 +19,13 @@
 # $GPU_CHECK_WORK/site (pip --target, no index), and mamba-ssm and causal-conv1d are built from their
 # sdists in .whl/ for sm_90 alone, in the background (nice 10, all cores) while the first five run;
 # the build step waits for them until GPU_CHECK_BUILD_CAP_S (360 s after the start) and then goes on
-# without them, saying so. (On the H200, 2026-11-30, mamba-ssm built inside 330 s and causal-conv1d
-# did not.) Each step knows its limit (GPU_CHECK_STEP_LIMIT_S): the data step's extraction and the mamba
-# step's training end before it, so those steps still record what they did. Results: $OUT/gpu_check.json and $OUT/gpu_check.md, rewritten after every
-# step (a step stopped by its limit keeps what it measured); the whole log: $OUT/gpu_check.log; build
-# logs: $OUT/build_mamba.log, $OUT/build_conv1d.log. One line per step: status, seconds, verdict.
+# without them, saying so. (On the H200, 2026-11-30: beside the first steps mamba-ssm built inside
+# 330 s and causal-conv1d did not; on a quiet machine they took 129 s and 342 s.) Each step knows its
+# limit (GPU_CHECK_STEP_LIMIT_S): the data step's extraction and the mamba step's training end before
+# it, so those steps still record what they did. Results: $OUT/gpu_check.json and $OUT/gpu_check.md,
+# rewritten after every step (a step stopped by its limit keeps what it measured); the whole log:
+# $OUT/gpu_check.log; build logs: $OUT/build_mamba.log, $OUT/build_conv1d.log. One line per step:
+# status, seconds, verdict.
 #
 # The device tool copies the repository's tracked files; carry .whl (scripts/gpu_check_wheels.sh fills
 # it) and .testdata (scripts/fetch_test_data.sh). benchmarks/README.md has the exact call.
