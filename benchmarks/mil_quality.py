@@ -446,11 +446,16 @@ def run_fold(problem: str, seed: int, fold: int, methods: list[str], out: Path, 
     data = make_data(problem, seed, folds, out / problem / f"seed{seed}" / "data", scale)
     needed = set(methods) | {METHODS[m].teacher for m in methods if METHODS[m].teacher}
     order = sorted(needed, key=lambda m: (METHODS[m].teacher is not None, list(METHODS).index(m)))
+    runs = out / problem / f"seed{seed}" / "runs"
+    # a baseline's checkpoint is needed (and the baseline retrained when it is gone) only for an MHIM-MIL
+    # run still to do
+    teachers = {
+        METHODS[m].teacher for m in needed if not (runs / m / f"fold{fold}" / "metrics.json").is_file()
+    }
     lines = []
     for name in order:
-        run_dir = out / problem / f"seed{seed}" / "runs" / name / f"fold{fold}"
+        run_dir = runs / name / f"fold{fold}"
         start = time.perf_counter()
-        teachers = {METHODS[m].teacher for m in needed}
         summary = run_one(
             data, METHODS[name], PROBLEMS[problem].task, seed, fold, run_dir, train, name in teachers
         )
