@@ -9,15 +9,16 @@
 #   scripts/gpu_check.sh --build-after-extract
 #                                           extract runs right after info and the build starts after it,
 #                                           so extraction is timed on a quiet machine (the nvcc build on
-#                                           every core slowed the readers 1.6x); with --only, as the whole
-#                                           run does not fit 8 minutes this way
+#                                           every core slowed one reader 1.2-1.4x); with --only, as the
+#                                           whole run does not fit 8 minutes this way
 #
 # Exit status 1 when a step failed, broke or ran out of time; every step runs regardless.
 # Steps, in this order, each under its own hard time limit (`timeout`) inside a budget for the whole run
 # (GPU_CHECK_BUDGET_S, 470 s): info, data, train, extract, workflow, build, tests, mamba; what each does
 # and checks is in benchmarks/gpu_check.py. Before them: the wheels in .whl/ are installed into
 # $GPU_CHECK_WORK/site (pip --target, no index), and mamba-ssm and causal-conv1d are built from their
-# sdists in .whl/ for sm_90 alone, in the background (nice 10, all cores) while the first five run;
+# sdists in .whl/ for sm_90 alone, in the background (nice 10, all cores) while the steps before build
+# run (with --build-after-extract: from the end of extract);
 # the build step waits for them until GPU_CHECK_BUILD_CAP_S (360 s after the start) and then goes on
 # without them, saying so. (On the H200, 2026-11-30: beside the first steps mamba-ssm built inside
 # 330 s and causal-conv1d did not; on a quiet machine they took 129 s and 342 s.) Each step knows its
@@ -204,10 +205,10 @@ start_build() {
 # them (tests 30 s, mamba 80 s) whatever the first steps take (nothing kept when neither runs)
 export RESERVE=0
 { wanted tests || wanted mamba; } && RESERVE=110
-step info 40 "$PY" benchmarks/gpu_check.py info "${common[@]}"
 extract_step() { step extract 120 "$PY" benchmarks/gpu_check.py extract "${common[@]}"; }
-[ "$build_after_extract" = 1 ] && extract_step
-start_build
+[ "$build_after_extract" = 0 ] && start_build
+step info 40 "$PY" benchmarks/gpu_check.py info "${common[@]}"
+[ "$build_after_extract" = 1 ] && { extract_step; start_build; }
 step data 120 "$PY" benchmarks/gpu_check.py data "${common[@]}"
 step train 150 "$PY" benchmarks/gpu_check.py train "${common[@]}"
 [ "$build_after_extract" = 0 ] && extract_step

@@ -77,7 +77,9 @@ class ExtractConfig(Settings):
     workers: int | None = Field(
         None,
         ge=0,
-        description="tile-reading processes; none: torch's threads - 1 (on a CPU at most 8); 0: main process",
+        description=(
+            "tile-reading processes; none: torch's threads - 1, from 1 to 8 (16 on a GPU); 0: main process"
+        ),
     )
     prefetch: int = Field(4, ge=1, description="batches each reading process prepares ahead")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when a GPU is visible")
@@ -143,16 +145,20 @@ def resolve_optimize(requested: str, device: torch.device, precision: str, encod
     return "jit" if device.type == "cpu" and precision == "fp32" and encoder.convolutional else "none"
 
 
-def default_workers(device: torch.device) -> int:
-    """One tile reader per compute thread but one (the main process runs the encoder); at most 8 on a CPU,
-    where the readers share the cores with the encoder.
+MAX_DEFAULT_READERS = {"cpu": 8, "cuda": 16}
 
-    On a GPU the readers set the pace (benchmarks/RESULTS.md, H200: 15 readers read 36-43 % more tiles
-    per second than 8). Counting torch's threads rather than the machine's cores keeps a job inside its
-    allocation when the workflow caps threads (``pathmil --threads N``).
+
+def default_workers(device: torch.device) -> int:
+    """One tile reader per compute thread but one (the main process runs the encoder), at least 1 and at
+    most ``MAX_DEFAULT_READERS``: 8 on a CPU, where the readers share the cores with the encoder, 16 on a
+    GPU, where they set the pace (H200: 15 readers read 36-43 % more tiles per second than 8,
+    benchmarks/RESULTS.md; more were not measured, and each holds ``prefetch`` batches in shared memory).
+
+    Counting torch's threads rather than the machine's cores keeps a job inside its allocation when the
+    workflow caps threads (``pathmil --threads N``).
     """
-    readers = torch.get_num_threads() - 1
-    return max(1, readers if device.type == "cuda" else min(8, readers))
+    cap = MAX_DEFAULT_READERS["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, min(cap, torch.get_num_threads() - 1))
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -339,6 +345,7 @@ class TileFeatures:
     kept: np.ndarray  # K indices into the tiles file
     failed: list[tuple[int, str]] = field(default_factory=list)  # (index, error)
     seconds: dict[str, float] = field(default_factory=dict)
+    workers: int = 0  # the reading processes that ran
 
 
 def encode_tiles(
@@ -355,8 +362,10 @@ def encode_tiles(
     No more readers start than there are batches (a slide of 132 tiles at batch 64 starts 3, not 8): each
     costs a fork and a slide handle. Features are kept in ``dtype`` as they arrive (100,000 tiles of a
     2560-d encoder are 1 GB in float32). ``seconds`` holds the loop's ``total``, its ``wait_for_tiles``
-    and ``encode`` time, and ``first_batch``: from the loop's start to the first batch read (the readers'
-    start-up, which a small slide's rate includes and a large slide's hardly).
+    and ``encode`` time, and ``first_round``: from the loop's start until every reader has delivered its
+    first batch (their start-up and first reads, all at once). The rest of the tiles over the rest of the
+    time is the rate a slide of tens of thousands of tiles sees; on a small slide the first round is
+    most of the time.
     """
     from tqdm import tqdm
 
@@ -376,7 +385,8 @@ def encode_tiles(
     kept = np.zeros(n, bool)
     failed: list[tuple[int, str]] = []
     waited = encoding = 0.0
-    first_batch = None
+    first_round = None
+    delivered = 0
     start = time.perf_counter()
     with (
         _fork_safe_opencv() if workers else contextlib.nullcontext(),
@@ -391,7 +401,9 @@ def encode_tiles(
                 break
             waited += time.perf_counter() - tick
             tick = time.perf_counter()
-            first_batch = tick - start if first_batch is None else first_batch
+            delivered += 1
+            if first_round is None and delivered >= max(workers, 1):
+                first_round = tick - start
             if len(index):
                 out = _padded_call(runner, images, batch_size)
                 if out.shape != (len(index), dim):
@@ -407,11 +419,12 @@ def encode_tiles(
         "total": time.perf_counter() - start,
         "wait_for_tiles": waited,
         "encode": encoding,
-        "first_batch": first_batch or 0.0,
+        "first_round": first_round or 0.0,
     }
     order = np.flatnonzero(kept)
     features = features if len(order) == n else features[order]
-    return TileFeatures(features, order, sorted(failed), {k: round(v, 4) for k, v in seconds.items()})
+    seconds = {k: round(v, 4) for k, v in seconds.items()}
+    return TileFeatures(features, order, sorted(failed), seconds, workers)
 
 
 def readers_needed(n_tiles: int, batch_size: int) -> int:
@@ -420,14 +433,19 @@ def readers_needed(n_tiles: int, batch_size: int) -> int:
 
 
 def _padded_call(runner: EncoderRunner, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Pad the last, short batch to the batch size where a new input shape costs more than the padding: a
-    compiled model recompiles for it, and on CUDA cuDNN selects and builds its kernels per shape, so
-    every slide's last batch, of another size each, paid that again."""
+    """Pad a short batch (a slide's last) to the batch size, on the device, where a new input shape costs
+    more than the padding: a compiled model recompiles for it, and on CUDA each slide's last batch, of
+    another size each, cost about a second (MobileNetV2 fp16 at batch 64 on an H200, 2026-11-30;
+    benchmarks/RESULTS.md). The padding's features are dropped."""
     fixed_shape = runner.optimize == "compile" or runner.device.type == "cuda"
     if not fixed_shape or len(images) == batch_size:
         return runner(images)
-    pad = images.new_zeros((batch_size - len(images), *images.shape[1:]))
-    return runner(torch.cat([images, pad]))[: len(images)]
+    x = runner.normalise(images)
+    full = x.new_zeros((batch_size, *x.shape[1:]))
+    if runner.channels_last:
+        full = full.contiguous(memory_format=torch.channels_last)
+    full[: len(x)] = x
+    return runner.encode(full)[: len(x)].cpu()
 
 
 # -------------------------------------------------------------------------------------- extractor
@@ -610,7 +628,7 @@ def extract_slide(
         "failed_tile_coords": failed_coords.tolist(),
         "seconds": seconds,
         "tiles_per_second": round(len(tiles.coords) / max(result.seconds["total"], 1e-9), 2),
-        "workers": min(extractor.workers, readers_needed(len(tiles.coords), config.batch_size)),
+        "workers": result.workers,
         "batch_size": config.batch_size,
         "warnings": warnings_list,
     }
