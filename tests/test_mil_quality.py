@@ -126,6 +126,28 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
                for line in text.splitlines())  # fmt: skip
 
 
+def test_a_finished_baseline_is_retrained_only_for_an_mhim_run_still_to_do(tmp_path, monkeypatch):
+    """MHIM-MIL starts from its baseline's checkpoint, which the suite deletes after use: a rerun retrains
+    the baseline only when an MHIM-MIL run that needs it is unfinished."""
+    suite = load_suite()
+    calls = []
+
+    def fake_run_one(data, method, task, seed, fold, out, train, needs_checkpoint=False):
+        calls.append((method.name, needs_checkpoint))
+        return {"metrics": {"test": {"auc": 0.5}}, "main_metric": "auc", "best_epoch": 1, "epochs_run": 1}
+
+    monkeypatch.setattr(suite, "run_one", fake_run_one)
+    monkeypatch.setattr(suite, "make_data", lambda *args, **kwargs: tmp_path / "data")
+    runs = tmp_path / "plain" / "seed0" / "runs"
+    suite.run_fold("plain", 0, 0, ["mhim_abmil_v2", "mean_pool"], tmp_path, 5, 1.0, TRAIN)
+    assert calls == [("mean_pool", False), ("abmil", True), ("mhim_abmil_v2", False)]
+    (runs / "mhim_abmil_v2" / "fold0").mkdir(parents=True)
+    (runs / "mhim_abmil_v2" / "fold0" / "metrics.json").write_text("{}")
+    calls.clear()
+    suite.run_fold("plain", 0, 0, ["mhim_abmil_v2"], tmp_path, 5, 1.0, TRAIN)
+    assert calls == [("abmil", False), ("mhim_abmil_v2", False)]
+
+
 def run(suite, root, problem, methods, seed=0, **options):
     """Fold 0 of ``problem`` (data and models from ``seed``): each method's test metric."""
     suite.make_data(problem, seed, 5, root / problem / f"seed{seed}" / "data", **options)
