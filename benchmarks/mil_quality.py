@@ -40,9 +40,12 @@ Usage::
 
     python benchmarks/mil_quality.py run [--problems plain order ...] [--methods abmil mambamil_sr ...]
         [--seeds 5] [--folds 5] [--scale 1.0] [--epochs 20] [--lr 5e-4] [--jobs 2] [--out benchmarks/out/mil_quality]
-    python benchmarks/mil_quality.py report [--out ...]        # the markdown table from finished runs
+    python benchmarks/mil_quality.py report [--store ...]      # the markdown tables from the store
 
-``run`` is resumable (finished runs are kept) and logs one line per run to ``<out>/progress.log``.
+``run`` logs one line per run to ``<out>/progress.log`` and is resumable: finished folds are kept in
+``--out``, and a (problem, seed, method) whose folds have all finished is stored in ``--store``
+(``benchmarks/results/mil_quality/``, committed: one CSV of test predictions each), which ``run`` skips
+and ``report`` reads.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ from pathmil.evaluation.compare import probability_of_improvement
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "mil_quality"
+# committed: every finished (problem, seed, method)'s test predictions, so that runs add up across machines
+# and sessions, and every table in RESULTS.md can be recomputed from the repository
+DEFAULT_STORE = HERE / "results" / "mil_quality"
 
 # ------------------------------------------------------------------------------------------ problems
 
@@ -473,11 +479,19 @@ def run_fold(problem: str, seed: int, fold: int, methods: list[str], out: Path, 
 def run_all(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    train = {"epochs": args.epochs, "patience": args.patience or args.epochs, "lr": args.lr}
-    jobs = [
-        (p, s, k, args.methods, out, args.folds, args.scale, train)
+    recipe = recipe_of(args)
+    check_recipe(out, recipe)
+    check_recipe(args.store, recipe)
+    train = {k: recipe[k] for k in ("epochs", "patience", "lr")}
+    todo = {
+        (p, s): [m for m in args.methods if not stored_path(args.store, p, s, m).is_file()]
         for s in range(args.seeds)
         for p in args.problems
+    }
+    jobs = [
+        (p, s, k, methods, out, args.folds, args.scale, train)
+        for (p, s), methods in todo.items()
+        if methods
         for k in range(args.folds)
     ]
     log = (out / "progress.log").open("a")
@@ -498,6 +512,80 @@ def run_all(args: argparse.Namespace) -> None:
             log.flush()
     log.write(f"# done in {time.perf_counter() - start:.0f} s\n")
     log.close()
+    for path in archive(out, args.store):
+        print(f"stored {path}")
+
+
+# ------------------------------------------------------------------------------------------- store
+# The store keeps, per (problem, seed, method), the test predictions of every fold in one CSV (a few KB),
+# with its fold model's best epoch; index.csv says when and on which machine each was archived. ``run``
+# skips what is stored; the report reads only the store. A stored file is never overwritten: delete it to
+# run that (problem, seed, method) again.
+
+
+def stored_path(store: Path, problem: str, seed: int, method: str) -> Path:
+    return store / problem / f"seed{seed}" / f"{method}.csv"
+
+
+def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes runs comparable: folds, the share of bags, and the training recipe."""
+    return {
+        "folds": args.folds, "scale": args.scale, "epochs": args.epochs,
+        "patience": args.patience or args.epochs, "lr": args.lr,
+    }  # fmt: skip
+
+
+def check_recipe(directory: Path, recipe: dict[str, Any]) -> None:
+    """Record ``recipe`` in ``directory``/recipe.json, or raise ValueError when it holds runs of another
+    recipe (a run with other epochs or bags must go to another --out and --store, not mix with these)."""
+    path = directory / "recipe.json"
+    if path.is_file():
+        held = json.loads(path.read_text())
+        if held != recipe:
+            raise ValueError(
+                f"{directory} holds runs of the recipe {held}, not {recipe}: use another --out/--store"
+            )
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=1) + "\n")
+
+
+def archive(out: Path, store: Path) -> list[Path]:
+    """Store each finished (problem, seed, method) of ``out`` not yet stored: the test rows of its folds'
+    ``predictions.csv`` (every fold of the seed's splits present; the authors' ``ref_*`` runs too), with a
+    ``best_epoch`` column where the run wrote metrics.json. Returns the files written."""
+    if not out.is_dir():
+        return []
+    check_recipe(store, json.loads((out / "recipe.json").read_text()))
+    written = []
+    for seed_dir in sorted(out.glob("*/seed*")):
+        splits = seed_dir / "data" / "splits.csv"
+        if seed_dir.parent.name not in PROBLEMS or not splits.is_file():
+            continue
+        n_folds = pd.read_csv(splits)["fold"].nunique()
+        for run_dir in sorted(p for p in (seed_dir / "runs").glob("*") if p.is_dir()):
+            target = stored_path(store, seed_dir.parent.name, int(seed_dir.name[4:]), run_dir.name)
+            files = sorted(run_dir.glob("fold*/predictions.csv"))
+            if target.is_file() or len(files) < n_folds:
+                continue
+            tables = []
+            for f in files:
+                table = pd.read_csv(f)
+                metrics = f.parent / "metrics.json"
+                best = json.loads(metrics.read_text()).get("best_epoch") if metrics.is_file() else None
+                tables.append(table[table["split"] == "test"].drop(columns=["split"]).assign(best_epoch=best))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pd.concat(tables, ignore_index=True).to_csv(target, index=False, float_format="%.6g")
+            finished = max(f.stat().st_mtime for f in files)
+            index_row = pd.DataFrame([{
+                "problem": seed_dir.parent.name, "seed": int(seed_dir.name[4:]), "method": run_dir.name,
+                "folds": n_folds, "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)),
+                "machine": machine(),
+            }])  # fmt: skip
+            index = store / "index.csv"
+            index_row.to_csv(index, mode="a", header=not index.is_file(), index=False)
+            written.append(target)
+    return written
 
 
 # -------------------------------------------------------------------------------------- statistics
@@ -570,19 +658,10 @@ def paired_bootstrap(
 # -------------------------------------------------------------------------------------------- report
 
 
-def load_predictions(out: Path, problem: str, method: str) -> dict[int, pd.DataFrame]:
-    """Test predictions pooled over folds, per seed (only seeds with every fold finished)."""
-    pooled = {}
-    for seed_dir in sorted((out / problem).glob("seed*")):
-        folds = sorted((seed_dir / "runs" / method).glob("fold*/predictions.csv"))
-        n_folds = pd.read_csv(seed_dir / "data" / "splits.csv")["fold"].nunique()
-        if len(folds) < n_folds:
-            continue
-        tables = [pd.read_csv(f) for f in folds]
-        pooled[int(seed_dir.name[4:])] = pd.concat(
-            [t[t["split"] == "test"] for t in tables], ignore_index=True
-        )
-    return pooled
+def load_predictions(store: Path, problem: str, method: str) -> dict[int, pd.DataFrame]:
+    """A method's stored test predictions, pooled over folds, per seed."""
+    files = (store / problem).glob(f"seed*/{method}.csv")
+    return {int(f.parent.name[4:]): pd.read_csv(f) for f in sorted(files)}
 
 
 def fold_scores(pooled: dict[int, pd.DataFrame], metric) -> dict[int, np.ndarray]:
@@ -591,9 +670,9 @@ def fold_scores(pooled: dict[int, pd.DataFrame], metric) -> dict[int, np.ndarray
     return {k: np.array([metric(t[t["fold"] == k]) for t in pooled.values()]) for k in folds}
 
 
-def methods_on_disk(out: Path, problem: str, methods: list[str]) -> list[str]:
-    """``methods`` first, then any other runs found (the reference codes' ``ref_*`` runs, ablations)."""
-    found = sorted({p.name for p in (out / problem).glob("seed*/runs/*") if p.is_dir()})
+def methods_on_disk(store: Path, problem: str, methods: list[str]) -> list[str]:
+    """``methods`` first, then any other runs stored (the reference codes' ``ref_*`` runs)."""
+    found = sorted({p.stem for p in (store / problem).glob("seed*/*.csv")})
     return [m for m in methods if m in found] + [m for m in found if m not in methods and m not in METHODS]
 
 
@@ -611,14 +690,14 @@ def paired_difference(
     return paired_bootstrap(pairs, metric_fn(task), strata, n_boot)
 
 
-def summarise(out: Path, problems: list[str], methods: list[str], n_boot: int) -> pd.DataFrame:
+def summarise(store: Path, problems: list[str], methods: list[str], n_boot: int) -> pd.DataFrame:
     rows = []
     for problem in problems:
         task = PROBLEMS[problem].task
         metric = metric_fn(task)
-        base = load_predictions(out, problem, BASELINE)
-        for method in methods_on_disk(out, problem, methods):
-            pooled = load_predictions(out, problem, method)
+        base = load_predictions(store, problem, BASELINE)
+        for method in methods_on_disk(store, problem, methods):
+            pooled = load_predictions(store, problem, method)
             seeds = sorted(set(pooled) & set(base))
             if not seeds:
                 continue
@@ -653,10 +732,10 @@ REFERENCE_OF = {
 
 
 def against_reference(
-    out: Path, problems: list[str], n_boot: int, methods: list[str] | None = None
+    store: Path, problems: list[str], n_boot: int, methods: list[str] | None = None
 ) -> pd.DataFrame:
     """pathmil's method minus the authors' code of it, on the seeds both ran (the same bags): one row per
-    pair found on disk (of ``methods`` only, when given)."""
+    pair stored (of ``methods`` only, when given)."""
     rows = []
     for problem in problems:
         task = PROBLEMS[problem].task
@@ -664,9 +743,9 @@ def against_reference(
         for ours, refs in REFERENCE_OF.items():
             if methods is not None and ours not in methods:
                 continue
-            pooled = load_predictions(out, problem, ours)
+            pooled = load_predictions(store, problem, ours)
             for ref in refs:
-                theirs = load_predictions(out, problem, ref)
+                theirs = load_predictions(store, problem, ref)
                 seeds = sorted(set(pooled) & set(theirs))
                 if not seeds:
                     continue
@@ -746,10 +825,13 @@ def machine() -> str:
 
 
 def report(args: argparse.Namespace) -> str:
-    table = summarise(args.out, args.problems, args.methods, args.n_boot)
+    """Store what finished in ``args.out``, then the markdown tables of everything stored."""
+    archive(args.out, args.store)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = summarise(args.store, args.problems, args.methods, args.n_boot)
     table.to_csv(args.out / "summary.csv", index=False)
     text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table) + "\n"
-    versus = against_reference(args.out, args.problems, args.n_boot, args.methods)
+    versus = against_reference(args.store, args.problems, args.n_boot, args.methods)
     versus.to_csv(args.out / "summary_reference.csv", index=False)
     if len(versus):
         text += "\n" + markdown_against_reference(versus) + "\n"
@@ -772,7 +854,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="pathmil's 2e-4 is meant for 50 epochs")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs in progress (not committed)")
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="finished runs (committed)")
     args = parser.parse_args(argv)
     if args.command == "data":
         for p in args.problems:

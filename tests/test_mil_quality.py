@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def test_paired_statistics_on_known_cases():
 
 
 def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_bags(tmp_path):
-    """The report's pathmil-minus-authors table: a reference run found on disk is paired with its pathmil
+    """The report's pathmil-minus-authors table: a stored reference run is paired with its pathmil
     method bag by bag (the authors' rows come in another order), on the seeds both finished (a seed with a
     fold missing is left out); identical scores give 0 with a zero-width CI, reversed scores AUC 1 - x; a
     method without a reference run gets no row."""
@@ -104,7 +105,10 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
     write("ref_pure", 0, scores[0])
     write("ref_pure", 1, scores[1], folds=(0,))  # seed 1 unfinished: left out
     write("mambamil_sr", 0, scores[0])  # no reference run: no row
-    table = suite.against_reference(tmp_path, ["plain"], n_boot=200).set_index("reference")
+    store = tmp_path / "store"
+    (tmp_path / "recipe.json").write_text(json.dumps(RECIPE))
+    suite.archive(tmp_path, store)
+    table = suite.against_reference(store, ["plain"], n_boot=200).set_index("reference")
     assert sorted(table.index) == ["ref_mhim_v2", "ref_pure"]
     same = table.loc["ref_pure"]
     assert (same["method"], same["seeds"]) == ("abmil", 1)
@@ -118,12 +122,95 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
     assert flipped["seeds"] == 2 and flipped["theirs"] == pytest.approx(1 - flipped["ours"])
     assert flipped["ours"] > 0.5 and flipped["lo"] > 0
     assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1)
-    only = suite.against_reference(tmp_path, ["plain"], n_boot=50, methods=["mhim_abmil_v2"])
+    only = suite.against_reference(store, ["plain"], n_boot=50, methods=["mhim_abmil_v2"])
     assert list(only["reference"]) == ["ref_mhim_v2"]
     text = suite.markdown_against_reference(table.reset_index())
     assert "| ref_pure | 1 |" in text and "| +0.000 [+0.000, +0.000] |" in text
     assert any(line.startswith("| plain | mhim_abmil_v2 | ref_mhim_v2 | 2 |") and line.endswith("] * |")
                for line in text.splitlines())  # fmt: skip
+
+
+RECIPE = {"folds": 2, "scale": 1.0, "epochs": 20, "patience": 20, "lr": 5e-4}
+
+
+def write_fold(out: Path, method: str, fold: int, scores: list[float], best_epoch: int | None = 3) -> None:
+    """A finished fold of ``method`` as the benchmark leaves it: train and test rows, and metrics.json."""
+    run_dir = out / "plain" / "seed0" / "runs" / method / f"fold{fold}"
+    run_dir.mkdir(parents=True)
+    n = len(scores)
+    pd.DataFrame({
+        "slide_id": [f"f{fold}b{i}" for i in range(n)] + ["train0"], "patient_id": "p", "fold": fold,
+        "split": ["test"] * n + ["train"], "target": [i % 2 for i in range(n)] + [1], "score": [*scores, 0.5],
+    }).to_csv(run_dir / "predictions.csv", index=False)  # fmt: skip
+    if best_epoch is not None:
+        (run_dir / "metrics.json").write_text(json.dumps({"best_epoch": best_epoch}))
+
+
+def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_path, monkeypatch):
+    """archive stores a (problem, seed, method) once every fold has finished: only its test rows, with
+    each fold's best epoch; an unfinished method stays out; a stored file is not rewritten; run skips what
+    is stored; runs of another recipe (epochs, bags) are refused."""
+    suite = load_suite()
+    out, store = tmp_path / "out", tmp_path / "store"
+    (out / "plain" / "seed0" / "data").mkdir(parents=True)
+    pd.DataFrame({"fold": [0, 1]}).to_csv(out / "plain" / "seed0" / "data" / "splits.csv", index=False)
+    (out / "recipe.json").write_text(json.dumps(RECIPE))
+    write_fold(out, "abmil", 0, [0.1, 0.9], best_epoch=4)
+    write_fold(out, "abmil", 1, [0.2, 0.8, 0.3], best_epoch=7)
+    write_fold(out, "ref_pure", 0, [0.4, 0.6], best_epoch=None)  # the authors' code: no metrics.json
+    write_fold(out, "ref_pure", 1, [0.5, 0.5], best_epoch=None)
+    write_fold(out, "mambamil_sr", 0, [0.3, 0.7])  # fold 1 unfinished
+    assert suite.archive(out, store) == [
+        suite.stored_path(store, "plain", 0, "abmil"), suite.stored_path(store, "plain", 0, "ref_pure")
+    ]  # fmt: skip
+    stored = pd.read_csv(suite.stored_path(store, "plain", 0, "abmil"))
+    assert list(stored.slide_id) == ["f0b0", "f0b1", "f1b0", "f1b1", "f1b2"]
+    assert list(stored.best_epoch) == [4, 4, 7, 7, 7] and "split" not in stored
+    assert list(stored.score) == [0.1, 0.9, 0.2, 0.8, 0.3]
+    assert pd.read_csv(suite.stored_path(store, "plain", 0, "ref_pure")).best_epoch.isna().all()
+    assert set(suite.load_predictions(store, "plain", "abmil")) == {0}
+    assert suite.load_predictions(store, "plain", "mambamil_sr") == {}
+    index = pd.read_csv(store / "index.csv")
+    assert list(index.method) == ["abmil", "ref_pure"] and (index.folds == 2).all()
+
+    write_fold(out, "mambamil_sr", 1, [0.6, 0.4])
+    (out / "plain" / "seed0" / "runs" / "abmil" / "fold0" / "predictions.csv").unlink()  # later changes
+    assert suite.archive(out, store) == [suite.stored_path(store, "plain", 0, "mambamil_sr")]
+    assert list(pd.read_csv(suite.stored_path(store, "plain", 0, "abmil")).score)[:2] == [0.1, 0.9]
+    assert len(pd.read_csv(store / "index.csv")) == 3
+
+    jobs = []
+
+    class Pool:  # records the jobs run_all would start
+        def __init__(self, n):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, fn, *columns):
+            jobs.extend(zip(*columns))
+            return []
+
+    monkeypatch.setattr(suite, "ProcessPoolExecutor", Pool)
+    args = suite.argparse.Namespace(
+        out=out, store=store, problems=["plain"], methods=["abmil", "mean_pool"], seeds=1, jobs=1,
+        **{k: RECIPE[k] for k in ("folds", "scale", "epochs", "lr")}, patience=None,
+    )  # fmt: skip
+    suite.run_all(args)
+    runs = [job for job in jobs if len(job) == 8]
+    assert [(p, s, k, methods) for p, s, k, methods, *_ in runs] == [
+        ("plain", 0, 0, ["mean_pool"]), ("plain", 0, 1, ["mean_pool"])
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="another --out/--store"):
+        suite.run_all(suite.argparse.Namespace(**{**vars(args), "epochs": 5}))
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / "recipe.json").write_text(json.dumps({**RECIPE, "scale": 0.25}))
+    with pytest.raises(ValueError, match="another --out/--store"):
+        suite.archive(tmp_path / "out2", store)
 
 
 def test_a_finished_baseline_is_retrained_only_for_an_mhim_run_still_to_do(tmp_path, monkeypatch):
