@@ -550,6 +550,11 @@ def check_recipe(directory: Path, recipe: dict[str, Any]) -> None:
     path.write_text(json.dumps(recipe, indent=1) + "\n")
 
 
+def _finished(fold_dir: Path) -> bool:
+    """pathmil's loop writes metrics.json last (its config.yaml first); the authors' runs only predictions."""
+    return (fold_dir / "metrics.json").is_file() or not (fold_dir / "config.yaml").is_file()
+
+
 def archive(out: Path, store: Path) -> list[Path]:
     """Store each finished (problem, seed, method) of ``out`` not yet stored: the test rows of its folds'
     ``predictions.csv`` (every fold of the seed's splits present; the authors' ``ref_*`` runs too), with a
@@ -565,7 +570,7 @@ def archive(out: Path, store: Path) -> list[Path]:
         n_folds = pd.read_csv(splits)["fold"].nunique()
         for run_dir in sorted(p for p in (seed_dir / "runs").glob("*") if p.is_dir()):
             target = stored_path(store, seed_dir.parent.name, int(seed_dir.name[4:]), run_dir.name)
-            files = sorted(run_dir.glob("fold*/predictions.csv"))
+            files = [f for f in sorted(run_dir.glob("fold*/predictions.csv")) if _finished(f.parent)]
             if target.is_file() or len(files) < n_folds:
                 continue
             tables = []

@@ -149,7 +149,8 @@ def write_fold(out: Path, method: str, fold: int, scores: list[float], best_epoc
 def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_path, monkeypatch):
     """archive stores a (problem, seed, method) once every fold has finished: only its test rows, with
     each fold's best epoch; an unfinished method stays out; a stored file is not rewritten; run skips what
-    is stored; runs of another recipe (epochs, bags) are refused."""
+    is stored; runs of another recipe (epochs, bags) are refused. A pathmil fold is finished once its
+    metrics.json is written (predictions.csv comes just before it)."""
     suite = load_suite()
     out, store = tmp_path / "out", tmp_path / "store"
     (out / "plain" / "seed0" / "data").mkdir(parents=True)
@@ -160,6 +161,9 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
     write_fold(out, "ref_pure", 0, [0.4, 0.6], best_epoch=None)  # the authors' code: no metrics.json
     write_fold(out, "ref_pure", 1, [0.5, 0.5], best_epoch=None)
     write_fold(out, "mambamil_sr", 0, [0.3, 0.7])  # fold 1 unfinished
+    write_fold(out, "mean_pool", 0, [0.3, 0.7])
+    write_fold(out, "mean_pool", 1, [0.3, 0.7], best_epoch=None)  # still running: no metrics.json yet
+    (out / "plain" / "seed0" / "runs" / "mean_pool" / "fold1" / "config.yaml").write_text("task: x\n")
     assert suite.archive(out, store) == [
         suite.stored_path(store, "plain", 0, "abmil"), suite.stored_path(store, "plain", 0, "ref_pure")
     ]  # fmt: skip
@@ -170,6 +174,7 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
     assert pd.read_csv(suite.stored_path(store, "plain", 0, "ref_pure")).best_epoch.isna().all()
     assert set(suite.load_predictions(store, "plain", "abmil")) == {0}
     assert suite.load_predictions(store, "plain", "mambamil_sr") == {}
+    assert not suite.stored_path(store, "plain", 0, "mean_pool").exists()
     index = pd.read_csv(store / "index.csv")
     assert list(index.method) == ["abmil", "ref_pure"] and (index.folds == 2).all()
 
