@@ -695,12 +695,16 @@ def paired_difference(
     return paired_bootstrap(pairs, metric_fn(task), strata, n_boot)
 
 
-def summarise(store: Path, problems: list[str], methods: list[str], n_boot: int) -> pd.DataFrame:
+def summarise(
+    store: Path, problems: list[str], methods: list[str], n_boot: int, baseline: str = BASELINE
+) -> pd.DataFrame:
+    """One row per stored method and problem: its metric, and its paired difference to ``baseline`` on the
+    seeds both ran."""
     rows = []
     for problem in problems:
         task = PROBLEMS[problem].task
         metric = metric_fn(task)
-        base = load_predictions(store, problem, BASELINE)
+        base = load_predictions(store, problem, baseline)
         for method in methods_on_disk(store, problem, methods):
             pooled = load_predictions(store, problem, method)
             seeds = sorted(set(pooled) & set(base))
@@ -711,9 +715,9 @@ def summarise(store: Path, problems: list[str], methods: list[str], n_boot: int)
             row = {
                 "problem": problem, "method": method, "seeds": len(seeds), "metric": float(np.mean(per_seed)),
                 "sd": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else math.nan, "iqm": iqm(runs),
-                "baseline": float(np.mean([metric(base[s]) for s in seeds])),  # ABMIL on the same seeds
+                "baseline": float(np.mean([metric(base[s]) for s in seeds])),  # on the same seeds
             }  # fmt: skip
-            if method != BASELINE:
+            if method != baseline:
                 row["diff"], row["lo"], row["hi"] = paired_difference(task, pooled, base, seeds, n_boot)
                 row["p_improve"] = probability_of_improvement(
                     fold_scores({s: pooled[s] for s in seeds}, metric),
@@ -780,7 +784,8 @@ def markdown_against_reference(table: pd.DataFrame) -> str:
     return "\n".join([*lines, "", "`*`: the CI excludes 0."])
 
 
-def markdown(table: pd.DataFrame) -> str:
+def markdown(table: pd.DataFrame, baseline: str = BASELINE) -> str:
+    name = "ABMIL" if baseline == "abmil" else baseline
     lines = []
     for problem, part in table.groupby("problem", sort=False):
         spec = PROBLEMS[problem]
@@ -788,18 +793,18 @@ def markdown(table: pd.DataFrame) -> str:
         how = "mean of the folds' test c-indices" if spec.task == "survival" else f"pooled test {metric}"
         lines += [f"**{problem}** ({spec.claim}; {how}, mean over seeds)", ""]
         lines += [
-            f"| method | seeds | {metric} (sd over seeds) | ABMIL, same seeds | IQM of runs "
-            "| difference to ABMIL [95 % CI] | P(improvement) |"
+            f"| method | seeds | {metric} (sd over seeds) | {name}, same seeds | IQM of runs "
+            f"| difference to {name} [95 % CI] | P(improvement) |"
         ]
         lines += ["|---|---:|---:|---:|---:|---:|---:|"]
         for _, r in part.iterrows():
             diff = (
                 "(baseline)"
-                if r["method"] == BASELINE
+                if r["method"] == baseline
                 else f"{r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]"
                 + (" *" if r["lo"] > 0 or r["hi"] < 0 else "")
             )
-            poi = "" if r["method"] == BASELINE else f"{r['p_improve']:.2f}"
+            poi = "" if r["method"] == baseline else f"{r['p_improve']:.2f}"
             sd = "" if math.isnan(r["sd"]) else f" ({r['sd']:.3f})"  # one seed: no sd
             lines.append(
                 f"| {r['method']} | {r['seeds']} | {r['metric']:.3f}{sd} | {r['baseline']:.3f} | {r['iqm']:.3f} "
@@ -833,9 +838,9 @@ def report(args: argparse.Namespace) -> str:
     """Store what finished in ``args.out``, then the markdown tables of everything stored."""
     archive(args.out, args.store)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = summarise(args.store, args.problems, args.methods, args.n_boot)
+    table = summarise(args.store, args.problems, args.methods, args.n_boot, args.baseline)
     table.to_csv(args.out / "summary.csv", index=False)
-    text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table) + "\n"
+    text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table, args.baseline) + "\n"
     versus = against_reference(args.store, args.problems, args.n_boot, args.methods)
     versus.to_csv(args.out / "summary_reference.csv", index=False)
     if len(versus):
@@ -859,6 +864,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="pathmil's 2e-4 is meant for 50 epochs")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument(
+        "--baseline", default=BASELINE, choices=list(METHODS), help="report: what each method is paired with"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs in progress (not committed)")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="finished runs (committed)")
     args = parser.parse_args(argv)

@@ -122,6 +122,13 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
     assert flipped["seeds"] == 2 and flipped["theirs"] == pytest.approx(1 - flipped["ours"])
     assert flipped["ours"] > 0.5 and flipped["lo"] > 0
     assert flipped["diff"] == pytest.approx(2 * flipped["ours"] - 1)
+    versus = suite.summarise(store, ["plain"], ["abmil", "mhim_abmil_v2"], 200, baseline="mhim_abmil_v2")
+    versus = versus.set_index("method")  # any method as the baseline: here one equal to ABMIL
+    assert versus.loc["abmil", "diff"] == 0.0 and np.isnan(versus.loc["mhim_abmil_v2", "diff"])
+    assert versus.loc["ref_mhim_v2", "hi"] < 0 and versus.loc["ref_mhim_v2", "seeds"] == 2
+    assert "| difference to mhim_abmil_v2 [95 % CI] |" in suite.markdown(
+        versus.reset_index(), "mhim_abmil_v2"
+    )
     only = suite.against_reference(store, ["plain"], n_boot=50, methods=["mhim_abmil_v2"])
     assert list(only["reference"]) == ["ref_mhim_v2"]
     text = suite.markdown_against_reference(table.reset_index())
