@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -518,9 +520,10 @@ def run_all(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------- store
 # The store keeps, per (problem, seed, method), the test predictions of every fold in one CSV (a few KB),
-# with its fold model's best epoch; index.csv says when and on which machine each was archived. ``run``
-# skips what is stored; the report reads only the store. A stored file is never overwritten: delete it to
-# run that (problem, seed, method) again.
+# with its fold model's best epoch; index.csv says when, on which machine, at which commit and from which
+# data (a hash of the seed's cohort and splits tables) each was stored. ``run`` skips what is stored; the
+# report reads only the store. A stored file is never overwritten: to run a (problem, seed, method) again,
+# delete its file and its runs in --out (finished runs there are reused).
 
 
 def stored_path(store: Path, problem: str, seed: int, method: str) -> Path:
@@ -535,19 +538,31 @@ def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def check_recipe(directory: Path, recipe: dict[str, Any]) -> None:
-    """Record ``recipe`` in ``directory``/recipe.json, or raise ValueError when it holds runs of another
-    recipe (a run with other epochs or bags must go to another --out and --store, not mix with these)."""
+def held_recipe(directory: Path) -> dict[str, Any] | None:
+    """The recipe of the runs in ``directory`` (None: it holds none); raises ValueError when it holds runs
+    or data but no recipe.json, whose recipe is therefore unknown."""
     path = directory / "recipe.json"
     if path.is_file():
-        held = json.loads(path.read_text())
-        if held != recipe:
-            raise ValueError(
-                f"{directory} holds runs of the recipe {held}, not {recipe}: use another --out/--store"
-            )
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(recipe, indent=1) + "\n")
+        return json.loads(path.read_text())
+    if any((directory / problem).exists() for problem in PROBLEMS):
+        raise ValueError(
+            f"{directory} holds runs or data but no recipe.json, so how they were made is unknown: move them "
+            "away or pass another --out/--store"
+        )
+    return None
+
+
+def check_recipe(directory: Path, recipe: dict[str, Any]) -> None:
+    """Record ``recipe`` in ``directory``/recipe.json, or raise ValueError when it holds runs of another or
+    of an unknown recipe (a run with other epochs or bags must go to another --out and --store)."""
+    held = held_recipe(directory)
+    if held is not None and held != recipe:
+        raise ValueError(
+            f"{directory} holds runs of the recipe {held}, not {recipe}: use another --out/--store"
+        )
+    if held is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
 def _finished(fold_dir: Path) -> bool:
@@ -555,21 +570,52 @@ def _finished(fold_dir: Path) -> bool:
     return (fold_dir / "metrics.json").is_file() or not (fold_dir / "config.yaml").is_file()
 
 
+def data_hash(data: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of a seed's cohort and splits tables: runs of one hash scored
+    the same bags with the same labels and folds."""
+    digest = hashlib.sha256()
+    for name in ("cohort.csv", "splits.csv"):
+        digest.update((data / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def commit() -> str:
+    """The repository's commit, with ``-dirty`` when its tracked files differ from it ("unknown" outside git)."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _write_atomic(table: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    table.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+
+
 def archive(out: Path, store: Path) -> list[Path]:
     """Store each finished (problem, seed, method) of ``out`` not yet stored: the test rows of its folds'
     ``predictions.csv`` (every fold of the seed's splits present; the authors' ``ref_*`` runs too), with a
-    ``best_epoch`` column where the run wrote metrics.json. Returns the files written."""
-    if not out.is_dir():
+    ``best_epoch`` column where the run wrote metrics.json, and its row in index.csv. Returns the files
+    written. Raises ValueError when ``out`` and ``store`` hold runs of different or unknown recipes."""
+    recipe = held_recipe(out) if out.is_dir() else None
+    if recipe is None:
         return []
-    check_recipe(store, json.loads((out / "recipe.json").read_text()))
-    written = []
+    check_recipe(store, recipe)
+    written, rows = [], []
     for seed_dir in sorted(out.glob("*/seed*")):
-        splits = seed_dir / "data" / "splits.csv"
-        if seed_dir.parent.name not in PROBLEMS or not splits.is_file():
+        problem, seed, data = seed_dir.parent.name, int(seed_dir.name[4:]), seed_dir / "data"
+        if problem not in PROBLEMS or not (data / "splits.csv").is_file():
             continue
-        n_folds = pd.read_csv(splits)["fold"].nunique()
+        n_folds = pd.read_csv(data / "splits.csv")["fold"].nunique()
         for run_dir in sorted(p for p in (seed_dir / "runs").glob("*") if p.is_dir()):
-            target = stored_path(store, seed_dir.parent.name, int(seed_dir.name[4:]), run_dir.name)
+            target = stored_path(store, problem, seed, run_dir.name)
             files = [f for f in sorted(run_dir.glob("fold*/predictions.csv")) if _finished(f.parent)]
             if target.is_file() or len(files) < n_folds:
                 continue
@@ -580,17 +626,37 @@ def archive(out: Path, store: Path) -> list[Path]:
                 best = json.loads(metrics.read_text()).get("best_epoch") if metrics.is_file() else None
                 tables.append(table[table["split"] == "test"].drop(columns=["split"]).assign(best_epoch=best))
             target.parent.mkdir(parents=True, exist_ok=True)
-            pd.concat(tables, ignore_index=True).to_csv(target, index=False, float_format="%.6g")
+            _write_atomic(pd.concat(tables, ignore_index=True), target)
             finished = max(f.stat().st_mtime for f in files)
-            index_row = pd.DataFrame([{
-                "problem": seed_dir.parent.name, "seed": int(seed_dir.name[4:]), "method": run_dir.name,
-                "folds": n_folds, "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)),
-                "machine": machine(),
-            }])  # fmt: skip
-            index = store / "index.csv"
-            index_row.to_csv(index, mode="a", header=not index.is_file(), index=False)
+            rows.append({
+                "problem": problem, "seed": seed, "method": run_dir.name, "folds": n_folds,
+                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)), "machine": machine(),
+                "commit": commit(), "data": data_hash(data),
+            })  # fmt: skip
             written.append(target)
+    if rows:
+        index_path, new = store / "index.csv", pd.DataFrame(rows)
+        index = pd.read_csv(index_path) if index_path.is_file() else new.iloc[:0]
+        key = ["problem", "seed", "method"]
+        # a file stored again (deleted, then run again): its new row replaces the old
+        kept = index[~index.set_index(key).index.isin(new.set_index(key).index)]
+        _write_atomic(pd.concat([kept, new], ignore_index=True), index_path)
     return written
+
+
+def check_same_data(store: Path, problem: str) -> None:
+    """Raise ValueError when the stored runs of one seed of ``problem`` came from different bags (index.csv's
+    data hashes differ: a generator changed between sessions), which no paired comparison may mix."""
+    index_path = store / "index.csv"
+    if not index_path.is_file():
+        return
+    index = pd.read_csv(index_path)
+    hashes = index[index["problem"] == problem].groupby("seed")["data"].nunique()
+    if (hashes > 1).any():
+        raise ValueError(
+            f"{store}: stored runs of {problem} seed(s) {list(hashes[hashes > 1].index)} scored different "
+            "bags (data hashes differ in index.csv); delete the stale ones and run them again"
+        )
 
 
 # -------------------------------------------------------------------------------------- statistics
@@ -681,6 +747,17 @@ def methods_on_disk(store: Path, problem: str, methods: list[str]) -> list[str]:
     return [m for m in methods if m in found] + [m for m in found if m not in methods and m not in METHODS]
 
 
+TARGET_COLUMNS = ("target", "time", "event")
+
+
+def _same_bags(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Two runs' test rows (sorted alike) hold the same bags, folds and labels."""
+    if len(a) != len(b) or not (a["slide_id"].to_numpy() == b["slide_id"].to_numpy()).all():
+        return False
+    columns = ["fold", *(c for c in TARGET_COLUMNS if c in a and c in b)]
+    return all(np.allclose(a[c].to_numpy(float), b[c].to_numpy(float)) for c in columns)
+
+
 def paired_difference(
     task: str, pooled: dict[int, pd.DataFrame], base: dict[int, pd.DataFrame], seeds: list[int], n_boot: int
 ) -> tuple[float, float, float]:
@@ -689,7 +766,8 @@ def paired_difference(
     for s in seeds:
         a = pooled[s].sort_values("slide_id").reset_index(drop=True)
         b = base[s].sort_values("slide_id").reset_index(drop=True)
-        assert (a["slide_id"] == b["slide_id"]).all(), "methods must score the same bags"
+        if not _same_bags(a, b):
+            raise ValueError(f"seed {s}: the two methods did not score the same bags, labels and folds")
         pairs[s] = (a, b)
     strata = {s: strata_of(task, pairs[s][1]) for s in seeds}
     return paired_bootstrap(pairs, metric_fn(task), strata, n_boot)
@@ -704,6 +782,7 @@ def summarise(
     for problem in problems:
         task = PROBLEMS[problem].task
         metric = metric_fn(task)
+        check_same_data(store, problem)
         base = load_predictions(store, problem, baseline)
         for method in methods_on_disk(store, problem, methods):
             pooled = load_predictions(store, problem, method)
@@ -749,6 +828,7 @@ def against_reference(
     for problem in problems:
         task = PROBLEMS[problem].task
         metric = metric_fn(task)
+        check_same_data(store, problem)
         for ours, refs in REFERENCE_OF.items():
             if methods is not None and ours not in methods:
                 continue
@@ -839,6 +919,8 @@ def report(args: argparse.Namespace) -> str:
     archive(args.out, args.store)
     args.out.mkdir(parents=True, exist_ok=True)
     table = summarise(args.store, args.problems, args.methods, args.n_boot, args.baseline)
+    if table.empty:
+        return f"nothing stored in {args.store} for {' '.join(args.problems)} with {args.baseline} beside it"
     table.to_csv(args.out / "summary.csv", index=False)
     text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table, args.baseline) + "\n"
     versus = against_reference(args.store, args.problems, args.n_boot, args.methods)
@@ -871,6 +953,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE, help="finished runs (committed)")
     args = parser.parse_args(argv)
     if args.command == "data":
+        check_recipe(args.out, recipe_of(args))
         for p in args.problems:
             for s in range(args.seeds):
                 print(make_data(p, s, args.folds, args.out / p / f"seed{s}" / "data", args.scale))

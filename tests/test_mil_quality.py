@@ -96,6 +96,7 @@ def test_against_reference_pairs_each_method_with_the_authors_run_on_the_same_ba
         data = tmp_path / "plain" / f"seed{seed}" / "data"
         data.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"fold": [0, 1]}).to_csv(data / "splits.csv", index=False)
+        pd.DataFrame({"slide_id": ["b00"]}).to_csv(data / "cohort.csv", index=False)
 
     scores = [rng.random(40) + 0.3 * (np.arange(40) % 2) for _ in range(2)]
     for seed in (0, 1):
@@ -156,12 +157,14 @@ def write_fold(out: Path, method: str, fold: int, scores: list[float], best_epoc
 def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_path, monkeypatch):
     """archive stores a (problem, seed, method) once every fold has finished: only its test rows, with
     each fold's best epoch; an unfinished method stays out; a stored file is not rewritten; run skips what
-    is stored; runs of another recipe (epochs, bags) are refused. A pathmil fold is finished once its
-    metrics.json is written (predictions.csv comes just before it)."""
+    is stored; runs of another or an unknown recipe (epochs, bags) are refused, and so are tables or pairs of
+    runs that scored different bags. A pathmil fold is finished once its metrics.json is written
+    (predictions.csv comes just before it)."""
     suite = load_suite()
     out, store = tmp_path / "out", tmp_path / "store"
     (out / "plain" / "seed0" / "data").mkdir(parents=True)
     pd.DataFrame({"fold": [0, 1]}).to_csv(out / "plain" / "seed0" / "data" / "splits.csv", index=False)
+    pd.DataFrame({"slide_id": ["f0b0"]}).to_csv(out / "plain" / "seed0" / "data" / "cohort.csv", index=False)
     (out / "recipe.json").write_text(json.dumps(RECIPE))
     write_fold(out, "abmil", 0, [0.1, 0.9], best_epoch=4)
     write_fold(out, "abmil", 1, [0.2, 0.8, 0.3], best_epoch=7)
@@ -189,7 +192,24 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
     (out / "plain" / "seed0" / "runs" / "abmil" / "fold0" / "predictions.csv").unlink()  # later changes
     assert suite.archive(out, store) == [suite.stored_path(store, "plain", 0, "mambamil_sr")]
     assert list(pd.read_csv(suite.stored_path(store, "plain", 0, "abmil")).score)[:2] == [0.1, 0.9]
-    assert len(pd.read_csv(store / "index.csv")) == 3
+    index = pd.read_csv(store / "index.csv")
+    assert list(index.method) == ["abmil", "ref_pure", "mambamil_sr"] and index.data.nunique() == 1
+    suite.stored_path(store, "plain", 0, "ref_pure").unlink()  # stored again: one row, the new one
+    assert suite.archive(out, store) == [suite.stored_path(store, "plain", 0, "ref_pure")]
+    assert list(pd.read_csv(store / "index.csv").method) == ["abmil", "mambamil_sr", "ref_pure"]
+
+    # the bags of a seed changed between sessions (another generator): no table mixes them
+    pd.DataFrame({"slide_id": ["f0b0", "new"]}).to_csv(
+        out / "plain" / "seed0" / "data" / "cohort.csv", index=False
+    )
+    suite.stored_path(store, "plain", 0, "ref_pure").unlink()
+    suite.archive(out, store)
+    with pytest.raises(ValueError, match="scored different bags"):
+        suite.summarise(store, ["plain"], ["abmil"], n_boot=10)
+    other = pd.read_csv(suite.stored_path(store, "plain", 0, "abmil"))
+    with pytest.raises(ValueError, match="did not score the same bags"):
+        flipped = other.assign(target=1 - other.target)  # same bag ids, other labels
+        suite.paired_difference("classification", {0: flipped}, {0: other}, [0], n_boot=10)
 
     jobs = []
 
@@ -223,6 +243,22 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
     (tmp_path / "out2" / "recipe.json").write_text(json.dumps({**RECIPE, "scale": 0.25}))
     with pytest.raises(ValueError, match="another --out/--store"):
         suite.archive(tmp_path / "out2", store)
+    (out / "recipe.json").unlink()  # runs whose recipe is unknown are neither stored nor added to
+    with pytest.raises(ValueError, match=r"no recipe\.json"):
+        suite.archive(out, store)
+    with pytest.raises(ValueError, match=r"no recipe\.json"):
+        suite.run_all(args)
+    assert "nothing stored" in suite.report(
+        suite.argparse.Namespace(
+            **{
+                **vars(args),
+                "out": tmp_path / "none",
+                "problems": ["order"],
+                "baseline": "abmil",
+                "n_boot": 10,
+            }
+        )
+    )
 
 
 def test_a_finished_baseline_is_retrained_only_for_an_mhim_run_still_to_do(tmp_path, monkeypatch):
