@@ -608,7 +608,7 @@ def archive(out: Path, store: Path) -> list[Path]:
     if recipe is None:
         return []
     check_recipe(store, recipe)
-    written, rows = [], []
+    written, rows, made = [], [], {"machine": machine(), "commit": commit()}
     for seed_dir in sorted(out.glob("*/seed*")):
         problem, seed, data = seed_dir.parent.name, int(seed_dir.name[4:]), seed_dir / "data"
         if problem not in PROBLEMS or not (data / "splits.csv").is_file():
@@ -630,8 +630,8 @@ def archive(out: Path, store: Path) -> list[Path]:
             finished = max(f.stat().st_mtime for f in files)
             rows.append({
                 "problem": problem, "seed": seed, "method": run_dir.name, "folds": n_folds,
-                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)), "machine": machine(),
-                "commit": commit(), "data": data_hash(data),
+                "finished_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(finished)), **made,
+                "data": data_hash(data),
             })  # fmt: skip
             written.append(target)
     if rows:
