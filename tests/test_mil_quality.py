@@ -326,3 +326,25 @@ def test_a_sequence_model_wins_on_order_and_no_method_loses_a_control(tmp_path):
     assert control["abmil"] > 0.9, control
     for method, score in control.items():
         assert score >= control["abmil"] - 0.02, (method, control)
+
+
+def test_the_committed_store_holds_what_its_index_says_and_pairs_cleanly():
+    """benchmarks/results/mil_quality/ (the runs RESULTS.md's stored tables come from): made with the
+    benchmark's default recipe, one index row per stored file, and every method pairs with ABMIL on the
+    same bags, labels and folds (summarise raises otherwise)."""
+    suite = load_suite()
+    store = suite.DEFAULT_STORE
+    defaults = suite.argparse.Namespace(folds=5, scale=1.0, epochs=20, patience=None, lr=5e-4)
+    assert json.loads((store / "recipe.json").read_text()) == suite.recipe_of(defaults)
+    index = pd.read_csv(store / "index.csv")
+    files = {p.relative_to(store).as_posix() for p in store.glob("*/seed*/*.csv")}
+    assert files == {f"{r.problem}/seed{r.seed}/{r.method}.csv" for r in index.itertuples()}
+    assert (index.folds == 5).all() and not index.duplicated(["problem", "seed", "method"]).any()
+    for problem in sorted(index.problem.unique()):
+        table = suite.summarise(store, [problem], list(suite.METHODS), n_boot=20)
+        stored = index[index.problem == problem]
+        assert "abmil" in set(table.method) and set(table.method) <= set(stored.method)
+        for row in table.itertuples():  # every fold of every stored seed is there
+            assert all(
+                len(t.fold.unique()) == 5 for t in suite.load_predictions(store, problem, row.method).values()
+            )
