@@ -72,6 +72,7 @@ import pandas as pd
 from pathmil.evaluation.bootstrap import iqm, percentile_interval
 from pathmil.evaluation.compare import paired_bootstrap as resample_both
 from pathmil.evaluation.compare import probability_of_improvement
+from pathmil.fileio import atomic_output
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "out" / "mil_quality"
@@ -594,9 +595,8 @@ def commit() -> str:
 
 
 def _write_atomic(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def archive(out: Path, store: Path) -> list[Path]:
