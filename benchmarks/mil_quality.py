@@ -481,10 +481,11 @@ def run_fold(problem: str, seed: int, fold: int, methods: list[str], out: Path, 
 
 def run_all(args: argparse.Namespace) -> None:
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     recipe = recipe_of(args)
-    check_recipe(out, recipe)
-    check_recipe(args.store, recipe)
+    for directory in (out, args.store):  # both checked before either is written
+        check_recipe(directory, recipe, record=False)
+    for directory in (out, args.store):
+        check_recipe(directory, recipe)
     train = {k: recipe[k] for k in ("epochs", "patience", "lr")}
     todo = {
         (p, s): [m for m in args.methods if not stored_path(args.store, p, s, m).is_file()]
@@ -553,15 +554,16 @@ def held_recipe(directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def check_recipe(directory: Path, recipe: dict[str, Any]) -> None:
-    """Record ``recipe`` in ``directory``/recipe.json, or raise ValueError when it holds runs of another or
-    of an unknown recipe (a run with other epochs or bags must go to another --out and --store)."""
+def check_recipe(directory: Path, recipe: dict[str, Any], record: bool = True) -> None:
+    """Raise ValueError when ``directory`` holds runs of another or of an unknown recipe (a run with other
+    epochs or bags must go to another --out and --store); else, with ``record``, write ``recipe`` to its
+    recipe.json where it has none."""
     held = held_recipe(directory)
     if held is not None and held != recipe:
         raise ValueError(
             f"{directory} holds runs of the recipe {held}, not {recipe}: use another --out/--store"
         )
-    if held is None:
+    if held is None and record:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
@@ -580,18 +582,20 @@ def data_hash(data: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def commit() -> str:
-    """The repository's commit, with ``-dirty`` when its tracked files differ from it ("unknown" outside git)."""
+def commit(store: Path = DEFAULT_STORE) -> str:
+    """The repository's commit, with ``-dirty`` when its tracked files differ from it, the store's own files
+    (which every archive changes) not counted; "unknown" outside git."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-        )
+        head = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", f":(exclude){store.resolve()}")
     except OSError:
         return "unknown"
-    return done.stdout.strip() or "unknown"
+    return (head + ("-dirty" if changed else "")) if head else "unknown"
 
 
 def _write_atomic(table: pd.DataFrame, path: Path) -> None:
@@ -608,7 +612,7 @@ def archive(out: Path, store: Path) -> list[Path]:
     if recipe is None:
         return []
     check_recipe(store, recipe)
-    written, rows, made = [], [], {"machine": machine(), "commit": commit()}
+    written, rows, made = [], [], {"machine": machine(), "commit": commit(store)}
     for seed_dir in sorted(out.glob("*/seed*")):
         problem, seed, data = seed_dir.parent.name, int(seed_dir.name[4:]), seed_dir / "data"
         if problem not in PROBLEMS or not (data / "splits.csv").is_file():

@@ -239,6 +239,9 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
     ]  # fmt: skip
     with pytest.raises(ValueError, match="another --out/--store"):
         suite.run_all(suite.argparse.Namespace(**{**vars(args), "epochs": 5}))
+    with pytest.raises(ValueError, match="another --out/--store"):  # refused before a new --out is written
+        suite.run_all(suite.argparse.Namespace(**{**vars(args), "epochs": 5, "out": tmp_path / "fresh"}))
+    assert not (tmp_path / "fresh").exists()
     (tmp_path / "out2").mkdir()
     (tmp_path / "out2" / "recipe.json").write_text(json.dumps({**RECIPE, "scale": 0.25}))
     with pytest.raises(ValueError, match="another --out/--store"):
@@ -259,6 +262,29 @@ def test_finished_runs_are_stored_once_and_runs_of_another_recipe_never_mix(tmp_
             }
         )
     )
+
+
+def test_the_commit_stored_with_a_run_is_dirty_for_code_changes_not_for_the_store_itself(tmp_path, monkeypatch):
+    """Every archive rewrites index.csv: that must not mark the next run's commit ``-dirty``; a changed
+    tracked file elsewhere must."""
+    import subprocess
+
+    suite = load_suite()
+    repo, store = tmp_path / "repo", tmp_path / "repo" / "results" / "mil_quality"
+    store.mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (store / "index.csv").write_text("problem\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
+    monkeypatch.setattr(suite, "HERE", repo)
+    (store / "index.csv").write_text("problem\nplain\n")
+    (store / "new.csv").write_text("untracked\n")
+    assert suite.commit(store) == head.strip()
+    (repo / "code.py").write_text("x = 2\n")
+    assert suite.commit(store) == head.strip() + "-dirty"
 
 
 def test_a_finished_baseline_is_retrained_only_for_an_mhim_run_still_to_do(tmp_path, monkeypatch):
