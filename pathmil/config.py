@@ -361,9 +361,11 @@ def workflow_schema() -> dict[str, Any]:
     what a config leaves out. Aggregator, encoder and task names are enumerated from the registries; each
     task's ``task_options`` and each aggregator's ``model``/``mhim`` are checked against their own
     declarations. ``x-pathmil`` carries facts the workflow needs without importing pathmil: each wrapper's
-    baseline aggregator, each task's default label columns, each encoder's GFLOP per tile.
+    baseline aggregator, each task's default label columns, each encoder's GFLOP per tile, the cap on the
+    default number of tile readers.
     """
     from pathmil.features.encoders import encoder_gflops, list_encoders
+    from pathmil.features.extract import MAX_DEFAULT_READERS
     from pathmil.ids import SLIDE_EXTENSIONS
     from pathmil.models.checkpoint import PACKAGE_FORMAT_VERSION
     from pathmil.models.mhim import MHIMConfig
@@ -412,6 +414,7 @@ def workflow_schema() -> dict[str, Any]:
         "slide_extensions": list(SLIDE_EXTENSIONS),
         "default_targets": {name: list(cls.default_columns) for name, cls in TASKS.items()},
         "encoder_gflops": {name: round(encoder_gflops(name), 1) for name in list_encoders()},
+        "max_default_readers": dict(MAX_DEFAULT_READERS),
     }
     return schema
 

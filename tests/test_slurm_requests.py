@@ -134,3 +134,29 @@ def test_fixed_runtimes_of_the_profile_stay_under_the_cap_on_every_attempt():
     assert "tile" not in runtimes and "extract" not in runtimes  # theirs come from the runtime model
     for rule, expression in runtimes.items():
         assert eval(str(expression), {"attempt": attempts}) <= MAX_MINUTES, rule
+
+
+def test_the_runtime_model_counts_the_tile_readers_extraction_starts_by_default(monkeypatch):
+    """resources.smk estimates extraction time from the readers `extract.workers` leaves to pathmil
+    (pathmil.features.extract.default_workers): the same number on a CPU and on a GPU, for every thread
+    count, so a job's request follows what it will run."""
+    import torch
+
+    from pathmil.features.extract import default_workers
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    scope = {
+        "config": {"slurm": {"max_runtime": 24}, "extract": {}, "slides": {}},
+        "FACTS": schema["x-pathmil"], "SLIDES": {}, "ENCODERS": {}, "os": os,
+    }  # fmt: skip
+    exec(compile((ROOT / "workflow" / "rules" / "resources.smk").read_text(), "resources.smk", "exec"), scope)
+    gflops = schema["x-pathmil"]["encoder_gflops"]["uni"] * 1e9
+    for threads in (1, 4, 16, 32):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        for device, gpus, flops in [("cpu", 0, scope["CPU_FLOPS"] * threads), ("cuda", 1, scope["GPU_FLOPS"])]:
+            extract = {"encoder": "uni", "gpus": gpus, "device": "auto", "threads": threads, "workers": None}
+            readers = default_workers(torch.device(device))
+            expected = scope["READ_SECONDS"] / readers + gflops / flops
+            assert scope["seconds_per_tile"](extract) == pytest.approx(expected), (device, threads)
+    explicit = {"encoder": "uni", "gpus": 1, "device": "auto", "threads": 32, "workers": 3}
+    assert scope["seconds_per_tile"](explicit) == pytest.approx(scope["READ_SECONDS"] / 3 + gflops / scope["GPU_FLOPS"])

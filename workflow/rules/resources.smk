@@ -63,8 +63,8 @@ def seconds_per_tile(settings):
     gpu = extract["gpus"] > 0 and extract["device"] != "cpu"
     device_flops = GPU_FLOPS if gpu else CPU_FLOPS * extract["threads"]
     workers = extract.get("workers")
-    # pathmil.features.extract.default_workers: threads - 1, from 1 to 8 (16 on a GPU)
-    default = min(max(extract["threads"] - 1, 1), 16 if gpu else 8)
+    # pathmil.features.extract.default_workers: threads - 1, at least 1, at most its cap on the device
+    default = min(max(extract["threads"] - 1, 1), FACTS["max_default_readers"]["cuda" if gpu else "cpu"])
     readers = default if workers is None else max(workers, 1)
     return READ_SECONDS / readers + flops / device_flops
 
