@@ -251,3 +251,33 @@ def test_a_missing_slide_file_is_named_by_the_dry_run_and_left_to_its_tile_job(t
         in output
     ), output[-3000:]
     assert job_counts(output)["tile"] == 3  # the plan goes on: the missing slide's job records its failure
+
+
+def test_a_cox_loss_with_one_bag_per_step_is_refused_by_the_dry_run_before_any_tiling(tmp_path, mobilenet_weights):
+    """The Cox loss of one bag is 0 with a zero gradient: `pathmil train` refuses it (TrainConfig), and the
+    workflow at parse time, not at its first train job hours of tiling later; accumulation wherever it is
+    set (train, the task's train, the aggregator's entry) counts."""
+    rows = [{**GOOD, "slide_id": f"s{i}", "patient_id": f"p{i}", "path": f"{i}.svs"} for i in range(8)]
+    config = {
+        "cohort": "cox",
+        "slides": {"table": str(write_table(tmp_path, rows))},
+        "extract": {"encoder": "mobilenet_v2", "weights": str(mobilenet_weights)},
+        "tasks": {"survival": {"task_options": {"loss": "cox"}}},
+        "aggregators": ["abmil", "mean_pool"],
+        "split": {"folds": 2},
+    }
+    done = snakemake(workflow_copy(tmp_path / "w"), "-n", "--configfile",
+                     str(write_config(tmp_path / "c.yaml", config)), check=False)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "tasks.survival.task_options.loss cox compares the bags of one optimiser step" in output
+    assert "train.accumulation 1 gives each step one bag (aggregator abmil)" in output
+    config["models"] = {"abmil": {"accumulation": 32}}  # mean_pool still steps on one bag
+    done = snakemake(workflow_copy(tmp_path / "w2"), "-n", "--configfile",
+                     str(write_config(tmp_path / "c2.yaml", config)), check=False)  # fmt: skip
+    assert "(aggregator mean_pool)" in done.stdout + done.stderr
+    config["tasks"]["survival"]["train"] = {"accumulation": 32}
+    config.pop("models")
+    done = snakemake(workflow_copy(tmp_path / "w3"), "-n", "--configfile",
+                     str(write_config(tmp_path / "c3.yaml", config)))  # fmt: skip
+    assert job_counts(done.stdout + done.stderr)["train"] == 4  # 2 aggregators x 2 folds

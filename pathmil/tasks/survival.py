@@ -89,7 +89,9 @@ class SurvivalTask(Task):
 
         section = "task_options"
         loss: Literal["nll", "cox"] = Field(
-            "nll", description="nll (discrete-time likelihood over time bins) or cox (partial likelihood)"
+            "nll",
+            description="nll (discrete-time likelihood over time bins) or cox (partial likelihood over the "
+            "bags of one optimiser step: set train.accumulation, e.g. 32)",
         )
         n_bins: int = Field(4, ge=1, description="time bins of the nll loss (quantiles of event times)")
         alpha: float = Field(0.0, ge=0, le=1, description="weight of the uncensored term in the nll loss")

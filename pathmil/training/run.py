@@ -94,7 +94,14 @@ class TrainConfig(Settings):
             )
         if self.sources and "sources" not in entry.inputs:
             log.warning("train.sources are ignored: aggregator '%s' does not read them", self.aggregator)
-        TASKS[self.task].Options.build(self.task_options, "task_options")
+        options = TASKS[self.task].Options.build(self.task_options, "task_options")
+        if getattr(options, "loss", None) == "cox" and self.accumulation < 2:
+            # the partial likelihood ranks the bags of one step against each other: one bag, no pair
+            raise ValueError(
+                "task_options.loss cox compares the bags of one optimiser step, and train.accumulation "
+                f"{self.accumulation} gives each step one bag: its loss is 0 and nothing trains; set "
+                "train.accumulation to 16 or more"
+            )
         return self
 
 

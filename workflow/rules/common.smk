@@ -537,6 +537,21 @@ def train_settings(task, aggregator, seed=0):
     return {"train": settings}
 
 
+def check_cox_steps():
+    """Refuse, before any slide is tiled, what pathmil.training.run.TrainConfig refuses at a train job:
+    the Cox loss ranks the bags of one optimiser step against each other, so one bag per step trains
+    nothing."""
+    for task in TASKS:
+        for aggregator in AGGREGATORS:
+            train = train_settings(task, aggregator)["train"]
+            if train["task_options"].get("loss") == "cox" and train["accumulation"] < 2:
+                raise WorkflowError(
+                    f"config: tasks.{task}.task_options.loss cox compares the bags of one optimiser step, "
+                    f"and train.accumulation {train['accumulation']} gives each step one bag (aggregator "
+                    f"{aggregator}): nothing would train; set train.accumulation to 16 or more"
+                )
+
+
 def split_bag_level(task):
     """The bag level the task's splits are made for: patient when any of its runs joins a patient's slides
     (their labels must then agree), else slide (slide-level labels, stratified per slide).
@@ -665,6 +680,7 @@ SETTINGS_FILES = {
 SEARCH = (
     config["search"]["n_trials"] > 0
 )  # a hyperparameter search inside each fold before its training
+check_cox_steps()
 for _encoder, _settings in ENCODERS.items():
     SETTINGS_FILES[f"extract/{_encoder}"] = settings_file(
         f"extract-{_encoder}", {"extract": _settings}
