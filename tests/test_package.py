@@ -97,7 +97,7 @@ def test_package_round_trip_gives_the_runs_predictions(packaged, tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"encoder": "uni"}, "holds features of encoder uni, but package"),
+        ({"encoder": "uni"}, "holds features of encoder uni but package"),
         ({"encoder_weights_sha256": "cd" * 32}, "made with other weights"),
         ({"tiling": json.dumps(TileConfig(target_mpp=0.25, tile_px=256).tiling())}, "target_mpp 0.25 vs 0.5"),
     ],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,11 @@ from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
 from pathmil.features.bagfile import read_bag, write_bag
+from pathmil.slide.tile import TileConfig
+
+# how the synthetic training bags say they were made (the checkpoints record it from them)
+TILING = TileConfig(target_mpp=0.5, tile_px=256).tiling()
+WEIGHTS = "ab" * 32
 
 TINY = ["--set", "epochs=3", "--set", "min_epochs=1", "--set", "model.hidden=16", "--no-progress"]
 
@@ -25,6 +32,9 @@ def runs(tmp_path_factory) -> dict:
     bags, ABMIL) and survival fold 0 (slide bags, instance regressor, NLL with survival curves)."""
     root = tmp_path_factory.mktemp("predict")
     features, cohort = make_synthetic_cohort(root, n_patients=16, extra_slides=6, dim=16)
+    for bag in features.glob("*.h5"):
+        with h5py.File(bag, "a") as f:
+            f.attrs.update({"tiling": json.dumps(TILING), "encoder_weights_sha256": WEIGHTS})
     out = {"root": root, "features": features, "cohort": cohort}
     for task in ("classification", "survival"):
         splits = root / f"splits_{task}.csv"
@@ -147,7 +157,12 @@ def odd_bags(runs, tmp_path) -> dict[str, Path]:
     write_bag(wide, np.hstack([bag.features, bag.features]), bag.coords, bag.coords_attrs, bag.attrs)
     other = tmp_path / "other.h5"
     write_bag(other, bag.features, bag.coords, bag.coords_attrs, {**bag.attrs, "encoder": "uni"})
-    return {"wide": wide, "other": other}
+    tiled = tmp_path / "tiled.h5"  # same encoder and dimension, tiles of 224 px at 1 um/px
+    coarse = json.dumps({**TILING, "target_mpp": 1.0, "tile_px": 224})
+    write_bag(tiled, bag.features, bag.coords, bag.coords_attrs, {**bag.attrs, "tiling": coarse})
+    weights = tmp_path / "weights.h5"
+    write_bag(weights, bag.features, bag.coords, bag.coords_attrs, {**bag.attrs, "encoder_weights_sha256": "cd" * 32})
+    return {"wide": wide, "other": other, "tiled": tiled, "weights": weights}
 
 
 @pytest.mark.parametrize(
@@ -156,6 +171,8 @@ def odd_bags(runs, tmp_path) -> dict[str, Path]:
         ("task", "is a classification model, not survival; give a checkpoint of a survival run"),
         ("wide", "holds 32-dimensional features but model"),
         ("other", "holds features of encoder uni but model"),
+        ("tiled", "was tiled otherwise than model"),
+        ("weights", "features made with other weights (sha256 cdcdcdcdcdcd...)"),
         ("mixed", "differ in task or task settings"),
     ],
 )
@@ -166,6 +183,8 @@ def test_models_that_do_not_fit_are_refused_in_one_line(runs, odd_bags, tmp_path
         "task": ["--model", model, "--features", bag, "--task", "survival"],
         "wide": ["--model", model, "--features", str(odd_bags["wide"])],
         "other": ["--model", model, "--features", str(odd_bags["other"])],
+        "tiled": ["--model", model, "--features", str(odd_bags["tiled"])],
+        "weights": ["--model", model, "--features", str(odd_bags["weights"])],
         "mixed": ["--model", model, str(runs["survival0"] / "best.pt"), "--features", bag],
     }[case]
     out = tmp_path / "p.csv"

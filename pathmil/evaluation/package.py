@@ -33,7 +33,7 @@ from typing import Any
 
 from pathmil import __version__
 from pathmil.errors import PathmilError
-from pathmil.evaluation.predict import check_ensemble, encoder_name
+from pathmil.evaluation.predict import check_ensemble, check_provenance, encoder_name
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import HOST, file_sha256, write_json
@@ -48,10 +48,6 @@ from pathmil.tasks.classification import ClassificationTask
 from pathmil.training.run import TrainedRun, load_run
 
 log = logging.getLogger(__name__)
-
-# The tiling settings that decide which tiles (and so which features) a slide gets.
-TILING_KEYS = ("target_mpp", "tile_px", "overlap", "min_tissue", "preset", "tissue")
-
 
 @dataclass
 class Package:
@@ -392,47 +388,21 @@ def load_package(
     return Package(path=path, manifest=manifest, members=members)
 
 
-def tiling_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """The tiling settings that differ, as ``key a vs b``."""
-    return [
-        f"{key} {theirs.get(key)!r} vs {ours.get(key)!r}"
-        for key in TILING_KEYS
-        if key in theirs and key in ours and theirs.get(key) != ours.get(key)
-    ]
-
-
 def check_features(package: Package, attrs: dict[str, Any], source: str | os.PathLike) -> None:
     """Refuse a bag (its root attributes) made otherwise than the package's training bags: another encoder,
-    other encoder weights, another tiling. What a bag does not record cannot be checked.
+    other encoder weights, another tiling (:func:`pathmil.evaluation.predict.check_provenance`). What a bag
+    does not record cannot be checked.
 
     Raises:
         PathmilError: one line naming the bag, what differs and the fix.
     """
-    found = feature_provenance(attrs)
     encoder = package.encoder
+    trained = {
+        "encoder": encoder["name"], "random_init": bool(encoder.get("random_init")),
+        "encoder_weights_sha256": encoder.get("weights_sha256"), "tiling": package.tiling,
+    }  # fmt: skip
     fix = "make them with `pathmil predict --package PACKAGE --slides ...`, which tiles and extracts as the package says"
-    if found["encoder"] and (found["encoder"], found["random_init"]) != (
-        encoder["name"],
-        bool(encoder.get("random_init")),
-    ):
-        raise PathmilError(
-            f"{source} holds features of encoder {encoder_name(found['encoder'], found['random_init'])}, but "
-            f"package {package.path} was trained on {encoder_name(encoder['name'], encoder.get('random_init', False))}; {fix}"
-        )
-    weights = found["encoder_weights_sha256"]
-    if weights and encoder.get("weights_sha256") and weights != encoder["weights_sha256"]:
-        raise PathmilError(
-            f"{source} holds {encoder['name']} features made with other weights (sha256 {weights[:12]}...) "
-            f"than package {package.path} ({encoder['weights_sha256'][:12]}...); {fix}"
-        )
-    tiling = found["tiling"] or {k: attrs[k] for k in ("target_mpp", "tile_px") if k in attrs}
-    if package.tiling and tiling:
-        differ = tiling_differences(package.tiling, tiling)
-        if differ:
-            raise PathmilError(
-                f"{source} was tiled otherwise than package {package.path}'s training bags "
-                f"({'; '.join(differ)}, bag vs package); {fix}"
-            )
+    check_provenance(trained, attrs, source, f"package {package.path}", fix)
 
 
 def score_package(

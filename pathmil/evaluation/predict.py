@@ -31,7 +31,7 @@ import torch
 from pathmil.cohort import read_table
 from pathmil.data.bags import BagDataset, BagTable, make_bag_table
 from pathmil.errors import PathmilError
-from pathmil.features.bagfile import read_bag_attrs
+from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output
 from pathmil.ids import slide_id_from_path
 from pathmil.tasks.classification import ClassificationTask
@@ -43,23 +43,67 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ the model
 
 
+# The tiling settings that decide which tiles (and so which features) a slide gets.
+TILING_KEYS = ("target_mpp", "tile_px", "overlap", "min_tissue", "preset", "tissue")
+
+
+def tiling_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The tiling settings that differ, as ``key a vs b``."""
+    return [
+        f"{key} {theirs.get(key)!r} vs {ours.get(key)!r}"
+        for key in TILING_KEYS
+        if key in theirs and key in ours and theirs.get(key) != ours.get(key)
+    ]
+
+
+def check_provenance(
+    trained: dict[str, Any], attrs: dict[str, Any], source: str | os.PathLike, model: str, fix: str
+) -> None:
+    """Refuse a bag (its root attributes) made otherwise than a model's training bags (``trained``, as
+    :func:`pathmil.features.bagfile.feature_provenance` gives it): another encoder, other encoder weights,
+    another tiling. What either side does not record cannot be checked.
+
+    Raises:
+        PathmilError: one line naming the bag, the model (``model``), what differs and ``fix``.
+    """
+    found = feature_provenance(attrs)
+    encoder = trained.get("encoder")
+    random_init = bool(trained.get("random_init", False))
+    if found["encoder"] and encoder and (str(found["encoder"]), found["random_init"]) != (encoder, random_init):
+        raise PathmilError(
+            f"{source} holds features of encoder {encoder_name(str(found['encoder']), found['random_init'])} "
+            f"but {model} was trained on {encoder_name(encoder, random_init)}; {fix}"
+        )
+    weights, ours = found["encoder_weights_sha256"], trained.get("encoder_weights_sha256")
+    if weights and ours and weights != ours:
+        raise PathmilError(
+            f"{source} holds {encoder} features made with other weights (sha256 {str(weights)[:12]}...) than "
+            f"{model} ({ours[:12]}...); {fix}"
+        )
+    tiling = found["tiling"] or {k: attrs[k] for k in ("target_mpp", "tile_px") if k in attrs}
+    differ = tiling_differences(trained["tiling"], tiling) if trained.get("tiling") and tiling else []
+    if differ:
+        raise PathmilError(
+            f"{source} was tiled otherwise than {model}'s training bags ({'; '.join(differ)}, bag vs "
+            f"training); {fix}"
+        )
+
+
 def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
-    """Refuse features the model was not trained on: another dimension, or another named encoder."""
+    """Refuse features the model was not trained on: another dimension, or (where the bag and the
+    checkpoint record them) another encoder, other encoder weights or another tiling.
+
+    Raises:
+        PathmilError: one line naming the bag, the model and what differs.
+    """
     if dim != run.in_dim:
         raise PathmilError(
             f"{source} holds {dim}-dimensional features but model {run.path} expects {run.in_dim} "
             f"(encoder {run.encoder or 'unknown'}); extract the slides with the model's encoder"
         )
-    encoder = (attrs or {}).get("encoder")
-    if encoder is None or run.encoder is None:
-        return
-    random_init = bool((attrs or {}).get("random_init", False))
-    if (str(encoder), random_init) != (run.encoder, run.random_init):
-        raise PathmilError(
-            f"{source} holds features of encoder {encoder_name(str(encoder), random_init)} but model "
-            f"{run.path} was trained on {encoder_name(run.encoder, run.random_init)}; extract the "
-            "slides with that encoder"
-        )
+    trained = {**(run.features or {}), "encoder": run.encoder, "random_init": run.random_init}
+    fix = "extract and tile the slides as its training bags were (a package's `predict --slides` does)"
+    check_provenance(trained, attrs or {}, source, f"model {run.path}", fix)
 
 
 # ------------------------------------------------------------------------------------------- the bags
