@@ -473,3 +473,30 @@ def test_a_run_is_scored_in_the_precision_it_was_trained_in(cohort, tmp_path, mo
         for name, r in (("float32", as_trained), ("bf16", in_bf16))
     }
     assert gap["float32"] < 1e-5 and gap["bf16"] > 1e-4, gap
+
+
+def test_a_run_is_not_resumed_once_the_baseline_it_started_from_was_trained_again(cohort, tmp_path, caplog):
+    """MHIM-MIL's teacher (like a fine-tuning start or a transfer source) is a file the run starts from: a
+    last.pt left by an earlier run must not stand in for training on the retrained baseline (the workflow
+    deletes a rule's declared outputs, not last.pt, before running it again)."""
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    common = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+              "--fold", "0", "--task", "classification", "--no-progress", "--set", "epochs=2",
+              "--set", "min_epochs=2", "--set", "model.hidden=16"]  # fmt: skip
+    baseline, student = tmp_path / "abmil", tmp_path / "mhim"
+    assert main([*common, "--aggregator", "abmil", "--out", str(baseline)]) == 0
+    mhim = [*common, "--aggregator", "mhim_abmil", "--out", str(student),
+            "--set", f"mhim.teacher_init={baseline / 'best.pt'}"]  # fmt: skip
+    assert main(mhim) == 0
+    first = torch.load(student / "best.pt", weights_only=True)["model"]
+    for output in ("best.pt", "predictions.csv", "metrics.json"):
+        (student / output).unlink()
+    assert main([*common, "--aggregator", "abmil", "--out", str(baseline), "--set", "lr=5e-2"]) == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pathmil.training.fit"):
+        assert main(mhim) == 0
+    assert "resuming" not in caplog.text and "starting afresh" in caplog.text
+    again = torch.load(student / "best.pt", weights_only=True)["model"]
+    assert any(not torch.equal(first[k], again[k]) for k in first)

@@ -129,10 +129,25 @@ def load_fold(
     targets = {s: task.targets(t.bags) for s, t in tables.items() if not t.bags.empty}
     files = sorted({str(p) for t in tables.values() for paths in t.files for p in paths})
     stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    blob = json.dumps([config.to_dict(), fold, rows.to_dict("records"), stats], default=str, sort_keys=True)
+    starts = start_file_stats(config)
+    blob = json.dumps(
+        [config.to_dict(), fold, rows.to_dict("records"), stats, starts], default=str, sort_keys=True
+    )
     attrs = read_bag_attrs(files[0])
     feature_info = {"dim": datasets["train"].dim, **feature_provenance(attrs)}
     return FoldData(tables, datasets, targets, hashlib.sha256(blob.encode()).hexdigest(), feature_info)
+
+
+def start_file_stats(config: TrainConfig) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of every file the run starts from: MHIM-MIL's ``teacher_init``, the
+    fine-tuning ``init_from``, the transfer ``sources`` (a folder file by file). They enter the resume
+    fingerprint, so a last.pt is not resumed once a baseline or source it started from was trained again."""
+    paths = [config.mhim.get("teacher_init"), config.init_from, *config.sources]
+    stats = []
+    for path in (Path(p) for p in paths if p):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return stats
 
 
 # ------------------------------------------------------------------------------------------ the loop
