@@ -542,6 +542,39 @@ def test_resume_skips_current_bags_and_redoes_changed_ones(cmu_tiles, mobilenet,
     assert not extract_slide(slide, tmp_path / "fewer.h5", out, forced)["skipped"]
 
 
+def test_a_rescan_of_the_same_size_under_the_same_id_is_extracted_again(tmp_path, mobilenet):
+    """A slide file replaced by another of the same size (a re-scan), tiled again on the same grid: its
+    tiles' coordinates match the old bag's, but the slide differs (OpenSlide's quickhash-1), so the old
+    features must not be kept, here nor by `pathmil predict --package --slides`."""
+    from pathmil.demo import write_pyramidal_tiff
+    from pathmil.evaluation.deploy import tiles_are_current
+    from pathmil.features.extract import tiles_sha256
+
+    rng = np.random.default_rng(0)
+    path, tiles, out = tmp_path / "case 01.tiff", tmp_path / "tiles.h5", tmp_path / "bag.h5"
+    config = TileConfig(preset="bwh_biopsy", min_tissue=0.0)
+
+    def scan(shade: int) -> None:  # pink tissue everywhere, so both scans get the same tile grid
+        pink = np.array([200, shade, 180]) + rng.normal(0, 25, (512, 768, 3))
+        write_pyramidal_tiff(path, np.clip(pink, 0, 255).astype(np.uint8), mpp=0.5)
+
+    scan(120)
+    tile_slide(path, tiles, config)
+    first_grid = tiles_sha256(read_tiles(tiles))
+    extract_slide(path, tiles, out, mobilenet)
+    first = read_bag(out).features
+    assert tiles_are_current(tiles, config, "case 01", path)
+    assert extract_slide(path, tiles, out, mobilenet)["skipped"]
+
+    scan(150)
+    assert not tiles_are_current(tiles, config, "case 01", path)  # the tiles name the first scan
+    tile_slide(path, tiles, config)
+    assert tiles_sha256(read_tiles(tiles)) == first_grid  # the same coordinates: only the slide differs
+    assert not extract_slide(path, tiles, out, mobilenet)["skipped"]
+    assert not np.allclose(read_bag(out).features, first)
+    assert extract_slide(path, tiles, out, mobilenet)["skipped"]  # now current
+
+
 # ----------------------------------------------------------------------------------- damaged tiles
 
 

@@ -77,7 +77,8 @@ def extractor_of(package: Package, weights: str | None = None, **settings: Any) 
 
 
 def tiles_are_current(path: Path, config: TileConfig, slide_id: str, slide_path: str | os.PathLike) -> bool:
-    """True when ``path`` holds tiles of this slide made with ``config``'s tiling."""
+    """True when ``path`` holds tiles of this slide file (its id, level-0 size and OpenSlide fingerprint)
+    made with ``config``'s tiling."""
     import h5py
 
     from pathmil.slide.reader import Slide
@@ -97,7 +98,9 @@ def tiles_are_current(path: Path, config: TileConfig, slide_id: str, slide_path:
         return False
     try:
         with Slide(slide_path, slide_id) as slide:
-            return (coords.get("level0_width"), coords.get("level0_height")) == tuple(slide.dimensions)
+            same_size = (coords.get("level0_width"), coords.get("level0_height")) == tuple(slide.dimensions)
+            recorded = attrs.get("slide_quickhash")  # another file of the same size: a re-scan
+            return same_size and not (recorded and slide.quickhash and recorded != slide.quickhash)
     except PathmilError:
         return False
 

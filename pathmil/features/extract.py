@@ -528,7 +528,8 @@ def load_tiles_for(tiles_path: str | os.PathLike) -> TileSet:
 
 
 def bag_is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
-    """True when ``out`` is a finished bag made with the same encoder, weights and tiles."""
+    """True when ``out`` is a finished bag made with the same encoder, weights and tiles of the same slide
+    file (``identity``: the attributes that must match)."""
     out = Path(out)
     if not out.is_file():
         return False
@@ -558,15 +559,19 @@ def extract_slide(
     facts_path = Path(facts) if facts is not None else out.with_suffix(".json")
     tiles = load_tiles_for(tiles_path)
     slide_id = slide_id or str(tiles.attrs.get("slide_id") or slide_id_from_path(slide_path))
+    # the slide file is checked before a finished bag is kept: a bag of the same id and tiles made from
+    # another file (a re-scan of the same size) would otherwise stand in for it
+    with Slide(slide_path, slide_id, mpp=tiles.slide_mpp, mpp_source="tiles") as slide:
+        _check_tiles_match(slide, tiles, tiles_path)
+        dimensions, slide_mpp, quickhash = slide.dimensions, slide.mpp_xy, slide.quickhash
     identity = {**extractor.identity, "tiles_sha256": tiles_sha256(tiles)}
+    if quickhash:
+        identity["slide_quickhash"] = quickhash
     config = extractor.config
     if not config.overwrite and bag_is_current(out, identity):
         return _skipped_facts(out, facts_path, slide_id)
     if len(tiles.coords) == 0:
         raise SlideError(slide_id, f"tiles file {tiles_path} holds no tiles; tile the slide again")
-    with Slide(slide_path, slide_id, mpp=tiles.slide_mpp, mpp_source="tiles") as slide:
-        _check_tiles_match(slide, tiles, tiles_path)
-        dimensions, slide_mpp, quickhash = slide.dimensions, slide.mpp_xy, slide.quickhash
     runner = extractor.runner
     dataset = TileBatches(slide_path, slide_id, slide_mpp, tiles, extractor.preprocess)
     result = encode_tiles(
