@@ -571,7 +571,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     for row in result["summary"]:
         print(
-            f"  {row['metric']:>16}: pooled {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            f"  {row['metric']:>16}: {row['statistic']} {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
             f"  folds {row['fold_mean']:.4f} +- {row['fold_std']:.4f}"
         )
 

@@ -16,7 +16,7 @@ from sklearn import metrics as skm
 from pathmil.cli import main
 from pathmil.errors import PathmilError
 from pathmil.evaluation import calibration
-from pathmil.evaluation.bootstrap import iqm, iqm_interval, stratified_resamples
+from pathmil.evaluation.bootstrap import grouped_resamples, iqm, iqm_interval, stratified_resamples
 from pathmil.evaluation.compare import (
     compare_runs,
     paired_bootstrap,
@@ -43,6 +43,38 @@ def test_stratified_resamples_keep_each_stratum_and_repeat_with_the_seed():
     assert any(len(np.unique(i)) < len(strata) for i in draws)  # with replacement
     again = list(stratified_resamples(strata, 20, seed=3))
     assert all(np.array_equal(a, b) for a, b in zip(draws, again))
+
+
+def test_a_patients_slides_are_resampled_together_and_widen_the_interval():
+    """Several slides of one patient are not independent bags: evaluate's CI resamples patients, so 16
+    patients with 6 near-identical slides each get the interval of 16 patients, not of 96 bags."""
+    from pathmil.evaluation.summary import bootstrap_ci
+
+    patients = np.repeat(np.arange(16), 6)
+    draws = list(grouped_resamples(np.repeat(np.arange(16) % 2, 6), patients, 30, seed=1))
+    for index in draws:  # whole patients, each stratum's count of patients kept
+        drawn = patients[index]
+        assert all((drawn == p).sum() % 6 == 0 for p in np.unique(drawn)) and len(index) == 96
+        assert np.bincount(drawn % 2).tolist() == [48, 48]
+    one_each = np.arange(10)  # one row per group: the rows' own resamples
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(grouped_resamples(one_each % 2, one_each, 5, 2), stratified_resamples(one_each % 2, 5, 2))
+    )
+
+    rng = np.random.default_rng(0)
+    label = np.arange(16) % 2
+    strength = rng.normal(label * 1.0, 1.0)  # each patient's score, shared by its slides
+    test = pd.DataFrame({
+        "slide_id": [f"s{i}" for i in range(96)], "patient_id": [f"p{p}" for p in patients],
+        "target": np.repeat(label, 6), "score": np.repeat(strength, 6) + rng.normal(0, 0.05, 96),
+    })  # fmt: skip
+    task = create_task("classification")
+    task.fit(test.rename(columns={"target": "label"}))
+    config = EvaluateConfig(n_bootstrap=300)
+    ours = bootstrap_ci(task, test, None, config)["auc"]
+    as_bags = bootstrap_ci(task, test.drop(columns="patient_id"), None, config)["auc"]
+    assert ours[1] - ours[0] > 1.8 * (as_bags[1] - as_bags[0])
 
 
 def mean_of(values: np.ndarray):

@@ -6,8 +6,9 @@ statistical precipice", NeurIPS 2021):
 
 - over the test patients, whom a cohort samples: :func:`stratified_resamples` draws each stratum (class,
   or event x follow-up bin) with replacement to its own size, so every resample keeps the case mix and a
-  metric such as the AUC or the c-index stays defined. ``scipy.stats.bootstrap`` has no strata, so this
-  is the one hand-written resampler; evaluation, plots and comparisons all use it;
+  metric such as the AUC or the c-index stays defined, and :func:`grouped_resamples` draws a patient's
+  bags together. ``scipy.stats.bootstrap`` has no strata, so this is the one hand-written resampler;
+  evaluation, plots and comparisons all use it;
 - over the runs (seeds x folds) of one configuration: ``scipy.stats.bootstrap`` with its percentile
   interval, in :func:`iqm_interval` and :func:`pathmil.evaluation.compare.performance_profile`.
 
@@ -37,14 +38,36 @@ def stratified_resamples(strata: np.ndarray, n_resamples: int, seed: int) -> Ite
         yield np.concatenate([rng.choice(g, len(g), replace=True) for g in groups])
 
 
+def grouped_resamples(
+    strata: np.ndarray, groups: np.ndarray | None, n_resamples: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Row indices of :func:`stratified_resamples` of the groups (a patient's bags) rather than the rows:
+    a group is drawn whole, in the stratum of its first row, since the bags of one patient (several slides
+    scored one by one) are not independent. Without groups, or one row per group, the rows themselves
+    (the same resamples as :func:`stratified_resamples`)."""
+    strata = np.asarray(strata)
+    if groups is None or len(np.unique(groups)) == len(groups):
+        yield from stratified_resamples(strata, n_resamples, seed)
+        return
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rows = [np.flatnonzero(inverse == g) for g in range(len(first))]
+    for draw in stratified_resamples(strata[first], n_resamples, seed):
+        yield np.concatenate([rows[g] for g in draw])
+
+
 def bootstrap_distribution(
-    statistic: Callable[[np.ndarray], np.ndarray | float], strata: np.ndarray, n_resamples: int, seed: int
+    statistic: Callable[[np.ndarray], np.ndarray | float],
+    strata: np.ndarray,
+    n_resamples: int,
+    seed: int,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``statistic(indices)`` over :func:`stratified_resamples`: shape (n_resamples, k) for a statistic
-    of k values (k = 1 for a scalar). A statistic that cannot be computed on a resample returns NaN."""
+    """``statistic(indices)`` over :func:`grouped_resamples` (``groups``: each row's patient, or None):
+    shape (n_resamples, k) for a statistic of k values (k = 1 for a scalar). A statistic that cannot be
+    computed on a resample returns NaN."""
     values = [
         np.atleast_1d(np.asarray(statistic(i), float))
-        for i in stratified_resamples(strata, n_resamples, seed)
+        for i in grouped_resamples(strata, groups, n_resamples, seed)
     ]
     return np.vstack(values) if values else np.zeros((0, 1))
 

@@ -57,7 +57,7 @@ from pathmil.evaluation.bootstrap import (
     percentile_interval,
 )
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
-from pathmil.evaluation.summary import drop_incomparable_curves, label_frame, pool_test
+from pathmil.evaluation.summary import drop_incomparable_curves, fold_wise, label_frame, pool_test
 from pathmil.evaluation.summary import read_run as read_predictions
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
@@ -433,13 +433,6 @@ def load_configurations(run_paths: list[str | os.PathLike]) -> list[Configuratio
     configurations = group_configurations([read_run(p) for p in find_runs(run_paths)])
     check_same_patients(configurations)
     return configurations
-
-
-def fold_wise(task: Task) -> bool:
-    """Whether the task's main statistic is the mean over folds of each fold's metric rather than the metric
-    of the pooled folds: survival's c-index ranks risks, and each fold model has its own risk scale, so a
-    pooled c-index mixes scales (a model that orders every fold's patients well can pool to near 0.5)."""
-    return task.name == "survival"
 
 
 def statistic(task: Task, table: pd.DataFrame) -> float:

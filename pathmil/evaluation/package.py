@@ -152,7 +152,7 @@ def make_card(
     """The model card (plain data): who made the model from what, how well it did, what it is for."""
     main = evaluation["main_metric"]
     metrics = [
-        {k: row.get(k) for k in ("metric", "pooled", "ci_low", "ci_high", "fold_mean", "fold_std")}
+        {k: row.get(k) for k in ("metric", "statistic", "pooled", "ci_low", "ci_high", "fold_mean", "fold_std")}
         for row in evaluation["summary"]
     ]
     n_test = sum(int(r["n_bags"].get("test", 0)) for r in runs)
@@ -223,13 +223,14 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"## Metrics ({metrics['note']}; {level} % interval)",
         "",
-        f"| metric | pooled | {level} % CI | fold mean +- SD |",
-        "|---|---:|---:|---:|",
+        f"| metric | value | of | {level} % CI | fold mean +- SD |",
+        "|---|---:|---|---:|---:|",
     ]
     for row in metrics["values"]:
         lines.append(
             f"| {row['metric']}{' (main)' if row['metric'] == metrics['main_metric'] else ''} | "
-            f"{_number(row['pooled'])} | [{_number(row['ci_low'])}, {_number(row['ci_high'])}] | "
+            f"{_number(row['pooled'])} | {row.get('statistic') or 'pooled'} | "
+            f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}] | "
             f"{_number(row['fold_mean'])} +- {_number(row['fold_std'])} |"
         )
     lines += ["", f"**Intended use**: {card['intended_use']}.", "", "**Limitations**:", ""]

@@ -33,6 +33,7 @@ from sklearn.calibration import calibration_curve
 
 from pathmil.evaluation.bootstrap import bootstrap_distribution, percentile_interval
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
+from pathmil.evaluation.summary import patient_groups
 from pathmil.fileio import atomic_output
 from pathmil.tasks import Task
 from pathmil.tasks.classification import class_key
@@ -58,8 +59,17 @@ class PlotData:
     evaluate: EvaluateConfig
     config: PlotConfig
 
+    @property
+    def separate_folds(self) -> bool:
+        """Whether the pooled bags are the folds' own test sets (not one fixed test set scored by all)."""
+        return self.pooled["fold"].nunique() > 1
+
     def with_ci(self, name: str, metric: str) -> str:
-        """``AUC 0.912 (95 % CI 0.851-0.960)`` from the pooled metrics and their bootstrap CI."""
+        """``AUC 0.912 (95 % CI 0.851-0.960)`` from evaluate's metrics and their bootstrap CI; a metric of
+        the task's ``fold_wise_metrics`` is the mean over the folds (``c-index (mean over 5 folds) 0.712
+        (95 % CI ...)``)."""
+        if metric in self.task.fold_wise_metrics and self.separate_folds:
+            name = f"{name} (mean over {self.pooled['fold'].nunique()} folds)"
         return format_ci(name, self.metrics.get(metric, math.nan), self.ci.get(metric), self.evaluate)
 
     def figure(self, panels: int = 1) -> Figure:
@@ -81,12 +91,16 @@ def format_ci(name: str, value: float, ci: list[float] | None, evaluate: Evaluat
 
 
 def bootstrap_interval(
-    statistic: Callable[[np.ndarray], float], strata: np.ndarray, evaluate: EvaluateConfig
+    statistic: Callable[[np.ndarray], float],
+    strata: np.ndarray,
+    evaluate: EvaluateConfig,
+    groups: np.ndarray | None = None,
 ) -> list[float] | None:
-    """Percentile interval of ``statistic(rows)`` over stratified resamples of the rows (as evaluate's)."""
+    """Percentile interval of ``statistic(rows)`` over stratified resamples of the rows, a patient's rows
+    together where ``groups`` names them (as evaluate's)."""
     if evaluate.n_bootstrap <= 0:
         return None
-    values = bootstrap_distribution(statistic, strata, evaluate.n_bootstrap, evaluate.seed)[:, 0]
+    values = bootstrap_distribution(statistic, strata, evaluate.n_bootstrap, evaluate.seed, groups)[:, 0]
     if not np.isfinite(values).any():
         return None
     return percentile_interval(values, evaluate.confidence)
@@ -184,7 +198,7 @@ def average_precision(data: PlotData) -> str:
     value = statistic(np.arange(len(data.pooled)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        interval = bootstrap_interval(statistic, np.asarray(strata), data.evaluate)
+        interval = bootstrap_interval(statistic, np.asarray(strata), data.evaluate, patient_groups(data.pooled))
     return format_ci("AP" if len(problems) == 1 else "macro AP", value, interval, data.evaluate)
 
 
@@ -239,14 +253,15 @@ def time_label(config: PlotConfig, column: str) -> str:
 
 def kaplan_meier_plot(data: PlotData) -> Figure:
     """Kaplan-Meier curves (95 % log-log bands, + at censoring) of the pooled test bags split at the
-    median predicted risk, with the log-rank test of the two groups and the numbers at risk below."""
+    median predicted risk of each fold's test bags (each fold model has its own risk scale, so one median
+    over the folds would sort whole folds into one group), with the log-rank test of the two groups and
+    the numbers at risk below."""
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
     from sksurv.util import Surv
 
     time, event = _outcome(data.pooled)
-    risk = data.pooled["score"].to_numpy(dtype=float)
-    high = risk > np.median(risk)
+    high = high_risk(data.pooled)
     groups = [(~high, "low risk", "C0"), (high, "high risk", "C3")]
     fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.25), dpi=data.config.dpi, layout="constrained")
     ax, at_risk = fig.subplots(2, 1, height_ratios=[4, 1])
@@ -270,8 +285,15 @@ def kaplan_meier_plot(data: PlotData) -> Figure:
     finish(ax, time_label(data.config, data.task.label_columns[0]), "survival probability", unit_square=False)
     numbers_at_risk(at_risk, ax, time, groups)
     p_text = "log-rank p undefined" if not math.isfinite(p_value) else f"log-rank p = {p_value:.2g}"
-    title(fig, f"Predicted risk groups (median split): {p_text}", data.with_ci("c-index", "c_index"))
+    title(fig, f"Predicted risk groups (median split in each fold): {p_text}", data.with_ci("c-index", "c_index"))
     return fig
+
+
+def high_risk(pooled: pd.DataFrame) -> np.ndarray:
+    """Whether each test bag's risk lies above the median of its fold's test bags (one fixed test set: its
+    median)."""
+    risk = pooled["score"].astype(float)
+    return (risk > risk.groupby(pooled["fold"]).transform("median")).to_numpy()
 
 
 def numbers_at_risk(table, curves, time: np.ndarray, groups: list[tuple[np.ndarray, str, str]]) -> None:
@@ -293,15 +315,18 @@ def numbers_at_risk(table, curves, time: np.ndarray, groups: list[tuple[np.ndarr
 
 def time_auc_plot(data: PlotData) -> Figure:
     """Cumulative/dynamic AUC at the evaluation times: each fold against its own training censoring
-    distribution, the pooled bags against all training bags (as the pooled metrics are computed)."""
+    distribution; one fixed test set scored by every fold (the mean risk) also against all training bags.
+    Folds with their own test sets have no pooled curve: each fold model has its own risk scale."""
     fig = data.figure()
     ax = fig.subplots()
     series = [
         (f"fold {k}", rows, data.fold_train.get(k), {**FOLD, "color": fold_colour(k)})
         for k, rows in data.folds.items()
     ]
+    if not data.separate_folds:
+        series.append(("pooled", data.pooled, data.train, POOLED))
     drawn = False
-    for label, rows, train, style in [*series, ("pooled", data.pooled, data.train, POOLED)]:
+    for label, rows, train, style in series:
         curve = data.task.auc_curve(rows, train if train is not None and len(train) else None)
         if len(curve):
             ax.plot(curve["time"], curve["auc"], marker=".", label=label, **style)

@@ -125,12 +125,14 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
     several_encoders = len({r.get("encoder") for r in results if not r.get("external")}) > 1
     tasks = list(dict.fromkeys(r["task"] for r in results))
     aggregators = list(dict.fromkeys(column_label(r, several_encoders) for r in results))
-    cells, info = {}, {}
+    cells, info, fold_wise = {}, {}, set()
     for result in results:
         main = next(row for row in result["summary"] if row["metric"] == result["main_metric"])
         row = pd.Series({k: (math.nan if v is None else v) for k, v in main.items()})
         cells[(result["task"], column_label(result, several_encoders))] = summary_cell(row)
         info[result["task"]] = (result["main_metric"], result["n_test_bags"], result.get("evaluate", {}))
+        if result.get("statistic") == "mean over folds":
+            fold_wise.add(result["task"])
     header = "".join(f"<th>{html.escape(a)}</th>" for a in aggregators)
     lines = [f'<table>\n<tr><th class="row">task (main metric, test bags)</th>{header}</tr>']
     for task in tasks:
@@ -144,10 +146,18 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
     note = (
         f"Each cell: the main metric of the pooled held-out predictions of every fold (each patient scored by "
         f"the model that did not train on it) with its stratified bootstrap {level:g} % confidence interval "
-        f"({evaluate.get('n_bootstrap', '?')} resamples of the test bags), and below it the mean "
+        f"({evaluate.get('n_bootstrap', '?')} resamples of the test patients), and below it the mean "
         "\u00b1 SD of the per-fold values. Intervals that overlap do not show a difference; the "
         "metrics of every fold are in summary.csv."
     )
+    for task in tasks:
+        if task in fold_wise:
+            metric = METRIC_NAMES.get(info[task][0], info[task][0])
+            note += (
+                f" {task.capitalize()}: the mean over folds of each fold's {metric} (each fold model has its own "
+                f"risk scale, which a pooled {metric} would mix), its interval resampling each fold's test "
+                "patients."
+            )
     if len(eval_dirs) > len(results):
         note += (
             f" Runs of seed {first_seed} only; each task's comparison page pools every seed and tests the "

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pathmil.errors import PathmilError
-from pathmil.evaluation.bootstrap import iqm, percentile_interval, stratified_resamples
+from pathmil.evaluation.bootstrap import grouped_resamples, iqm, percentile_interval
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
@@ -96,18 +96,54 @@ def label_frame(task: Task, table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def fold_wise(task: Task) -> bool:
+    """Whether the task's main statistic is the mean over folds of each fold's metric rather than the metric
+    of the pooled folds: survival's c-index ranks risks, and each fold model has its own risk scale, so a
+    pooled c-index mixes scales (a model that orders every fold's patients well can pool to near 0.5)."""
+    return task.main_metric in task.fold_wise_metrics
+
+
+def patient_groups(test: pd.DataFrame) -> np.ndarray | None:
+    """Each test row's patient, for resampling a patient's bags together; None where a row lacks one."""
+    if "patient_id" not in test.columns or test["patient_id"].isna().any():
+        return None
+    return test["patient_id"].astype(str).to_numpy()
+
+
 def bootstrap_ci(
     task: Task, test: pd.DataFrame, train: pd.DataFrame | None, config: EvaluateConfig
 ) -> dict[str, list[float]]:
-    """Percentile confidence intervals of every metric, resampling test bags within strata."""
+    """Percentile confidence intervals of every metric, resampling the test patients within strata (a
+    patient's bags together: :func:`pathmil.evaluation.bootstrap.grouped_resamples`)."""
     strata = np.asarray(task.stratify_labels(label_frame(task, test)))
     draws: list[dict[str, float]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # resamples without both classes or events yield NaN, not noise
-        for index in stratified_resamples(strata, config.n_bootstrap, config.seed):
+        for index in grouped_resamples(strata, patient_groups(test), config.n_bootstrap, config.seed):
             draws.append(task.metrics(test.iloc[index].reset_index(drop=True), train))
     table = pd.DataFrame(draws)
     return {m: percentile_interval(table[m].to_numpy(), config.confidence) for m in table.columns}
+
+
+def fold_mean_interval(task: Task, test: pd.DataFrame, config: EvaluateConfig) -> list[float]:
+    """Percentile interval of the mean over folds of each fold's main metric: every replicate resamples
+    each fold's test patients within their strata (fold k with seed ``config.seed + k``)."""
+    folds = [rows.reset_index(drop=True) for _, rows in test.groupby("fold")]
+    draws = [
+        grouped_resamples(
+            np.asarray(task.stratify_labels(label_frame(task, rows))), patient_groups(rows),
+            config.n_bootstrap, config.seed + k,
+        )
+        for k, rows in enumerate(folds)
+    ]  # fmt: skip
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample without events gives NaN, left out
+        for indices in zip(*draws):
+            scores = [task.main_score(rows.iloc[i]) for rows, i in zip(folds, indices)]
+            finite = [v for v in scores if math.isfinite(v)]
+            values.append(float(np.mean(finite)) if finite else math.nan)
+    return percentile_interval(np.asarray(values), config.confidence)
 
 
 def evaluate_runs(
@@ -151,9 +187,18 @@ def evaluate_runs(
     pooled = task.metrics(pooled_test, train_rows)
     ci = bootstrap_ci(task, pooled_test, train_rows, config) if config.n_bootstrap > 0 else {}
     metric_names = [c for c in per_fold.columns if c not in ("fold", "n_test")]
+    statistic = dict.fromkeys(metric_names, "pooled")
+    if pooled_test["fold"].nunique() > 1:  # the folds' own test sets, not one fixed test set
+        for m in task.fold_wise_metrics:  # their mean over folds; the interval of the main one
+            statistic[m] = "mean over folds"
+            pooled[m] = float(np.nanmean(per_fold[m])) if per_fold[m].notna().any() else math.nan
+            ci[m] = [math.nan, math.nan]
+        if fold_wise(task) and config.n_bootstrap > 0:
+            ci[task.main_metric] = fold_mean_interval(task, pooled_test, config)
     summary_rows = [
         {
             "metric": m,
+            "statistic": statistic[m],
             "pooled": pooled.get(m, math.nan),
             "ci_low": ci.get(m, [math.nan] * 2)[0],
             "ci_high": ci.get(m, [math.nan] * 2)[1],
@@ -170,6 +215,7 @@ def evaluate_runs(
         "aggregator": run_config.aggregator,
         "seed": run_config.seed,
         "main_metric": task.main_metric,
+        "statistic": statistic[task.main_metric],
         "runs": [str(r) for r in run_dirs],
         "n_test_bags": len(pooled_test),
         "evaluate": config.to_dict(),
@@ -226,6 +272,7 @@ def evaluate_external(
         [
             {
                 "metric": m,
+                "statistic": "pooled",
                 "pooled": v,
                 "ci_low": ci.get(m, [math.nan] * 2)[0],
                 "ci_high": ci.get(m, [math.nan] * 2)[1],
@@ -237,6 +284,7 @@ def evaluate_external(
         "task": task.name,
         "aggregator": aggregator,
         "main_metric": task.main_metric,
+        "statistic": "pooled",
         "external": True,
         "n_test_bags": len(test),
         "evaluate": config.to_dict(),

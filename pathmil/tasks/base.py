@@ -34,6 +34,9 @@ class Task(abc.ABC):
 
     name: ClassVar[str]  # "classification" | "survival" | "regression"
     main_metric: ClassVar[str]  # higher is better; early stopping and model selection use it
+    # metrics that rank a score whose scale each fold model sets for itself (a Cox log-risk is defined up
+    # to a constant, an NLL risk by the fold's time bins): over folds, their mean, not their pooled value
+    fold_wise_metrics: ClassVar[tuple[str, ...]] = ()
     default_columns: ClassVar[tuple[str, ...]]  # the demo cohort's label columns
     Options: ClassVar[type[Settings]]  # the task's settings
 

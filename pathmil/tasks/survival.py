@@ -82,6 +82,7 @@ class SurvivalTask(Task):
 
     name = "survival"
     main_metric = "c_index"
+    fold_wise_metrics = ("c_index", "c_index_ipcw", "td_auc")
     default_columns = ("time", "event")
 
     class Options(Settings):
