@@ -586,16 +586,20 @@ def commit(store: Path = DEFAULT_STORE) -> str:
     """The repository's commit, with ``-dirty`` when its tracked files differ from it, the store's own files
     (which every archive changes) not counted; "unknown" outside git."""
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True)
 
     try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":/", f":(exclude){store.resolve()}")
+        head, top = git("rev-parse", "--short=12", "HEAD"), git("rev-parse", "--show-toplevel")
+        if head.returncode or top.returncode:
+            return "unknown"
+        store = store.resolve()
+        inside = store.is_relative_to(Path(top.stdout.strip()).resolve())
+        status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *([f":(exclude){store}"] * inside))
     except OSError:
         return "unknown"
-    return (head + ("-dirty" if changed else "")) if head else "unknown"
+    dirty = status.returncode != 0 or bool(status.stdout.strip())  # an error is never taken for clean
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def _write_atomic(table: pd.DataFrame, path: Path) -> None:

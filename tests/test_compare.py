@@ -491,6 +491,36 @@ def test_survival_is_compared_on_the_folds_c_indices_not_on_pooled_risks(tmp_pat
     assert "c-index (mean over folds, CI)" in page
 
 
+def test_evaluate_reports_survival_ranking_metrics_as_the_mean_over_folds(tmp_path):
+    """`pathmil evaluate` on fold models with risk scales far apart: the c-index it reports (and the report
+    and the plots show) is the mean of the folds' c-indices, with an interval around it, as compare's;
+    the pooled risks' c-index would be far lower. The integrated Brier score (survival probabilities,
+    one scale) stays pooled."""
+    from sksurv.metrics import concordance_index_censored
+
+    from pathmil.evaluation.summary import evaluate_runs
+
+    frame = synthetic_cohort("survival", n=60)
+    write_runs(tmp_path / "runs", frame, "survival", "uni", "abmil", 2.0, seeds=(0,), fold_shift=6.0)
+    runs = sorted((tmp_path / "runs").iterdir())
+    result = evaluate_runs(runs, tmp_path / "eval", EvaluateConfig(n_bootstrap=200))
+    rows = {r["metric"]: r for r in result["summary"]}
+    tests = pd.concat(pd.read_csv(run / "predictions.csv").query("split == 'test'") for run in runs)
+
+    def c_index(table):
+        return concordance_index_censored(table["event"].astype(bool), table["time"], table["score"])[0]
+
+    per_fold = np.mean([c_index(part) for _, part in tests.groupby("fold")])
+    assert result["statistic"] == rows["c_index"]["statistic"] == "mean over folds"
+    assert rows["c_index"]["pooled"] == pytest.approx(per_fold, abs=1e-9)
+    assert per_fold > c_index(tests) + 0.1  # the pooled risks lose the order
+    assert rows["c_index"]["ci_low"] < per_fold < rows["c_index"]["ci_high"]
+    assert rows["td_auc"]["statistic"] == "mean over folds" and rows["ibs"]["statistic"] == "pooled"
+    assert math.isfinite(rows["ibs"]["ci_low"])
+    table = pd.read_csv(tmp_path / "eval" / "metrics_summary.csv").set_index("metric")
+    assert table.loc["c_index", "statistic"] == "mean over folds"
+
+
 def test_runs_of_other_patients_tasks_or_twice_are_refused(tmp_path, classification_runs, capsys):
     other = synthetic_cohort("classification", n=45, seed=1)
     write_runs(tmp_path / "other", other, "classification", "uni", "transmil", quality=1.0)

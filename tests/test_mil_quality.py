@@ -280,11 +280,13 @@ def test_the_commit_stored_with_a_run_is_dirty_for_code_changes_not_for_the_stor
     subprocess.run([*git, "commit", "-qm", "start"], check=True)
     head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
     monkeypatch.setattr(suite, "HERE", repo)
+    assert suite.commit(tmp_path / "elsewhere") == head.strip()  # a store outside the repository
     (store / "index.csv").write_text("problem\nplain\n")
     (store / "new.csv").write_text("untracked\n")
     assert suite.commit(store) == head.strip()
     (repo / "code.py").write_text("x = 2\n")
     assert suite.commit(store) == head.strip() + "-dirty"
+    assert suite.commit(tmp_path / "elsewhere") == head.strip() + "-dirty"
 
 
 def test_a_finished_baseline_is_retrained_only_for_an_mhim_run_still_to_do(tmp_path, monkeypatch):

@@ -99,18 +99,21 @@ def test_cox_loss_without_events_is_zero_and_differentiable():
     assert loss.item() == 0.0 and torch.equal(eta.grad, torch.zeros(5))
 
 
-def test_the_cox_loss_with_one_bag_per_optimiser_step_is_refused():
+def test_the_cox_loss_with_one_bag_per_optimiser_step_is_refused(tmp_path):
     """One bag is its own risk set: the loss is 0 with a zero gradient, so a run would train nothing and
     save its initial weights with exit 0."""
-    from pathmil.training.run import TrainConfig
+    from pathmil.training.fit import train
+    from pathmil.training.run import TrainConfig, check_trainable
 
     eta = torch.randn(1, requires_grad=True)
     cox_loss(eta, torch.tensor([3.0]), torch.tensor([1.0])).backward()
     assert torch.equal(eta.grad, torch.zeros(1))
+    one_bag = TrainConfig.build({"task": "survival", "task_options": {"loss": "cox"}})  # a checkpoint loads
     with pytest.raises(PathmilError, match=r"train\.accumulation 1 gives each step one bag"):
-        TrainConfig.build({"task": "survival", "task_options": {"loss": "cox"}})
-    assert TrainConfig.build({"task": "survival", "task_options": {"loss": "cox"}, "accumulation": 32})
-    assert TrainConfig.build({"task": "survival"})  # the default nll loss trains on one bag per step
+        train(one_bag, tmp_path, tmp_path / "cohort.csv", tmp_path / "splits.csv", 0, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    check_trainable(TrainConfig.build({"task": "survival", "task_options": {"loss": "cox"}, "accumulation": 32}))
+    check_trainable(TrainConfig.build({"task": "survival"}))  # the default nll loss trains on one bag per step
 
 
 # ----------------------------------------------------------------------------------------- survival bins

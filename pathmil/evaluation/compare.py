@@ -57,7 +57,13 @@ from pathmil.evaluation.bootstrap import (
     percentile_interval,
 )
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
-from pathmil.evaluation.summary import drop_incomparable_curves, fold_wise, label_frame, pool_test
+from pathmil.evaluation.summary import (
+    drop_incomparable_curves,
+    fold_wise,
+    label_frame,
+    patient_groups,
+    pool_test,
+)
 from pathmil.evaluation.summary import read_run as read_predictions
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
@@ -321,7 +327,7 @@ class Patients:
 
     @classmethod
     def of(cls, task: Task, pooled: pd.DataFrame) -> Patients:
-        patients = pooled["patient_id"].astype(str).to_numpy()
+        patients = patient_groups(pooled)
         unique, first = np.unique(patients, return_index=True)
         rows = [np.flatnonzero(patients == p) for p in unique]
         strata = np.asarray(

@@ -175,8 +175,9 @@ def make_card(
             "main_metric": main,
             "confidence": confidence,
             "n_bootstrap": evaluation.get("evaluate", {}).get("n_bootstrap"),
-            "note": "pooled over the folds' held-out test bags, each scored by the fold model that did not "
-            "train on it; interval: stratified bootstrap over those bags",
+            "note": "over the folds' held-out test bags, each scored by the fold model that did not train on "
+            "it: pooled, or (survival's ranking metrics, whose risk scale each fold model sets) the mean over "
+            "folds; interval: stratified bootstrap over the test patients",
             "values": metrics,
         },
         "ensemble": "the mean of the fold models' scores"

@@ -9,8 +9,8 @@ style applies inside its own ``div.pathmil-page`` only.
 Pages:
 
 - :func:`summary_page`: the answer: per task (rows) and aggregator (columns) the main metric pooled over the
-  test folds with its bootstrap confidence interval, and the mean +- SD over folds (``pathmil summary
-  --html``);
+  test folds (survival: the mean over folds) with its bootstrap confidence interval, and the mean +- SD
+  over folds (``pathmil summary --html``);
 - :func:`qc_gallery`: a thumbnail of every slide's QC picture, failed slides first with the stage and
   reason (``pathmil qc-gallery``);
 - :func:`comparison_page`: one task's configurations (encoder x aggregator over seeds x folds) on the same
@@ -107,9 +107,9 @@ def column_label(result: dict, with_encoder: bool) -> str:
 
 
 def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None, n_failed: int = 0) -> str:
-    """The front page's table: tasks as rows, aggregators as columns, each task's main metric pooled over the
-    test folds with its bootstrap CI, and the mean +- SD over folds. Reads each ``pathmil evaluate`` folder's
-    metrics.json.
+    """The front page's table: tasks as rows, aggregators as columns, each task's main metric as ``pathmil
+    evaluate`` reports it (pooled over the test folds; survival: the mean over folds) with its bootstrap CI,
+    and the mean +- SD over folds. Reads each ``pathmil evaluate`` folder's metrics.json.
 
     Raises:
         PathmilError: a folder without metrics.json.

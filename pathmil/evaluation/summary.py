@@ -103,11 +103,14 @@ def fold_wise(task: Task) -> bool:
     return task.main_metric in task.fold_wise_metrics
 
 
-def patient_groups(test: pd.DataFrame) -> np.ndarray | None:
-    """Each test row's patient, for resampling a patient's bags together; None where a row lacks one."""
-    if "patient_id" not in test.columns or test["patient_id"].isna().any():
-        return None
-    return test["patient_id"].astype(str).to_numpy()
+def patient_groups(test: pd.DataFrame) -> np.ndarray:
+    """Each test row's patient, for resampling a patient's bags together; a row without a patient id (an
+    external predictions table) is a patient of its own, named by its slide id."""
+    slides = "slide " + test["slide_id"].astype(str)
+    if "patient_id" not in test.columns:
+        return slides.to_numpy()
+    known = test["patient_id"].notna() & (test["patient_id"].astype(str).str.strip() != "")
+    return ("patient " + test["patient_id"].astype(str)).where(known, slides).to_numpy()
 
 
 def bootstrap_ci(

@@ -181,6 +181,15 @@ def package_members(path: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]
     return members
 
 
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files :func:`model_checkpoints` reads at ``path``, without reading them: a package's manifest
+    (it holds its members' sha256), a run folder's ``best.pt``, or the checkpoint file itself."""
+    path = Path(path)
+    if path.is_dir():
+        return [path / PACKAGE_MANIFEST] if is_package(path) else [path / "best.pt"]
+    return [path]
+
+
 def model_checkpoints(path: str | os.PathLike) -> list[tuple[Path, dict[str, Any]]]:
     """The trained models at ``path``: a package's members, a finished run folder's ``best.pt``, or a
     checkpoint file; (file, checkpoint) each. Transfer (``train.init_from``, ``moe_pkt``'s sources) reads

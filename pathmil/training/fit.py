@@ -35,9 +35,9 @@ from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError, UnsafeFileError
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
+from pathmil.models.checkpoint import load_checkpoint, model_files, save_checkpoint
 from pathmil.tasks import Task, create_task
-from pathmil.training.run import TrainConfig, build_model, score_bag, scoring_model
+from pathmil.training.run import TrainConfig, build_model, check_trainable, score_bag, scoring_model
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 from pathmil.training.transfer import check_sources, init_from
 
@@ -139,15 +139,13 @@ def load_fold(
 
 
 def start_file_stats(config: TrainConfig) -> list[tuple[str, int, int]]:
-    """(path, size, mtime in ns) of every file the run starts from: MHIM-MIL's ``teacher_init``, the
-    fine-tuning ``init_from``, the transfer ``sources`` (a folder file by file). They enter the resume
-    fingerprint, so a last.pt is not resumed once a baseline or source it started from was trained again."""
+    """(path, size, mtime in ns) of every model file the run starts from: MHIM-MIL's ``teacher_init``, the
+    fine-tuning ``init_from``, the transfer ``sources`` (as :func:`pathmil.models.checkpoint.model_files`
+    names them). They enter the resume fingerprint, so a last.pt is not resumed once a baseline or source
+    it started from was trained again."""
     paths = [config.mhim.get("teacher_init"), config.init_from, *config.sources]
-    stats = []
-    for path in (Path(p) for p in paths if p):
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        stats += [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-    return stats
+    files = [f for p in paths if p for f in model_files(p)]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -467,6 +465,7 @@ def train(
     ``parts`` limits the splits used: ``("train", "val")`` for a hyperparameter search, whose trials must
     never see the fold's test bags.
     """
+    check_trainable(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)

@@ -94,15 +94,24 @@ class TrainConfig(Settings):
             )
         if self.sources and "sources" not in entry.inputs:
             log.warning("train.sources are ignored: aggregator '%s' does not read them", self.aggregator)
-        options = TASKS[self.task].Options.build(self.task_options, "task_options")
-        if getattr(options, "loss", None) == "cox" and self.accumulation < 2:
-            # the partial likelihood ranks the bags of one step against each other: one bag, no pair
-            raise ValueError(
-                "task_options.loss cox compares the bags of one optimiser step, and train.accumulation "
-                f"{self.accumulation} gives each step one bag: its loss is 0 and nothing trains; set "
-                "train.accumulation to 16 or more"
-            )
+        TASKS[self.task].Options.build(self.task_options, "task_options")
         return self
+
+
+def check_trainable(config: TrainConfig) -> None:
+    """Refuse, before a run starts, settings that would train nothing without an error: the Cox loss with
+    one bag per optimiser step (its partial likelihood ranks the bags of one step against each other, so
+    one bag gives a loss of 0 and a zero gradient). Checkpoints of such runs still load.
+
+    Raises:
+        PathmilError: one line naming the settings and the fix.
+    """
+    if config.task_options.get("loss") == "cox" and config.accumulation < 2:
+        raise PathmilError(
+            "task_options.loss cox compares the bags of one optimiser step, and train.accumulation "
+            f"{config.accumulation} gives each step one bag: its loss is 0 and nothing trains; set "
+            "train.accumulation to 16 or more"
+        )
 
 
 def build_model(config: TrainConfig, in_dim: int, task: Task, **saved_inputs: Any) -> MILModel:

@@ -544,10 +544,11 @@ def check_cox_steps():
     for task in TASKS:
         for aggregator in AGGREGATORS:
             train = train_settings(task, aggregator)["train"]
-            if train["task_options"].get("loss") == "cox" and train["accumulation"] < 2:
+            steps = train.get("accumulation") or 1
+            if train["task_options"].get("loss") == "cox" and steps < 2:
                 raise WorkflowError(
                     f"config: tasks.{task}.task_options.loss cox compares the bags of one optimiser step, "
-                    f"and train.accumulation {train['accumulation']} gives each step one bag (aggregator "
+                    f"and train.accumulation {steps} gives each step one bag (aggregator "
                     f"{aggregator}): nothing would train; set train.accumulation to 16 or more"
                 )
 
