@@ -674,7 +674,7 @@ def check_same_data(store: Path, problem: str) -> None:
 
 def metric_fn(task: str) -> Callable[[pd.DataFrame], float]:
     """The main statistic of one seed's pooled test predictions: AUC, R^2, or for survival the mean of the
-    folds' Harrell's c-indices (as :func:`pathmil.evaluation.compare.statistic`: each fold model has its
+    folds' Harrell's c-indices (as :func:`pathmil.evaluation.summary.main_statistic`: each fold model has its
     own risk scale, which a c-index of the pooled folds would mix)."""
     if task == "classification":
         from sklearn.metrics import roc_auc_score

@@ -439,6 +439,11 @@ def test_reduced_demo_runs_end_to_end_and_reruns_exactly_what_changed(tmp_path, 
     summary = pd.read_csv(results / "report" / "summary.csv")
     assert set(summary["task"]) == {"classification", "survival", "regression"}
     assert set(summary["aggregator"]) == set(AGGREGATORS)
+    main = summary[summary["main"]].set_index(["task", "aggregator"])
+    assert (main.loc["survival", "statistic"] == "mean over folds").all()  # the fold models' risk scales
+    held = summary.dropna(subset=["ci_low", "ci_high"])  # every interval holds its estimate
+    outside = held[(held["pooled"] < held["ci_low"] - 1e-9) | (held["pooled"] > held["ci_high"] + 1e-9)]
+    assert outside.empty, outside[["task", "aggregator", "metric", "pooled", "ci_low", "ci_high"]]
     assert pd.read_csv(results / "failures.csv").empty
     n_patients = pd.read_csv(results / "cohort_ok.csv")["patient_id"].nunique()
     for task in ("classification", "survival", "regression"):

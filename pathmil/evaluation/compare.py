@@ -61,6 +61,7 @@ from pathmil.evaluation.summary import (
     drop_incomparable_curves,
     fold_wise,
     label_frame,
+    main_statistic,
     patient_groups,
     pool_test,
 )
@@ -441,16 +442,6 @@ def load_configurations(run_paths: list[str | os.PathLike]) -> list[Configuratio
     return configurations
 
 
-def statistic(task: Task, table: pd.DataFrame) -> float:
-    """The comparison's main statistic of one seed's test predictions: the task's main metric of the
-    pooled folds, or for :func:`fold_wise` tasks the mean of the folds' (a fixed test set is one group)."""
-    if not fold_wise(task):
-        return task.main_score(table)
-    values = [task.main_score(part) for _, part in table.groupby("fold")]
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
 def compare(configurations: list[Configuration], config: EvaluateConfig, plots: PlotConfig) -> dict[str, Any]:
     """Every statistic of the comparison as plain data (what ``comparison.json`` holds, without plots)."""
     task = configurations[0].runs[0].task
@@ -467,7 +458,7 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     def scorer(c: Configuration):
         tables, score_task = list(pooled[c.label].values()), c.runs[0].task
         return lambda idx: float(
-            np.mean([statistic(score_task, t.iloc[patients.bag_rows(idx)]) for t in tables])
+            np.mean([main_statistic(score_task, t.iloc[patients.bag_rows(idx)]) for t in tables])
         )
 
     point, distribution = paired_bootstrap(
