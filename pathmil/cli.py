@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -570,8 +571,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
         f"{result['task']}/{result['aggregator']}: {len(args.runs)} runs, {result['n_test_bags']} test bags"
     )
     for row in result["summary"]:
+        interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]" if math.isfinite(row["ci_low"]) else "(no interval)"
         print(
-            f"  {row['metric']:>16}: {row['statistic']} {row['pooled']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+            f"  {row['metric']:>16}: {row['statistic']} {row['pooled']:.4f} {interval}"
             f"  folds {row['fold_mean']:.4f} +- {row['fold_std']:.4f}"
         )
 

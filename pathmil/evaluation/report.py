@@ -155,8 +155,8 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
             metric = METRIC_NAMES.get(info[task][0], info[task][0])
             note += (
                 f" {task.capitalize()}: the mean over folds of each fold's {metric} (each fold model has its own "
-                f"risk scale, which a pooled {metric} would mix), its interval resampling each fold's test "
-                "patients."
+                f"risk scale, which a pooled {metric} would mix), its interval resampling the test patients "
+                "and averaging the folds' values."
             )
     if len(eval_dirs) > len(results):
         note += (
