@@ -64,7 +64,10 @@ def seconds_per_tile(settings):
     device_flops = GPU_FLOPS if gpu else CPU_FLOPS * extract["threads"]
     workers = extract.get("workers")
     # pathmil.features.extract.default_workers: threads - 1, at least 1, at most its cap on the device
-    default = min(max(extract["threads"] - 1, 1), FACTS["max_default_readers"]["cuda" if gpu else "cpu"])
+    default = min(
+        max(extract["threads"] - 1, 1),
+        FACTS["max_default_readers"]["cuda" if gpu else "cpu"],
+    )
     readers = default if workers is None else max(workers, 1)
     return READ_SECONDS / readers + flops / device_flops
 
