@@ -500,3 +500,26 @@ def test_a_run_is_not_resumed_once_the_baseline_it_started_from_was_trained_agai
     assert "resuming" not in caplog.text and "starting afresh" in caplog.text
     again = torch.load(student / "best.pt", weights_only=True)["model"]
     assert any(not torch.equal(first[k], again[k]) for k in first)
+
+
+def test_an_mhim_teacher_from_another_fold_is_refused(cohort, tmp_path, capsys):
+    """Fold 1's baseline trained on fold 0's test patients: as fold 0's teacher it would hand the student
+    what the test set holds, and the test metrics would be optimistic with exit 0. Checkpoints keep
+    digests of each split's patients, not the ids."""
+    _, features, table = cohort
+    splits = tmp_path / "s.csv"
+    split(table, "classification", splits)
+    common = ["train", "--features", str(features), "--cohort", str(table), "--splits", str(splits),
+              "--task", "classification", "--no-progress", "--set", "epochs=1", "--set", "min_epochs=1",
+              "--set", "model.hidden=16"]  # fmt: skip
+    for fold in (0, 1):
+        run = ["--fold", str(fold), "--aggregator", "abmil", "--out", str(tmp_path / f"a{fold}")]
+        assert main([*common, *run]) == 0
+    kept = torch.load(tmp_path / "a1" / "best.pt", weights_only=True)["patients"]
+    patients = pd.read_csv(table, dtype={"patient_id": str})["patient_id"]
+    assert not set(patients) & set(kept["test"]) and len(kept["test"][0]) == 16  # digests, not ids
+    student = [*common, "--fold", "0", "--aggregator", "mhim_abmil", "--out", str(tmp_path / "m")]
+    capsys.readouterr()
+    assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'a1' / 'best.pt'}"]) == 1
+    assert "of this fold's test patients" in capsys.readouterr().err and not (tmp_path / "m" / "best.pt").exists()
+    assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'a0'}"]) == 0  # its own fold's run

@@ -148,6 +148,44 @@ def start_file_stats(config: TrainConfig) -> list[tuple[str, int, int]]:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+def patient_digests(ids: Any) -> set[str]:
+    """16-hex-digit SHA-256 digests of patient ids: checkpoints (and the packages shared from them) keep
+    these, not the ids."""
+    return {hashlib.sha256(f"pathmil patient {i}".encode()).hexdigest()[:16] for i in map(str, ids)}
+
+
+def split_patients(data: FoldData) -> dict[str, list[str]]:
+    """The patients of each split of the fold, as :func:`patient_digests` (checkpoints keep them, so a model
+    that starts from another can tell whether that one saw its test patients)."""
+    return {s: sorted(patient_digests(t.bags["patient_id"].unique())) for s, t in data.tables.items()}
+
+
+def check_teacher_fold(config: TrainConfig, data: FoldData) -> None:
+    """Refuse an MHIM-MIL teacher (``mhim.teacher_init``) that trained on this run's test patients: the
+    baseline of another fold. Its knowledge of the test patients would pass to the student through the
+    masks and the consistency loss, and the test metrics would be optimistic with no error. Checkpoints
+    older than the split record are not checked.
+
+    Raises:
+        PathmilError: one line naming the teacher, how many test patients it trained on and the fix.
+    """
+    path = config.mhim.get("teacher_init")
+    if not path or "test" not in data.tables or not Path(path).exists():
+        return  # a missing file is MHIM-MIL's own error, with its own words
+    file = model_files(path)[0]
+    if not file.is_file() or file.suffix != ".pt":
+        return
+    seen = load_checkpoint(file).get("patients") or {}
+    trained = set(seen.get("train", [])) | set(seen.get("val", []))
+    test = data.tables["test"].bags["patient_id"].astype(str)
+    leaked = sorted(p for p in test.unique() if patient_digests([p]) & trained)
+    if leaked:
+        raise PathmilError(
+            f"mhim.teacher_init {file} trained on {len(leaked)} of this fold's test patients (first: "
+            f"{leaked[0]}): it is another fold's baseline; give the baseline of the same cohort, splits and fold"
+        )
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -279,6 +317,7 @@ class Trainer:
             "features": self.data.feature_info,
             "inputs": self.model.checkpoint_inputs(),
             "trained_in_bf16": self.trained_in_bf16,
+            "patients": split_patients(self.data),
         }
 
     def save_last(self) -> None:
@@ -472,6 +511,7 @@ def train(
     start = time.perf_counter()
     task = create_task(config.task, target=config.target, **config.task_options)
     data = load_fold(config, task, features_dir, cohort, splits, fold, parts)
+    check_teacher_fold(config, data)
     trainer = Trainer(config, task, data, out_dir, progress)
     for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
         (out_dir / name).unlink(missing_ok=True)
