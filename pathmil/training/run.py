@@ -109,8 +109,8 @@ def check_trainable(config: TrainConfig) -> None:
     if config.task_options.get("loss") == "cox" and config.accumulation < 2:
         raise PathmilError(
             "task_options.loss cox compares the bags of one optimiser step, and train.accumulation "
-            f"{config.accumulation} gives each step one bag: its loss is 0 and nothing trains; set "
-            "train.accumulation to 16 or more"
+            f"{config.accumulation} gives each step one bag: its loss is 0 and nothing trains; give each step "
+            "16 or more bags (`--set accumulation=32`, or `accumulation: 32` in the train section)"
         )
 
 
