@@ -99,8 +99,7 @@ def tiles_are_current(path: Path, config: TileConfig, slide_id: str, slide_path:
     try:
         with Slide(slide_path, slide_id) as slide:
             same_size = (coords.get("level0_width"), coords.get("level0_height")) == tuple(slide.dimensions)
-            recorded = attrs.get("slide_quickhash")  # another file of the same size: a re-scan
-            return same_size and not (recorded and slide.quickhash and recorded != slide.quickhash)
+            return same_size and not slide.is_other_file_than(attrs.get("slide_quickhash"))
     except PathmilError:
         return False
 

@@ -174,8 +174,7 @@ def bag_mismatches(bag: Bag, slide: Slide) -> list[str]:
             f"its slide was {int(size[0])} x {int(size[1])} px, {slide.path.name} is "
             f"{slide.dimensions[0]} x {slide.dimensions[1]}"
         )
-    recorded = bag.attrs.get("slide_quickhash")
-    if recorded and slide.quickhash and recorded != slide.quickhash:
+    if slide.is_other_file_than(bag.attrs.get("slide_quickhash")):
         problems.append(f"its slide fingerprint (openslide.quickhash-1) differs from {slide.path.name}'s")
     return problems
 

@@ -684,8 +684,7 @@ def _check_tiles_match(slide: Slide, tiles: TileSet, tiles_path: str | os.PathLi
             f"tiles file {tiles_path} was made for a {width}x{height} slide, but {slide.path.name} is "
             f"{slide.dimensions[0]}x{slide.dimensions[1]}; tile this slide again",
         )
-    recorded = tiles.attrs.get("slide_quickhash")
-    if recorded and slide.quickhash and recorded != slide.quickhash:
+    if slide.is_other_file_than(tiles.attrs.get("slide_quickhash")):
         raise SlideError(
             slide.slide_id,
             f"tiles file {tiles_path} was made from another file than {slide.path.name} (its slide "

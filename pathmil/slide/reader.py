@@ -184,6 +184,11 @@ class Slide:
         """OpenSlide's fingerprint of the slide (``openslide.quickhash-1``: properties and lowest level)."""
         return self.properties.get("openslide.quickhash-1")
 
+    def is_other_file_than(self, recorded_quickhash: str | None) -> bool:
+        """Whether a tiles file or bag that recorded ``recorded_quickhash`` was made from another file than
+        this one (a re-scan, another slide of the same size); unknown where either side lacks it."""
+        return bool(recorded_quickhash and self.quickhash and recorded_quickhash != self.quickhash)
+
     def _resolve_mpp(
         self, fallback: float | tuple[float, float] | None, fallback_source: str
     ) -> tuple[tuple[float, float], str]:

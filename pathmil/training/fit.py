@@ -177,8 +177,8 @@ def check_teacher_fold(config: TrainConfig, data: FoldData) -> None:
         return
     seen = load_checkpoint(file).get("patients") or {}
     trained = set(seen.get("train", [])) | set(seen.get("val", []))
-    test = data.tables["test"].bags["patient_id"].astype(str)
-    leaked = sorted(p for p in test.unique() if patient_digests([p]) & trained)
+    test = data.tables["test"].bags["patient_id"].astype(str).unique()
+    leaked = sorted(p for p in test if patient_digests([p]) <= trained)
     if leaked:
         raise PathmilError(
             f"mhim.teacher_init {file} trained on {len(leaked)} of this fold's test patients (first: "
