@@ -560,6 +560,7 @@ def add_evaluate_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    from pathmil.evaluation.report import statistic_label
     from pathmil.evaluation.summary import evaluate_runs
 
     config, plots = _evaluate_settings(args)
@@ -572,8 +573,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
     )
     for row in result["summary"]:
         interval = f"[{row['ci_low']:.4f}, {row['ci_high']:.4f}]" if math.isfinite(row["ci_low"]) else "(no interval)"
+        statistic = statistic_label(row["statistic"], row["folds"], result["folds"])
         print(
-            f"  {row['metric']:>16}: {row['statistic']} {row['pooled']:.4f} {interval}"
+            f"  {row['metric']:>16}: {statistic} {row['pooled']:.4f} {interval}"
             f"  folds {row['fold_mean']:.4f} +- {row['fold_std']:.4f}"
         )
 

@@ -523,6 +523,38 @@ def test_evaluate_reports_survival_ranking_metrics_as_the_mean_over_folds(tmp_pa
     assert table.loc["c_index", "statistic"] == "mean over folds"
 
 
+def test_a_fold_whose_c_index_is_undefined_is_left_out_and_the_statistic_says_so(tmp_path, caplog, capsys):
+    """A fold whose test part holds no event has no comparable pair: its c-index is NaN. The mean over
+    folds leaves it out, and every place a person reads it says "mean over 2 of 3 folds" (a warning names
+    the fold), never the bare "mean over folds" of a complete mean."""
+    from pathmil.evaluation.report import statistic_label, summary_page
+    from pathmil.evaluation.summary import evaluate_runs
+
+    frame = synthetic_cohort("survival", n=60)
+    frame.loc[frame["fold"] == 1, "event"] = 0  # fold 1: every test patient censored
+    write_runs(tmp_path / "runs", frame, "survival", "uni", "abmil", 2.0, seeds=(0,))
+    runs = sorted((tmp_path / "runs").iterdir())
+    with caplog.at_level("WARNING", logger="pathmil.evaluation.summary"):
+        result = evaluate_runs(runs, tmp_path / "eval", EvaluateConfig(n_bootstrap=50))
+    per_fold = pd.DataFrame(result["per_fold"]).set_index("fold")
+    assert np.isnan(per_fold.loc[1, "c_index"]) and per_fold["c_index"].notna().sum() == 2
+    rows = {r["metric"]: r for r in result["summary"]}
+    assert rows["c_index"]["folds"] == 2 and result["folds"] == 3
+    assert rows["c_index"]["pooled"] == pytest.approx(per_fold["c_index"].dropna().mean(), abs=1e-12)
+    assert rows["ibs"]["folds"] == 3  # pooled: every fold's bags
+    assert "c_index is undefined in fold 1" in caplog.text and "mean over 2 of 3 folds" in caplog.text
+    assert statistic_label("mean over folds", 2, 3) == "mean over 2 of 3 folds"
+    assert statistic_label("mean over folds", 3, 3) == "mean over 3 folds"
+    assert statistic_label("pooled", 3, 3) == "pooled"
+    table = pd.read_csv(tmp_path / "eval" / "metrics_summary.csv").set_index("metric")
+    assert table.loc["c_index", "folds"] == 2
+    assert "survival/abmil: the mean over 2 of 3 folds" in summary_page([tmp_path / "eval"])
+    capsys.readouterr()
+    main(["evaluate", "--runs", *map(str, runs), "--out", str(tmp_path / "cli"), "--n-bootstrap", "20"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("c_index:"))
+    assert "mean over 2 of 3 folds" in line
+
+
 def test_runs_of_other_patients_tasks_or_twice_are_refused(tmp_path, classification_runs, capsys):
     other = synthetic_cohort("classification", n=45, seed=1)
     write_runs(tmp_path / "other", other, "classification", "uni", "transmil", quality=1.0)

@@ -34,7 +34,9 @@ from typing import Any
 from pathmil import __version__
 from pathmil.errors import PathmilError
 from pathmil.evaluation.predict import check_ensemble, check_provenance, encoder_name
+from pathmil.evaluation.report import statistic_label
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
+from pathmil.evaluation.summary import evaluate_runs
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import HOST, file_sha256, write_json
 from pathmil.models.checkpoint import (
@@ -152,7 +154,10 @@ def make_card(
     """The model card (plain data): who made the model from what, how well it did, what it is for."""
     main = evaluation["main_metric"]
     metrics = [
-        {k: row.get(k) for k in ("metric", "statistic", "pooled", "ci_low", "ci_high", "fold_mean", "fold_std")}
+        {
+            k: row.get(k)
+            for k in ("metric", "statistic", "folds", "pooled", "ci_low", "ci_high", "fold_mean", "fold_std")
+        }
         for row in evaluation["summary"]
     ]
     n_test = sum(int(r["n_bags"].get("test", 0)) for r in runs)
@@ -230,7 +235,8 @@ def card_markdown(card: dict[str, Any]) -> str:
     for row in metrics["values"]:
         lines.append(
             f"| {row['metric']}{' (main)' if row['metric'] == metrics['main_metric'] else ''} | "
-            f"{_number(row['pooled'])} | {row.get('statistic') or 'pooled'} | "
+            f"{_number(row['pooled'])} | "
+            f"{statistic_label(row.get('statistic') or 'pooled', row.get('folds'), card['data']['folds'])} | "
             f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}] | "
             f"{_number(row['fold_mean'])} +- {_number(row['fold_std'])} |"
         )
@@ -296,8 +302,6 @@ def make_package(
                 }
             )
         if evaluation is None:
-            from pathmil.evaluation.summary import evaluate_runs
-
             evaluated = evaluate_runs(run_dirs, tmp / "evaluation", config, plots)
         else:
             evaluated = read_evaluation(evaluation)

@@ -21,7 +21,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -58,6 +58,7 @@ class PlotData:
     ci: dict[str, list[float]]
     evaluate: EvaluateConfig
     config: PlotConfig
+    statistics: dict[str, str] = field(default_factory=dict)  # metric: "mean over 5 folds" ...
 
     @property
     def separate_folds(self) -> bool:
@@ -67,9 +68,10 @@ class PlotData:
     def with_ci(self, name: str, metric: str) -> str:
         """``AUC 0.912 (95 % CI 0.851-0.960)`` from evaluate's metrics and their bootstrap CI; a metric of
         the task's ``fold_wise_metrics`` is the mean over the folds (``c-index (mean over 5 folds) 0.712
-        (95 % CI ...)``)."""
+        (95 % CI ...)``; ``mean over 4 of 5 folds`` where a fold's value is undefined)."""
         if metric in self.task.fold_wise_metrics and self.separate_folds:
-            name = f"{name} (mean over {self.pooled['fold'].nunique()} folds)"
+            statistic = self.statistics.get(metric, f"mean over {self.pooled['fold'].nunique()} folds")
+            name = f"{name} ({statistic})"
         return format_ci(name, self.metrics.get(metric, math.nan), self.ci.get(metric), self.evaluate)
 
     def figure(self, panels: int = 1) -> Figure:
@@ -432,11 +434,13 @@ def write_plots(
     out_dir: str | os.PathLike,
     evaluate: EvaluateConfig | None = None,
     config: PlotConfig | None = None,
+    statistics: dict[str, str] | None = None,
 ) -> list[str]:
     """Write the task's plots as PNG into ``out_dir/plots``; return their paths relative to ``out_dir``.
 
-    ``predictions`` holds every run's rows (all splits); ``pooled_test``, ``train_rows``, ``metrics`` and
-    ``ci`` are what :func:`pathmil.evaluation.summary.evaluate_runs` computed from them.
+    ``predictions`` holds every run's rows (all splits); ``pooled_test``, ``train_rows``, ``metrics``,
+    ``ci`` and ``statistics`` (each metric's statistic as a person reads it: ``pooled``, ``mean over 5
+    folds``) are what :func:`pathmil.evaluation.summary.evaluate_runs` computed from them.
     """
     test = predictions[predictions["split"] == "test"]
     train = predictions[predictions["split"] == "train"]
@@ -450,6 +454,7 @@ def write_plots(
         ci=ci,
         evaluate=evaluate or EvaluateConfig(),
         config=config or PlotConfig(),
+        statistics=statistics or {},
     )
     names = []
     for name, plot in PLOTS[task.name].items():

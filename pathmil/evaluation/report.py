@@ -36,6 +36,8 @@ import pandas as pd
 
 from pathmil.errors import PathmilError
 
+FOLD_MEAN = "mean over folds"  # the statistic of a task's fold_wise_metrics; "pooled" the other
+
 METRIC_NAMES = {"auc": "AUC", "c_index": "c-index", "r2": "R\u00b2"}  # main metrics as readers know them
 THUMBNAIL_PX = 256  # longest side of a gallery thumbnail
 MAX_THUMBNAILS = 500  # thumbnails of a gallery at most (a page of 10,000 is neither light nor read)
@@ -99,6 +101,16 @@ def summary_cell(row: pd.Series) -> str:
     return f'<b>{_number(row["pooled"])}</b>{ci}<br><span class="folds">{folds}</span>'
 
 
+def statistic_label(statistic: str, folds_used: int | None = None, folds: int | None = None) -> str:
+    """How a statistic reads for a person: ``pooled``, ``mean over 5 folds``, or ``mean over 4 of 5 folds``
+    where a fold's value is undefined (e.g. a test part without an event) and the mean leaves it out."""
+    if statistic != FOLD_MEAN or not folds:
+        return statistic
+    if folds_used is None or folds_used == folds:
+        return f"mean over {folds} folds"
+    return f"mean over {folds_used} of {folds} folds"
+
+
 def column_label(result: dict, with_encoder: bool) -> str:
     """A configuration's column: its aggregator (``(external)`` for a package on an external test set),
     after its encoder when the run compared several."""
@@ -125,13 +137,16 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
     several_encoders = len({r.get("encoder") for r in results if not r.get("external")}) > 1
     tasks = list(dict.fromkeys(r["task"] for r in results))
     aggregators = list(dict.fromkeys(column_label(r, several_encoders) for r in results))
-    cells, info, fold_wise = {}, {}, set()
+    cells, info, fold_wise, partial = {}, {}, set(), []
     for result in results:
         main = next(row for row in result["summary"] if row["metric"] == result["main_metric"])
         row = pd.Series({k: (math.nan if v is None else v) for k, v in main.items()})
         cells[(result["task"], column_label(result, several_encoders))] = summary_cell(row)
+        if main.get("folds", result.get("folds")) != result.get("folds"):  # a fold's value undefined
+            label = statistic_label(main["statistic"], main["folds"], result["folds"])
+            partial.append(f"{result['task']}/{column_label(result, several_encoders)}: the {label}")
         info[result["task"]] = (result["main_metric"], result["n_test_bags"], result.get("evaluate", {}))
-        if result.get("statistic") == "mean over folds":
+        if result.get("statistic") == FOLD_MEAN:
             fold_wise.add(result["task"])
     header = "".join(f"<th>{html.escape(a)}</th>" for a in aggregators)
     lines = [f'<table>\n<tr><th class="row">task (main metric, test bags)</th>{header}</tr>']
@@ -158,6 +173,8 @@ def summary_page(eval_dirs: list[str | os.PathLike], n_slides: int | None = None
                 f"risk scale, which a pooled {metric} would mix), its interval resampling the test patients "
                 "and averaging the folds' values."
             )
+    if partial:
+        note += f" Undefined in a fold (too few events in its test part), so left out: {'; '.join(partial)}."
     if len(eval_dirs) > len(results):
         note += (
             f" Runs of seed {first_seed} only; each task's comparison page pools every seed and tests the "
@@ -321,7 +338,7 @@ def comparison_page(result: dict, out_dir: str | os.PathLike) -> str:
             _plot(Path(out_dir) / "plots" / "performance_profile.png", "performance profile"),
         ]
     )
-    fold_mean = result.get("statistic") == "mean over folds"
+    fold_mean = result.get("statistic") == FOLD_MEAN
     what = (
         f"the mean over folds of each fold's {metric} on its held-out patients (a pooled {metric} would mix "
         "the fold models' risk scales)"

@@ -9,6 +9,7 @@ a fixed test set, the mean of the folds' scores).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -20,12 +21,15 @@ import pandas as pd
 
 from pathmil.errors import PathmilError
 from pathmil.evaluation.bootstrap import bootstrap_distribution, grouped_resamples, iqm, percentile_interval
+from pathmil.evaluation.report import FOLD_MEAN, statistic_label
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.fileio import atomic_output, write_json
 from pathmil.tasks import Task
 from pathmil.training.run import TrainedRun, load_run
 
 ID_COLUMNS = ("slide_id", "patient_id", "fold", "split")
+
+log = logging.getLogger(__name__)
 
 
 def configuration(run: TrainedRun) -> tuple[str, str | None, str, int]:
@@ -128,6 +132,28 @@ def bootstrap_ci(
     return {m: percentile_interval(table[m].to_numpy(), config.confidence) for m in table.columns}
 
 
+def fold_means(
+    task: Task, per_fold: pd.DataFrame
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The mean over folds of each of the task's ``fold_wise_metrics`` and how many folds it holds: a fold
+    whose value is undefined (NaN: no comparable pair, no event in its test part) is left out, with a
+    warning naming it, and the count says so (:func:`statistic_label`)."""
+    means, used = {}, {}
+    for metric in task.fold_wise_metrics:
+        values = per_fold[metric].to_numpy(dtype=float)
+        finite = np.isfinite(values)
+        used[metric] = int(finite.sum())
+        means[metric] = float(values[finite].mean()) if finite.any() else math.nan
+        if not finite.all():
+            missing = ", ".join(str(f) for f in per_fold["fold"][~finite])
+            log.warning(
+                "%s is undefined in fold %s (too few events or comparable pairs in its test part): "
+                "reported as the %s",
+                metric, missing, statistic_label(FOLD_MEAN, used[metric], len(values)),
+            )  # fmt: skip
+    return means, used
+
+
 def main_statistic(task: Task, table: pd.DataFrame) -> float:
     """The main statistic of test predictions, as evaluate reports and compare compares it: the task's main
     metric of the pooled folds, or for :func:`fold_wise` tasks the mean of the folds' (a fixed test set is
@@ -196,17 +222,18 @@ def evaluate_runs(
     ci = bootstrap_ci(task, pooled_test, train_rows, config) if config.n_bootstrap > 0 else {}
     metric_names = [c for c in per_fold.columns if c not in ("fold", "n_test")]
     statistic = dict.fromkeys(metric_names, "pooled")
+    folds_used = dict.fromkeys(metric_names, len(per_fold))
     if pooled_test["fold"].nunique() > 1:  # the folds' own test sets, not one fixed test set
-        for m in task.fold_wise_metrics:  # their mean over folds; the interval of the main one
-            statistic[m] = "mean over folds"
-            pooled[m] = float(np.nanmean(per_fold[m])) if per_fold[m].notna().any() else math.nan
-            ci[m] = [math.nan, math.nan]
+        means, used = fold_means(task, per_fold)  # their mean over folds; the interval of the main one
+        for m in task.fold_wise_metrics:
+            statistic[m], pooled[m], folds_used[m], ci[m] = FOLD_MEAN, means[m], used[m], [math.nan] * 2
         if fold_wise(task) and config.n_bootstrap > 0:
             ci[task.main_metric] = fold_mean_interval(task, pooled_test, config)
     summary_rows = [
         {
             "metric": m,
             "statistic": statistic[m],
+            "folds": folds_used[m],  # of len(per_fold); fewer where a fold's value is undefined
             "pooled": pooled.get(m, math.nan),
             "ci_low": ci.get(m, [math.nan] * 2)[0],
             "ci_high": ci.get(m, [math.nan] * 2)[1],
@@ -224,6 +251,7 @@ def evaluate_runs(
         "seed": run_config.seed,
         "main_metric": task.main_metric,
         "statistic": statistic[task.main_metric],
+        "folds": len(per_fold),
         "runs": [str(r) for r in run_dirs],
         "n_test_bags": len(pooled_test),
         "evaluate": config.to_dict(),
@@ -242,8 +270,9 @@ def evaluate_runs(
             table.to_csv(tmp, index=False)
     from pathmil.evaluation.plots import write_plots  # lazy: matplotlib
 
+    labels = {m: statistic_label(statistic[m], folds_used[m], len(per_fold)) for m in metric_names}
     result["plots"] = write_plots(
-        task, predictions, pooled_test, train_rows, pooled, ci, out_dir, config, plots or PlotConfig()
+        task, predictions, pooled_test, train_rows, pooled, ci, out_dir, config, plots or PlotConfig(), labels
     )
     write_json(out_dir / "metrics.json", result)
     return result
