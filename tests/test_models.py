@@ -43,6 +43,17 @@ def test_registry_lists_the_core_aggregators():
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
+def test_output_tensors_are_exactly_those_shaped_by_the_number_of_outputs(name):
+    """``output_tensors()`` names the head, which ``train.init_from`` and MHIM-MIL's teacher load only where
+    the outputs mean the same: for every aggregator, the tensors whose shape follows ``n_outputs`` (and
+    for outputs of 1, 4 and 5 nothing else)."""
+    states = {c: create_model(name, in_dim=16, n_outputs=c, **inputs_for(name, 16)) for c in (1, 4, 5)}
+    shaped = {n for n, t in states[4].state_dict().items() if t.shape != states[5].state_dict()[n].shape}
+    shaped |= {n for n, t in states[4].state_dict().items() if t.shape != states[1].state_dict()[n].shape}
+    assert shaped and set(states[4].output_tensors()) == shaped
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_contract_and_mask(name):
     torch.manual_seed(0)
     model = create_model(name, in_dim=32, n_outputs=3, **inputs_for(name, 32)).eval()

@@ -502,7 +502,7 @@ def test_a_run_is_not_resumed_once_the_baseline_it_started_from_was_trained_agai
     assert any(not torch.equal(first[k], again[k]) for k in first)
 
 
-def test_an_mhim_teacher_from_another_fold_is_refused(cohort, tmp_path, capsys):
+def test_an_mhim_teacher_from_another_fold_or_label_is_refused(cohort, tmp_path, capsys):
     """Fold 1's baseline trained on fold 0's test patients: as fold 0's teacher it would hand the student
     what the test set holds, and the test metrics would be optimistic with exit 0. Checkpoints keep
     digests of each split's patients, not the ids."""
@@ -522,4 +522,11 @@ def test_an_mhim_teacher_from_another_fold_is_refused(cohort, tmp_path, capsys):
     capsys.readouterr()
     assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'a1' / 'best.pt'}"]) == 1
     assert "of this fold's test patients" in capsys.readouterr().err and not (tmp_path / "m" / "best.pt").exists()
+    # the same fold and two classes, but trained on another label column: its attention masks for that one
+    other = ["--fold", "0", "--aggregator", "abmil", "--out", str(tmp_path / "e0"), "--set", "target=[event]"]
+    assert main([*common, *other]) == 0
+    capsys.readouterr()
+    assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'e0'}"]) == 1
+    assert "was trained for classification (classes 0, 1) (column event), this run is classification " \
+        "(classes 0, 1) (column label)" in capsys.readouterr().err
     assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'a0'}"]) == 0  # its own fold's run

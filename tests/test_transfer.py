@@ -16,7 +16,7 @@ from pathmil.cli import main
 from pathmil.errors import PathmilError
 from pathmil.models import create_model
 from pathmil.models.moe_pkt import MoEPKT, MoEPKTConfig, build_source
-from pathmil.tasks import create_task
+from pathmil.tasks import Task, create_task
 from pathmil.training.run import TrainConfig, load_run
 from pathmil.training.transfer import init_from
 
@@ -69,7 +69,7 @@ def test_init_from_loads_what_fits_and_says_what_did_not(cohort, caplog):
     head = model.classifier.weight.detach().clone()
     info = {"dim": 16, "encoder": "synthetic", "random_init": False}
     with caplog.at_level(logging.INFO, logger="pathmil.training.transfer"):
-        result = init_from(model, cohort["package"], info)
+        result = init_from(model, cohort["package"], info, task)
     assert result["differ"] == ["classifier.weight", "classifier.bias"] and not result["absent"]
     for name in result["loaded"]:
         assert torch.equal(model.state_dict()[name], source.model.state_dict()[name]), name
@@ -80,14 +80,69 @@ def test_init_from_loads_what_fits_and_says_what_did_not(cohort, caplog):
     assert "the source has 2 outputs, this task 3" in lines[0]
 
 
+def fitted(name: str, n_bins: int = 3, **labels: list) -> Task:
+    task = create_task(name, **({"n_bins": n_bins} if name == "survival" else {}))
+    task.fit(pd.DataFrame(labels))
+    return task
+
+
 def test_init_from_refuses_a_source_of_other_features(cohort, tmp_path):
     model = create_model("abmil", in_dim=16, n_outputs=2, hidden=16)
+    binary = fitted("classification", label=[0, 1, 0, 1])
     with pytest.raises(PathmilError, match="trained on features of encoder synthetic, these bags hold uni"):
-        init_from(model, cohort["package"], {"dim": 16, "encoder": "uni", "random_init": False})
+        init_from(model, cohort["package"], {"dim": 16, "encoder": "uni", "random_init": False}, binary)
     with pytest.raises(PathmilError, match="was trained on 16-d features"):
-        init_from(create_model("abmil", in_dim=8, n_outputs=2), cohort["runs"][0], {"dim": 8})
+        init_from(create_model("abmil", in_dim=8, n_outputs=2), cohort["runs"][0], {"dim": 8}, binary)
     with pytest.raises(PathmilError, match="none of its tensors fits"):
-        init_from(create_model("mean_pool", in_dim=16, n_outputs=3, hidden=4), cohort["runs"][0], {"dim": 16})
+        model = create_model("mean_pool", in_dim=16, n_outputs=3, hidden=4)
+        init_from(model, cohort["runs"][0], {"dim": 16}, fitted("classification", label=[0, 1, 2]))
+
+
+@pytest.mark.parametrize(
+    ("task", "loads_head"),
+    [
+        (fitted("classification", label=[0, 1, 1, 0]), True),  # the source's classes 0, 1
+        (fitted("classification", label=["LUAD", "LUSC", "LUAD"]), False),  # two other classes
+        (fitted("survival", n_bins=2, time=[1.0, 2, 3, 4], event=[1, 1, 0, 1]), False),  # 2 time bins
+    ],
+    ids=["same-classes", "other-classes", "survival"],
+)
+def test_init_from_loads_the_head_only_where_the_outputs_mean_the_same(cohort, caplog, task, loads_head):
+    """A head of the right shape but another meaning (another cohort's two classes, two survival time
+    bins) is left as initialised, with one warning that names both; the same classes load it."""
+    source = load_run(cohort["runs"][0]).model.state_dict()
+    model = create_model("abmil", in_dim=16, n_outputs=task.n_outputs, hidden=16)
+    fresh = model.classifier.weight.detach().clone()
+    with caplog.at_level(logging.INFO, logger="pathmil.training.transfer"):
+        result = init_from(model, cohort["runs"][0], {"dim": 16, "encoder": "synthetic"}, task)
+    head = ["classifier.weight", "classifier.bias"]
+    for name in result["loaded"]:
+        assert torch.equal(model.state_dict()[name], source[name]), name
+    assert any("attention" in n for n in result["loaded"])  # the rest of the model loads
+    if loads_head:
+        assert set(head) <= set(result["loaded"]) and not result["other_outputs"]
+        assert torch.equal(model.classifier.weight, source["classifier.weight"])
+    else:
+        assert task.n_outputs == 2 and result["other_outputs"] == head
+        assert torch.equal(model.classifier.weight, fresh)
+        this = "classification (classes LUAD, LUSC)" if task.name == "classification" else "survival (nll loss; 2"
+        assert f"the source's outputs are classification (classes 0, 1), this run's {this}" in caplog.text
+
+
+def test_a_source_that_trained_on_this_folds_test_patients_is_named_in_a_warning(cohort, caplog):
+    """Fine-tuning fold 0 from fold 1's run of the same cohort starts from weights that learned fold 0's
+    test patients: the metrics would be optimistic. A warning names the source and the count; fold 0's own
+    run does not trigger it."""
+    test = read_csv(cohort["classification"]).query("fold == 0 and split == 'test'")["patient_id"].nunique()
+    for fold, warned in ((1, True), (0, False)):
+        caplog.clear()
+        source = cohort["runs"][fold]
+        with caplog.at_level(logging.WARNING, logger="pathmil.training.fit"):
+            train(cohort, "classification", cohort["root"] / f"ft_fold{fold}", 0, "--set", f"init_from={source}")
+        lines = [r.getMessage() for r in caplog.records if "of this fold's" in r.getMessage()]
+        assert bool(lines) == warned, lines
+        if warned:
+            assert f"source model {source / 'best.pt'} trained on {test} of this fold's {test} test" in lines[0]
 
 
 def test_fine_tuning_runs_repeat_exactly_with_a_seed(cohort):

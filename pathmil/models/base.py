@@ -34,6 +34,8 @@ class MILOutput:
 class MILModel(nn.Module):
     """Base class of the aggregators: stores sizes and gives the default training hooks."""
 
+    output_layers: tuple[str, ...] = ("classifier",)  # the submodules whose outputs are the n_outputs
+
     def __init__(self, in_dim: int, n_outputs: int):
         super().__init__()
         self.in_dim = in_dim
@@ -45,6 +47,11 @@ class MILModel(nn.Module):
     def training_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         """The forward pass used for training steps; the default is the plain forward."""
         return self(x, mask)
+
+    def output_tensors(self) -> list[str]:
+        """Names (in ``state_dict()``) of the tensors that map to the ``n_outputs``: what a task's meaning
+        of the outputs (a class list, time bins) binds; the rest of the model is task-agnostic."""
+        return [n for n in self.state_dict() if n.split(".")[0] in self.output_layers]
 
     def prepare_training(self) -> None:
         """Called once when a new training run starts (not on resume); e.g. MHIM-MIL loads its teacher.

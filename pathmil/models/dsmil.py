@@ -35,6 +35,8 @@ class DSMILConfig(Settings):
 class DSMIL(MILModel):
     """Instance classifier + critical-instance attention; ``forward(x (B, N, D), mask (B, N))``."""
 
+    output_layers = ("instance_classifier", "bag_classifier")
+
     def __init__(self, in_dim: int, n_outputs: int, config: DSMILConfig | None = None):
         super().__init__(in_dim, n_outputs)
         c = config or DSMILConfig()

@@ -308,6 +308,10 @@ class MHIM(MILModel):
 
     # ------------------------------------------------------------------------------ set-up
 
+    def output_tensors(self) -> list[str]:
+        """The student's and the teacher's heads (the recycling tokens are task-agnostic)."""
+        return [f"{who}.{n}" for who in ("student", "teacher") for n in self.student.output_tensors()]
+
     def train(self, mode: bool = True) -> MHIM:
         super().train(mode)
         self.teacher.eval()  # the teacher scores without dropout, always

@@ -52,6 +52,12 @@ class Task(abc.ABC):
     def n_outputs(self) -> int:
         """Numbers the model outputs per bag (valid after :meth:`fit`)."""
 
+    def output_meaning(self) -> tuple[Any, ...]:
+        """What the model's outputs mean, compared where weights pass from one run to another (a head
+        loaded by ``train.init_from``, an MHIM-MIL teacher): equal tuples, outputs of the same meaning. The
+        default, the task's name; classification adds its classes, survival its loss and time bins."""
+        return (self.name,)
+
     def settings(self) -> dict[str, Any]:
         """The task's options (the constructor's keyword arguments without ``target``), as plain data."""
         return self.options.to_dict()

@@ -217,6 +217,11 @@ class ClassificationTask(Task):
 
     # ---------------------------------------------------------------------------------- checkpoint
 
+    def output_meaning(self) -> tuple[Any, ...]:
+        """Output k is the logit of ``classes[k]``: another class list (or order) means other outputs."""
+        self._require_fitted()
+        return (self.name, tuple(str(c) for c in self.classes))
+
     def _fitted_state(self) -> dict[str, Any]:
         return {"classes": list(self.classes), "weights": self.weights}
 

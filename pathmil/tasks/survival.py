@@ -289,6 +289,11 @@ class SurvivalTask(Task):
 
     # ---------------------------------------------------------------------------------- checkpoint
 
+    def output_meaning(self) -> tuple[Any, ...]:
+        """A Cox log-risk, or hazards of ``n_bins`` time bins (the bins are quantiles of each cohort's event
+        times: output k means the k-th quantile interval wherever the model was trained)."""
+        return (self.name, f"{self.options.loss} loss", f"{self.n_outputs} outputs")
+
     def _fitted_state(self) -> dict[str, Any]:
         return {"edges": self.edges.tolist()}
 

@@ -35,11 +35,11 @@ from pathmil.device import autocast, mil_autocast_dtype, resolve_device
 from pathmil.errors import PathmilError, UnsafeFileError
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
-from pathmil.models.checkpoint import load_checkpoint, model_files, save_checkpoint
-from pathmil.tasks import Task, create_task
+from pathmil.models.checkpoint import load_checkpoint, model_checkpoints, model_files, save_checkpoint
+from pathmil.tasks import Task, create_task, task_from_state
 from pathmil.training.run import TrainConfig, build_model, check_trainable, score_bag, scoring_model
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
-from pathmil.training.transfer import check_sources, init_from
+from pathmil.training.transfer import check_sources, describe_outputs, init_from
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -160,14 +160,16 @@ def split_patients(data: FoldData) -> dict[str, list[str]]:
     return {s: sorted(patient_digests(t.bags["patient_id"].unique())) for s, t in data.tables.items()}
 
 
-def check_teacher_fold(config: TrainConfig, data: FoldData) -> None:
-    """Refuse an MHIM-MIL teacher (``mhim.teacher_init``) that trained on this run's test patients: the
-    baseline of another fold. Its knowledge of the test patients would pass to the student through the
-    masks and the consistency loss, and the test metrics would be optimistic with no error. Checkpoints
-    older than the split record are not checked.
+def check_teacher(config: TrainConfig, task: Task, data: FoldData) -> None:
+    """Refuse an MHIM-MIL teacher (``mhim.teacher_init``) that is not this run's baseline: one trained for
+    another label column or outputs of another meaning (:meth:`Task.output_meaning`; the same number of
+    outputs passes the model's own check, and its attention would mask for the other label), or one
+    trained on this run's test patients (another fold's baseline: its knowledge of the test patients would
+    pass to the student through the masks and the consistency loss, and the test metrics would be
+    optimistic with no error). Checkpoints older than the split record are not checked for patients.
 
     Raises:
-        PathmilError: one line naming the teacher, how many test patients it trained on and the fix.
+        PathmilError: one line naming the teacher, what it was trained for or on, and the fix.
     """
     path = config.mhim.get("teacher_init")
     if not path or "test" not in data.tables or not Path(path).exists():
@@ -175,15 +177,50 @@ def check_teacher_fold(config: TrainConfig, data: FoldData) -> None:
     file = model_files(path)[0]
     if not file.is_file() or file.suffix != ".pt":
         return
-    seen = load_checkpoint(file).get("patients") or {}
-    trained = set(seen.get("train", [])) | set(seen.get("val", []))
-    test = data.tables["test"].bags["patient_id"].astype(str).unique()
-    leaked = sorted(p for p in test if patient_digests([p]) <= trained)
+    checkpoint = load_checkpoint(file)
+    teacher = task_from_state(checkpoint["task"])
+    if (teacher.label_columns, teacher.output_meaning()) != (task.label_columns, task.output_meaning()):
+        raise PathmilError(
+            f"mhim.teacher_init {file} was trained for {describe_outputs(teacher.output_meaning())} (column "
+            f"{', '.join(teacher.label_columns)}), this run is {describe_outputs(task.output_meaning())} "
+            f"(column {', '.join(task.label_columns)}); give the baseline of the same task and label"
+        )
+    leaked = test_patients_seen(checkpoint, data)
     if leaked:
         raise PathmilError(
             f"mhim.teacher_init {file} trained on {len(leaked)} of this fold's test patients (first: "
             f"{leaked[0]}): it is another fold's baseline; give the baseline of the same cohort, splits and fold"
         )
+
+
+def test_patients_seen(checkpoint: dict[str, Any], data: FoldData) -> list[str]:
+    """This fold's test patients that the checkpoint's model trained or was selected on (its ``patients``
+    digests; none for checkpoints older than that record or a fold without a test part)."""
+    seen = checkpoint.get("patients") or {}
+    trained = set(seen.get("train", [])) | set(seen.get("val", []))
+    if not trained or "test" not in data.tables:
+        return []
+    test = data.tables["test"].bags["patient_id"].astype(str).unique()
+    return sorted(p for p in test if patient_digests([p]) <= trained)
+
+
+def warn_of_sources_that_saw_the_test_patients(config: TrainConfig, data: FoldData) -> None:
+    """A fine-tuning source (``init_from``) or MoE-PKT source (``sources``) that trained on patient ids of
+    this fold's test part: a model of the same cohort (another fold's run, a package of the whole cohort)
+    hands the run what the test patients' labels taught it, and the test metrics are optimistic. Sources
+    of another cohort may share short ids by chance ("1", "2", ...), so this is a warning, naming the
+    source and how many test patients it saw, not a refusal."""
+    paths = ([config.init_from] if config.init_from else []) + list(config.sources)
+    for path in paths:
+        for file, checkpoint in model_checkpoints(path):
+            seen = test_patients_seen(checkpoint, data)
+            if seen:
+                log.warning(
+                    "source model %s trained on %d of this fold's %d test patients (first: %s): if it comes "
+                    "from this cohort, the test metrics are optimistic; fine-tune from a model of another "
+                    "cohort, or this fold's own run",
+                    file, len(seen), data.tables["test"].bags["patient_id"].nunique(), seen[0],
+                )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -394,7 +431,9 @@ class Trainer:
         if not self.try_resume():
             self.model.prepare_training()
             if self.config.init_from:
-                init_from(self.model, self.config.init_from, self.data.feature_info, self.config.aggregator)
+                init_from(
+                    self.model, self.config.init_from, self.data.feature_info, self.task, self.config.aggregator
+                )
         if self.state.stopped:
             return
         bar = tqdm(
@@ -511,7 +550,8 @@ def train(
     start = time.perf_counter()
     task = create_task(config.task, target=config.target, **config.task_options)
     data = load_fold(config, task, features_dir, cohort, splits, fold, parts)
-    check_teacher_fold(config, data)
+    check_teacher(config, task, data)
+    warn_of_sources_that_saw_the_test_patients(config, data)
     trainer = Trainer(config, task, data, out_dir, progress)
     for name in FINISHED_MARKERS:  # a run folder holds a finished run's outputs only once it has finished
         (out_dir / name).unlink(missing_ok=True)

@@ -4,8 +4,11 @@ check that source models (``init_from``, ``moe_pkt``'s ``train.sources``) fit th
 Fine-tuning (Path-PKT's first strategy; Liu et al. 2025) starts the target model from the weights of a
 model trained on another cohort: every tensor whose name and shape match is loaded, the rest keep their
 fresh initialisation, and one log line says what was loaded and what was not (a survival head over another
-number of time bins, a classifier over other classes, another aggregator's layers). Then the run trains as
-usual, every layer learning.
+number of time bins, a classifier over other classes, another aggregator's layers). The head (the tensors
+that map to the outputs) loads only where the outputs mean the same (:meth:`Task.output_meaning`: the same
+task, classes, survival loss and bins): a 2-class head of another cohort's classes, or a Cox head in a
+regression run, has the right shape and the wrong meaning. Then the run trains as usual, every layer
+learning.
 
 A source must have been trained on features of the same kind: the same encoder (and weights) where both
 sides name theirs, and the same feature dimension always; anything else is refused in one line. Another
@@ -24,6 +27,7 @@ import torch
 from pathmil.errors import PathmilError
 from pathmil.models import MILModel
 from pathmil.models.checkpoint import is_package, model_checkpoints
+from pathmil.tasks import Task, task_from_state
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +86,27 @@ def check_sources(config: Any, feature_info: dict[str, Any]) -> None:
             check_source_features(file, checkpoint, feature_info)
 
 
+def describe_outputs(meaning: tuple[Any, ...]) -> str:
+    """``classification (classes 0, 1)``, ``survival (nll loss; 4 outputs)`` from a
+    :meth:`Task.output_meaning`."""
+    parts = [f"classes {', '.join(map(str, p))}" if isinstance(p, tuple) else str(p) for p in meaning[1:]]
+    return f"{meaning[0]} ({'; '.join(parts)})" if parts else str(meaning[0])
+
+
 def init_from(
-    model: MILModel, path: str | os.PathLike, feature_info: dict[str, Any], aggregator: str | None = None
+    model: MILModel,
+    path: str | os.PathLike,
+    feature_info: dict[str, Any],
+    task: Task,
+    aggregator: str | None = None,
 ) -> dict[str, list[str]]:
-    """Load into ``model`` (aggregator ``aggregator``) every tensor of the source model at ``path`` whose
-    name and shape match.
+    """Load into ``model`` (aggregator ``aggregator``, outputs of the fitted ``task``) every tensor of the
+    source model at ``path`` whose name and shape match; the head's tensors (``model.output_tensors()``)
+    only where the source's outputs mean what this task's do.
 
     ``path``: a package (its first fold model; name a member's file for another), a finished run folder or
-    a checkpoint. Returns the names loaded, those whose shapes differ and those the source lacks.
+    a checkpoint. Returns the names loaded, those whose shapes differ, those the source lacks and the head's
+    tensors left because their outputs mean something else (``other_outputs``).
 
     Raises:
         PathmilError: the source does not fit the features (:func:`check_source_features`), or none of its
@@ -101,7 +118,10 @@ def init_from(
         log.info("train.init_from %s: starting from its first fold model, %s", path, Path(file).name)
     source: dict[str, torch.Tensor] = checkpoint["model"]
     target = model.state_dict()
-    loaded = [n for n, t in target.items() if n in source and source[n].shape == t.shape]
+    meanings = (task_from_state(checkpoint["task"]).output_meaning(), task.output_meaning())
+    head = set(model.output_tensors()) if meanings[0] != meanings[1] else set()
+    other_outputs = [n for n, t in target.items() if n in head and n in source and source[n].shape == t.shape]
+    loaded = [n for n, t in target.items() if n in source and source[n].shape == t.shape and n not in head]
     differ = [n for n, t in target.items() if n in source and source[n].shape != t.shape]
     absent = [n for n in target if n not in source]
     if not loaded:
@@ -126,7 +146,12 @@ def init_from(
                 "(another number of classes or survival bins)"
             )
         message += f"; shapes differ, left as initialised: {shapes}{hint}"
+    if other_outputs:
+        message += (
+            f"; the head's {', '.join(other_outputs)} left as initialised: the source's outputs are "
+            f"{describe_outputs(meanings[0])}, this run's {describe_outputs(meanings[1])}"
+        )
     if absent:
         message += f"; not in the source, left as initialised: {', '.join(absent)}"
-    (log.warning if differ or absent else log.info)("%s", message)
-    return {"loaded": loaded, "differ": differ, "absent": absent}
+    (log.warning if differ or absent or other_outputs else log.info)("%s", message)
+    return {"loaded": loaded, "differ": differ, "absent": absent, "other_outputs": other_outputs}
