@@ -491,6 +491,28 @@ def test_survival_is_compared_on_the_folds_c_indices_not_on_pooled_risks(tmp_pat
     assert "c-index (mean over folds, CI)" in page
 
 
+def test_a_fixed_test_set_is_labelled_pooled_by_compare_as_by_evaluate(tmp_path):
+    """Every fold scores the same held-out test set: the bags' risks are averaged over the folds (one
+    group), so the statistic is not a mean over folds, and compare says "pooled" as evaluate does."""
+    from pathmil.evaluation.summary import evaluate_runs
+
+    frame = synthetic_cohort("survival", n=45)
+    for aggregator, noise in (("abmil", 0), ("mambamil", 1)):
+        write_runs(tmp_path / "runs", frame, "survival", "uni", aggregator, 2.0, seeds=(0,), noise=noise)
+    runs = sorted((tmp_path / "runs").iterdir())
+    fixed = pd.read_csv(runs[0] / "predictions.csv").query("split == 'test'")  # fold 0's test bags
+    for run in runs:
+        table = pd.read_csv(run / "predictions.csv")
+        fold = int(table["fold"].iloc[0])
+        train = table[(table["split"] == "train") & ~table["slide_id"].isin(fixed["slide_id"])]
+        pd.concat([train, fixed.assign(fold=fold)]).to_csv(run / "predictions.csv", index=False)
+    result = compare_runs([tmp_path / "runs"], tmp_path / "out", FAST)
+    abmil = [r for r in runs if json.loads((r / "metrics.json").read_text())["aggregator"] == "abmil"]
+    evaluated = evaluate_runs(abmil, tmp_path / "eval", FAST)
+    assert result["statistic"] == evaluated["statistic"] == "pooled"
+    assert "c-index (pooled, CI)" in (tmp_path / "out" / "comparison.html").read_text(encoding="ascii")
+
+
 @pytest.mark.parametrize(("n", "quality"), [(60, 2.0), (30, 4.0)])
 def test_evaluate_reports_survival_ranking_metrics_as_the_mean_over_folds(tmp_path, n, quality):
     """`pathmil evaluate` on fold models with risk scales far apart: the c-index it reports (and the report

@@ -56,6 +56,7 @@ from pathmil.evaluation.bootstrap import (
     iqm_interval,
     percentile_interval,
 )
+from pathmil.evaluation.report import FOLD_MEAN
 from pathmil.evaluation.settings import EvaluateConfig, PlotConfig
 from pathmil.evaluation.summary import (
     drop_incomparable_curves,
@@ -522,7 +523,8 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     return {
         "task": task.name,
         "main_metric": task.main_metric,
-        "statistic": "mean over folds" if fold_wise(task) else "pooled",
+        # a fixed test set scored by every fold is one group (pool_test): its statistic is pooled, as evaluate's
+        "statistic": FOLD_MEAN if fold_wise(task) and reference["fold"].nunique() > 1 else "pooled",
         "evaluate": config.to_dict(),
         "n_patients": len(patients.rows),
         "horizon": horizon,
