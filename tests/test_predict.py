@@ -192,3 +192,25 @@ def test_models_that_do_not_fit_are_refused_in_one_line(runs, odd_bags, tmp_path
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_what_a_foreign_bag_does_not_record_is_said_once_per_model(caplog):
+    """A model whose training bags record encoder weights and tiling, given bags that record neither (a
+    CLAM .pt, another tool's file): nothing can be compared, and a warning says so, once per model and
+    missing fact, not once per bag of a 10,000-slide cohort. A bag that records them is checked silently."""
+    from pathmil.evaluation.predict import check_provenance
+
+    tiling = TileConfig().tiling()
+    trained = {"encoder": "uni", "encoder_weights_sha256": "ab" * 32, "random_init": False, "tiling": tiling}
+    recorded = {"encoder": "uni", "encoder_weights_sha256": "ab" * 32, "tiling": json.dumps(tiling)}
+    with caplog.at_level("WARNING", logger="pathmil.evaluation.predict"):
+        check_provenance(trained, recorded, "ours.h5", "model m1", "fix")
+        assert not caplog.records
+        for bag in ("a.pt", "b.pt"):
+            check_provenance(trained, {"encoder": "uni"}, bag, "model m1", "fix")
+        check_provenance(trained, {}, "c.pt", "model m1", "fix")  # no encoder either: a new fact
+        check_provenance(trained, {"encoder": "uni"}, "a.pt", "model m2", "fix")  # another model
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("a.pt records no encoder weights and no tiling") and "model m1" in lines[0]
+    assert lines[1].startswith("c.pt records no encoder (") and "model m2" in lines[2]

@@ -61,7 +61,8 @@ def check_provenance(
 ) -> None:
     """Refuse a bag (its root attributes) made otherwise than a model's training bags (``trained``, as
     :func:`pathmil.features.bagfile.feature_provenance` gives it): another encoder, other encoder weights,
-    another tiling. What either side does not record cannot be checked.
+    another tiling. What the training bags record and the bag does not (a CLAM ``.pt``, a file another
+    tool wrote) cannot be checked: a warning says so, once per model and missing fact.
 
     Raises:
         PathmilError: one line naming the bag, the model (``model``), what differs and ``fix``.
@@ -87,6 +88,25 @@ def check_provenance(
             f"{source} was tiled otherwise than {model}'s training bags ({'; '.join(differ)}, bag vs "
             f"training); {fix}"
         )
+    unrecorded = [
+        what
+        for what, ours, theirs in (
+            ("encoder", encoder, found["encoder"]),
+            ("encoder weights", trained.get("encoder_weights_sha256"), weights),
+            ("tiling", trained.get("tiling"), tiling),
+        )
+        if ours and not theirs and (model, what) not in _UNCHECKED
+    ]
+    if unrecorded:
+        _UNCHECKED.update((model, what) for what in unrecorded)
+        log.warning(
+            "%s records no %s (written by another tool?): cannot check that it matches %s's training bags; "
+            "scored as if it did",
+            source, " and no ".join(unrecorded), model,
+        )  # fmt: skip
+
+
+_UNCHECKED: set[tuple[str, str]] = set()  # (model, fact) already warned about: once each, not per bag
 
 
 def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:
