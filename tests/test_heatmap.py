@@ -245,6 +245,27 @@ def test_stamp_micrometre_coordinates_match_pixels(slide, bag, flag_model, tmp_p
     assert np.array_equal(np.isnan(a), np.isnan(b)) and np.allclose(a, b, equal_nan=True)
 
 
+@pytest.mark.parametrize("kind", ["slideflow", "inferred"])
+def test_tiles_of_non_square_pixels_are_painted_with_their_own_width_and_height(kind):
+    """A slide of 0.25 x 0.5 um/px: a 128 um tile is 512 x 256 level-0 px. A slideflow bag (centres, tile
+    size in um) and a bag that names no tile size (the grid's spacing, per axis) give exactly that, with
+    slideflow's centres moved to the tiles' corners by half of each side; never a square."""
+    from types import SimpleNamespace
+
+    from pathmil.evaluation.heatmap import tile_layout
+    from pathmil.features.bagfile import Bag
+
+    corners = np.array([[0, 0], [512, 0], [0, 256], [1024, 512]], dtype=np.float64)
+    slide = SimpleNamespace(mpp_xy=(0.25, 0.5), dimensions=(4096, 2048), level_downsamples=(1.0,), slide_id="s")
+    if kind == "slideflow":
+        bag = Bag(np.zeros((4, 2)), corners + np.array([256, 128]), {"tile_um": 128.0}, coords_origin="centre")
+    else:
+        bag = Bag(np.zeros((4, 2)), corners)
+    layout = tile_layout(bag, slide)
+    assert layout.size_xy == (512.0, 256.0) and layout.size_inferred == (kind == "inferred")
+    np.testing.assert_allclose(layout.coords, corners)
+
+
 def test_attention_scores_come_from_the_model(slide, bag, tmp_path):
     """ABMIL (any aggregator through build_model): the painted scores are its attention weights."""
     torch.manual_seed(0)

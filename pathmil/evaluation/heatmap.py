@@ -33,6 +33,7 @@ is refused in one line, unless ``force`` is set (then it is painted with a warni
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -138,12 +139,14 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         if level < len(slide.level_downsamples):
             size0 = float(attrs["patch_size"]) * slide.level_downsamples[level]
     if bag.coords_origin == "centre" and attrs.get("tile_um"):  # slideflow: centres, tile size in um
-        size0 = float(attrs["tile_um"]) / slide.mpp
+        size0, size0_y = (float(attrs["tile_um"]) / m for m in slide.mpp_xy)
     if size0 is None:
-        size0, inferred = grid_step(coords, source), True
-        log.warning("%s names no tile size: using the coordinate spacing, %.1f level-0 px", source, size0)
+        (size0, size0_y), inferred = grid_steps(coords, source), True
+        log.warning(
+            "%s names no tile size: using the coordinate spacing, %.1f x %.1f level-0 px", source, size0, size0_y
+        )
     if bag.coords_origin == "centre":
-        coords = coords - size0 / 2
+        coords = coords - np.array([size0, size0 if size0_y is None else size0_y]) / 2
     width, height = slide.dimensions
     outside = (coords[:, 0] < 0) | (coords[:, 1] < 0) | (coords[:, 0] >= width) | (coords[:, 1] >= height)
     if outside.any():
@@ -153,6 +156,8 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
             f"first at {x:.0f}, {y:.0f}); is it this slide's bag"
             + (", and is its um/px right (--mpp)?" if bag.coords_unit == "um" else "?")
         )
+    if size0_y is not None and math.isclose(size0_y, size0):
+        size0_y = None
     return TileLayout(coords=coords, size0=float(size0), size_inferred=inferred, size0_y=size0_y)
 
 
@@ -196,16 +201,20 @@ def check_bag_matches_slide(bag: Bag, slide: Slide, source: str | os.PathLike, f
     return problems
 
 
-def grid_step(coords: np.ndarray, source: str | os.PathLike = "bag") -> float:
-    """The smallest spacing between distinct tile positions along x or y: the tile size of a grid."""
-    steps = [np.diff(np.unique(coords[:, axis])) for axis in (0, 1)]
-    steps = np.concatenate([s[s > 0] for s in steps])
-    if len(steps) == 0:
+def grid_steps(coords: np.ndarray, source: str | os.PathLike = "bag") -> tuple[float, float]:
+    """The smallest spacing between distinct tile positions along x and along y: a grid's tile width and
+    height in level-0 px (they differ where pixels are not square); an axis with one position takes the
+    other's."""
+    steps = []
+    for axis in (0, 1):
+        diffs = np.diff(np.unique(coords[:, axis]))
+        steps.append(float(diffs[diffs > 0].min()) if (diffs > 0).any() else None)
+    if steps == [None, None]:
         raise PathmilError(
             f"{source} names no tile size (patch_size_level0) and has a single tile position; "
             "add the attribute to its coords"
         )
-    return float(steps.min())
+    return steps[0] or steps[1], steps[1] or steps[0]
 
 
 # ------------------------------------------------------------------------------------------- painting
