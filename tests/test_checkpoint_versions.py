@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from synthetic import make_synthetic_cohort, split_and_train
+from synthetic import TINY_TRAINING, make_synthetic_cohort, split_and_train
 
 from pathmil import __version__
 from pathmil.cli import main
@@ -94,6 +94,18 @@ def test_an_older_checkpoint_loads_with_one_warning_and_every_loader_agrees(run,
     assert any(str(old) in r.getMessage() and OURS in r.getMessage() for r in caplog.records)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(mhim.teacher.state_dict()[key], value)
+
+
+def test_an_older_checkpoint_serves_as_fine_tuning_source_and_mhim_teacher(run, tmp_path):
+    """`train.init_from` and `mhim.teacher_init` read an older checkpoint's task as load_run does (its
+    settings since removed are ignored), not refuse it as an unknown setting."""
+    old = edited(run["best"], tmp_path / "old.pt", older)
+    train = ["train", "--features", str(run["features"]), "--cohort", str(run["table"]), "--splits",
+             str(run["root"] / "splits.csv"), "--fold", "0", "--task", "classification", "--no-progress",
+             *TINY_TRAINING]  # fmt: skip
+    assert main([*train, "--out", str(tmp_path / "ft"), "--set", f"init_from={old}"]) == 0
+    mhim = ["--aggregator", "mhim_abmil", "--set", f"mhim.teacher_init={old}"]
+    assert main([*train, "--out", str(tmp_path / "mhim"), *mhim]) == 0
 
 
 def this_version_lacking(checkpoint: dict) -> None:

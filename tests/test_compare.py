@@ -488,7 +488,7 @@ def test_survival_is_compared_on_the_folds_c_indices_not_on_pooled_risks(tmp_pat
     pair = next(p for p in result["pairs"] if p["a"] == "abmil")
     assert not pair["significant"]  # equally good models, whatever their scales
     page = (tmp_path / "out" / "comparison.html").read_text(encoding="ascii")
-    assert "c-index (mean over folds, CI)" in page
+    assert "c-index (mean over 3 folds, CI)" in page
 
 
 def test_a_fixed_test_set_is_labelled_pooled_by_compare_as_by_evaluate(tmp_path):
@@ -547,8 +547,8 @@ def test_evaluate_reports_survival_ranking_metrics_as_the_mean_over_folds(tmp_pa
 
 def test_a_fold_whose_c_index_is_undefined_is_left_out_and_the_statistic_says_so(tmp_path, caplog, capsys):
     """A fold whose test part holds no event has no comparable pair: its c-index is NaN. The mean over
-    folds leaves it out, and every place a person reads it says "mean over 2 of 3 folds" (a warning names
-    the fold), never the bare "mean over folds" of a complete mean."""
+    folds leaves it out, and every place a person reads it (evaluate's CLI, summary, report; compare's
+    page) says "mean over 2 of 3 folds" (a warning names the fold), never "mean over folds" of all."""
     from pathmil.evaluation.report import statistic_label, summary_page
     from pathmil.evaluation.summary import evaluate_runs
 
@@ -571,6 +571,14 @@ def test_a_fold_whose_c_index_is_undefined_is_left_out_and_the_statistic_says_so
     table = pd.read_csv(tmp_path / "eval" / "metrics_summary.csv").set_index("metric")
     assert table.loc["c_index", "folds"] == 2
     assert "survival/abmil: the mean over 2 of 3 folds" in summary_page([tmp_path / "eval"])
+    assert statistic_label("mean over folds", None, 3) == "mean over folds"  # an evaluation without the count
+    caplog.clear()
+    write_runs(tmp_path / "runs", frame, "survival", "uni", "mambamil", 2.0, seeds=(0,), noise=1)
+    with caplog.at_level("WARNING", logger="pathmil.evaluation.compare"):
+        compared = compare_runs([tmp_path / "runs"], tmp_path / "compared", FAST)
+    assert compared["statistic"] == "mean over folds" and (compared["folds_used"], compared["folds"]) == (2, 3)
+    assert "c_index is undefined in fold 1" in caplog.text
+    assert "c-index (mean over 2 of 3 folds, CI)" in (tmp_path / "compared" / "comparison.html").read_text()
     capsys.readouterr()
     main(["evaluate", "--runs", *map(str, runs), "--out", str(tmp_path / "cli"), "--n-bootstrap", "20"])
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("c_index:"))

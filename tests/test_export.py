@@ -187,6 +187,7 @@ def test_slideflow_coordinates_are_read_as_level0_tile_corners(cohort, tmp_path)
     assert (
         bag.layout == "slideflow" and bag.coords_origin == "centre" and bag.coords_attrs["tile_um"] == 128.0
     )
+    assert bag.attrs["target_mpp"] == pytest.approx(128 / 224)  # its tiles' um/px, compared with a model's
     np.testing.assert_array_equal(bag.coords, ours.coords + 256)
     out = tmp_path / "clam"  # exported with the slide's um/px: 128 um tiles of 0.25 um/px, centre - 256 px
     args = ["export", "--features", str(bags["slideflow"]), "--format", "clam", "--out", str(out)]

@@ -247,22 +247,27 @@ def test_stamp_micrometre_coordinates_match_pixels(slide, bag, flag_model, tmp_p
 
 @pytest.mark.parametrize("kind", ["slideflow", "inferred"])
 def test_tiles_of_non_square_pixels_are_painted_with_their_own_width_and_height(kind):
-    """A slide of 0.25 x 0.5 um/px: a 128 um tile is 512 x 256 level-0 px. A slideflow bag (centres, tile
-    size in um) and a bag that names no tile size (the grid's spacing, per axis) give exactly that, with
-    slideflow's centres moved to the tiles' corners by half of each side; never a square."""
+    """A slide of 0.25 x 0.5 um/px. pathmil's 128 um tile is 512 x 256 level-0 px, and a bag that names no
+    tile size gets that from the grid's spacing, per axis. slideflow reads square windows of tile_um /
+    mpp-x level-0 px (openslide's mpp-x only) and stores their centres: 512 x 512, corners half a side
+    (256 px) up and left, on both axes; not the mean um/px's 341 px."""
     from types import SimpleNamespace
 
     from pathmil.evaluation.heatmap import tile_layout
     from pathmil.features.bagfile import Bag
 
-    corners = np.array([[0, 0], [512, 0], [0, 256], [1024, 512]], dtype=np.float64)
-    slide = SimpleNamespace(mpp_xy=(0.25, 0.5), dimensions=(4096, 2048), level_downsamples=(1.0,), slide_id="s")
+    slide = SimpleNamespace(
+        mpp_xy=(0.25, 0.5), mpp_x=0.25, dimensions=(4096, 2048), level_downsamples=(1.0,), slide_id="s"
+    )
     if kind == "slideflow":
-        bag = Bag(np.zeros((4, 2)), corners + np.array([256, 128]), {"tile_um": 128.0}, coords_origin="centre")
+        corners = np.array([[0, 0], [512, 0], [0, 512], [1024, 1024]], dtype=np.float64)
+        bag = Bag(np.zeros((4, 2)), corners + 256, {"tile_um": 128.0}, coords_origin="centre")
+        size = (512.0, 512.0)
     else:
-        bag = Bag(np.zeros((4, 2)), corners)
+        corners = np.array([[0, 0], [512, 0], [0, 256], [1024, 512]], dtype=np.float64)
+        bag, size = Bag(np.zeros((4, 2)), corners), (512.0, 256.0)
     layout = tile_layout(bag, slide)
-    assert layout.size_xy == (512.0, 256.0) and layout.size_inferred == (kind == "inferred")
+    assert layout.size_xy == size and layout.size_inferred == (kind == "inferred")
     np.testing.assert_allclose(layout.coords, corners)
 
 

@@ -12,6 +12,7 @@ import pytest
 from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
+from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.slide.tile import TileConfig
 
@@ -212,5 +213,11 @@ def test_what_a_foreign_bag_does_not_record_is_said_once_per_model(caplog):
         check_provenance(trained, {"encoder": "uni"}, "a.pt", "model m2", "fix")  # another model
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines
-    assert lines[0].startswith("a.pt records no encoder weights and no tiling") and "model m1" in lines[0]
-    assert lines[1].startswith("c.pt records no encoder (") and "model m2" in lines[2]
+    assert lines[0].startswith("a.pt records no encoder weights and no tiling (target_mpp, tile_px, overlap")
+    assert "model m1" in lines[0] and lines[1].startswith("c.pt records no encoder (") and "model m2" in lines[2]
+    # slideflow records its tile size (tile_um in tile_px): its resolution is compared, within 2 %
+    slideflow = {"encoder": "uni", "tile_um": 302.0, "tile_px": 299, "target_mpp": 302 / 299}
+    at_one = {**trained, "tiling": {**tiling, "target_mpp": 1.0, "tile_px": 299}}
+    check_provenance(at_one, slideflow, "sf.pt", "model m3", "fix")  # 1.01 um/px: pathmil's 1.0
+    with pytest.raises(PathmilError, match=r"sf.pt was tiled otherwise than model m3's .*target_mpp 4.0 vs 1.0"):
+        check_provenance(at_one, {**slideflow, "tile_um": 1196.0, "target_mpp": 4.0}, "sf.pt", "model m3", "fix")

@@ -14,6 +14,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,10 @@ import torch
 from synthetic import make_synthetic_cohort
 
 from pathmil.cli import main
+from pathmil.errors import PathmilError
+from pathmil.tasks import create_task
+from pathmil.training.fit import check_teacher
+from pathmil.training.run import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -527,6 +532,19 @@ def test_an_mhim_teacher_from_another_fold_or_label_is_refused(cohort, tmp_path,
     assert main([*common, *other]) == 0
     capsys.readouterr()
     assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'e0'}"]) == 1
-    assert "was trained for classification (classes 0, 1) (column event), this run is classification " \
-        "(classes 0, 1) (column label)" in capsys.readouterr().err
+    assert "was trained for classification (classes 0, 1) on column event, this run is classification " \
+        "(classes 0, 1) on column label" in capsys.readouterr().err
+    # also in a hyperparameter search's trials, whose folds hold no test part
+    task = create_task("classification")
+    task.fit(pd.DataFrame({"label": [0, 1, 0, 1]}))
+    config = TrainConfig(aggregator="mhim_abmil", mhim={"teacher_init": str(tmp_path / "e0")})
+    with pytest.raises(PathmilError, match="on column event, this run"):
+        check_teacher(config, task, SimpleNamespace(tables={}))
     assert main([*student, "--set", f"mhim.teacher_init={tmp_path / 'a0'}"]) == 0  # its own fold's run
+    # fine-tuned from that MHIM run, a new student keeps its own baseline as teacher (momentum 1: frozen)
+    again = [*common, "--fold", "0", "--aggregator", "mhim_abmil", "--out", str(tmp_path / "m2")]
+    assert main([*again, "--set", f"mhim.teacher_init={tmp_path / 'a0'}", "--set", f"init_from={tmp_path / 'm'}",
+                 "--set", "mhim.momentum=1.0"]) == 0  # fmt: skip
+    baseline = torch.load(tmp_path / "a0" / "best.pt", weights_only=True)["model"]
+    teacher = torch.load(tmp_path / "m2" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(teacher[f"teacher.{k}"], v) for k, v in baseline.items())

@@ -129,16 +129,31 @@ def test_init_from_loads_the_head_only_where_the_outputs_mean_the_same(cohort, c
         assert f"the source's outputs are classification (classes 0, 1), this run's {this}" in caplog.text
 
 
+def test_a_head_of_the_same_classes_but_another_label_column_loads_with_a_warning(cohort, caplog):
+    """Classes 0, 1 of column event and classes 0, 1 of column label: the head has the right shape and
+    maybe the right meaning (the same label renamed in another cohort), so it loads, and a warning names
+    both columns."""
+    task = create_task("classification", target=["event"])
+    task.fit(pd.DataFrame({"event": [0, 1, 0, 1]}))
+    model = create_model("abmil", in_dim=16, n_outputs=2, hidden=16)
+    with caplog.at_level(logging.INFO, logger="pathmil.training.transfer"):
+        result = init_from(model, cohort["runs"][0], {"dim": 16, "encoder": "synthetic"}, task)
+    assert "classifier.weight" in result["loaded"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and "the source predicted column label and this run predicts event" in lines[0]
+
+
 def test_a_source_that_trained_on_this_folds_test_patients_is_named_in_a_warning(cohort, caplog):
     """Fine-tuning fold 0 from fold 1's run of the same cohort starts from weights that learned fold 0's
     test patients: the metrics would be optimistic. A warning names the source and the count; fold 0's own
-    run does not trigger it."""
+    run, or a package whose first fold model (the one init_from loads) is fold 0's, does not trigger it."""
     test = read_csv(cohort["classification"]).query("fold == 0 and split == 'test'")["patient_id"].nunique()
-    for fold, warned in ((1, True), (0, False)):
+    # a package: init_from loads its first fold model only (fold 0's), so fold 1's member is not named
+    for name, source, warned in (("fold1", cohort["runs"][1], True), ("fold0", cohort["runs"][0], False),
+                                 ("package", cohort["package"], False)):  # fmt: skip
         caplog.clear()
-        source = cohort["runs"][fold]
         with caplog.at_level(logging.WARNING, logger="pathmil.training.fit"):
-            train(cohort, "classification", cohort["root"] / f"ft_fold{fold}", 0, "--set", f"init_from={source}")
+            train(cohort, "classification", cohort["root"] / f"ft_{name}", 0, "--set", f"init_from={source}")
         lines = [r.getMessage() for r in caplog.records if "of this fold's" in r.getMessage()]
         assert bool(lines) == warned, lines
         if warned:

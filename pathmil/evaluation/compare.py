@@ -436,6 +436,21 @@ def fold_scores(config: Configuration) -> dict[int, np.ndarray]:
     return {fold: np.asarray(values, float) for fold, values in sorted(scores.items())}
 
 
+def undefined_folds_left_out(task: Task, by_fold: dict[str, dict[int, np.ndarray]]) -> int:
+    """How many folds a mean over folds holds: a fold whose main metric is undefined for every run (no
+    comparable pair in its test part: the patients decide, not the model) is left out by
+    :func:`main_statistic`, with a warning naming it here."""
+    scores = next(iter(by_fold.values()))
+    missing = [fold for fold, values in scores.items() if not np.isfinite(values).any()]
+    if missing:
+        log.warning(
+            "%s is undefined in fold %s (too few events or comparable pairs in its test part): compared as "
+            "the mean over %d of %d folds",
+            task.main_metric, ", ".join(map(str, missing)), len(scores) - len(missing), len(scores),
+        )  # fmt: skip
+    return len(scores) - len(missing)
+
+
 def load_configurations(run_paths: list[str | os.PathLike]) -> list[Configuration]:
     """The configurations of the runs found under ``run_paths``, checked to share patients and folds."""
     configurations = group_configurations([read_run(p) for p in find_runs(run_paths)])
@@ -466,6 +481,9 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
         [scorer(c) for c in configurations], patients.strata, config.n_bootstrap, config.seed
     )
     by_fold = {c.label: fold_scores(c) for c in configurations}
+    # a fixed test set scored by every fold is one group (pool_test): its statistic is pooled, as evaluate's
+    statistic = FOLD_MEAN if fold_wise(task) and reference["fold"].nunique() > 1 else "pooled"
+    folds_used = undefined_folds_left_out(task, by_fold) if statistic == FOLD_MEAN else None
     runs = {label: np.concatenate(list(scores.values())) for label, scores in by_fold.items()}
     finite = np.concatenate(list(runs.values()))
     finite = finite[np.isfinite(finite)]
@@ -523,8 +541,9 @@ def compare(configurations: list[Configuration], config: EvaluateConfig, plots: 
     return {
         "task": task.name,
         "main_metric": task.main_metric,
-        # a fixed test set scored by every fold is one group (pool_test): its statistic is pooled, as evaluate's
-        "statistic": FOLD_MEAN if fold_wise(task) and reference["fold"].nunique() > 1 else "pooled",
+        "statistic": statistic,
+        "folds": len(configurations[0].folds),
+        "folds_used": folds_used,  # of a mean over folds: the folds whose metric is defined
         "evaluate": config.to_dict(),
         "n_patients": len(patients.rows),
         "horizon": horizon,

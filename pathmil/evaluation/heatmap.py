@@ -139,7 +139,8 @@ def tile_layout(bag: Bag, slide: Slide, source: str | os.PathLike = "bag") -> Ti
         if level < len(slide.level_downsamples):
             size0 = float(attrs["patch_size"]) * slide.level_downsamples[level]
     if bag.coords_origin == "centre" and attrs.get("tile_um"):  # slideflow: centres, tile size in um
-        size0, size0_y = (float(attrs["tile_um"]) / m for m in slide.mpp_xy)
+        # slideflow reads square level-0 windows of tile_um / mpp-x px (it reads openslide's mpp-x only)
+        size0, size0_y = float(attrs["tile_um"]) / slide.mpp_x, None
     if size0 is None:
         (size0, size0_y), inferred = grid_steps(coords, source), True
         log.warning(

@@ -180,6 +180,7 @@ def make_card(
             "main_metric": main,
             "confidence": confidence,
             "n_bootstrap": evaluation.get("evaluate", {}).get("n_bootstrap"),
+            "folds": evaluation.get("folds"),  # of the evaluation; a row's "folds" those its value holds
             "note": "over the folds' held-out test bags, each scored by the fold model that did not train on "
             "it: pooled, or (survival's ranking metrics, whose risk scale each fold model sets) the mean over "
             "folds; interval: stratified bootstrap over the test patients",
@@ -236,7 +237,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         lines.append(
             f"| {row['metric']}{' (main)' if row['metric'] == metrics['main_metric'] else ''} | "
             f"{_number(row['pooled'])} | "
-            f"{statistic_label(row.get('statistic') or 'pooled', row.get('folds'), card['data']['folds'])} | "
+            f"{statistic_label(row.get('statistic') or 'pooled', row.get('folds'), metrics.get('folds'))} | "
             f"[{_number(row['ci_low'])}, {_number(row['ci_high'])}] | "
             f"{_number(row['fold_mean'])} +- {_number(row['fold_std'])} |"
         )

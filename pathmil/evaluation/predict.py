@@ -19,6 +19,7 @@ model's, bags from another encoder (when both name theirs), or a model of anothe
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -48,12 +49,19 @@ TILING_KEYS = ("target_mpp", "tile_px", "overlap", "min_tissue", "preset", "tiss
 
 
 def tiling_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """The tiling settings that differ, as ``key a vs b``."""
+    """The tiling settings that differ, as ``key a vs b``; um/px within 2 % (another tool's tile_um /
+    tile_px, e.g. slideflow's 302 um in 299 px, is pathmil's 1.0 um/px)."""
     return [
         f"{key} {theirs.get(key)!r} vs {ours.get(key)!r}"
         for key in TILING_KEYS
-        if key in theirs and key in ours and theirs.get(key) != ours.get(key)
+        if key in theirs and key in ours and not _same_setting(key, theirs[key], ours[key])
     ]
+
+
+def _same_setting(key: str, a: Any, b: Any) -> bool:
+    if key == "target_mpp" and a is not None and b is not None:
+        return math.isclose(float(a), float(b), rel_tol=0.02)
+    return a == b
 
 
 def check_provenance(
@@ -81,19 +89,20 @@ def check_provenance(
             f"{source} holds {encoder} features made with other weights (sha256 {str(weights)[:12]}...) than "
             f"{model} ({ours[:12]}...); {fix}"
         )
-    tiling = found["tiling"] or {k: attrs[k] for k in ("target_mpp", "tile_px") if k in attrs}
+    tiling = found["tiling"] or {k: attrs[k] for k in ("target_mpp", "tile_px") if k in attrs}  # other tools
     differ = tiling_differences(trained["tiling"], tiling) if trained.get("tiling") and tiling else []
     if differ:
         raise PathmilError(
             f"{source} was tiled otherwise than {model}'s training bags ({'; '.join(differ)}, bag vs "
             f"training); {fix}"
         )
+    lacking = [k for k in TILING_KEYS if k in (trained.get("tiling") or {}) and k not in (tiling or {})]
     unrecorded = [
         what
         for what, ours, theirs in (
             ("encoder", encoder, found["encoder"]),
             ("encoder weights", trained.get("encoder_weights_sha256"), weights),
-            ("tiling", trained.get("tiling"), tiling),
+            (f"tiling ({', '.join(lacking)})", lacking, None),  # a slideflow bag knows its size, not its tissue
         )
         if ours and not theirs and (model, what) not in _UNCHECKED
     ]
@@ -106,7 +115,7 @@ def check_provenance(
         )  # fmt: skip
 
 
-_UNCHECKED: set[tuple[str, str]] = set()  # (model, fact) already warned about: once each, not per bag
+_UNCHECKED: set[tuple[str, str]] = set()  # (model, fact) warned about in this process: once, not per bag
 
 
 def check_bag(run: TrainedRun, source: str | os.PathLike, dim: int, attrs: dict | None = None) -> None:

@@ -104,9 +104,9 @@ def summary_cell(row: pd.Series) -> str:
 def statistic_label(statistic: str, folds_used: int | None = None, folds: int | None = None) -> str:
     """How a statistic reads for a person: ``pooled``, ``mean over 5 folds``, or ``mean over 4 of 5 folds``
     where a fold's value is undefined (e.g. a test part without an event) and the mean leaves it out."""
-    if statistic != FOLD_MEAN or not folds:
+    if statistic != FOLD_MEAN or not folds or folds_used is None:  # (an evaluation older than the count)
         return statistic
-    if folds_used is None or folds_used == folds:
+    if folds_used == folds:
         return f"mean over {folds} folds"
     return f"mean over {folds_used} of {folds} folds"
 
@@ -271,7 +271,7 @@ def _interval(value: float, low: float, high: float, signed: bool = False) -> st
 
 def _configuration_table(result: dict) -> str:
     metric = METRIC_NAMES.get(result["main_metric"], result["main_metric"])
-    statistic = result.get("statistic", "pooled")
+    statistic = statistic_label(result.get("statistic", "pooled"), result.get("folds_used"), result.get("folds"))
     lines = [
         f'<table>\n<tr><th class="row">configuration</th><th>{metric} ({statistic}, CI)</th>'
         "<th>IQM over runs (CI)</th><th>runs (seeds x folds)</th></tr>"

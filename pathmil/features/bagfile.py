@@ -346,6 +346,8 @@ def _slideflow_attrs(path: Path) -> dict[str, Any]:
         attrs["tile_um"] = float(config["tile_um"])
     if isinstance(config.get("tile_px"), int):
         attrs["tile_px"] = config["tile_px"]
+        if "tile_um" in attrs:  # the tiles' resolution, compared with a model's training tiles
+            attrs["target_mpp"] = attrs["tile_um"] / attrs["tile_px"]
     return attrs
 
 

@@ -36,8 +36,8 @@ from pathmil.errors import PathmilError, UnsafeFileError
 from pathmil.features.bagfile import feature_provenance, read_bag_attrs
 from pathmil.fileio import atomic_output, write_json
 from pathmil.models.checkpoint import load_checkpoint, model_checkpoints, model_files, save_checkpoint
-from pathmil.tasks import Task, create_task, task_from_state
-from pathmil.training.run import TrainConfig, build_model, check_trainable, score_bag, scoring_model
+from pathmil.tasks import Task, create_task
+from pathmil.training.run import TrainConfig, build_model, check_trainable, score_bag, scoring_model, task_of
 from pathmil.training.seeding import rng_state, seed_everything, set_rng_state
 from pathmil.training.transfer import check_sources, describe_outputs, init_from
 
@@ -172,18 +172,18 @@ def check_teacher(config: TrainConfig, task: Task, data: FoldData) -> None:
         PathmilError: one line naming the teacher, what it was trained for or on, and the fix.
     """
     path = config.mhim.get("teacher_init")
-    if not path or "test" not in data.tables or not Path(path).exists():
+    if not path or not Path(path).exists():
         return  # a missing file is MHIM-MIL's own error, with its own words
     file = model_files(path)[0]
     if not file.is_file() or file.suffix != ".pt":
         return
     checkpoint = load_checkpoint(file)
-    teacher = task_from_state(checkpoint["task"])
+    teacher = task_of(checkpoint, file)
     if (teacher.label_columns, teacher.output_meaning()) != (task.label_columns, task.output_meaning()):
         raise PathmilError(
-            f"mhim.teacher_init {file} was trained for {describe_outputs(teacher.output_meaning())} (column "
-            f"{', '.join(teacher.label_columns)}), this run is {describe_outputs(task.output_meaning())} "
-            f"(column {', '.join(task.label_columns)}); give the baseline of the same task and label"
+            f"mhim.teacher_init {file} was trained for {describe_outputs(teacher.output_meaning())} on column "
+            f"{', '.join(teacher.label_columns)}, this run is {describe_outputs(task.output_meaning())} on "
+            f"column {', '.join(task.label_columns)}; give the baseline of the same task and label"
         )
     leaked = test_patients_seen(checkpoint, data)
     if leaked:
@@ -210,17 +210,18 @@ def warn_of_sources_that_saw_the_test_patients(config: TrainConfig, data: FoldDa
     hands the run what the test patients' labels taught it, and the test metrics are optimistic. Sources
     of another cohort may share short ids by chance ("1", "2", ...), so this is a warning, naming the
     source and how many test patients it saw, not a refusal."""
-    paths = ([config.init_from] if config.init_from else []) + list(config.sources)
-    for path in paths:
-        for file, checkpoint in model_checkpoints(path):
-            seen = test_patients_seen(checkpoint, data)
-            if seen:
-                log.warning(
-                    "source model %s trained on %d of this fold's %d test patients (first: %s): if it comes "
-                    "from this cohort, the test metrics are optimistic; fine-tune from a model of another "
-                    "cohort, or this fold's own run",
-                    file, len(seen), data.tables["test"].bags["patient_id"].nunique(), seen[0],
-                )  # fmt: skip
+    checkpoints = model_checkpoints(config.init_from)[:1] if config.init_from else []  # what init_from loads
+    for path in config.sources:
+        checkpoints += model_checkpoints(path)  # every fold model of a MoE-PKT source
+    for file, checkpoint in checkpoints:
+        seen = test_patients_seen(checkpoint, data)
+        if seen:
+            log.warning(
+                "source model %s trained on %d of this fold's %d test patients (first: %s): if it comes from "
+                "this cohort, the test metrics are optimistic; fine-tune from a model of another cohort, or "
+                "this fold's own run",
+                file, len(seen), data.tables["test"].bags["patient_id"].nunique(), seen[0],
+            )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -429,11 +430,11 @@ class Trainer:
         from tqdm import tqdm
 
         if not self.try_resume():
-            self.model.prepare_training()
             if self.config.init_from:
                 init_from(
                     self.model, self.config.init_from, self.data.feature_info, self.task, self.config.aggregator
                 )
+            self.model.prepare_training()  # after init_from: an MHIM-MIL teacher is its baseline, not the source
         if self.state.stopped:
             return
         bar = tqdm(

@@ -293,6 +293,11 @@ def _settings_warning(
     return f"{head}: {'; '.join(parts)}"
 
 
+def task_of(checkpoint: dict[str, Any], path: str | os.PathLike) -> Task:
+    """The fitted task of a checkpoint, read as :func:`load_run` reads it (older versions' settings too)."""
+    return task_from_state(settings_of(checkpoint, Path(path))[1])
+
+
 def settings_of(checkpoint: dict[str, Any], path: Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The run's :class:`TrainConfig` and task state as this pathmil reads them.
 

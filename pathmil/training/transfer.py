@@ -27,7 +27,8 @@ import torch
 from pathmil.errors import PathmilError
 from pathmil.models import MILModel
 from pathmil.models.checkpoint import is_package, model_checkpoints
-from pathmil.tasks import Task, task_from_state
+from pathmil.tasks import Task
+from pathmil.training.run import task_of
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ def init_from(
         log.info("train.init_from %s: starting from its first fold model, %s", path, Path(file).name)
     source: dict[str, torch.Tensor] = checkpoint["model"]
     target = model.state_dict()
-    meanings = (task_from_state(checkpoint["task"]).output_meaning(), task.output_meaning())
-    head = set(model.output_tensors()) if meanings[0] != meanings[1] else set()
+    source_task = task_of(checkpoint, file)
+    meanings = (source_task.output_meaning(), task.output_meaning())
+    head_names = set(model.output_tensors())
+    head = head_names if meanings[0] != meanings[1] else set()
     other_outputs = [n for n, t in target.items() if n in head and n in source and source[n].shape == t.shape]
     loaded = [n for n, t in target.items() if n in source and source[n].shape == t.shape and n not in head]
     differ = [n for n, t in target.items() if n in source and source[n].shape != t.shape]
@@ -151,7 +154,14 @@ def init_from(
             f"; the head's {', '.join(other_outputs)} left as initialised: the source's outputs are "
             f"{describe_outputs(meanings[0])}, this run's {describe_outputs(meanings[1])}"
         )
+    other_label = source_task.label_columns != task.label_columns and any(n in loaded for n in head_names)
+    if other_label:  # the same classes (or bins) of another column: the same label renamed, or another one
+        message += (
+            f"; the head loaded ({describe_outputs(meanings[1])}), but the source predicted column "
+            f"{', '.join(source_task.label_columns)} and this run predicts {', '.join(task.label_columns)}: "
+            "if these are different labels, its head starts from the other label's knowledge"
+        )
     if absent:
         message += f"; not in the source, left as initialised: {', '.join(absent)}"
-    (log.warning if differ or absent or other_outputs else log.info)("%s", message)
+    (log.warning if differ or absent or other_outputs or other_label else log.info)("%s", message)
     return {"loaded": loaded, "differ": differ, "absent": absent, "other_outputs": other_outputs}
