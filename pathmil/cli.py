@@ -924,13 +924,23 @@ def add_export_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--format", choices=FORMATS, required=True, help="layout to write")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mpp", type=float, help="um/px of the slides, for bags with micrometre or centre coords")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        nargs="+",
+        metavar="UM_PER_PX",
+        help="the slides' um/px for bags with micrometre or centre coords: X, or X Y where pixels are not square",
+    )
 
 
 def run_export(args: argparse.Namespace) -> None:
     from pathmil.features.export import export_bags
 
-    written = export_bags(args.features, args.out, args.format, args.mpp)
+    mpp = args.mpp
+    if mpp is not None and (len(mpp) > 2 or min(mpp) <= 0):
+        raise PathmilError(f"--mpp takes one um/px, or two (x and y), each above 0; got {' '.join(map(str, mpp))}")
+    mpp_xy = None if mpp is None else (mpp[0], mpp[-1])  # one value: square pixels
+    written = export_bags(args.features, args.out, args.format, mpp_xy)
     print(f"wrote {len(written)} file(s) in {args.format}'s layout under {args.out}")
 
 

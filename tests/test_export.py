@@ -223,3 +223,33 @@ def test_a_model_trained_on_trident_bags_names_pathmil_s_encoder(cohort, tmp_pat
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["features"]["encoder"] == "uni"
+
+
+def test_micrometre_and_centre_coordinates_keep_non_square_pixels_apart(cohort, tmp_path, capsys):
+    """A slide of 0.25 x 0.5 um/px: STAMP's micrometres divide by each axis's um/px (one scalar would move
+    every y by half); slideflow's centres lose half of its square level-0 window, tile_um / mpp-x."""
+    ours = read_bag(cohort["features"] / "S00.h5")
+    stamp = tmp_path / "stamp.h5"
+    with h5py.File(stamp, "w") as f:
+        f["feats"] = ours.features.astype(np.float16)
+        f["coords"] = ours.coords * np.array([0.25, 0.5])  # micrometres on x and y
+        f.attrs.update({"extractor": "h-optimus-0", "unit": "um", "tile_size_um": 128.0, "tile_size_px": 224})
+    out = tmp_path / "clam"
+    args = ["export", "--features", str(stamp), "--format", "clam", "--out", str(out)]
+    assert main([*args, "--mpp", "0.25", "0.5"]) == 0
+    with h5py.File(out / "h5_files" / "stamp.h5", "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], ours.coords)
+    assert main([*args, "--mpp", "0.25", "0.5", "1"]) == 1
+    assert "--mpp takes one um/px, or two (x and y)" in capsys.readouterr().err
+    # a bag that records the slide's um/px per axis needs no --mpp
+    with h5py.File(stamp, "a") as f:
+        f.attrs.update({"slide_mpp_x": 0.25, "slide_mpp_y": 0.5})
+    assert main([*args[:-1], str(tmp_path / "clam_recorded")]) == 0
+    with h5py.File(tmp_path / "clam_recorded" / "h5_files" / "stamp.h5", "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], ours.coords)
+    bags = foreign_bags(tmp_path / "foreign", ours.features, ours.coords)
+    out = tmp_path / "clam_sf"  # 128 um tiles at 0.25 um/px along x: a 512 px window, centre - 256 on both axes
+    assert main(["export", "--features", str(bags["slideflow"]), "--format", "clam", "--out", str(out),
+                 "--mpp", "0.25", "0.5"]) == 0  # fmt: skip
+    with h5py.File(out / "h5_files" / "sf.h5", "r") as f:
+        np.testing.assert_array_equal(f["coords"][:], ours.coords)

@@ -29,6 +29,7 @@ from pathmil.fileio import atomic_hdf5, atomic_output
 from pathmil.ids import check_slide_id, slide_id_from_path
 
 FORMATS = ("clam", "trident")
+MppXY = tuple[float, float]  # a slide's (x, y) um/px
 TRIDENT_NAMES = {  # pathmil's encoder -> TRIDENT's name of the same model (patch_encoder_models/load.py)
     "uni": "uni_v1",
     "uni2_h": "uni_v2",
@@ -57,34 +58,54 @@ def bag_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def level0_corners(bag: Bag, path: Path, mpp: float | None) -> np.ndarray:
-    """The bag's tile positions as level-0 top-left pixels (STAMP's micrometres and slideflow's centres
-    converted with the slide's um/px)."""
+def slide_mpp_xy(bag: Bag, mpp: MppXY | None) -> MppXY | None:
+    """The slide's (x, y) um/px for converting ``bag``'s coordinates: ``mpp`` (``--mpp``) if given, else the
+    bag's record (``slide_mpp_x``/``slide_mpp_y``, or one ``slide_mpp`` for both), else None."""
+    if mpp is not None:
+        return float(mpp[0]), float(mpp[1])
+    attrs = {**bag.attrs, **bag.coords_attrs}
+    if attrs.get("slide_mpp_x") and attrs.get("slide_mpp_y"):
+        return float(attrs["slide_mpp_x"]), float(attrs["slide_mpp_y"])
+    if attrs.get("slide_mpp"):
+        return float(attrs["slide_mpp"]), float(attrs["slide_mpp"])
+    return None
+
+
+def level0_corners(bag: Bag, path: Path, mpp: MppXY | None) -> np.ndarray:
+    """The bag's tile positions as level-0 top-left pixels, N x 2 (x, y) int64.
+
+    STAMP's micrometres are divided by the slide's um/px along x and along y (``mpp``, else the bag's
+    record); slideflow's centres lose half a tile, ``tile_um`` / mpp-x level-0 px on both axes (slideflow
+    reads square level-0 windows of that side; it reads only openslide's mpp-x).
+
+    Raises:
+        PathmilError: no coordinates, or micrometres or centres without the slide's um/px or tile size.
+    """
     if bag.coords is None:
         raise PathmilError(
             f"feature file {path} has no tile coordinates (a CLAM .pt file?); export its .h5 bag"
         )
-    coords = np.asarray(bag.coords, dtype=np.float64)
-    slide_mpp = mpp or bag.attrs.get("slide_mpp") or bag.coords_attrs.get("slide_mpp")
+    coords = np.asarray(bag.coords, dtype=np.float64).reshape(-1, 2)
     if bag.coords_unit == "um" or bag.coords_origin == "centre":
-        if not slide_mpp:
+        mpp_xy = slide_mpp_xy(bag, mpp)
+        if mpp_xy is None:
             raise PathmilError(
                 f"feature file {path} has coordinates in micrometres or tile centres; give the slide's um/px "
-                "(--mpp) to convert them to level-0 pixels"
+                "(--mpp X, or --mpp X Y where pixels are not square) to convert them to level-0 pixels"
             )
         if bag.coords_unit == "um":
-            coords = coords / float(slide_mpp)
+            coords = coords / np.array(mpp_xy)
         if bag.coords_origin == "centre":
             size_um = bag.coords_attrs.get("tile_um")
             if not size_um:
                 raise PathmilError(
                     f"feature file {path} has tile centres but no tile size (bags_config.json)"
                 )
-            coords = coords - float(size_um) / float(slide_mpp) / 2
+            coords = coords - float(size_um) / mpp_xy[0] / 2
     return np.rint(coords).astype(np.int64)
 
 
-def export_bag(path: Path, out: Path, fmt: str, mpp: float | None = None) -> list[Path]:
+def export_bag(path: Path, out: Path, fmt: str, mpp: MppXY | None = None) -> list[Path]:
     """Write one bag in ``fmt``'s layout under ``out``; return the files written.
 
     Raises:
@@ -102,7 +123,7 @@ def export_bag(path: Path, out: Path, fmt: str, mpp: float | None = None) -> lis
 
 
 def _write_clam(
-    out: Path, slide_id: str, features: np.ndarray, bag: Bag, path: Path, mpp: float | None
+    out: Path, slide_id: str, features: np.ndarray, bag: Bag, path: Path, mpp: MppXY | None
 ) -> list[Path]:
     import torch
 
@@ -166,7 +187,7 @@ def _write_trident(
     bag: Bag,
     attrs: dict[str, Any],
     path: Path,
-    mpp: float | None,
+    mpp: MppXY | None,
 ) -> Path:
     geometry = trident_geometry(bag, attrs, path)
     encoder = str(attrs.get("encoder") or "unknown")
@@ -185,7 +206,7 @@ def _write_trident(
 
 
 def export_bags(
-    paths: list[str | os.PathLike], out: str | os.PathLike, fmt: str, mpp: float | None = None
+    paths: list[str | os.PathLike], out: str | os.PathLike, fmt: str, mpp: MppXY | None = None
 ) -> list[Path]:
     """Export every bag of ``paths`` (files or folders) to ``out`` in ``fmt``; return the files written."""
     written: list[Path] = []
