@@ -935,10 +935,14 @@ def add_export_parser(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> None:
     from pathmil.features.export import export_bags
+    from pathmil.slide.reader import MPP_RANGE, plausible_mpp
 
     mpp = args.mpp
-    if mpp is not None and (len(mpp) > 2 or min(mpp) <= 0):
-        raise PathmilError(f"--mpp takes one um/px, or two (x and y), each above 0; got {' '.join(map(str, mpp))}")
+    if mpp is not None and (len(mpp) > 2 or not all(map(plausible_mpp, mpp))):
+        raise PathmilError(
+            f"--mpp takes one um/px, or two (x and y), each within {MPP_RANGE[0]:g}-{MPP_RANGE[1]:g}; "
+            f"got {' '.join(map(str, mpp))}"
+        )
     mpp_xy = None if mpp is None else (mpp[0], mpp[-1])  # one value: square pixels
     written = export_bags(args.features, args.out, args.format, mpp_xy)
     print(f"wrote {len(written)} file(s) in {args.format}'s layout under {args.out}")

@@ -253,3 +253,39 @@ def test_micrometre_and_centre_coordinates_keep_non_square_pixels_apart(cohort, 
                  "--mpp", "0.25", "0.5"]) == 0  # fmt: skip
     with h5py.File(out / "h5_files" / "sf.h5", "r") as f:
         np.testing.assert_array_equal(f["coords"][:], ours.coords)
+
+
+def test_stamp_and_slideflow_bags_export_to_trident_with_the_slide_s_um_per_px(cohort, tmp_path, capsys):
+    ours = read_bag(cohort["features"] / "S00.h5")
+    bags = foreign_bags(tmp_path / "foreign", ours.features, ours.coords)
+    for tool in ("stamp", "slideflow"):  # 128 um tiles of 224 px: 17.5x; at 0.25 um/px 512 level-0 px, 40x
+        out = tmp_path / f"trident_{tool}"
+        args = ["export", "--features", str(bags[tool]), "--format", "trident", "--out", str(out)]
+        assert main(args) == 1
+        assert "give the slide's um/px (--mpp)" in capsys.readouterr().err
+        assert main([*args, "--mpp", "0.25"]) == 0
+        (written,) = out.glob("*/features_*/*.h5")
+        assert written.parent.parent.name == "17.5x_224px_0px_overlap"
+        with h5py.File(written, "r") as f:
+            np.testing.assert_array_equal(f["coords"][:], ours.coords)
+            attrs = dict(f["coords"].attrs)
+        assert (attrs["patch_size"], attrs["patch_size_level0"]) == (224, 512)
+        assert (attrs["level0_magnification"], attrs["target_magnification"]) == (40, 17.5)
+        assert main([*args, "--mpp", "0.25", "0.5"]) == 1  # TRIDENT has one level-0 tile side
+        assert "pixels are not square (0.25 x 0.5 um/px)" in capsys.readouterr().err
+
+
+def test_an_impossible_um_per_px_is_refused_before_anything_is_written(cohort, tmp_path, capsys):
+    ours = read_bag(cohort["features"] / "S00.h5")
+    bags = foreign_bags(tmp_path / "foreign", ours.features, ours.coords)
+    out = tmp_path / "clam"
+    args = ["export", "--features", str(bags["stamp"]), "--format", "clam", "--out", str(out), "--mpp"]
+    for bad in (["nan"], ["inf"], ["1e-9"], ["0.25", "nan"], ["0"]):
+        assert main([*args, *bad]) == 1
+        assert "each within 0.05-20" in capsys.readouterr().err
+    assert not out.exists()
+    # slideflow centres with a um/px too coarse for their tile: corners left of the slide are refused
+    assert main(["export", "--features", str(bags["slideflow"]), "--format", "clam", "--out", str(out),
+                 "--mpp", "0.1"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "corner would lie outside the slide" in err and "is the slide's um/px right (--mpp)?" in err

@@ -17,6 +17,7 @@ Files are written atomically; every bag is checked when read, so nothing damaged
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,12 @@ def level0_corners(bag: Bag, path: Path, mpp: MppXY | None) -> np.ndarray:
                     f"feature file {path} has tile centres but no tile size (bags_config.json)"
                 )
             coords = coords - float(size_um) / mpp_xy[0] / 2
+    if (coords < 0).any():
+        x, y = coords[(coords < 0).any(axis=1).argmax()]
+        raise PathmilError(
+            f"feature file {path}: a tile's level-0 corner would lie outside the slide ({x:.0f}, {y:.0f}); "
+            "is the slide's um/px right (--mpp)?"
+        )
     return np.rint(coords).astype(np.int64)
 
 
@@ -144,11 +151,19 @@ def _write_clam(
     return written
 
 
-def trident_geometry(bag: Bag, attrs: dict[str, Any], path: Path) -> dict[str, Any]:
-    """TRIDENT's patching attributes from pathmil's (or TRIDENT's own) tile geometry."""
+def trident_geometry(bag: Bag, attrs: dict[str, Any], path: Path, mpp: MppXY | None = None) -> dict[str, Any]:
+    """TRIDENT's patching attributes from pathmil's (or TRIDENT's own) tile geometry, or from STAMP's and
+    slideflow's tile size in um and px with the slide's um/px (``mpp``, else the bag's record).
+
+    Raises:
+        PathmilError: the geometry is not known, or (STAMP, slideflow) the slide's um/px is missing or not
+            square: TRIDENT's layout has one level-0 tile side.
+    """
     c = {**attrs, **bag.coords_attrs}
     if c.get("target_magnification") and c.get("patch_size"):  # a TRIDENT bag: keep its own
         return {k: c[k] for k in TRIDENT_COORDS_ATTRS if c.get(k) is not None}
+    if not c.get("patch_size_level0"):
+        c.update(_foreign_geometry(c, bag, path, mpp))
     target_mpp, tile_px, size0 = c.get("target_mpp"), c.get("tile_px"), c.get("patch_size_level0")
     if not (target_mpp and tile_px and size0):
         raise PathmilError(
@@ -167,6 +182,31 @@ def trident_geometry(bag: Bag, attrs: dict[str, Any], path: Path) -> dict[str, A
         "level0_height": c.get("level0_height"),
     }
     return {k: v for k, v in geometry.items() if v is not None}
+
+
+def _foreign_geometry(c: dict[str, Any], bag: Bag, path: Path, mpp: MppXY | None) -> dict[str, Any]:
+    """pathmil's tile geometry from a STAMP (``tile_size_um``, ``tile_size_px``) or slideflow (``tile_um``,
+    ``tile_px``) bag and the slide's um/px; {} where the bag names no tile size."""
+    tile_um, tile_px = c.get("tile_um") or c.get("tile_size_um"), c.get("tile_px") or c.get("tile_size_px")
+    if not (tile_um and tile_px):
+        return {}
+    mpp_xy = slide_mpp_xy(bag, mpp)
+    if mpp_xy is None:
+        raise PathmilError(
+            f"feature file {path} gives its tiles in um; give the slide's um/px (--mpp) for TRIDENT's level-0 "
+            "tile size"
+        )
+    if not math.isclose(*mpp_xy, rel_tol=1e-3):
+        raise PathmilError(
+            f"feature file {path}: the slide's pixels are not square ({mpp_xy[0]:g} x {mpp_xy[1]:g} um/px) and "
+            "TRIDENT's layout has one level-0 tile side; export it with --format clam"
+        )
+    return {
+        "target_mpp": float(tile_um) / float(tile_px),
+        "tile_px": int(tile_px),
+        "patch_size_level0": float(tile_um) / mpp_xy[0],
+        "slide_mpp": mpp_xy[0],
+    }
 
 
 TRIDENT_COORDS_ATTRS = ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification",
@@ -189,7 +229,7 @@ def _write_trident(
     path: Path,
     mpp: MppXY | None,
 ) -> Path:
-    geometry = trident_geometry(bag, attrs, path)
+    geometry = trident_geometry(bag, attrs, path, mpp)
     encoder = str(attrs.get("encoder") or "unknown")
     name = TRIDENT_NAMES.get(encoder, encoder)
     folder = (
