@@ -28,6 +28,7 @@ from pathmil.errors import PathmilError
 from pathmil.features.bagfile import Bag, read_bag, read_bag_attrs
 from pathmil.fileio import atomic_hdf5, atomic_output
 from pathmil.ids import check_slide_id, slide_id_from_path
+from pathmil.slide.tilefile import recorded_mpp_xy
 
 FORMATS = ("clam", "trident")
 MppXY = tuple[float, float]  # a slide's (x, y) um/px
@@ -64,12 +65,7 @@ def slide_mpp_xy(bag: Bag, mpp: MppXY | None) -> MppXY | None:
     bag's record (``slide_mpp_x``/``slide_mpp_y``, or one ``slide_mpp`` for both), else None."""
     if mpp is not None:
         return float(mpp[0]), float(mpp[1])
-    attrs = {**bag.attrs, **bag.coords_attrs}
-    if attrs.get("slide_mpp_x") and attrs.get("slide_mpp_y"):
-        return float(attrs["slide_mpp_x"]), float(attrs["slide_mpp_y"])
-    if attrs.get("slide_mpp"):
-        return float(attrs["slide_mpp"]), float(attrs["slide_mpp"])
-    return None
+    return recorded_mpp_xy({**bag.attrs, **bag.coords_attrs})
 
 
 def level0_corners(bag: Bag, path: Path, mpp: MppXY | None) -> np.ndarray:

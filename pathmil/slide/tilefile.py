@@ -55,15 +55,20 @@ class TileSet:
     @property
     def slide_mpp(self) -> tuple[float, float] | None:
         """The slide's (x, y) um/px the tiles were laid with (for a slide whose metadata lacks it)."""
-        attrs = self.coords_attrs
-        if attrs.get("slide_mpp_x") is not None and attrs.get("slide_mpp_y") is not None:
-            return float(attrs["slide_mpp_x"]), float(attrs["slide_mpp_y"])
-        mpp = attrs.get("slide_mpp")
-        return None if mpp is None else (float(mpp), float(mpp))
+        return recorded_mpp_xy(self.coords_attrs)
 
     @property
     def tile_px(self) -> int:
         return int(self.coords_attrs["tile_px"])
+
+
+def recorded_mpp_xy(attrs: dict[str, Any]) -> tuple[float, float] | None:
+    """The slide's (x, y) um/px that a tiles or bag file records: ``slide_mpp_x``/``slide_mpp_y``, else one
+    ``slide_mpp`` for both; None where it records neither."""
+    if attrs.get("slide_mpp_x") is not None and attrs.get("slide_mpp_y") is not None:
+        return float(attrs["slide_mpp_x"]), float(attrs["slide_mpp_y"])
+    mpp = attrs.get("slide_mpp")
+    return None if mpp is None else (float(mpp), float(mpp))
 
 
 def write_tiles(path: str | os.PathLike, tiles: TileSet) -> None:
