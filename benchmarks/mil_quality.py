@@ -381,6 +381,17 @@ def _methods() -> dict[str, Method]:
         Method("abmil_no_attention_dropout", "abmil", model={"attention_dropout": 0.0}),
         Method("transmil", "transmil"),
         Method("mhim_abmil_v1", "mhim_abmil", mhim={"version": 1}, teacher="abmil"),
+        # what makes version 1 lose single witnesses (RESULTS.md): each of its three departures from ABMIL off
+        Method(
+            "mhim_abmil_v1_no_random", "mhim_abmil", mhim={"version": 1, "random_ratio": 0.0}, teacher="abmil"
+        ),
+        Method("mhim_abmil_v1_no_low", "mhim_abmil", mhim={"version": 1, "low_ratio": 0.0}, teacher="abmil"),
+        Method(
+            "mhim_abmil_v1_no_consistency",
+            "mhim_abmil",
+            mhim={"version": 1, "consistency_weight": 0.0},
+            teacher="abmil",
+        ),
         Method("mhim_abmil_v2", "mhim_abmil", mhim={"version": 2}, teacher="abmil"),
         # the authors' rounding of N h (ceil: at least one instance masked from every bag): an ablation row
         Method(
