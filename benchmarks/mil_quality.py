@@ -387,6 +387,12 @@ def _methods() -> dict[str, Method]:
         ),
         Method("mhim_abmil_v1_no_low", "mhim_abmil", mhim={"version": 1, "low_ratio": 0.0}, teacher="abmil"),
         Method(
+            "mhim_abmil_v1_high_only",
+            "mhim_abmil",
+            mhim={"version": 1, "low_ratio": 0.0, "random_ratio": 0.0},
+            teacher="abmil",
+        ),
+        Method(
             "mhim_abmil_v1_no_consistency",
             "mhim_abmil",
             mhim={"version": 1, "consistency_weight": 0.0},
