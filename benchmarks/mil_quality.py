@@ -392,6 +392,7 @@ def _methods() -> dict[str, Method]:
             mhim={"version": 1, "low_ratio": 0.0, "random_ratio": 0.0},
             teacher="abmil",
         ),
+        Method("mhim_abmil_v1_keep_top1", "mhim_abmil", mhim={"version": 1, "keep_top": 1}, teacher="abmil"),
         Method(
             "mhim_abmil_v1_no_consistency",
             "mhim_abmil",

@@ -121,6 +121,28 @@ def test_small_bags_lose_their_top_instance_only_in_proportion():
     assert len(plan_masks(scores, high_ratio=0.0).high) == 0
 
 
+def test_keep_top_spares_the_teachers_top_instances_from_the_low_random_and_merge_masks():
+    """With one witness among 30 instances, v1's masks (random 50 %, low 20 %) hide it in half the steps;
+    ``keep_top=1`` leaves it to the high mask alone (hidden in 15 % of the steps at h 1 %, hr 0.5)."""
+    torch.manual_seed(0)
+    scores = torch.arange(30.0)  # instance 29 ranks first
+    v1 = {"high_ratio": 0.01, "high_random": 0.5, "low_ratio": 0.2, "random_ratio": 0.5}
+    plain = [plan_masks(scores, **v1) for _ in range(2000)]
+    spared = [plan_masks(scores, **v1, keep_top=1) for _ in range(2000)]
+    for plan in spared[:50]:
+        check_partition(plan, 30)
+    seen = np.mean([29 in p.keep.tolist() for p in plain])
+    assert 0.35 < seen < 0.5  # random half of the rest, after the high mask's 15 %
+    assert abs(np.mean([29 in p.keep.tolist() for p in spared]) - 0.85) < 0.03
+    assert all(29 in p.keep.tolist() or 29 in p.high.tolist() for p in spared)
+    # the others are masked as before: floor(30 * 0.2) = 6 lowest, then half of what is left at random
+    assert all(len(p.low) == 6 for p in spared)
+    merged = plan_masks(scores, high_ratio=0.0, merge_ratio=0.2, keep_top=3)
+    assert {27, 28, 29} <= set(merged.keep.tolist()) and len(merged.keep) == 6  # ceil(30 * 0.2), spared first
+    tiny = plan_masks(torch.arange(2.0), high_ratio=0.0, low_ratio=0.5, random_ratio=0.9, keep_top=1)
+    assert tiny.keep.tolist() == [1] and tiny.low.tolist() == [0]  # the spared one is the one kept
+
+
 def test_schedules():
     model = small_mhim(high_ratio=0.04, momentum=0.99, momentum_cosine=True)
     for progress, ratio, momentum in [(0.0, 0.04, 0.99), (0.5, 0.02, 0.995), (1.0, 0.0, 1.0)]:

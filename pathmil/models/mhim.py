@@ -23,8 +23,8 @@ padded). One training step on a bag of N instances:
 2. Masks (:func:`plan_masks`): k = N h instances, drawn at random from the top ceil(k / hr), are masked
    (h decays to 0 along a cosine over the run when ``high_decay``; N h is rounded stochastically, so
    small bags lose one instance with probability N h rather than always, see :func:`high_mask_count`); the low-score mask takes the lowest ``low_ratio`` N and the
-   random mask ``random_ratio`` of what is left (version 1 defaults 0.2 and 0.5). At least one instance is
-   always kept. Version 2 then shuffles the unmasked instances, keeps ``merge_ratio`` of them and hands
+   random mask ``random_ratio`` of what is left (version 1 defaults 0.2 and 0.5); the teacher's top
+   ``keep_top`` instances are hidden only by the high mask. At least one instance is always kept. Version 2 then shuffles the unmasked instances, keeps ``merge_ratio`` of them and hands
    the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
    (8 heads) over those dropped instances and the k outputs are appended to the kept instances. The
    queries are buffers pulled towards their outputs by EMA, never by gradient; the attention projections
@@ -107,6 +107,12 @@ class MHIMConfig(Settings):
     )
     random_ratio: float | None = Field(
         None, ge=0, lt=1, description="share of the rest masked at random (none: v1 0.5, v2 0)"
+    )
+    keep_top: int = Field(
+        0,
+        ge=0,
+        description="the teacher's top keep_top instances are hidden only by the high mask (the low and "
+        "random masks spare them, v2's merge keeps them first)",
     )
     merge_ratio: float = Field(
         0.8, gt=0, le=1, description="v2: share of the unmasked instances the student sees as they are"
@@ -200,13 +206,16 @@ def plan_masks(
     random_ratio: float = 0.0,
     merge_ratio: float = 1.0,
     high_rounding: str = "stochastic",
+    keep_top: int = 0,
 ) -> MaskPlan:
     """The masks of one bag from the teacher's instance ``scores`` (N,); random draws use torch's RNG.
 
     High: k = N h rounded (:func:`high_mask_count`) instances drawn at random from the top ceil(k / hr)
     (``ceil`` rounding: the top ceil(N h / hr), as the authors' code).
-    Low: the lowest floor(N l) of the rest. Random: floor(share * rest) of what remains. Every mask shrinks
-    so that one instance stays. Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n)
+    Low: the lowest floor(N l) of the rest. Random: floor(share * rest) of what remains. The teacher's top
+    ``keep_top`` instances are spared by the low and random masks and kept first by the merge (only the
+    high mask, at its ratio, hides them): with one witness among 20-50 instances a 50 % random mask hides it in half the
+    steps of a positive bag. Every mask shrinks so that one instance stays. Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n)
     stay (at least one) and the others are to be recycled.
     """
     n = scores.numel()
@@ -217,11 +226,14 @@ def plan_masks(
     pool = min(n, max(n_high, _ceil(top / high_random)))
     high = order[:pool][torch.randperm(pool, device=device)[:n_high]]
     rest = order[~torch.isin(order, high)]  # still ranked, best first
-    n_low = min(int(n * low_ratio + 1e-9), len(rest) - 1)
+    spared = torch.isin(rest, order[:keep_top])
+    kept_top, rest = rest[spared], rest[~spared]
+    floor = 0 if len(kept_top) else 1  # what the low and random masks leave of the rest
+    n_low = max(0, min(int(n * low_ratio + 1e-9), len(rest) - floor))
     low, rest = rest[len(rest) - n_low :], rest[: len(rest) - n_low]
     rest = rest[torch.randperm(len(rest), device=device)]
-    n_random = min(int(len(rest) * random_ratio + 1e-9), len(rest) - 1)
-    random, rest = rest[:n_random], rest[n_random:]
+    n_random = max(0, min(int(len(rest) * random_ratio + 1e-9), len(rest) - floor))
+    random, rest = rest[:n_random], torch.cat([kept_top, rest[n_random:]])
     n_keep = max(1, _ceil(len(rest) * merge_ratio))
     keep, recycle = rest[:n_keep], rest[n_keep:]
     return MaskPlan(keep=keep.sort().values, high=high, low=low, random=random, recycle=recycle)
@@ -425,6 +437,7 @@ class MHIM(MILModel):
             rand,
             s.merge_ratio if self.recycle is not None else 1.0,
             s.high_rounding,
+            s.keep_top,
         )
         n_keep = len(plan.keep)
         h = embed_instances(self.student, x[:, torch.cat([plan.keep, plan.recycle])])
