@@ -921,6 +921,32 @@ def markdown(table: pd.DataFrame, baseline: str = BASELINE) -> str:
     return "\n".join(lines)
 
 
+def markdown_matrix(table: pd.DataFrame, baseline: str = BASELINE) -> str:
+    """The README's table: a row per method, a column per problem; each cell the method's metric, its paired
+    difference to ``baseline`` [95 % CI] (``*`` where the CI excludes 0) and, below 5, its seeds."""
+    problems = list(dict.fromkeys(table["problem"]))
+    metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}
+    head = [f"{p} ({metric[PROBLEMS[p].task]})" for p in problems]
+    lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(problems)]
+    for method in dict.fromkeys(table["method"]):
+        cells = []
+        for problem in problems:
+            row = table[(table.problem == problem) & (table.method == method)]
+            if row.empty:
+                cells.append("")
+                continue
+            r = row.iloc[0]
+            cell = f"{r['metric']:.3f}"
+            if method != baseline:
+                mark = "*" if r["lo"] > 0 or r["hi"] < 0 else ""
+                cell += f", {r['diff']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}]{mark}"
+            if r["seeds"] < 5:
+                cell += f" ({r['seeds']} seeds)"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     """CPU model, core count and the SIMD flags that matter for torch, from /proc/cpuinfo."""
     import torch
@@ -949,6 +975,7 @@ def report(args: argparse.Namespace) -> str:
         return f"nothing stored in {args.store} for {' '.join(args.problems)} with {args.baseline} beside it"
     table.to_csv(args.out / "summary.csv", index=False)
     text = f"Machine: {machine()}; {time.strftime('%Y-%m-%d')}.\n\n" + markdown(table, args.baseline) + "\n"
+    (args.out / "summary_matrix.md").write_text(markdown_matrix(table, args.baseline) + "\n")
     versus = against_reference(args.store, args.problems, args.n_boot, args.methods)
     versus.to_csv(args.out / "summary_reference.csv", index=False)
     if len(versus):

@@ -376,3 +376,19 @@ def test_the_committed_store_holds_what_its_index_says_and_pairs_cleanly():
             assert all(
                 len(t.fold.unique()) == 5 for t in suite.load_predictions(store, problem, row.method).values()
             )
+
+
+def test_the_readme_matrix_reads_from_the_committed_store():
+    """The README's "which aggregator when" table is ``markdown_matrix`` of the store: ABMIL's metric, then
+    each method's metric and paired difference [CI] in its problem's column, its seeds where below 5."""
+    suite = load_suite()
+    table = suite.summarise(suite.DEFAULT_STORE, ["hard", "order"], ["abmil", "mean_pool"], n_boot=50)
+    lines = suite.markdown_matrix(table).splitlines()
+    assert lines[0] == "| method | hard (AUC) | order (AUC) |"
+    abmil = table[table.method == "abmil"].set_index("problem").metric
+    assert lines[2] == f"| abmil | {abmil['hard']:.3f} | {abmil['order']:.3f} |"
+    mean_pool = table[table.method == "mean_pool"].set_index("problem")
+    hard = mean_pool.loc["hard"]
+    cell = lines[3].split(" | ")[1]
+    assert cell.startswith(f"{hard.metric:.3f}, {hard['diff']:+.3f} [{hard.lo:+.2f}, ")
+    assert cell.endswith("*") == (hard.lo > 0 or hard.hi < 0) and "seeds" not in cell  # 5 seeds stored
