@@ -19,7 +19,7 @@ from pathmil.errors import PathmilError
 from pathmil.features.bagfile import read_bag, write_bag
 from pathmil.models import create_model
 from pathmil.models.checkpoint import load_checkpoint, save_checkpoint
-from pathmil.models.mhim import GlobalRecycle, embed_instances, plan_masks, pool_instances
+from pathmil.models.mhim import GlobalRecycle, MHIMConfig, embed_instances, plan_masks, pool_instances
 from pathmil.tasks import create_task, task_from_state
 from pathmil.training.fit import build_model
 from pathmil.training.run import TrainConfig
@@ -199,6 +199,21 @@ def test_consistency_loss_is_the_soft_target_cross_entropy():
     z_t, z_s = model.teacher(x).embedding, model.student(x).embedding
     hand = -(torch.softmax(z_t / 0.1, -1) * torch.log_softmax(z_s / 1.0, -1)).sum()
     assert torch.allclose(out.aux_loss, 0.3 * hand, atol=1e-5)
+
+
+def test_v1_defaults_to_the_high_mask_alone_and_old_none_ratios_read_as_zero():
+    """v1's low (0.2) and random (0.5) masks are opt-in since they lost on small bags (benchmarks/RESULTS.md):
+    by default a v1 student at h = 0 sees the whole bag, so the consistency loss is the teacher's on it."""
+    model = small_mhim(version=1, consistency_weight=0.3, high_ratio=0.0)
+    assert (model.settings.low_ratio, model.settings.random_ratio) == (0.0, 0.0)
+    x = torch.randn(1, 12, 16)
+    out = model.training_forward(x)
+    assert bool((out.instance_scores != 0).all())  # every instance kept and scored
+    z_t, z_s = model.teacher(x).embedding, model.student(x).embedding
+    hand = -(torch.softmax(z_t / 0.1, -1) * torch.log_softmax(z_s / 1.0, -1)).sum()
+    assert torch.allclose(out.aux_loss, 0.3 * hand, atol=1e-5)
+    old = MHIMConfig(version=1, low_ratio=None, random_ratio=None)  # as checkpoints before 2026-12-02 hold
+    assert (old.low_ratio, old.random_ratio) == (0.0, 0.0)
 
 
 def test_v2_ranks_by_the_class_aware_probability():

@@ -22,10 +22,11 @@ padded). One training step on a bag of N instances:
    is what "salient" means in the paper; only the ranking matters for the masks.
 2. Masks (:func:`plan_masks`): k = N h instances, drawn at random from the top ceil(k / hr), are masked
    (h decays to 0 along a cosine over the run when ``high_decay``; N h is rounded stochastically, so
-   small bags lose one instance with probability N h rather than always, see :func:`high_mask_count`); the low-score mask takes the lowest ``low_ratio`` N and the
-   random mask ``random_ratio`` of what is left (version 1 defaults 0.2 and 0.5); the teacher's top
-   ``keep_top`` instances are hidden only by the high mask. At least one instance is always kept. Version 2 then shuffles the unmasked instances, keeps ``merge_ratio`` of them and hands
-   the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
+   small bags lose one instance with probability N h rather than always, see :func:`high_mask_count`);
+   optionally the low-score mask takes the lowest ``low_ratio`` N and the random mask ``random_ratio`` of
+   what is left (the v1 paper's 0.2 and 0.5; off by default, as they lost on small bags), sparing the
+   teacher's top ``keep_top`` instances. At least one instance is always kept. Version 2 then shuffles the
+   unmasked instances, keeps ``merge_ratio`` of them and hands the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
    (8 heads) over those dropped instances and the k outputs are appended to the kept instances. The
    queries are buffers pulled towards their outputs by EMA, never by gradient; the attention projections
    learn by gradient with the student.
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from pathmil.errors import PathmilError
@@ -70,7 +71,9 @@ class MHIMConfig(Settings):
 
     Masked hard instance mining (Tang et al., ICCV 2023 = version 1; the 2025 extension = version 2): a
     momentum teacher ranks the instances of a bag and masks the most salient ones, so the student learns
-    from the hard rest. ``random_ratio`` and ``low_ratio`` left at None take their version's default.
+    from the hard rest. Both versions default to the high-score mask alone: v1's low-score (0.2) and random
+    (0.5) masks cost it single witnesses and share regression on small bags and gained nowhere
+    (benchmarks/RESULTS.md, "Which of MHIM-MIL v1's masks"); set them to run the paper's v1.
     """
 
     section = "mhim"
@@ -102,11 +105,11 @@ class MHIMConfig(Settings):
         "stochastic",
         description="N h masked: stochastic (expected share h) or ceil (the authors': at least 1 always)",
     )
-    low_ratio: float | None = Field(
-        None, ge=0, lt=1, description="share masked from the bottom of the ranking (none: v1 0.2, v2 0)"
+    low_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share masked from the bottom of the ranking (the v1 paper: 0.2)"
     )
-    random_ratio: float | None = Field(
-        None, ge=0, lt=1, description="share of the rest masked at random (none: v1 0.5, v2 0)"
+    random_ratio: float = Field(
+        0.0, ge=0, lt=1, description="share of the rest masked at random (the v1 authors' ABMIL: 0.5)"
     )
     keep_top: int = Field(
         0,
@@ -128,17 +131,18 @@ class MHIMConfig(Settings):
     teacher_temperature: float = Field(0.1, gt=0, description="sharpening of the teacher's bag embedding")
     student_temperature: float = Field(1.0, gt=0, description="temperature of the student's bag embedding")
 
+    @field_validator("low_ratio", "random_ratio", mode="before")
+    @classmethod
+    def _none_is_zero(cls, value: Any) -> Any:
+        # checkpoints of pathmil before 2026-12-02 hold None ("the version's default", then v1 0.2 and 0.5);
+        # masks act in training only, so their models predict the same
+        return 0.0 if value is None else value
+
     @model_validator(mode="after")
     def _student_init_needs_teacher(self) -> MHIMConfig:
         if self.student_init != "none" and not self.teacher_init:
             raise ValueError("mhim.student_init needs mhim.teacher_init (the baseline checkpoint to copy)")
         return self
-
-    def resolved_ratios(self) -> tuple[float, float]:
-        """(low_ratio, random_ratio) with the version's defaults filled in."""
-        low = self.low_ratio if self.low_ratio is not None else (0.2 if self.version == 1 else 0.0)
-        rand = self.random_ratio if self.random_ratio is not None else (0.5 if self.version == 1 else 0.0)
-        return low, rand
 
 
 # ------------------------------------------------------------------------------------------ students
@@ -428,13 +432,12 @@ class MHIM(MILModel):
         s = self.settings
         with torch.no_grad():
             teacher_out = self.teacher(x)
-        low, rand = s.resolved_ratios()
         plan = plan_masks(
             self.teacher_scores(teacher_out)[0],
             self.high_ratio(),
             s.high_random,
-            low,
-            rand,
+            s.low_ratio,
+            s.random_ratio,
             s.merge_ratio if self.recycle is not None else 1.0,
             s.high_rounding,
             s.keep_top,
