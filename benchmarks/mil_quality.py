@@ -926,7 +926,8 @@ def markdown(table: pd.DataFrame, baseline: str = BASELINE) -> str:
 
 def markdown_matrix(table: pd.DataFrame, baseline: str = BASELINE) -> str:
     """The README's table: a row per method, a column per problem; each cell the method's metric, its paired
-    difference to ``baseline`` [95 % CI] (``*`` where the CI excludes 0) and, below 5, its seeds."""
+    difference to ``baseline`` on the same seeds [95 % CI] (``*`` where the CI excludes 0) and, below 5, its
+    seeds (the baseline's row gives its metric over all its seeds)."""
     problems = list(dict.fromkeys(table["problem"]))
     metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}
     head = [f"{p} ({metric[PROBLEMS[p].task]})" for p in problems]
@@ -944,7 +945,7 @@ def markdown_matrix(table: pd.DataFrame, baseline: str = BASELINE) -> str:
                 mark = "*" if r["lo"] > 0 or r["hi"] < 0 else ""
                 cell += f", {r['diff']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}]{mark}"
             if r["seeds"] < 5:
-                cell += f" ({r['seeds']} seeds)"
+                cell += f" ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
