@@ -26,10 +26,10 @@ padded). One training step on a bag of N instances:
    optionally the low-score mask takes the lowest ``low_ratio`` N and the random mask ``random_ratio`` of
    what is left (the v1 paper's 0.2 and 0.5; off by default, as they lost on small bags), sparing the
    teacher's top ``keep_top`` instances. At least one instance is always kept. Version 2 then shuffles the
-   unmasked instances, keeps ``merge_ratio`` of them and hands the others to the global recycle network (:class:`GlobalRecycle`): k global query tokens cross-attend
-   (8 heads) over those dropped instances and the k outputs are appended to the kept instances. The
-   queries are buffers pulled towards their outputs by EMA, never by gradient; the attention projections
-   learn by gradient with the student.
+   unmasked instances, keeps ``merge_ratio`` of them and hands the others to the global recycle network
+   (:class:`GlobalRecycle`): k global query tokens cross-attend (8 heads) over those dropped instances
+   and the k outputs are appended to the kept instances. The queries are buffers pulled towards their
+   outputs by EMA, never by gradient; the attention projections learn by gradient with the student.
 3. The student embeds the kept (and recycled) instances only, aggregates them and its logits get the task
    loss; ``aux_loss`` = lambda * soft-target cross-entropy between softmax(z_teacher / 0.1) and
    log_softmax(z_student / 1.0) over the bag embeddings (the teacher sees the whole bag).
@@ -218,9 +218,10 @@ def plan_masks(
     (``ceil`` rounding: the top ceil(N h / hr), as the authors' code).
     Low: the lowest floor(N l) of the rest. Random: floor(share * rest) of what remains. The teacher's top
     ``keep_top`` instances are spared by the low and random masks and kept first by the merge (only the
-    high mask, at its ratio, hides them): with one witness among 20-50 instances a 50 % random mask hides it in half the
-    steps of a positive bag. Every mask shrinks so that one instance stays. Version 2's merge: of the unmasked instances a random ceil(merge_ratio * n)
-    stay (at least one) and the others are to be recycled.
+    high mask, at its ratio, hides them): with one witness among 20-50 instances a 50 % random mask hides
+    it in half the steps of a positive bag. Every mask shrinks so that one instance stays. Version 2's
+    merge: of the unmasked instances a random ceil(merge_ratio * n) stay (at least one) and the others
+    are to be recycled.
     """
     n = scores.numel()
     device = scores.device
