@@ -72,8 +72,8 @@ class MHIMConfig(Settings):
     Masked hard instance mining (Tang et al., ICCV 2023 = version 1; the 2025 extension = version 2): a
     momentum teacher ranks the instances of a bag and masks the most salient ones, so the student learns
     from the hard rest. Both versions default to the high-score mask alone: v1's low-score (0.2) and random
-    (0.5) masks cost it single witnesses and share regression on small bags and gained nowhere
-    (benchmarks/RESULTS.md, "Which of MHIM-MIL v1's masks"); set them to run the paper's v1.
+    (0.5) masks cost it single witnesses and share regression on small bags and gained nowhere over the
+    high mask alone (benchmarks/RESULTS.md, "Which of MHIM-MIL v1's masks"); set them to run the paper's v1.
     """
 
     section = "mhim"
