@@ -893,12 +893,15 @@ def markdown_against_reference(table: pd.DataFrame) -> str:
     return "\n".join([*lines, "", "`*`: the CI excludes 0."])
 
 
+METRIC_NAME = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}  # each task's main metric
+
+
 def markdown(table: pd.DataFrame, baseline: str = BASELINE) -> str:
     name = "ABMIL" if baseline == "abmil" else baseline
     lines = []
     for problem, part in table.groupby("problem", sort=False):
         spec = PROBLEMS[problem]
-        metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}[spec.task]
+        metric = METRIC_NAME[spec.task]
         how = "mean of the folds' test c-indices" if spec.task == "survival" else f"pooled test {metric}"
         lines += [f"**{problem}** ({spec.claim}; {how}, mean over seeds)", ""]
         lines += [
@@ -929,8 +932,7 @@ def markdown_matrix(table: pd.DataFrame, baseline: str = BASELINE) -> str:
     difference to ``baseline`` on the same seeds [95 % CI] (``*`` where the CI excludes 0) and, below 5, its
     seeds (the baseline's row gives its metric over all its seeds)."""
     problems = list(dict.fromkeys(table["problem"]))
-    metric = {"classification": "AUC", "regression": "R^2", "survival": "c-index"}
-    head = [f"{p} ({metric[PROBLEMS[p].task]})" for p in problems]
+    head = [f"{p} ({METRIC_NAME[PROBLEMS[p].task]})" for p in problems]
     lines = ["| method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(problems)]
     for method in dict.fromkeys(table["method"]):
         cells = []
