@@ -55,6 +55,41 @@ def test_problems_hold_what_they_claim(tmp_path):
     assert sum(len(g) for g in groups) == len(y) and len(set().union(*map(set, groups))) == len(y)
 
 
+def test_reference_glue_gives_the_authors_code_each_folds_bags_and_training_only_time_bins(tmp_path):
+    """benchmarks/reference/mhim_mil.py (the data side, which needs no reference code): a fold's pt_files
+    hold exactly that fold's bags, as float32 in stored order, never a bag beside its test version (the
+    authors' loader matches names by substring); survival bins come from the training bags' event times
+    only, so moving a test patient's time changes no training label."""
+    spec = importlib.util.spec_from_file_location("mhim_mil", ROOT / "benchmarks" / "reference" / "mhim_mil.py")
+    glue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue)
+    suite = load_suite()
+    import h5py
+    import torch
+
+    data = suite.make_data("hard", 0, 5, tmp_path / "hard", scale=0.25)
+    root, csv, part = glue.prepare_fold(data, tmp_path / "work_hard", 1, survival=False)
+    files = {p.stem for p in (root / "pt_files").glob("*.pt")}
+    assert files == set(part.slide_id) and not any(f + "t" in files for f in files)
+    table = pd.read_csv(csv)
+    assert table.ID.tolist() == part.slide_id.tolist() and set(table.Split) == {"train", "val", "test"}
+    assert (table.Label.to_numpy() == part.label.to_numpy()).all()
+    bag = part.slide_id.iloc[0]
+    with h5py.File(data / "features" / f"{bag}.h5") as f:
+        expected = f["features"][:].astype(np.float32)
+    assert torch.equal(torch.load(root / "pt_files" / f"{bag}.pt"), torch.from_numpy(expected))
+
+    data = suite.make_data("survival", 0, 5, tmp_path / "survival", scale=0.3)
+    _, csv, _ = glue.prepare_fold(data, tmp_path / "work_surv", 0, survival=True)
+    table = pd.read_csv(csv)
+    train = table.Split == "train"
+    counts = table[train & (table.Status == 1)].Label.value_counts()
+    assert sorted(counts.index) == [0, 1, 2, 3] and counts.max() - counts.min() <= 2  # training quartiles
+    moved = table.copy()
+    moved.loc[~train, "Event"] = moved.loc[~train, "Event"] * 3 + 1000
+    assert (glue.survival_bins(moved, train)[train] == table.Label[train]).all()
+
+
 def test_paired_statistics_on_known_cases():
     """Identical predictions: difference 0 with a zero-width interval and P(improvement) 0.5; a perfect
     ranking against a useless one: the whole interval above 0 and P(improvement) 1."""
