@@ -30,7 +30,8 @@ the same fold's ``ref_pure``, which must have run first).
 Usage (from the repository root, with an environment holding pathmil's packages plus the authors'
 imports: einops, wandb, torchmetrics, torch_geometric, future)::
 
-    git -C <mirror> archive HEAD | tar -x -C /scratch/MHIM-MIL     # the authors' code, outside the repo
+    # the authors' code, outside the repo (CLAM/ is left out: one of its blobs is missing from snapshots)
+    git -C <mirror> archive HEAD -- . ':(exclude)CLAM' | tar -x -C /scratch/MHIM-MIL
     python benchmarks/reference/mhim_mil.py --ref /scratch/MHIM-MIL --work /scratch/mhim_work \\
         --out benchmarks/out/mq --problem witness1 --method ref_pure [--seed 0]
 """
@@ -158,6 +159,11 @@ def run(ref: Path, work: Path, out: Path, problem: str, method: str, seed: int) 
         extra += ["--teacher_init", str(teacher)]
     os.chdir(ref)
     sys.path.insert(0, str(ref))
+    import main as authors
+    from datasets.data_utils import get_data_dfs, get_split_dfs
+    from options import _parse_args, more_about_config
+
+    drop_stale_mhim_arguments()
     for fold in range(FOLDS):
         target = out / problem / f"seed{seed}" / "runs" / method / f"fold{fold}" / "predictions.csv"
         if target.is_file():
@@ -170,11 +176,6 @@ def run(ref: Path, work: Path, out: Path, problem: str, method: str, seed: int) 
             "--csv_path", str(csv), "--output_path", str(runs), "--project", problem, "--title", method,
             "--fold_start", str(fold), "--input_dim", str(input_dim), "--seed", str(seed), *TRAIN, *extra,
         ]  # fmt: skip
-        import main as authors
-        from datasets.data_utils import get_data_dfs, get_split_dfs
-        from options import _parse_args, more_about_config
-
-        drop_stale_mhim_arguments()
         args, _ = _parse_args()
         args, device = more_about_config(args)
         args.attn_layer = 0  # read by the builder, no longer an option
