@@ -835,9 +835,9 @@ def summarise(
     return pd.DataFrame(rows)
 
 
-# pathmil's method -> the authors' runs of the same method (the scratch harness writes them as ref_*; see
+# pathmil's method -> the authors' runs of the same method (benchmarks/reference/ writes them as ref_*; see
 # RESULTS.md): ref_abmil / ref_pure the MHIM-MIL repository's ABMIL and ABMIL-type baseline, ref_att_mil the
-# MambaMIL repository's ABMIL
+# MambaMIL repository's ABMIL, ref_mamba_* its MambaMIL with SR-, Bi- and plain Mamba layers
 REFERENCE_OF = {
     "abmil": ["ref_abmil", "ref_pure", "ref_att_mil"],
     "mhim_abmil_v2": ["ref_mhim_v2"],
@@ -845,6 +845,7 @@ REFERENCE_OF = {
     "mambamil_sr": ["ref_mamba_sr"],
     "mambamil_sr_rate5": ["ref_mamba_sr"],
     "mambamil_bi": ["ref_mamba_bi"],
+    "mambamil_plain": ["ref_mamba_plain"],
 }
 
 

@@ -24,12 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_suite():
-    spec = importlib.util.spec_from_file_location("mil_quality", ROOT / "benchmarks" / "mil_quality.py")
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["mil_quality"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_suite():
+    return load_module("mil_quality", ROOT / "benchmarks" / "mil_quality.py")
 
 
 def test_problems_hold_what_they_claim(tmp_path):
@@ -60,9 +64,7 @@ def test_reference_glue_gives_the_authors_code_each_folds_bags_and_training_only
     hold exactly that fold's bags, as float32 in stored order, never a bag beside its test version (the
     authors' loader matches names by substring); survival bins come from the training bags' event times
     only, so moving a test patient's time changes no training label."""
-    spec = importlib.util.spec_from_file_location("mhim_mil", ROOT / "benchmarks" / "reference" / "mhim_mil.py")
-    glue = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(glue)
+    glue = load_module("mhim_mil_glue", ROOT / "benchmarks" / "reference" / "mhim_mil.py")
     suite = load_suite()
     import h5py
     import torch
@@ -88,6 +90,44 @@ def test_reference_glue_gives_the_authors_code_each_folds_bags_and_training_only
     moved = table.copy()
     moved.loc[~train, "Event"] = moved.loc[~train, "Event"] * 3 + 1000
     assert (glue.survival_bins(moved, train)[train] == table.Label[train]).all()
+
+
+def test_mambamil_glue_gives_the_authors_loader_the_folds_bags_and_a_causal_convolution(tmp_path):
+    """benchmarks/reference/mambamil.py (the parts that need no reference code): the CLAM splits table
+    of a fold holds exactly its train, val and test bags; every bag is a float32 pt_file in stored order;
+    the causal convolution that stands in for causal-conv1d's CUDA kernel sees no future instance and
+    equals the sum it is defined by."""
+    import h5py
+    import torch
+
+    glue = load_module("mambamil_glue", ROOT / "benchmarks" / "reference" / "mambamil.py")
+    suite = load_suite()
+    data = suite.make_data("order", 0, 5, tmp_path / "order", scale=0.25)
+    root, part = glue.prepare_data(data, tmp_path / "work")
+    glue.write_splits(part[part.fold == 2], root / "splits_2.csv")
+    splits = pd.read_csv(root / "splits_2.csv", index_col=0)
+    for name in ("train", "val", "test"):
+        expected = part[(part.fold == 2) & (part.split == name)].slide_id
+        assert splits[name].dropna().tolist() == expected.tolist()
+    bag = part.slide_id.iloc[0]
+    with h5py.File(data / "features" / f"{bag}.h5") as f:
+        stored = torch.from_numpy(f["features"][:].astype(np.float32))
+    assert torch.equal(torch.load(root / "pt_files" / glue.BACKBONE / f"{bag}.pt"), stored)
+
+    x, w, b = torch.randn(2, 3, 7), torch.randn(3, 4), torch.randn(3)  # (batch, channels, length), width 4
+    direct = torch.zeros(2, 3, 7)
+    for t in range(7):
+        for k in range(4):  # out[t] = b + sum_k w[k] x[t - 3 + k], nothing before the first instance
+            if t - 3 + k >= 0:
+                direct[:, :, t] += w[:, k] * x[:, :, t - 3 + k]
+    direct += b[:, None]
+    assert torch.allclose(glue.causal_conv1d_ref(x, w, b), direct, atol=1e-6)
+    silu = torch.nn.functional.silu(direct)
+    assert torch.allclose(glue.causal_conv1d_ref(x, w, b, "silu"), silu, atol=1e-6)
+    changed = x.clone()
+    changed[..., 5:] += 10  # the future does not reach back
+    early = glue.causal_conv1d_ref(changed, w, b)[..., :5]
+    assert torch.equal(early, glue.causal_conv1d_ref(x, w, b)[..., :5])
 
 
 def test_paired_statistics_on_known_cases():
